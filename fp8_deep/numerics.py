@@ -1,0 +1,40 @@
+"""Numeric constants and tiny helpers shared by every layer (no kernels, no dispatch).
+
+The scale convention everywhere in fp8_deep is the *dequantization* scale: ``x ~= q.float() * s``
+(vLLM calls the weight one ``weight_scale_inv``; DeepGEMM's ``sf`` is the same number).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+# DeepGEMM's reference clamps a weight block's amax to 1e-4 (per_block_cast_to_fp8); vLLM's activation
+# quantizer uses eps=1e-10. Both keep an all-zero block from producing a zero scale (and 0 * inf = NaN).
+WEIGHT_AMAX_EPS = 1e-4
+ACT_EPS = 1e-10
+BLOCK = 128  # the DeepSeek-V3 block edge: 128x128 weight blocks, 1x128 activation groups, 128-row segments
+
+SCALE_FMTS = ("fp32", "ue8m0")
+SCALE_LAYOUTS = ("row_major", "tma_aligned")
+HIGH_PRECISION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align(x: int, a: int) -> int:
+    return cdiv(x, a) * a
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors always run the Triton kernels; CPU tensors do under the interpreter, else the reference."""
+    return t.is_cuda or interpreter_active()

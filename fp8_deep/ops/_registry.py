@@ -1,0 +1,44 @@
+"""Optional backends (vLLM ops, DeepGEMM) plug in here, so ops/ never imports an optional dependency.
+
+``fp8_deep.integrations`` registers a *loader* per backend at import time (cheap: no optional import happens);
+the loader imports the dependency on first use and returns the implementation, or raises ``ImportError`` with the
+install hint. Kinds: ``"activation_quant"`` (vLLM ``per_token_group_quant_fp8``), ``"moe_align"`` (vLLM
+``moe_align_block_size``), ``"grouped_gemm"`` (DeepGEMM contiguous grouped GEMM).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+_LOADERS: Dict[str, Dict[str, Callable[[], object]]] = {}
+_CACHE: Dict[tuple, object] = {}
+
+
+def register(kind: str, name: str, loader: Callable[[], object]) -> None:
+    _LOADERS.setdefault(kind, {})[name] = loader
+    _CACHE.pop((kind, name), None)
+
+
+def load(kind: str, name: str):
+    """The implementation, or ImportError (with the install hint) when the dependency is missing."""
+    key = (kind, name)
+    if key not in _CACHE:
+        loader = _LOADERS.get(kind, {}).get(name)
+        if loader is None:
+            raise ImportError(f"backend {name!r} for {kind} is not registered; import fp8_deep (not only "
+                              f"fp8_deep.ops) so that fp8_deep.integrations registers it")
+        try:
+            _CACHE[key] = loader()
+        except ImportError as exc:  # remembered: a missing package is not re-searched on every call
+            _CACHE[key] = exc
+    impl = _CACHE[key]
+    if isinstance(impl, ImportError):
+        raise impl
+    return impl
+
+
+def available(kind: str, name: str) -> bool:
+    try:
+        load(kind, name)
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,246 @@
+"""Pure-torch reference of every fp8_deep op: the executable spec, and the CPU path where Triton cannot run.
+
+Numerics (see ``shared/docs/CONTRACTS.md``):
+
+* Scales are *dequantization* scales, ``x ~= q.float() * s``.
+* Weights, 128x128 blocks, DeepGEMM's ``per_block_cast_to_fp8``: ``amax = max(|w_block|)`` over the block's real
+  elements, clamped to 1e-4; ``s = amax / 448`` (IEEE division); optionally rounded *up* to a power of two (UE8M0);
+  ``q = fp8(w_f32 * (1 / s))`` -- a reciprocal multiply, as the reference does, not a division. No clamp is needed:
+  ``|w| * (1/s) <= 448 * (1 + 2^-23)`` which rounds to 448.
+* Activations, 1x``group_size`` groups, vLLM's ``per_token_group_quant_fp8``: ``amax = max(max|x|, eps)``,
+  ``s = amax / 448`` (optionally UE8M0), ``q = fp8(clamp(x / s, -448, 448))`` -- a true division and an explicit
+  clamp, as vLLM does.
+* UE8M0 rounding is exact bit arithmetic (keep the exponent, add one when the mantissa is non-zero), not
+  ``exp2(ceil(log2(s)))``, whose approximate ``log2`` can miss at exact powers of two.
+* Non-finite policy: a weight block or an activation group holding any NaN or +-Inf gets scale NaN and every one of
+  its FP8 values NaN, so a poisoned block never dequantizes to finite-looking numbers. (torch's own float32 -> FP8
+  cast saturates on the CPU and returns NaN on the GPU past 464; this policy makes both devices and the Triton
+  kernels agree.)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .numerics import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, WEIGHT_AMAX_EPS, cdiv
+
+__all__ = [
+    "round_up_ue8m0",
+    "quantize_weight_blockwise",
+    "quantize_activation",
+    "dequantize_blockwise",
+    "dequantize_activation",
+    "grouped_gemm_fp8",
+    "silu_mul",
+    "moe_align_block_size",
+    "moe_combine",
+    "moe_forward_bf16",
+    "moe_forward_fp8_emulated",
+]
+
+
+def round_up_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive float32 scales up to the next power of two (exact; NaN and +Inf pass through)."""
+    bits = s.float().contiguous().view(torch.int32)
+    exp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    up = torch.where(mant != 0, exp + 1, exp) << 23  # 0xFE + 1 -> +Inf: rounding up past FLT_MAX
+    out = up.view(torch.float32)
+    return torch.where(torch.isfinite(s), out, s.float())
+
+
+def _scale_from_amax(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
+    s = amax / FP8_MAX
+    return round_up_ue8m0(s) if scale_fmt == "ue8m0" else s
+
+
+def quantize_weight_blockwise(w: torch.Tensor, block_size=(BLOCK, BLOCK), scale_fmt: str = "fp32"):
+    """Reference 128x128 weight quantization.
+
+    w: ``(N, K)`` or ``(E, N, K)``, bf16/fp16/fp32, any strides.
+    Returns ``q`` float8_e4m3fn, same shape, contiguous; ``s`` float32 ``(..., ceil(N/bn), ceil(K/bk))`` contiguous.
+    """
+    bn, bk = block_size
+    squeeze = w.dim() == 2
+    w3 = w.unsqueeze(0) if squeeze else w
+    E, N, K = w3.shape
+    nb, kb = cdiv(N, bn), cdiv(K, bk)
+    wf = w3.float()
+    # Pad with zeros: a zero never raises |amax|, so the edge block's amax covers only its real elements.
+    padded = torch.zeros(E, nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[:, :N, :K] = wf
+    blocks = padded.view(E, nb, bn, kb, bk)
+    a = blocks.abs()
+    bad = ~torch.isfinite(a).all(dim=4).all(dim=2)  # (E, nb, kb)
+    amax = a.nan_to_num(0.0, 0.0, 0.0).amax(dim=(2, 4)).clamp(min=WEIGHT_AMAX_EPS)
+    s = _scale_from_amax(amax, scale_fmt)
+    s = torch.where(bad, torch.full_like(s, float("nan")), s)
+    inv = 1.0 / s
+    qf = blocks * inv[:, :, None, :, None]
+    qf = torch.where(bad[:, :, None, :, None], torch.full_like(qf, float("nan")), qf)
+    q = qf.reshape(E, nb * bn, kb * bk)[:, :N, :K].to(FP8_DTYPE).contiguous()
+    if squeeze:
+        return q[0], s[0].contiguous()
+    return q, s.contiguous()
+
+
+def quantize_activation(x: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "fp32", eps: float = ACT_EPS):
+    """Reference 1 x group_size activation quantization (vLLM ``per_token_group_quant_fp8``).
+
+    x: ``(..., K)``; ``K`` need not divide by ``group_size`` (the last group covers what is left).
+    Returns ``q`` float8_e4m3fn ``(..., K)`` contiguous and row-major float32 scales ``(..., ceil(K/group_size))``.
+    """
+    K = x.shape[-1]
+    G = cdiv(K, group_size)
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, K).float()
+    M = xf.shape[0]
+    padded = torch.zeros(M, G * group_size, dtype=torch.float32, device=x.device)
+    padded[:, :K] = xf
+    g = padded.view(M, G, group_size)
+    a = g.abs()
+    bad = ~torch.isfinite(a).all(dim=2)
+    amax = a.nan_to_num(0.0, 0.0, 0.0).amax(dim=2).clamp(min=eps)
+    s = _scale_from_amax(amax, scale_fmt)
+    s = torch.where(bad, torch.full_like(s, float("nan")), s)
+    qf = (g / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    qf = torch.where(bad[:, :, None], torch.full_like(qf, float("nan")), qf)
+    q = qf.reshape(M, G * group_size)[:, :K].to(FP8_DTYPE)
+    return q.reshape(*lead, K).contiguous(), s.reshape(*lead, G).contiguous()
+
+
+def dequantize_blockwise(q: torch.Tensor, s: torch.Tensor, block_size=(BLOCK, BLOCK)) -> torch.Tensor:
+    """``q * s`` with each scale broadcast over its ``block_size`` block; float32 out, shape of ``q``.
+
+    ``block_size=(1, 128)`` dequantizes 1x128 activation groups.
+    """
+    bn, bk = block_size
+    N, K = q.shape[-2], q.shape[-1]
+    s_full = s.float().repeat_interleave(bn, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :K]
+    return q.float() * s_full
+
+
+def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group_size: int = BLOCK) -> torch.Tensor:
+    K = q.shape[-1]
+    return q.float() * s.float().repeat_interleave(group_size, dim=-1)[..., :K]
+
+
+def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16):
+    """FP8-emulated grouped GEMM (DeepGEMM contiguous layout semantics), float32 math.
+
+    a: FP8 ``(M, K)``, a_scale float32 ``(M, ceil(K/128))`` (any strides); b: FP8 ``(E, N, K)``,
+    b_scale float32 ``(E, ceil(N/128), ceil(K/128))``; m_indices int ``(M,)``, expert of each row, -1 = padding.
+    Returns ``(M, N)`` in ``out_dtype``: ``out[i] = dequant(a[i]) @ dequant(b[m_indices[i]]).T``; padding rows are 0.
+    """
+    M, N = a.shape[0], b.shape[1]
+    out = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    a_deq = dequantize_activation(a, a_scale)
+    for e in torch.unique(m_indices).tolist():
+        if e < 0:
+            continue
+        rows = (m_indices == e).nonzero().flatten()
+        w = dequantize_blockwise(b[e], b_scale[e])
+        out[rows] = a_deq[rows] @ w.t()
+    return out.to(out_dtype)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on ``h = [gate | up]`` ``(M, 2I)``: ``silu(gate).to(h.dtype) * up`` (vLLM's rounding), ``(M, I)``."""
+    inter = h.shape[-1] // 2
+    gate, up = h[..., :inter], h[..., inter:]
+    return F.silu(gate.float()).to(h.dtype) * up
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int, expert_map=None):
+    """vLLM ``moe_align_block_size`` semantics with a stable (deterministic) order inside each expert.
+
+    Returns int32 ``(sorted_token_ids, expert_ids, num_tokens_post_padded)``; buffers are sized for the worst case
+    ``numel + num_experts * (block_size - 1)`` (rounded to ``block_size``), sentinel ``topk_ids.numel()`` for
+    padding, ``expert_ids`` -1 past the used blocks. With ``expert_map`` the ids are global and mapped to local ids;
+    choices routed to experts mapped to -1 are dropped.
+    """
+    flat = topk_ids.flatten().long()
+    numel = flat.numel()
+    if expert_map is not None:
+        flat = torch.where(flat >= 0, expert_map.long()[flat.clamp(min=0)], flat)
+    cap = cdiv(numel + num_experts * (block_size - 1), block_size) * block_size
+    sorted_ids = torch.full((cap,), numel, dtype=torch.int32, device=topk_ids.device)
+    expert_ids = torch.full((cap // block_size,), -1, dtype=torch.int32, device=topk_ids.device)
+    pos = 0
+    for e in range(num_experts):
+        idx = (flat == e).nonzero().flatten()
+        n = idx.numel()
+        if n == 0:
+            continue
+        sorted_ids[pos:pos + n] = idx.to(torch.int32)
+        nblk = cdiv(n, block_size)
+        expert_ids[pos // block_size: pos // block_size + nblk] = e
+        pos += nblk * block_size
+    return sorted_ids, expert_ids, torch.tensor([pos], dtype=torch.int32, device=topk_ids.device)
+
+
+def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: torch.Tensor, out_dtype=None):
+    """``out[t] = sum_k topk_weights[t, k] * expert_out[inv_perm[t, k]]`` in float32, k ascending; rows -1 skipped."""
+    T, k = inv_perm.shape
+    acc = torch.zeros(T, expert_out.shape[-1], dtype=torch.float32, device=expert_out.device)
+    for j in range(k):
+        rows = inv_perm[:, j].long()
+        valid = rows >= 0
+        contrib = topk_weights[:, j].float()[:, None] * expert_out[rows.clamp(min=0)].float()
+        acc += torch.where(valid[:, None], contrib, torch.zeros_like(contrib))
+    return acc.to(out_dtype or expert_out.dtype)
+
+
+def _local_ids(topk_ids, expert_map):
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = torch.where(ids >= 0, expert_map.long()[ids.clamp(min=0)], ids)
+    return ids
+
+
+def _moe(hidden, topk_weights, topk_ids, expert_map, num_experts, expert_fn):
+    T, H = hidden.shape
+    ids = _local_ids(topk_ids, expert_map)
+    acc = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+    per_choice = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=hidden.device)
+    for e in range(num_experts):
+        t_idx, k_idx = (ids == e).nonzero(as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        per_choice[t_idx, k_idx] = expert_fn(e, t_idx).float()
+    for j in range(ids.shape[1]):
+        acc += topk_weights[:, j].float()[:, None] * per_choice[:, j]
+    return acc.to(hidden.dtype)
+
+
+def moe_forward_bf16(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
+    """BF16 MoE: per expert ``h = x @ w13[e].T`` (bf16 out), ``silu_mul``, ``o = a @ w2[e].T`` (bf16), f32 combine."""
+    dt = hidden.dtype
+
+    def expert(e, t_idx):
+        h = hidden[t_idx] @ w13[e].to(dt).t()
+        return silu_mul(h) @ w2[e].to(dt).t()
+
+    return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)
+
+
+def moe_forward_fp8_emulated(hidden, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scale=None,
+                             expert_map=None, scale_fmt="fp32"):
+    """The FP8 recipe with float32 math: the same quantizations as the kernels, nothing else approximated.
+
+    Activations 1x128 (``scale_fmt``), weights 128x128 (quantized here when given in high precision), GEMM outputs
+    rounded to the hidden dtype as the kernels store them, SwiGLU as ``silu_mul`` then re-quantized 1x128.
+    """
+    dt = hidden.dtype
+    if w13.dtype != FP8_DTYPE:
+        w13, w13_scale = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
+        w2, w2_scale = quantize_weight_blockwise(w2, scale_fmt=scale_fmt)
+    qx, sx = quantize_activation(hidden, scale_fmt=scale_fmt)
+    x_deq = dequantize_activation(qx, sx)
+
+    def expert(e, t_idx):
+        h = (x_deq[t_idx] @ dequantize_blockwise(w13[e], w13_scale[e]).t()).to(dt)
+        qa, sa = quantize_activation(silu_mul(h), scale_fmt=scale_fmt)
+        return (dequantize_activation(qa, sa) @ dequantize_blockwise(w2[e], w2_scale[e]).t()).to(dt)
+
+    return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)

@@ -1,0 +1,37 @@
+"""Test setup: device selection, markers, seeding, and the interpreter's FP8 cast fix.
+
+Without a GPU the kernels run through Triton's CPU interpreter; ``TRITON_INTERPRET`` must be set before Triton is
+first imported, so it is set here (when the caller has not chosen) before anything imports fp8_deep or triton.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fp8_deep.testing import patch_interpreter_fp8_cast  # noqa: E402
+
+patch_interpreter_fp8_cast()
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: bench/gpu_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
