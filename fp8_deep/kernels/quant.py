@@ -1,0 +1,123 @@
+"""FP8 E4M3 quantization kernels: 128x128 weight blocks and 1xG activation groups.
+
+Numerics are the ones of ``fp8_deep.reference`` bit for bit (the reasons are written there). Two GPU details:
+``/`` on float32 compiles to an approximate division in Triton, so every division that must match torch's IEEE
+result goes through ``tl.math.div_rn``; and the UE8M0 round-up is done on the bits, never through ``log2``.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_up_pow2(s):
+    """Exact round-up of positive finite float32 values to a power of two (UE8M0 scales)."""
+    bits = s.to(tl.int32, bitcast=True)
+    exp = (bits >> 23) & 0xFF
+    mant = bits & 0x7FFFFF
+    exp = tl.where(mant != 0, exp + 1, exp)
+    return (exp << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _amax_and_health(x_abs):
+    """Max of |x| over the whole tile, and whether the tile holds a NaN or an Inf.
+
+    NaN is folded into +Inf before the reduction: a max that ignores NaN would otherwise hide it."""
+    a = tl.where(x_abs != x_abs, float("inf"), x_abs)
+    amax = tl.max(tl.max(a, axis=1), axis=0)
+    return amax, amax == float("inf")
+
+
+@triton.jit
+def quant_weight_block_kernel(
+    # pointers
+    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+    # sizes
+    N, K,
+    # strides (elements): w, q are (E, N, K); s is (E, nb, kb); qt is (E, K, N); st is (E, kb, nb)
+    stride_we, stride_wn, stride_wk,
+    stride_qe, stride_qn, stride_qk,
+    stride_se, stride_sn, stride_sk,
+    stride_qte, stride_qtk, stride_qtn,
+    stride_ste, stride_stk, stride_stn,
+    # numerics
+    FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
+    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_e = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    n64 = offs_n.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
+
+    w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
+                mask=mask, other=0.0).to(tl.float32)
+    # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
+    amax, bad = _amax_and_health(tl.abs(w))
+    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
+    if UE8M0:
+        s = _round_up_pow2(s)
+    inv = tl.math.div_rn(1.0, s)
+    q = w * inv
+    q = tl.where(bad, float("nan"), q)
+    s = tl.where(bad, float("nan"), s)
+    q8 = q.to(q_ptr.dtype.element_ty)
+
+    tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
+    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+    if WITH_TRANSPOSE:
+        # a 128x128 block's transpose quantizes to the transposed block: same scale, same bytes
+        tl.store(qt_ptr + pid_e * stride_qte + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
+                 tl.trans(q8), mask=tl.trans(mask))
+        tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
+
+
+@triton.jit
+def quant_act_group_kernel(
+    # pointers
+    x_ptr, q_ptr, s_ptr,
+    # sizes: x is viewed as (B, M, K); G = ceil(K / GROUP) groups per row
+    M, K,
+    # strides (elements)
+    stride_xb, stride_xm, stride_xk,
+    stride_qb, stride_qm, stride_qk,
+    stride_sb, stride_sm, stride_sg,
+    # numerics
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
+    # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups; writing the scales of many rows of one group
+    # at once keeps the column-major (TMA-aligned) scale stores contiguous
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    m64 = offs_m.to(tl.int64)
+    for i in tl.static_range(GROUPS_PER_PROG):
+        g = pid_g * GROUPS_PER_PROG + i
+        offs_k = g * GROUP + tl.arange(0, GROUP)
+        mask = m_mask[:, None] & (offs_k[None, :] < K)
+        k64 = offs_k.to(tl.int64)
+        x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
+                    mask=mask, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        a = tl.where(a != a, float("inf"), a)
+        amax = tl.max(a, axis=1)
+        bad = amax == float("inf")
+        s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
+        if UE8M0:
+            s = _round_up_pow2(s)
+        q = tl.math.div_rn(x, s[:, None])
+        q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+        q = tl.where(bad[:, None], float("nan"), q)
+        s = tl.where(bad, float("nan"), s)
+        tl.store(q_ptr + pid_b * stride_qb + m64[:, None] * stride_qm + k64[None, :] * stride_qk,
+                 q.to(q_ptr.dtype.element_ty), mask=mask)
+        # a tail program's extra groups (g >= G) write nothing; the tensor form keeps the mask's dtype uniform
+        g_ok = (offs_m * 0 + g * GROUP) < K
+        tl.store(s_ptr + pid_b * stride_sb + m64 * stride_sm + g * stride_sg, s, mask=m_mask & g_ok)

@@ -1,0 +1,263 @@
+"""Launchers for FP8 quantization: 128x128 weight blocks and 1x128 activation groups.
+
+Scale convention: dequantization scales, ``x ~= q.float() * s``. Math: ``fp8_deep.reference`` (bit-exact spec).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import reference
+from ..kernels.quant import quant_act_group_kernel, quant_weight_block_kernel
+from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
+                        WEIGHT_AMAX_EPS, align, cdiv, use_triton)
+from . import _registry
+from ._checks import check_choice, check_out, check_tensor
+
+__all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise",
+           "tma_aligned_scale_strides"]
+
+
+def _check_high_precision(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in HIGH_PRECISION_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32 (got {x.dtype}); FP8 or integer tensors are "
+                        f"already quantized or not weights/activations")
+
+
+def _is_pow2(v: int) -> bool:
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = (BLOCK, BLOCK),
+                              scale_fmt: str = "fp32", with_transpose: bool = False, out=None):
+    """Quantize weights to FP8 E4M3 with one dequantization scale per ``block_size`` block, in one fused pass.
+
+    Args:
+        w: ``(N, K)`` or ``(E, N, K)`` (stacked experts), bfloat16 / float16 / float32, any strides.
+        block_size: ``(bn, bk)`` powers of two, default ``(128, 128)`` (DeepSeek-V3, DeepGEMM, vLLM).
+        scale_fmt: ``"fp32"`` or ``"ue8m0"`` (scales rounded up to powers of two, stored as float32).
+        with_transpose: also return the transposed copy (W^T, K-major for the backward dgrad GEMM), written
+            from the same single read of ``w``; needs square blocks.
+        out: caller-owned ``(q, scale)`` (``(q, scale, q_t, scale_t)`` with ``with_transpose``) written in place,
+            e.g. a rollout engine's existing FP8 parameters; shapes and dtypes must match, any strides.
+
+    Returns:
+        ``(q, scale)`` or ``(q, scale, q_t, scale_t)``: ``q`` float8_e4m3fn, shape of ``w``, row-major contiguous;
+        ``scale`` float32 ``(..., ceil(N/bn), ceil(K/bk))`` contiguous (DeepGEMM's SM90 RHS layout, vLLM's
+        ``weight_scale_inv``); ``q_t`` ``(..., K, N)`` and ``scale_t`` ``(..., ceil(K/bk), ceil(N/bn))``, contiguous.
+        ``w ~= q.float() * scale`` broadcast per block. Blocks never straddle experts; edge blocks cover only real
+        elements. A block holding NaN/Inf gets scale NaN and all-NaN ``q``.
+    """
+    _check_high_precision(w, "w")
+    if w.dim() not in (2, 3):
+        raise ValueError(f"w must be (N, K) or (E, N, K), got shape {tuple(w.shape)}")
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    bn, bk = block_size
+    if not (_is_pow2(bn) and _is_pow2(bk) and bn >= 16 and bk >= 16):
+        raise ValueError(f"block_size must be two powers of two >= 16, got {block_size}")
+    if with_transpose and bn != bk:
+        raise ValueError(f"with_transpose needs square blocks (the transposed copy reuses each block's scale), "
+                         f"got block_size={block_size}")
+    *lead, N, K = w.shape
+    nb, kb = cdiv(N, bn), cdiv(K, bk)
+    shapes = [(*lead, N, K), (*lead, nb, kb), (*lead, K, N), (*lead, kb, nb)]
+    dtypes = [FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32]
+    names = ["out[0] (q)", "out[1] (scale)", "out[2] (q_t)", "out[3] (scale_t)"]
+    n_out = 4 if with_transpose else 2
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != n_out:
+            raise ValueError(f"out must be a tuple of {n_out} tensors (q, scale{', q_t, scale_t' if with_transpose else ''})")
+        for buf, name, shape, dt in zip(out, names, shapes, dtypes):
+            check_out(buf, name, shape, dt, w.device)
+        outs = list(out)
+    else:
+        outs = [torch.empty(s, dtype=d, device=w.device) for s, d in zip(shapes[:n_out], dtypes[:n_out])]
+    if w.numel() == 0:
+        return tuple(outs)
+
+    if not use_triton(w):
+        res = reference.quantize_weight_blockwise(w, block_size, scale_fmt)
+        for buf, val in zip(outs, res):
+            buf.copy_(val)
+        if with_transpose:
+            outs[2].copy_(res[0].transpose(-1, -2))
+            outs[3].copy_(res[1].transpose(-1, -2))
+        return tuple(outs)
+
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    o3 = [o if o.dim() == 3 else o.unsqueeze(0) for o in outs]
+    q3, s3 = o3[0], o3[1]
+    qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
+    E = w3.shape[0]
+    grid = (kb, nb, E)
+    quant_weight_block_kernel[grid](
+        w3, q3, s3, qt3, st3,
+        N, K,
+        *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
+        FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn * bk >= 128 * 128 else 4,
+    )
+    return tuple(outs)
+
+
+def tma_aligned_scale_strides(shape) -> Tuple[int, ...]:
+    """Strides of DeepGEMM's MN-major, TMA-aligned LHS scale layout for ``(M, G)`` or ``(B, M, G)`` scales."""
+    if len(shape) == 2:
+        M, G = shape
+        return (1, align(M, 4))
+    if len(shape) == 3:
+        B, M, G = shape
+        return (align(M, 4) * G, 1, align(M, 4))
+    raise ValueError(f"TMA-aligned scales are 2-D (M, G) or 3-D (B, M, G), got shape {tuple(shape)}")
+
+
+def _alloc_tma_aligned(shape, device) -> torch.Tensor:
+    strides = tma_aligned_scale_strides(shape)
+    # storage covers the padded rows (never read) so the last column's stride stays align(M, 4)
+    if len(shape) == 2:
+        size = align(shape[0], 4) * shape[1]
+    else:
+        size = shape[0] * align(shape[1], 4) * shape[2]
+    return torch.empty(max(size, 1), dtype=torch.float32, device=device).as_strided(shape, strides)
+
+
+def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: str = "fp32",
+                        scale_layout: str = "row_major", eps: float = ACT_EPS, out_q: Optional[torch.Tensor] = None,
+                        out_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
+    """Quantize activations to FP8 E4M3 in 1 x ``group_size`` groups (vLLM ``per_token_group_quant_fp8``).
+
+    Args:
+        x: ``(..., K)`` with ``x.stride(-1) == 1``; bfloat16 / float16 / float32. ``K`` need not divide by
+            ``group_size``: the last group covers what is left (``backend="vllm"`` then raises: vLLM requires it).
+        scale_fmt: ``"fp32"`` or ``"ue8m0"`` (power-of-two scales).
+        scale_layout: ``"row_major"`` -> ``(..., G)`` contiguous; ``"tma_aligned"`` -> DeepGEMM's LHS layout,
+            ``(M, G)`` with strides ``(1, align(M, 4))`` or ``(B, M, G)`` with ``(align(M,4)*G, 1, align(M,4))``,
+            written directly by the kernel. Only 2-D/3-D ``x`` for ``"tma_aligned"``.
+        eps: amax floor (vLLM's default 1e-10).
+        out_q: caller-owned FP8 output ``(..., K)``; out_scale: caller-owned float32 ``(..., G)`` of any strides
+            (like vLLM's op, the layout is taken from the buffer's strides; ``scale_layout`` is then ignored).
+        backend: ``"auto"`` (vLLM's op when vllm is importable and ``x`` is on CUDA, else ours), ``"vllm"``,
+            ``"triton"``. Every backend produces the same bytes.
+
+    Returns:
+        ``(q, scale)``: ``q`` float8_e4m3fn, shape of ``x``; ``scale`` float32 ``(..., ceil(K/group_size))``
+        dequantization scales (``x ~= q * scale`` per group). A group holding NaN/Inf gets scale NaN, all-NaN ``q``.
+    """
+    _check_high_precision(x, "x")
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
+    check_choice(backend, "backend", ("auto", "vllm", "triton"))
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., K)")
+    if not _is_pow2(group_size) or group_size < 16:
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    check_tensor(x, "x", last_stride_one=True)
+    if scale_layout == "tma_aligned" and out_scale is None and x.dim() not in (2, 3):
+        raise ValueError(f"scale_layout='tma_aligned' needs a 2-D (M, K) or 3-D (B, M, K) x, got shape {tuple(x.shape)}")
+    K = x.shape[-1]
+    G = cdiv(K, group_size)
+    scale_shape = (*x.shape[:-1], G)
+    if out_q is not None:
+        check_out(out_q, "out_q", tuple(x.shape), FP8_DTYPE, x.device)
+        check_tensor(out_q, "out_q", last_stride_one=True)
+    if out_scale is not None:
+        check_out(out_scale, "out_scale", scale_shape, torch.float32, x.device)
+
+    # vLLM requires K % group_size == 0: "auto" keeps such shapes (tensor-parallel shards, K=192) on ours
+    if backend == "vllm" or (backend == "auto" and x.is_cuda and K % group_size == 0
+                             and _registry.available("activation_quant", "vllm")):
+        fn = _registry.load("activation_quant", "vllm")
+        return fn(x, group_size=group_size, scale_fmt=scale_fmt, scale_layout=scale_layout, eps=eps,
+                  out_q=out_q, out_scale=out_scale)
+
+    q = out_q if out_q is not None else torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    if out_scale is not None:
+        s = out_scale
+    elif scale_layout == "tma_aligned":
+        s = _alloc_tma_aligned(scale_shape, x.device)
+    else:
+        s = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return q, s
+
+    if not use_triton(x):
+        rq, rs = reference.quantize_activation(x, group_size, scale_fmt, eps)
+        q.copy_(rq)
+        s.copy_(rs)
+        return q, s
+
+    # view as (B, M, K) without copying: 1-D/2-D -> B=1, 3-D as is, deeper -> leading dims folded into M
+    def as3(t):
+        if t.dim() <= 3:
+            return t.view(*([1] * (3 - t.dim())), *t.shape)
+        try:
+            return t.view(1, -1, t.shape[-1])
+        except RuntimeError:  # leading dims not foldable without a copy
+            return None
+
+    x3, q3, s3 = as3(x), as3(q), as3(s)
+    if x3 is None or q3 is None or s3 is None:
+        rq, rs = quantize_activation(x.contiguous(), group_size=group_size, scale_fmt=scale_fmt, eps=eps,
+                                     backend="triton")
+        q.copy_(rq)
+        s.copy_(rs)
+        return q, s
+    B, M = x3.shape[0], x3.shape[1]
+    block_m, groups_per_prog, warps = _act_config(M, G, group_size)
+    grid = (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
+    quant_act_group_kernel[grid](
+        x3, q3, s3, M, K,
+        *x3.stride(), *q3.stride(), *s3.stride(),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
+        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps,
+    )
+    return q, s
+
+
+def _act_config(M: int, G: int, group_size: int):
+    """(BLOCK_M, GROUPS_PER_PROG, num_warps): ~16 KB of input per program keeps enough bytes in flight per SM;
+    small M shrinks the row tile so that a decode-size batch still spreads over the SMs."""
+    import os
+    pinned = os.environ.get("FP8_DEEP_ACT_QUANT_CONFIG")
+    if pinned:  # "BLOCK_M,GROUPS_PER_PROG,num_warps", for tuning sweeps
+        bm, gp, nw = (int(v) for v in pinned.split(","))
+        return bm, gp, nw
+    if M >= 1024:
+        return 32, 2, 4
+    if M >= 128:
+        return 16, 2, 4
+    return 8, 1, 2
+
+
+def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Row-major (or any) ``(M, G)`` / ``(B, M, G)`` float32 scales -> DeepGEMM's MN-major TMA-aligned layout.
+
+    Returns ``scale`` itself when it already has that layout (no copy)."""
+    check_tensor(scale, "scale", dtypes=(torch.float32,), dims=(2, 3))
+    if scale.numel() == 0 or tuple(scale.stride()) == tma_aligned_scale_strides(scale.shape):
+        return scale
+    out = _alloc_tma_aligned(tuple(scale.shape), scale.device)
+    out.copy_(scale)
+    return out
+
+
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block_size: Tuple[int, int] = (BLOCK, BLOCK),
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q.float() * scale`` with each scale broadcast over its block; ``block_size=(1, 128)`` for activations.
+
+    q: FP8 ``(..., N, K)``; scale: float32 ``(..., ceil(N/bn), ceil(K/bk))``. Returns ``dtype``, shape of ``q``."""
+    check_tensor(q, "q", dtypes=(FP8_DTYPE,))
+    check_tensor(scale, "scale", dtypes=(torch.float32,), device=q.device)
+    bn, bk = block_size
+    if q.dim() < 2:
+        raise ValueError(f"q must be at least 2-D (..., N, K), got shape {tuple(q.shape)}")
+    expect = (*q.shape[:-2], cdiv(q.shape[-2], bn), cdiv(q.shape[-1], bk))
+    if tuple(scale.shape) != expect:
+        raise ValueError(f"scale must have shape {expect} for q {tuple(q.shape)} and block_size {block_size}, "
+                         f"got {tuple(scale.shape)}")
+    return reference.dequantize_blockwise(q, scale, block_size).to(dtype)

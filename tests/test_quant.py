@@ -1,0 +1,328 @@
+"""Weight (128x128) and activation (1x128) quantization: bit-exact against fp8_deep.reference, layouts by strides."""
+import pytest
+import torch
+
+from fp8_deep import ops, reference
+from fp8_deep.numerics import FP8_DTYPE, align
+from fp8_deep.testing import assert_bitwise_equal
+
+HP_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _w(shape, dtype, device, scale=1.0):
+    # spread magnitudes across blocks so scales differ block to block
+    w = torch.randn(shape, dtype=torch.float32, device=device) * scale
+    w = w * torch.logspace(-3, 2, shape[-1], device=device)
+    return w.to(dtype)
+
+
+def _check_weight(w, scale_fmt="fp32", with_transpose=True):
+    res = ops.quantize_weight_blockwise(w, scale_fmt=scale_fmt, with_transpose=with_transpose)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu(), scale_fmt=scale_fmt)
+    q, s = res[0], res[1]
+    assert q.is_contiguous() and s.is_contiguous()
+    assert_bitwise_equal(q, rq, "q")
+    assert_bitwise_equal(s, rs, "scale")
+    if with_transpose:
+        qt, st = res[2], res[3]
+        assert qt.shape == (*w.shape[:-2], w.shape[-1], w.shape[-2]) and qt.is_contiguous() and st.is_contiguous()
+        assert_bitwise_equal(qt, rq.transpose(-1, -2).contiguous(), "q_t")
+        assert_bitwise_equal(st, rs.transpose(-1, -2).contiguous(), "scale_t")
+    return res
+
+
+# (shape, what it covers)
+WEIGHT_SHAPES = [
+    ((128, 128), "one block"),
+    ((300, 520), "ragged N and K"),
+    ((7, 129), "smaller than a block in N, one column over in K"),
+    ((3, 300, 520), "E=3 stacked experts, ragged: blocks never straddle experts"),
+    ((2, 256, 192), "K=192 (tensor-parallel shard)"),
+]
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in WEIGHT_SHAPES], ids=[d for _, d in WEIGHT_SHAPES])
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_weight_bit_exact(shape, dtype, scale_fmt, device):
+    _check_weight(_w(shape, dtype, device), scale_fmt)
+
+
+def test_weight_scale_is_dequant_scale(device):
+    w = _w((2, 256, 384), torch.bfloat16, device)
+    q, s = ops.quantize_weight_blockwise(w)
+    deq = ops.dequantize_blockwise(q, s)
+    rel = (deq - w.float()).abs() / w.float().abs().amax()
+    assert rel.max() < 2 ** -4  # E4M3 keeps 3 mantissa bits: half an ulp relative to the block amax at most
+    assert s.shape == (2, 2, 3) and s.dtype == torch.float32
+
+
+@pytest.mark.parametrize("view", ["transposed", "sliced", "expert-strided"])
+def test_weight_non_contiguous_input(view, device):
+    if view == "transposed":
+        w = _w((520, 300), torch.bfloat16, device).t()  # (300, 520) with strides (1, 300)
+    elif view == "sliced":
+        w = _w((400, 700), torch.bfloat16, device)[50:350, 100:620]
+    else:
+        w = _w((300, 4, 260), torch.bfloat16, device).permute(1, 0, 2)  # (4, 300, 260), expert stride 260
+    assert not w.is_contiguous()
+    _check_weight(w)
+
+
+def test_weight_out_buffers_in_place(device):
+    w = _w((2, 300, 260), torch.bfloat16, device)
+    q = torch.full((2, 300, 260), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)  # poisoned with NaN
+    s = torch.full((2, 3, 3), float("nan"), device=device)
+    qt = torch.full((2, 260, 300), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+    st = torch.full((2, 3, 3), float("nan"), device=device)
+    res = ops.quantize_weight_blockwise(w, with_transpose=True, out=(q, s, qt, st))
+    assert all(a is b for a, b in zip(res, (q, s, qt, st)))
+    rq, rs = reference.quantize_weight_blockwise(w.cpu())
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s, rs)
+    assert_bitwise_equal(qt, rq.transpose(-1, -2).contiguous())
+    # a strided destination (a slice of a larger parameter, as a fused rollout weight would be)
+    big = torch.zeros(2, 300, 300, dtype=FP8_DTYPE, device=device)
+    ops.quantize_weight_blockwise(w, out=(big[:, :, :260], s))
+    assert_bitwise_equal(big[:, :, :260].contiguous(), rq)
+    assert (big[:, :, 260:].view(torch.uint8) == 0).all()
+
+
+def test_weight_out_buffer_mismatch_raises(device):
+    w = _w((256, 256), torch.bfloat16, device)
+    good_q = torch.empty(256, 256, dtype=FP8_DTYPE, device=device)
+    with pytest.raises(ValueError, match=r"out\[1\] \(scale\) must have shape \(2, 2\)"):
+        ops.quantize_weight_blockwise(w, out=(good_q, torch.empty(2, 3, device=device)))
+    with pytest.raises(TypeError, match=r"out\[0\] \(q\) must have dtype"):
+        ops.quantize_weight_blockwise(w, out=(torch.empty(256, 256, device=device), torch.empty(2, 2, device=device)))
+    with pytest.raises(ValueError, match="tuple of 4"):
+        ops.quantize_weight_blockwise(w, with_transpose=True, out=(good_q, torch.empty(2, 2, device=device)))
+
+
+def test_weight_edge_values(device):
+    w = torch.randn(256, 384, device=device)
+    w[:128, :128] = 0  # all-zero block: amax clamps to 1e-4, q all zero, no NaN
+    w[:128, 128:256] = torch.randn(128, 128, device=device) * 1e-30  # below the 1e-4 amax floor, fp32 denormals
+    w[128:, :128] = torch.randn(128, 128, device=device) * 1e30  # huge, finite
+    q, s = _check_weight(w)[:2]
+    assert (q[:128, :128].view(torch.uint8) == 0).all() and torch.isclose(s[0, 0], torch.tensor(1e-4 / 448))
+    assert torch.isfinite(s).all() and not q.float().isnan().any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_weight_non_finite_policy(bad, device):
+    """A block holding NaN/Inf must not come out looking healthy: scale NaN and every q of the block NaN."""
+    w = _w((256, 384), torch.bfloat16, device)
+    w[130, 300] = bad
+    q, s = _check_weight(w)[:2]
+    assert torch.isnan(s[1, 2]) and torch.isnan(q[128:, 256:].float()).all()
+    s_ok = s.clone()
+    s_ok[1, 2] = 0
+    assert torch.isfinite(s_ok).all() and not torch.isnan(q[:128].float()).any()
+
+
+def test_weight_ue8m0_scales_are_powers_of_two(device):
+    q, s = ops.quantize_weight_blockwise(_w((256, 512), torch.bfloat16, device), scale_fmt="ue8m0")
+    m, _ = torch.frexp(s)
+    assert (m == 0.5).all()
+
+
+def test_weight_empty(device):
+    for shape in [(0, 256), (0, 0), (3, 0, 128)]:
+        res = ops.quantize_weight_blockwise(torch.empty(shape, dtype=torch.bfloat16, device=device), with_transpose=True)
+        assert res[0].shape == shape and res[2].shape == (*shape[:-2], shape[-1], shape[-2])
+        assert res[1].numel() == 0
+
+
+def test_weight_bad_input(device):
+    with pytest.raises(TypeError, match="w must be bfloat16, float16 or float32"):
+        ops.quantize_weight_blockwise(torch.zeros(128, 128, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="w must be bfloat16"):
+        ops.quantize_weight_blockwise(torch.zeros(128, 128, device=device).to(FP8_DTYPE))
+    with pytest.raises(ValueError, match=r"w must be \(N, K\) or \(E, N, K\)"):
+        ops.quantize_weight_blockwise(torch.zeros(2, 2, 128, 128, device=device))
+    with pytest.raises(ValueError, match="scale_fmt must be one of"):
+        ops.quantize_weight_blockwise(torch.zeros(128, 128, device=device), scale_fmt="e8m0")
+    with pytest.raises(ValueError, match="square blocks"):
+        ops.quantize_weight_blockwise(torch.zeros(128, 128, device=device), block_size=(128, 64), with_transpose=True)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ops.quantize_weight_blockwise([[1.0]])
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    """CPU tensors without the interpreter run the pure-torch reference; same bytes."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w = _w((300, 260), torch.bfloat16, "cpu")
+    _check_weight(w)
+    x = torch.randn(33, 320, dtype=torch.bfloat16)
+    q, s = ops.quantize_activation(x, scale_layout="tma_aligned")
+    rq, rs = reference.quantize_activation(x)
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s.contiguous(), rs)
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+def _x(shape, dtype, device):
+    x = torch.randn(shape, device=device) * torch.logspace(-2, 2, shape[-1], device=device)
+    return x.to(dtype)
+
+
+def _check_act(x, scale_fmt="fp32", scale_layout="row_major", **kw):
+    q, s = ops.quantize_activation(x, scale_fmt=scale_fmt, scale_layout=scale_layout, **kw)
+    rq, rs = reference.quantize_activation(x.cpu(), scale_fmt=scale_fmt, **({"eps": kw["eps"]} if "eps" in kw else {}))
+    assert_bitwise_equal(q, rq, "q")
+    assert_bitwise_equal(s.contiguous(), rs, "scale")
+    if scale_layout == "tma_aligned":
+        assert s.stride() == ops.tma_aligned_scale_strides(s.shape)
+    else:
+        assert s.is_contiguous()
+    return q, s
+
+
+ACT_SHAPES = [
+    ((1, 128), "one group, T=1"),
+    ((77, 320), "ragged K: last group 64 wide; M not a multiple of 4"),
+    ((130, 192), "K=192 (TP shard)"),
+    ((3, 5, 256), "3-D batch"),
+    ((1100, 256), "M >= 1024 config"),
+]
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in ACT_SHAPES], ids=[d for _, d in ACT_SHAPES])
+@pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_activation_bit_exact(shape, scale_layout, scale_fmt, device):
+    _check_act(_x(shape, torch.bfloat16, device), scale_fmt, scale_layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_activation_dtypes(dtype, device):
+    _check_act(_x((40, 384), dtype, device), "fp32", "tma_aligned")
+
+
+def test_activation_4d_and_1d(device):
+    _check_act(_x((2, 3, 5, 256), torch.bfloat16, device))
+    _check_act(_x((256,), torch.bfloat16, device))
+    base = _x((4, 6, 5, 256), torch.bfloat16, device)
+    _check_act(base[:, ::2])  # leading dims not foldable: goes through a copy, same bytes
+
+
+def test_activation_tma_aligned_3d_strides(device):
+    q, s = _check_act(_x((3, 5, 384), torch.bfloat16, device), scale_layout="tma_aligned")
+    assert s.shape == (3, 5, 3) and s.stride() == (8 * 3, 1, 8)
+
+
+def test_activation_clamp_and_eps(device):
+    x = torch.zeros(4, 256, dtype=torch.float32, device=device)
+    x[1, :128] = 1e-12  # below eps * 448: scale = eps / 448, values clamp to 448
+    x[2] = torch.randn(256, device=device) * 1e30
+    q, s = _check_act(x, eps=1e-10)
+    assert (q[0].view(torch.uint8) == 0).all()
+    assert torch.isfinite(q.float()).all()
+    _check_act(x, eps=1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_activation_non_finite_policy(bad, device):
+    x = _x((8, 384), torch.bfloat16, device)
+    x[3, 200] = bad
+    q, s = _check_act(x)
+    assert torch.isnan(s[3, 1]) and torch.isnan(q[3, 128:256].float()).all()
+    assert torch.isfinite(s[3, 0]) and torch.isfinite(s[:3]).all()
+
+
+def test_activation_out_buffers(device):
+    x = _x((10, 256), torch.bfloat16, device)
+    out_q = torch.full((10, 256), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+    # caller-allocated column-major scales: the layout is taken from the buffer, as vLLM's op does
+    out_s = torch.full((2, 10), float("nan"), device=device).t()
+    q, s = ops.quantize_activation(x, out_q=out_q, out_scale=out_s)
+    assert q is out_q and s is out_s
+    rq, rs = reference.quantize_activation(x.cpu())
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s.contiguous(), rs)
+    with pytest.raises(ValueError, match=r"out_q must have shape \(10, 256\)"):
+        ops.quantize_activation(x, out_q=torch.empty(10, 128, dtype=FP8_DTYPE, device=device))
+    with pytest.raises(ValueError, match=r"out_scale must have shape \(10, 2\)"):
+        ops.quantize_activation(x, out_scale=torch.empty(10, 3, device=device))
+
+
+def test_activation_empty(device):
+    q, s = ops.quantize_activation(torch.empty(0, 256, dtype=torch.bfloat16, device=device), scale_layout="tma_aligned")
+    assert q.shape == (0, 256) and s.shape == (0, 2)
+
+
+def test_activation_bad_input(device):
+    x = torch.randn(4, 256, device=device)
+    with pytest.raises(TypeError, match="x must be bfloat16"):
+        ops.quantize_activation(x.to(torch.int8))
+    with pytest.raises(ValueError, match="unit stride"):
+        ops.quantize_activation(torch.randn(256, 4, device=device).t())
+    with pytest.raises(ValueError, match="scale_layout must be one of"):
+        ops.quantize_activation(x, scale_layout="col_major")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.quantize_activation(x, backend="cuda")
+    with pytest.raises(ValueError, match="tma_aligned' needs a 2-D"):
+        ops.quantize_activation(torch.randn(2, 2, 2, 128, device=device), scale_layout="tma_aligned")
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        ops.quantize_activation(x, group_size=100)
+
+
+def test_activation_vllm_backend_missing_raises(device):
+    pytest.importorskip("fp8_deep.integrations")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed: the missing-backend error cannot be shown")
+    except ImportError:
+        pass
+    import fp8_deep  # noqa: F401  (registers the integrations' loaders)
+    with pytest.raises(ImportError, match="pip install vllm"):
+        ops.quantize_activation(torch.randn(4, 256, device=device), backend="vllm")
+
+
+# ---------------------------------------------------------------------------------------------- layout helpers
+
+def test_to_tma_aligned_scales():
+    s = torch.randn(7, 3)
+    t = ops.to_tma_aligned_scales(s)
+    assert t.stride() == (1, 8) and torch.equal(t, s)
+    assert ops.to_tma_aligned_scales(t) is t
+    s3 = torch.randn(2, 5, 3)
+    t3 = ops.to_tma_aligned_scales(s3)
+    assert t3.stride() == (24, 1, 8) and torch.equal(t3, s3)
+    with pytest.raises(ValueError, match="scale must be 2-D or 3-D"):
+        ops.to_tma_aligned_scales(torch.randn(4))
+    assert align(5, 4) == 8
+
+
+# ---------------------------------------------------------------------------------------------- GPU, real shapes
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432), (3, 300, 520), (7, 129)])
+def test_gpu_weight_deepseek_shapes(shape):
+    w = _w(shape, torch.bfloat16, "cuda")
+    res = ops.quantize_weight_blockwise(w, with_transpose=True)
+    rq, rs = reference.quantize_weight_blockwise(w)  # torch on the GPU, same math
+    assert_bitwise_equal(res[0], rq)
+    assert_bitwise_equal(res[1], rs)
+    assert_bitwise_equal(res[2], rq.transpose(-1, -2).contiguous())
+    assert_bitwise_equal(res[3], rs.transpose(-1, -2).contiguous())
+    del res, rq, rs
+    q8, s8 = ops.quantize_weight_blockwise(w, scale_fmt="ue8m0")
+    rq, rs = reference.quantize_weight_blockwise(w, scale_fmt="ue8m0")
+    assert_bitwise_equal(q8, rq)
+    assert_bitwise_equal(s8, rs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4096, 32768])
+@pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
+def test_gpu_activation_large(M, scale_layout):
+    for K in (7168, 192):
+        x = _x((M, K), torch.bfloat16, "cuda")
+        for fmt in ("fp32", "ue8m0"):
+            q, s = ops.quantize_activation(x, scale_layout=scale_layout, scale_fmt=fmt, backend="triton")
+            rq, rs = reference.quantize_activation(x, scale_fmt=fmt)
+            assert_bitwise_equal(q, rq)
+            assert_bitwise_equal(s.contiguous(), rs)
