@@ -1,0 +1,137 @@
+"""FP8 block-scaled grouped GEMM kernel (DeepSeek-V3 recipe), contiguous expert segments, "NT" layout.
+
+``out[r, :] = (a[r, :] * a_scale[r, k // 128]) @ (b[e] * b_scale[e, n // 128, k // 128]).T`` for every row ``r`` of
+expert ``e``'s segment ``[expert_offsets[e], expert_offsets[e] + expert_counts[e])``. Scales are dequantization
+scales (``x ~= q.float() * s``): 1x128 groups for ``a``, 128x128 blocks for ``b``.
+
+Numerics: FP32 promotion every 128 of K, as DeepSeek-V3 does (its section 3.3) and DeepGEMM / vLLM's Triton block-FP8
+MoE do: each 128-wide K block is one ``tl.dot`` into a fresh float32 tile (on SM90 the tensor cores keep ~14 bits while
+accumulating inside it; Triton's sm90 default ``max_num_imprecise_acc`` leaves that chain alone, which is fine over 128
+elements), the block's partial product is scaled by ``a_scale[rows, kb] * b_scale[e, nb, kb]`` and added to a
+float32 accumulator. Each output element is produced by one program with a fixed K order: results are deterministic.
+
+Scheduling: persistent programs walk a flat tile space ``(global m-tile, n-tile)``; the m-tiles of all experts are
+numbered expert after expert (``cdiv(count_e, BLOCK_M)`` each), computed on the device from ``expert_counts`` with an
+in-kernel prefix sum, so nothing is synchronised with the host and the grid only depends on host-known bounds (a
+CUDA graph can capture the launch). Empty experts own no tile: their weights are never read.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_gemm_fp8_kernel(
+    # pointers
+    a_ptr,            # float8_e4m3fn (M, K), unit stride along K
+    as_ptr,           # float32 (M, cdiv(K, 128)), any strides (row-major or MN-major TMA-aligned)
+    b_ptr,            # float8_e4m3fn (E, N, K), unit stride along K
+    bs_ptr,           # float32 (E, cdiv(N, 128), cdiv(K, 128)), any strides
+    out_ptr,          # bf16/fp16/fp32 (M, N)
+    offsets_ptr,      # int32 (E,): first row of each expert's segment
+    counts_ptr,       # int32 (E,): valid rows of each expert (negative counts as 0)
+    # sizes
+    M, N, K, E,
+    # strides (in elements)
+    stride_am,
+    stride_asm, stride_ask,
+    stride_be, stride_bn,
+    stride_bse, stride_bsn, stride_bsk,
+    stride_om, stride_on,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,    # rows (tokens) per tile
+    BLOCK_N: tl.constexpr,    # output columns per tile
+    BLOCK_K: tl.constexpr,    # must be 128: one promotion per scale block
+    GROUP_M: tl.constexpr,    # m-tiles that share one sweep of n-tiles (L2 reuse of the weight tile)
+    SWAP_AB: tl.constexpr,    # compute out^T = b_tile @ a_tile^T: N fills the MMA's M side, tokens the narrow side
+    BLOCK_E: tl.constexpr,    # next power of two >= E: the per-expert tile counts live in registers
+    EVEN_K: tl.constexpr,     # K % BLOCK_K == 0: no masks in the main loop
+):
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+
+    # Per-expert m-tile counts and their inclusive prefix sum, identical in every program.
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    counts = tl.maximum(counts, 0)
+    m_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(m_tiles, 0)
+    total_m = tl.sum(m_tiles, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    total_tiles = total_m * num_n
+
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    for tile_id in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
+        # Grouped order: GROUP_M consecutive m-tiles (mostly of one expert) sweep the n-tiles together, so each
+        # weight tile is read from HBM once per group rather than once per m-tile.
+        tiles_per_group = GROUP_M * num_n
+        first_m = (tile_id // tiles_per_group) * GROUP_M
+        group_rows = tl.minimum(total_m - first_m, GROUP_M)
+        tm = first_m + (tile_id % tiles_per_group) % group_rows
+        tn = (tile_id % tiles_per_group) // group_rows
+
+        # Expert owning global m-tile tm: the number of experts whose tiles all come before it.
+        e = tl.sum((cum_tiles <= tm).to(tl.int32), 0)
+        tiles_before = tl.sum(tl.where(offs_e < e, m_tiles, 0), 0)
+        count = tl.sum(tl.where(offs_e == e, counts, 0), 0)
+        seg_start = tl.load(offsets_ptr + e)
+        e64 = e.to(tl.int64)
+
+        local_m = (tm - tiles_before) * BLOCK_M + offs_m0          # row inside the segment
+        rows = seg_start + local_m                                  # row of a / out
+        row_ok = (local_m < count) & (rows < M)
+        # Rows past the segment's count are read from a valid row (clamped) and never stored: no load masks.
+        rows_ld = tl.minimum(tl.maximum(rows, 0), M - 1).to(tl.int64)
+        cols = tn * BLOCK_N + offs_n0
+        cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
+
+        a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
+        as_ptrs = as_ptr + rows_ld * stride_asm
+        bs_base = bs_ptr + e64 * stride_bse
+        if BLOCK_N <= 128:
+            # BLOCK_N divides 128, so the tile lies in one 128-row weight block: one scalar scale per K block.
+            bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
+        else:
+            bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
+
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // BLOCK_K
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = offs_k[None, :] < K - k0
+                a = tl.load(a_ptrs, mask=k_ok, other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok, other=0.0)
+            sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
+            sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
+            if SWAP_AB:
+                part = tl.dot(b, tl.trans(a))                 # (BLOCK_N, BLOCK_M), fp32
+                if BLOCK_N <= 128:
+                    acc += part * (sa * sb)[None, :]
+                else:
+                    acc += part * sb[:, None] * sa[None, :]
+            else:
+                part = tl.dot(a, tl.trans(b))                 # (BLOCK_M, BLOCK_N), fp32
+                if BLOCK_N <= 128:
+                    acc += part * (sa * sb)[:, None]
+                else:
+                    acc += part * sa[:, None] * sb[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        rows64 = rows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+        col_ok = cols < N
+        if SWAP_AB:
+            o_ptrs = out_ptr + rows64[None, :] * stride_om + cols64[:, None] * stride_on
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        else:
+            o_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,249 @@
+"""Launcher for the FP8 block-scaled grouped GEMM (contiguous expert segments, "NT": ``out = a @ b[e].T``).
+
+Numerics (DeepSeek-V3 section 3.3, DeepGEMM, vLLM's Triton block-FP8 MoE): dequantization scales ``x ~= q * s``,
+1x128 groups on ``a``, 128x128 blocks on ``b``; the partial product of every 128-wide K block is promoted to float32
+and scaled there (``acc += dot(a_blk, b_blk) * a_scale[rows, kb] * b_scale[e, nb, kb]``); output rounded once.
+
+No host synchronisation: the grid depends on ``M``, ``N``, ``E`` and the device's SM count only; the device maps
+programs to ``(expert, m-tile, n-tile)`` from ``expert_counts`` (``fp8_deep.kernels.grouped_gemm``), so the launch can
+be captured in a CUDA graph.
+
+Tile configurations come from a bucket of the expected rows per expert (a host-side hint; the real counts live on the
+device): few rows -> weight-bandwidth bound, swap-AB tiles (weight rows fill the MMA's 64-wide M side, tokens the
+narrow N side); many rows -> compute bound, 128x128 tiles, 8 warps. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
+``"BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1"``) pins one configuration for every call.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Union
+
+import torch
+import triton
+
+from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel
+from ..numerics import BLOCK, FP8_DTYPE, cdiv, use_triton
+from ._checks import check_out, check_tensor
+
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "TritonGroupedGemm", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS"]
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One tile configuration. ``BLOCK_K`` is fixed at 128 (one promotion per scale block)."""
+    BLOCK_M: int = 128
+    BLOCK_N: int = 128
+    GROUP_M: int = 8
+    SWAP_AB: bool = False
+    num_warps: int = 8
+    num_stages: int = 4
+
+    def __post_init__(self):
+        for name in ("BLOCK_M", "BLOCK_N"):
+            v = getattr(self, name)
+            if not (16 <= v <= 256 and v & (v - 1) == 0):
+                raise ValueError(f"GemmConfig.{name} must be a power of two in [16, 256], got {v}")
+        if self.GROUP_M < 1:
+            raise ValueError(f"GemmConfig.GROUP_M must be >= 1, got {self.GROUP_M}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemmConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
+
+    @classmethod
+    def parse(cls, spec: Union[str, dict, "GemmConfig"]) -> "GemmConfig":
+        """From a ``GemmConfig``, a dict, or ``"BLOCK_M=64,BLOCK_N=128,num_warps=4,SWAP_AB=1"`` (unset keys default)."""
+        if isinstance(spec, GemmConfig):
+            return spec
+        if isinstance(spec, str):
+            items = {}
+            for part in filter(None, (p.strip() for p in spec.split(","))):
+                if "=" not in part:
+                    raise ValueError(f"config entry {part!r} is not KEY=VALUE (in {spec!r})")
+                k, v = (s.strip() for s in part.split("=", 1))
+                items[k] = v
+            spec = items
+        if not isinstance(spec, dict):
+            raise TypeError(f"config must be a GemmConfig, dict or 'KEY=VALUE,...' string, got {type(spec).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for k, v in spec.items():
+            if k not in known:
+                raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
+            if k == "SWAP_AB":
+                kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
+            else:
+                kwargs[k] = int(v)
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
+
+
+# Weight-bandwidth-bound regime (rows per expert <= 64): swap-AB, the 128 weight rows of a tile are the MMA's M side
+# (two 64-row wgmma per warpgroup), the 16-64 tokens its N side; deep pipelines keep enough weight bytes in flight.
+# Shared memory per stage is 16 KiB of weight + BLOCK_M * 128 B of tokens, so these fit two CTAs per SM.
+SMALL_M_CONFIGS = (
+    GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=6),
+    GemmConfig(BLOCK_M=32, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=5),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
+    GemmConfig(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=8),
+)
+# Compute-bound regime: 128x128 tiles on two warpgroups (64 + 64 accumulator registers per thread for acc and the
+# per-block partial; 128x256 would need 256 and spill), 4 stages (128 KiB), grouped order for L2 reuse.
+LARGE_M_CONFIGS = (
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_M=64, BLOCK_N=256, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=4, num_stages=5),
+)
+
+
+def pick_config(expected_m: int) -> GemmConfig:
+    """The configuration for a bucket of expected rows per expert (``FP8_DEEP_GEMM_CONFIG`` overrides)."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return GemmConfig.parse(env)
+    if expected_m <= 16:
+        return SMALL_M_CONFIGS[0]
+    if expected_m <= 32:
+        return SMALL_M_CONFIGS[1]
+    if expected_m <= 64:
+        return SMALL_M_CONFIGS[2]
+    if expected_m <= 256:
+        return LARGE_M_CONFIGS[3]
+    return LARGE_M_CONFIGS[0]
+
+
+_SM_COUNT = {}
+
+
+def _num_programs_cap(device: torch.device) -> int:
+    """Persistent grid size cap: 4 programs per SM (the ones that do not fit wait, then find no tile or run late)."""
+    if device.type != "cuda":
+        return 8  # the interpreter runs programs one after the other; a small grid exercises the tile loop
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 4 * _SM_COUNT[idx]
+
+
+def _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, out_dtype):
+    check_tensor(a, "a", dtypes=(FP8_DTYPE,), dims=(2,), last_stride_one=True)
+    dev = a.device
+    M, K = a.shape
+    kb = cdiv(K, BLOCK)
+    check_tensor(b, "b", dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    E, N, Kb = b.shape
+    if Kb != K:
+        raise ValueError(f"b must be (E, N, K) with K = a.shape[1] = {K} (out = a @ b[e].T), got shape {tuple(b.shape)}")
+    check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), dims=(2,), device=dev)
+    if tuple(a_scale.shape) != (M, kb):
+        raise ValueError(f"a_scale must be (M, ceil(K/128)) = {(M, kb)} (1x128 groups of a), got {tuple(a_scale.shape)}")
+    check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
+    if tuple(b_scale.shape) != (E, cdiv(N, BLOCK), kb):
+        raise ValueError(f"b_scale must be (E, ceil(N/128), ceil(K/128)) = {(E, cdiv(N, BLOCK), kb)} (128x128 blocks "
+                         f"of b), got {tuple(b_scale.shape)}")
+    for t, name in ((expert_offsets, "expert_offsets"), (expert_counts, "expert_counts")):
+        check_tensor(t, name, dtypes=(torch.int32,), dims=(1,), device=dev)
+        if t.shape[0] != E:
+            raise ValueError(f"{name} must have one entry per expert, shape ({E},), got {tuple(t.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
+    return M, N, K, E
+
+
+def _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, out):
+    """CPU path without Triton: the kernel's math (per-128-K promotion in float32), experts looped on the host."""
+    M, K = a.shape
+    N = b.shape[1]
+    for e, (off, cnt) in enumerate(zip(expert_offsets.tolist(), expert_counts.tolist())):
+        lo, hi = max(off, 0), min(off + cnt, M)
+        if hi <= lo:
+            continue
+        acc = torch.zeros(hi - lo, N, dtype=torch.float32, device=a.device)
+        for kb in range(cdiv(K, BLOCK)):
+            ks = slice(kb * BLOCK, min((kb + 1) * BLOCK, K))
+            part = a[lo:hi, ks].float() @ b[e, :, ks].float().t()
+            sb = b_scale[e, :, kb].repeat_interleave(BLOCK)[:N]
+            acc += part * a_scale[lo:hi, kb, None] * sb[None, :]
+        out[lo:hi] = acc.to(out.dtype)
+    return out
+
+
+def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     expert_offsets: torch.Tensor, expert_counts: torch.Tensor, *, out: Optional[torch.Tensor] = None,
+                     out_dtype: torch.dtype = torch.bfloat16, config=None,
+                     expected_m: Optional[int] = None) -> torch.Tensor:
+    """FP8 block-scaled grouped GEMM over contiguous expert segments: ``out[r] = deq(a[r]) @ deq(b[e]).T``.
+
+    Args:
+        a: float8_e4m3fn ``(M, K)``, unit stride along K (any row stride).
+        a_scale: float32 ``(M, ceil(K/128))`` dequantization scales of 1x128 groups, any strides: row-major
+            ``(G, 1)`` or DeepGEMM's MN-major TMA-aligned ``(1, align(M, 4))`` (preferred: coalesced reads).
+        b: float8_e4m3fn ``(E, N, K)``, unit stride along K ("NT": each expert's weight as ``nn.Linear`` stores it).
+        b_scale: float32 ``(E, ceil(N/128), ceil(K/128))`` dequantization scales of 128x128 blocks, any strides.
+        expert_offsets: int32 ``(E,)``, first row of expert ``e``'s segment in ``a`` / ``out``.
+        expert_counts: int32 ``(E,)``, valid rows of expert ``e``; segments must be disjoint and inside ``[0, M)``.
+        out: optional caller buffer ``(M, N)`` of ``out_dtype`` (any strides), written in place.
+        out_dtype: bfloat16 (default), float16 or float32.
+        config: ``GemmConfig`` / dict / ``"KEY=VALUE,..."`` string pinning the tiles (default: ``pick_config``).
+        expected_m: host-side hint of the rows per expert, picks the tile bucket (default ``M // E``, which
+            over-estimates when segments carry padding: the MoE passes ``tokens * top_k / E``).
+
+    Returns:
+        ``out`` ``(M, N)``: rows ``[off_e, off_e + count_e)`` of every expert written; every other row is left as it
+        was (unspecified in a fresh buffer). N and K need not be multiples of 128. No host synchronisation on CUDA.
+    """
+    M, N, K, E = _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, out_dtype)
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    else:
+        check_out(out, "out", (M, N), out_dtype, a.device)
+    if M == 0 or N == 0 or E == 0:
+        return out
+    if not use_triton(a):
+        return _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, out)
+
+    if config is not None:
+        cfg = GemmConfig.parse(config)
+    else:
+        cfg = pick_config(expected_m if expected_m is not None else max(1, M // E))
+    bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
+    # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
+    # non-empty and each wastes at most BM - 1 rows of its last tile.
+    m_tiles_bound = (M + min(E, M) * (bm - 1)) // bm
+    tiles_bound = m_tiles_bound * cdiv(N, bn)
+    grid = (max(1, min(tiles_bound, _num_programs_cap(a.device))),)
+    _grouped_gemm_fp8_kernel[grid](
+        a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
+        M, N, K, E,
+        a.stride(0),
+        a_scale.stride(0), a_scale.stride(1),
+        b.stride(0), b.stride(1),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
+        BLOCK_E=triton.next_power_of_2(E), EVEN_K=(K % BLOCK == 0),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+class TritonGroupedGemm:
+    """Grouped-GEMM backend for the MoE: our Triton kernel over the routing plan's contiguous expert segments."""
+    name = "triton"
+    a_scale_layout = "tma_aligned"  # MN-major LHS scales: each K block's BLOCK_M scales are one coalesced read
+
+    def __init__(self, config=None):
+        self.config = config
+
+    def gemm(self, a, a_scale, b, b_scale, plan, out=None, out_dtype=torch.bfloat16):
+        """``plan``: ``fp8_deep.ops.plan.RoutingPlan``; rows outside the experts' valid rows are left untouched."""
+        expected = max(1, cdiv(plan.num_tokens * plan.top_k, max(1, plan.num_experts)))
+        return grouped_gemm_fp8(a, a_scale, b, b_scale, plan.expert_offsets, plan.expert_counts, out=out,
+                                out_dtype=out_dtype, config=self.config, expected_m=expected)

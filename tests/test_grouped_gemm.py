@@ -1,0 +1,267 @@
+"""FP8 block-scaled grouped GEMM: elementwise against the FP8-emulated reference, globally against BF16.
+
+CPU runs go through the Triton interpreter with small shapes (each config family pinned); ``-m gpu`` runs
+DeepSeek-V3 shapes (GEMM1 N=4096 K=7168, GEMM2 N=7168 K=2048) on a CUDA device.
+"""
+import pytest
+import torch
+
+from fp8_deep import reference
+from fp8_deep.numerics import BLOCK, FP8_DTYPE, align, cdiv
+from fp8_deep.ops import grouped_gemm as gg
+from fp8_deep.ops.grouped_gemm import (LARGE_M_CONFIGS, SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm,
+                                       grouped_gemm_fp8, pick_config)
+from fp8_deep.ops.plan import RoutingPlan
+from fp8_deep.testing import assert_bitwise_equal, calc_diff
+
+# One config of each family, small enough for the interpreter: swap-AB (tokens on the MMA's narrow side),
+# plain, and BLOCK_N=256 (two weight-scale blocks per tile, the vector scale path) in both orientations.
+CPU_CONFIGS = {
+    "swap16x64": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=2",
+    "swap32x128": "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=2",
+    "plain32x128": "BLOCK_M=32,BLOCK_N=128,GROUP_M=2,SWAP_AB=0,num_warps=4,num_stages=2",
+    "plain16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=4,SWAP_AB=0,num_warps=8,num_stages=2",
+    "swap16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=1,SWAP_AB=1,num_warps=8,num_stages=2",
+}
+
+
+def tma_aligned(s: torch.Tensor) -> torch.Tensor:
+    """The same scales, MN-major with the row count padded to 4 (DeepGEMM's LHS layout): strides (1, align(M, 4))."""
+    M, G = s.shape
+    t = torch.empty_strided((M, G), (1, align(M, 4)), dtype=s.dtype, device=s.device)
+    t.copy_(s)
+    return t
+
+
+def make_case(counts, N, K, device, seg_align=BLOCK, scale_layout="row_major", extra_rows=0):
+    """Quantized inputs with one ``seg_align``-aligned segment per expert (as the MoE lays them out).
+
+    Padding rows of ``a`` hold NaN-valued FP8 and NaN scales: a kernel that let them leak into valid rows, or
+    stored them, fails. Returns a dict with the FP8 operands, offsets/counts, ``m_indices`` and the float inputs.
+    """
+    E = len(counts)
+    offsets, row = [], 0
+    for c in counts:
+        offsets.append(row)
+        row += align(c, seg_align) if seg_align > 1 else c
+    M = max(row + extra_rows, 1)
+    x = torch.randn(M, K, device=device)
+    w = torch.randn(E, N, K, device=device) * 0.05
+    qa, sa = reference.quantize_activation(x)
+    qb, sb = reference.quantize_weight_blockwise(w)
+    m_indices = torch.full((M,), -1, dtype=torch.int32, device=device)
+    for e, (o, c) in enumerate(zip(offsets, counts)):
+        m_indices[o:o + c] = e
+    pad = m_indices < 0
+    qa.view(torch.uint8)[pad] = 0x7F  # E4M3FN NaN
+    sa[pad] = float("nan")
+    if scale_layout == "tma_aligned":
+        sa = tma_aligned(sa)
+    return dict(a=qa, a_scale=sa, b=qb, b_scale=sb,
+                offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
+                counts=torch.tensor(counts, dtype=torch.int32, device=device),
+                m_indices=m_indices, x=x, w=w, M=M, N=N, K=K)
+
+
+# NaN with a payload no arithmetic produces (the GPU and the CPU make the canonical 0x7FC0): padding rows computed
+# from NaN inputs and stored by mistake would still be NaN, but not this NaN.
+POISON_BITS = {torch.bfloat16: (torch.int16, 0x7FC1), torch.float32: (torch.int32, 0x7FC00001)}
+
+
+def poisoned(shape, dtype, device):
+    view, bits = POISON_BITS[dtype]
+    return torch.full(shape, bits, dtype=view, device=device).view(dtype)
+
+
+def is_poison(t):
+    view, bits = POISON_BITS[t.dtype]
+    return t.contiguous().view(view) == bits
+
+
+def run(case, poison=True, **kw):
+    out = poisoned((case["M"], case["N"]), torch.bfloat16, case["a"].device) if poison else None
+    return grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                            out=out, **kw)
+
+
+def check(case, out, bf16_bar=True):
+    """Valid rows: elementwise vs the FP8-emulated reference (bf16 rounding + summation-order budget) and
+    ``calc_diff`` vs the BF16 product of the unquantized inputs; every other row: still the NaN poison."""
+    valid = case["m_indices"] >= 0
+    ref = reference.grouped_gemm_fp8(case["a"], case["a_scale"].contiguous(), case["b"], case["b_scale"],
+                                     case["m_indices"], out_dtype=torch.float32)
+    got = out[valid].float()
+    exp = ref[valid]
+    assert torch.isfinite(got).all(), "a valid row was not written (poison left) or is non-finite"
+    scale = exp.abs().max().item() if exp.numel() else 1.0
+    torch.testing.assert_close(got, exp, atol=1e-2 * scale, rtol=1e-2)
+    assert is_poison(out[~valid]).all(), "a row outside every expert's valid rows was written"
+    if bf16_bar and exp.numel():
+        xb = case["x"].bfloat16()
+        bf16 = torch.zeros_like(out, dtype=torch.float32)
+        for e in range(case["b"].shape[0]):
+            rows = (case["m_indices"] == e).nonzero().flatten()
+            if rows.numel():
+                bf16[rows] = (xb[rows] @ case["w"][e].bfloat16().t()).float()
+        assert calc_diff(got, bf16[valid]) < 1e-3
+
+
+@pytest.mark.parametrize("cfg", list(CPU_CONFIGS), ids=list(CPU_CONFIGS))
+def test_ragged_nk_every_config_family(cfg, device):
+    # K=192, N=300: ragged K block (64 of 128) and ragged N tile; E=3 (not a power of two) with an empty expert;
+    # counts not multiples of any BLOCK_M; more tiles than the CPU grid (8 programs), so the tile loop runs.
+    case = make_case([37, 0, 18], N=300, K=192, device=device)
+    check(case, run(case, config=CPU_CONFIGS[cfg]))
+
+
+@pytest.mark.parametrize("cfg", ["swap16x64", "plain32x128"])
+def test_tma_aligned_scales_match_row_major_bitwise(cfg, device):
+    case = make_case([20, 9], N=128, K=256, device=device)  # K % 128 == 0: the unmasked main loop
+    out_rm = run(case, config=CPU_CONFIGS[cfg])
+    case_t = dict(case, a_scale=tma_aligned(case["a_scale"]))
+    assert case_t["a_scale"].stride() == (1, align(case["M"], 4))
+    out_t = run(case_t, config=CPU_CONFIGS[cfg])
+    check(case_t, out_t)
+    assert_bitwise_equal(out_t, out_rm, "tma-aligned vs row-major a_scale")
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0, 70, 0], [70]], ids=["E5", "E1"])
+def test_all_rows_on_one_expert_and_determinism(counts, device):
+    case = make_case(counts, N=96, K=128, device=device)
+    out1 = run(case, config=CPU_CONFIGS["plain32x128"])
+    check(case, out1)
+    out2 = run(case, config=CPU_CONFIGS["plain32x128"])
+    assert_bitwise_equal(out1, out2, "second run")
+
+
+def test_unaligned_segments_default_config_fresh_out(device):
+    # Tightly packed segments (no 128 alignment), a trailing unused row range, no out buffer, default config.
+    case = make_case([3, 17, 1, 0, 9, 30], N=64, K=160, device=device, seg_align=1, extra_rows=5)
+    out = run(case, poison=False)
+    assert out.shape == (case["M"], 64) and out.dtype == torch.bfloat16
+    valid = case["m_indices"] >= 0
+    out_p = poisoned(out.shape, out.dtype, device)
+    out_p[valid] = out[valid]
+    check(case, out_p)
+
+
+def test_strided_out_and_fp32_out(device):
+    case = make_case([11, 40], N=128, K=128, device=device)
+    buf = poisoned((128, case["M"]), torch.float32, device)
+    out = buf.t()  # (M, N) with strides (1, M): the kernel must honour both out strides
+    res = grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                           out=out, out_dtype=torch.float32, config=CPU_CONFIGS["swap16x64"])
+    assert res is out
+    valid = case["m_indices"] >= 0
+    ref = reference.grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["m_indices"],
+                                     out_dtype=torch.float32)
+    torch.testing.assert_close(out[valid], ref[valid], atol=1e-3 * ref.abs().max().item(), rtol=1e-4)
+    assert is_poison(out[~valid]).all()
+
+
+def test_torch_fallback_matches_kernel(monkeypatch, device):
+    if device != "cpu":
+        pytest.skip("the pure-torch path is the CPU path without the interpreter")
+    case = make_case([25, 0, 6], N=300, K=192, device=device)
+    kern = run(case, config=CPU_CONFIGS["plain32x128"])
+    monkeypatch.setattr(gg, "use_triton", lambda t: False)
+    torch_out = run(case)
+    check(case, torch_out)
+    torch.testing.assert_close(torch_out.float(), kern.float(), atol=0.0, rtol=1e-2, equal_nan=True)
+
+
+def test_backend_with_routing_plan(device):
+    case = make_case([5, 0, 12, 3], N=128, K=128, device=device, scale_layout="tma_aligned")
+    E, M = 4, case["M"]
+    plan = RoutingPlan(
+        sorted_token_ids=torch.zeros(M, dtype=torch.int32, device=device),
+        expert_ids=torch.zeros(M // BLOCK, dtype=torch.int32, device=device),
+        num_tokens_post_padded=torch.tensor([M], dtype=torch.int32, device=device),
+        m_indices=case["m_indices"], inv_perm=torch.zeros(20, 1, dtype=torch.int32, device=device),
+        expert_offsets=case["offsets"], expert_counts=case["counts"],
+        num_tokens=20, top_k=1, num_experts=E, block_size=BLOCK)
+    backend = TritonGroupedGemm()
+    assert backend.name == "triton" and backend.a_scale_layout == "tma_aligned"
+    out = poisoned((M, 128), torch.bfloat16, device)
+    assert backend.gemm(case["a"], case["a_scale"], case["b"], case["b_scale"], plan, out=out) is out
+    check(case, out)
+
+
+def test_config_heuristic_and_env_pin(monkeypatch):
+    monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
+    assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16
+    assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
+    assert pick_config(4096) == LARGE_M_CONFIGS[0] and not pick_config(4096).SWAP_AB
+    assert all(c.SWAP_AB for c in SMALL_M_CONFIGS)
+    monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")
+    assert pick_config(4096) == GemmConfig(BLOCK_M=64, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=4)
+    assert GemmConfig.parse(str(LARGE_M_CONFIGS[2])) == LARGE_M_CONFIGS[2]
+    with pytest.raises(ValueError, match="unknown config key"):
+        GemmConfig.parse("BLOCK_Q=3")
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        GemmConfig.parse("BLOCK_N=96")
+
+
+def test_bad_inputs(device):
+    case = make_case([4, 4], N=128, K=128, device=device)
+    a, sa, b, sb, off, cnt = (case[k] for k in ("a", "a_scale", "b", "b_scale", "offsets", "counts"))
+    with pytest.raises(TypeError, match="a must have dtype"):
+        grouped_gemm_fp8(a.float(), sa, b, sb, off, cnt)
+    with pytest.raises(ValueError, match="b must be"):
+        grouped_gemm_fp8(a, sa, b[:, :, :64], sb, off, cnt)
+    with pytest.raises(ValueError, match="a_scale must be"):
+        grouped_gemm_fp8(a, sa[:, :0], b, sb, off, cnt)
+    with pytest.raises(ValueError, match="b_scale must be"):
+        grouped_gemm_fp8(a, sa, b, sb[:1], off, cnt)
+    with pytest.raises(TypeError, match="expert_counts must have dtype"):
+        grouped_gemm_fp8(a, sa, b, sb, off, cnt.long())
+    with pytest.raises(ValueError, match="expert_offsets must have one entry per expert"):
+        grouped_gemm_fp8(a, sa, b, sb, off[:1], cnt)
+    with pytest.raises(ValueError, match="a must have unit stride"):
+        grouped_gemm_fp8(torch.empty(128, 256, dtype=FP8_DTYPE, device=device)[:, ::2], sa, b, sb, off, cnt)
+    with pytest.raises(ValueError, match="out must have shape"):
+        grouped_gemm_fp8(a, sa, b, sb, off, cnt, out=torch.empty(3, 3, dtype=torch.bfloat16, device=device))
+    with pytest.raises(TypeError, match="out must have dtype"):
+        grouped_gemm_fp8(a, sa, b, sb, off, cnt, out=torch.empty(case["M"], 128, device=device))
+    with pytest.raises(TypeError, match="out_dtype"):
+        grouped_gemm_fp8(a, sa, b, sb, off, cnt, out_dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU: DeepSeek-V3 shapes.
+GPU_SHAPES = [(4096, 7168), (7168, 2048)]  # GEMM1 (w13: N=2I, K=H), GEMM2 (w2: N=H, K=I)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", GPU_SHAPES, ids=["gemm1", "gemm2"])
+@pytest.mark.parametrize("E,rows", [(8, 1), (32, 4), (32, 16), (16, 64), (8, 256), (8, 1024)])
+def test_deepseek_shapes_gpu(N, K, E, rows, device):
+    g = torch.Generator().manual_seed(E * 10007 + rows)
+    # Ragged counts around `rows` (some experts empty) with 128-aligned segments, as the MoE produces.
+    counts = [0 if i % 5 == 3 else max(1, int(rows * (0.5 + torch.rand(1, generator=g).item()))) for i in range(E)]
+    case = make_case(counts, N=N, K=K, device=device, scale_layout="tma_aligned")
+    out = run(case, expected_m=rows)
+    check(case, out)
+    assert_bitwise_equal(run(case, expected_m=rows), out, "second run")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(LARGE_M_CONFIGS), ids=str)
+def test_every_config_gpu(cfg, device):
+    case = make_case([100, 0, 37, 300, 1], N=7168, K=2048, device=device)
+    check(case, run(case, config=cfg))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_gpu(device):
+    case = make_case([30, 0, 200], N=4096, K=512, device=device, scale_layout="tma_aligned")
+    out = poisoned((case["M"], case["N"]), torch.bfloat16, device)
+    args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
+    grouped_gemm_fp8(*args, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grouped_gemm_fp8(*args, out=out)
+    out.copy_(poisoned(out.shape, out.dtype, device))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(case, out)
