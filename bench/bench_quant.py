@@ -1,0 +1,348 @@
+"""Quantization benchmark (issue 2, item 10): fp8_deep's kernels against plain torch, torch.compile and the copy ceiling.
+
+Providers (each validated once before it is timed):
+  fp8_deep  ``fp8_deep.ops.quantize_weight_blockwise`` / ``quantize_activation(backend="triton")``; bit-exact
+            against ``fp8_deep.reference`` (fatal mismatch is reported, the timing still runs).
+  torch     the pure-torch reference ``fp8_deep.reference`` (slow; timed on the first shape of each group only).
+  compile   ``torch.compile`` of a compact torch reference for contiguous, 128-divisible shapes in DeepGEMM's
+            ``per_block_cast_to_fp8`` style -- the fair baseline (ANCHORS.md). Its eager form is checked bit-exact
+            against ours first; the compiled output is checked too (a mismatch is reported, not fatal: inductor may
+            lower a division differently).
+  copy      a device copy moving the same bytes (read + write): the ceiling.
+
+Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write outputs once), % of the measured
+2 GiB copy bandwidth, and speed ratio to ``compile`` (>1 = faster than torch.compile).
+
+    python bench/bench_quant.py                 # everything (~2 min on an H100)
+    python bench/bench_quant.py --only act --act-m 4096,32768 --no-torch
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py when run as a script
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
+ACT_M = [128, 512, 2048, 4096, 8192, 16384, 32768]
+ACT_K = 7168  # DeepSeek-V3 hidden size
+PROVIDERS = ["fp8_deep", "torch", "compile", "copy"]
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+
+
+# --------------------------------------------------------------------------------- compact references (compiled)
+def weight_ref_fast(w: torch.Tensor):
+    """DeepGEMM-style ``per_block_cast_to_fp8`` for contiguous (..., N, K) with N, K multiples of 128."""
+    *lead, N, K = w.shape
+    x = w.reshape(-1, N // 128, 128, K // 128, 128).float()
+    amax = x.abs().amax(dim=(2, 4), keepdim=True).clamp(min=1e-4)
+    s = amax / FP8_MAX
+    q = (x * (1.0 / s)).to(FP8)
+    return q.reshape(*lead, N, K), s.reshape(*lead, N // 128, K // 128)
+
+
+def weight_ref_fast_both(w: torch.Tensor):
+    q, s = weight_ref_fast(w)
+    return q, s, q.transpose(-1, -2).contiguous(), s.transpose(-1, -2).contiguous()
+
+
+def act_ref_fast(x: torch.Tensor):
+    """vLLM ``per_token_group_quant_fp8`` math for contiguous (M, K), K a multiple of 128; row-major scales."""
+    M, K = x.shape
+    xg = x.reshape(M, K // 128, 128).float()
+    amax = xg.abs().amax(dim=2, keepdim=True).clamp(min=1e-10)
+    s = amax / FP8_MAX
+    q = (xg / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(M, K), s.reshape(M, K // 128)
+
+
+def act_ref_fast_tma(x: torch.Tensor):
+    """Same, scales written MN-major TMA-aligned: (M, G) with strides (1, align(M, 4))."""
+    q, s = act_ref_fast(x)
+    M, G = s.shape
+    Ma = (M + 3) // 4 * 4
+    st = torch.empty(G, Ma, dtype=torch.float32, device=x.device)
+    st[:, :M] = s.t()
+    return q, st.t()[:M]
+
+
+# --------------------------------------------------------------------------------- checks
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Number of differing elements (bitwise); -1 on shape/dtype mismatch."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return -1
+    view = {1: torch.uint8, 4: torch.int32}[a.element_size()]
+    return int((a.contiguous().view(view) != b.contiguous().view(view)).sum())
+
+
+def compare(outs, refs, strides=None) -> str:
+    bad = []
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        n = same_bits(o, r)
+        if n != 0:
+            bad.append(f"out{i}:{'shape/dtype' if n < 0 else f'{n} elems differ'}")
+    if strides is not None and tuple(outs[1].stride()) != tuple(strides):
+        bad.append(f"scale strides {tuple(outs[1].stride())} != {tuple(strides)}")
+    return "bit-exact" if not bad else "MISMATCH " + ", ".join(bad)
+
+
+# --------------------------------------------------------------------------------- the benchmark
+class QuantBench:
+    def __init__(self, args):
+        self.args = args
+        self.providers = [p for p in PROVIDERS if p in args.providers]
+        self.copy_gbps = C.copy_bandwidth()
+        self.out_dir = C.results_dir()
+        self.log = C.CsvLog(self.out_dir / "quant.csv")
+        self.budget = C.Budget(args.time_budget)
+        self.compiled = {}
+        self.validated = set()
+        try:
+            from fp8_deep import ops, reference
+            self.ops, self.reference = ops, reference
+        except Exception as exc:  # the package is mid-change: report, keep the baselines running
+            print(f"[note] fp8_deep not importable ({exc!r}): provider fp8_deep skipped")
+            self.ops = None
+            from fp8_deep import reference
+            self.reference = reference
+
+    # ---- one case = (group, shape): a callable per provider, the bytes it must move, the validation
+    def _compile(self, key, fn):
+        if key not in self.compiled:
+            for name in ("cache_size_limit", "recompile_limit"):  # one static compile per shape of each group
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            self.compiled[key] = torch.compile(fn, dynamic=self.args.compile_dynamic)
+        return self.compiled[key]
+
+    def case(self, group, shape):
+        a = self.args
+        if group.startswith("weight"):
+            both = group == "weight_both"
+            w = C.randn(shape, seed=1, std=0.02)
+            numel = w.numel()
+            nblk = numel // (128 * 128)
+            nbytes = numel * 2 + numel * (2 if both else 1) + nblk * 4 * (2 if both else 1)
+            ops = self.ops
+
+            def ours():
+                return ops.quantize_weight_blockwise(w, with_transpose=both)
+
+            def plain():
+                q, s = self.reference.quantize_weight_blockwise(w)
+                if both:
+                    return q, s, q.transpose(-1, -2).contiguous(), s.transpose(-1, -2).contiguous()
+                return q, s
+
+            fast = weight_ref_fast_both if both else weight_ref_fast
+            comp = self._compile((group, "dyn" if a.compile_dynamic else shape), fast)
+            return dict(x=w, numel=numel, nbytes=nbytes, ours=ours if ops else None, plain=plain, fast=fast,
+                        comp=lambda: comp(w), scale_strides=None)
+        tma = group == "act_tma"
+        M = shape[0]
+        x = C.randn((M, ACT_K), seed=2)
+        numel = x.numel()
+        nbytes = numel * 3 + (numel // 128) * 4
+        ops = self.ops
+        layout = "tma_aligned" if tma else "row_major"
+
+        def ours():
+            return ops.quantize_activation(x, scale_layout=layout, backend="triton")
+
+        def plain():
+            q, s = self.reference.quantize_activation(x)
+            if tma:
+                st = torch.empty(s.shape[1], (M + 3) // 4 * 4, dtype=torch.float32, device=x.device)
+                st[:, :M] = s.t()
+                s = st.t()[:M]
+            return q, s
+
+        fast = act_ref_fast_tma if tma else act_ref_fast
+        comp = self._compile((group, "dyn" if a.compile_dynamic else shape), fast)
+        strides = (1, (M + 3) // 4 * 4) if tma else (ACT_K // 128, 1)
+        return dict(x=x, numel=numel, nbytes=nbytes, ours=ours if ops else None, plain=plain, fast=fast,
+                    comp=lambda: comp(x), scale_strides=strides)
+
+    def run_one(self, group, shape, provider):
+        key = (group, shape)
+        label = "x".join(map(str, shape))
+        if self.budget.spent(reserve=5):
+            print(f"[skip] {group} {label} {provider}: time budget spent")
+            return float("nan"), float("nan"), float("nan")
+        if provider == "torch" and not self.args.torch_all and shape not in self.torch_shapes[group]:
+            return float("nan"), float("nan"), float("nan")
+        cs = self.case(group, shape)
+        valid = ""
+        try:
+            if provider == "fp8_deep":
+                if cs["ours"] is None:
+                    return float("nan"), float("nan"), float("nan")
+                fn = cs["ours"]
+                ref = cs["plain"]()
+                valid = compare(fn(), ref, cs["scale_strides"])
+                # the compact reference (what gets compiled) must compute the same bytes as ours
+                fast_check = compare(cs["fast"](cs["x"]), ref, cs["scale_strides"])
+                if fast_check != "bit-exact":
+                    print(f"[warn] compact torch reference differs from fp8_deep.reference on {group} {label}: "
+                          f"{fast_check}")
+                del ref
+            elif provider == "torch":
+                fn = cs["plain"]
+                valid = "reference"
+            elif provider == "compile":
+                fn = cs["comp"]
+                ref = cs["plain"]()
+                valid = compare(fn(), ref, cs["scale_strides"])
+                del ref
+            else:
+                fn = C.copy_of_bytes(cs["nbytes"])
+                valid = "ceiling"
+            C.free_cuda()
+            ms, lo, hi = C.bench(fn, rep=self.args.rep)
+        except Exception as exc:
+            print(f"[error] {group} {label} {provider}: {exc!r}")
+            if self.args.verbose:
+                traceback.print_exc()
+            self.log.add(group=group, shape=label, provider=provider, status=f"error: {type(exc).__name__}")
+            return float("nan"), float("nan"), float("nan")
+        finally:
+            del cs
+            C.free_cuda()
+        g = C.gbps(self._nbytes(group, shape), ms)
+        self.log.add(group=group, shape=label, provider=provider, ms=ms, ms_p20=lo, ms_p80=hi, gbps=g,
+                     pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid)
+        print(f"  {group:12s} {label:>16s} {provider:9s} {ms:8.4f} ms {g:7.0f} GB/s {100 * g / self.copy_gbps:5.1f}% "
+              f"of copy  [{valid}]", flush=True)
+        return ms, lo, hi
+
+    def _nbytes(self, group, shape):
+        numel = 1
+        for d in (shape if group.startswith("weight") else (shape[0], ACT_K)):
+            numel *= d
+        if group.startswith("weight"):
+            both = group == "weight_both"
+            return numel * 2 + numel * (2 if both else 1) + numel // (128 * 128) * 4 * (2 if both else 1)
+        return numel * 3 + numel // 128 * 4
+
+    # ---- perf_report wiring
+    def marks(self):
+        import triton.testing as tt
+        a = self.args
+        groups = []
+        if "weight" in a.only:
+            groups += [("weight_one", [tuple(s) for s in a.weight_shapes]),
+                       ("weight_both", [tuple(s) for s in a.weight_shapes])]
+        if "act" in a.only:
+            groups += [("act_row", [(m,) for m in a.act_m]), ("act_tma", [(m,) for m in a.act_m])]
+        # plain torch is slow: by default only the first shape of each group (and the largest activation)
+        self.torch_shapes = {g: {shapes[0], shapes[-1]} if g.startswith("act") else {shapes[0]}
+                             for g, shapes in groups}
+        benches = []
+        for group, shapes in groups:
+            if group.startswith("weight"):
+                x_names, x_vals = ["case"], list(range(len(shapes)))
+            else:
+                x_names, x_vals = ["M"], [s[0] for s in shapes]
+            benches.append(tt.Benchmark(
+                x_names=x_names, x_vals=x_vals, line_arg="provider", line_vals=self.providers,
+                line_names=self.providers, ylabel="ms", plot_name=f"quant_{group}_ms", x_log=group.startswith("act"),
+                args={"group": group, "shapes": shapes}))
+
+        @tt.perf_report(benches)
+        def run(provider, group, shapes, case=None, M=None):
+            shape = shapes[case] if case is not None else (M,)
+            return self.run_one(group, shape, provider)
+
+        self.groups = groups
+        return run
+
+    def finish(self):
+        rows = [r for r in self.log.rows if "ms" in r]
+        comp = {(r["group"], r["shape"]): r["ms"] for r in rows if r["provider"] == "compile"}
+        for r in rows:
+            c = comp.get((r["group"], r["shape"]))
+            r["x_compile"] = (c / r["ms"]) if c else float("nan")
+        self.log.flush()
+        # plots: GB/s per provider, one PNG per group
+        for group, shapes in self.groups:
+            labels = ["x".join(map(str, s)) for s in shapes]
+            series = {}
+            for p in self.providers:
+                by = {r["shape"]: r["gbps"] for r in rows if r["group"] == group and r["provider"] == p}
+                series[p] = [by.get(l, float("nan")) for l in labels]
+            xs = [s[0] for s in shapes] if group.startswith("act") else list(range(len(shapes)))
+            C.plot(self.out_dir / f"quant_{group}_gbps.png", series, xs, xlabel="M" if group.startswith("act") else
+                   "shape", ylabel="GB/s (minimal traffic)", title=f"{group}: copy ceiling {self.copy_gbps:.0f} GB/s",
+                   logx=group.startswith("act"), xticklabels=None if group.startswith("act") else labels)
+        table = [dict(group=r["group"], shape=r["shape"], provider=r["provider"], ms=r["ms"], gbps=r["gbps"],
+                      pct_copy=r["pct_copy"], x_compile=r["x_compile"], check=r.get("status", ""))
+                 for r in rows]
+        print()
+        C.print_table(table, ["group", "shape", "provider", "ms", "gbps", "pct_copy", "x_compile", "check"],
+                      title=f"quant ({C.card_name()}, copy {self.copy_gbps:.0f} GB/s; x_compile > 1 = faster than "
+                            f"torch.compile)", prefix="SUMMARY quant")
+        print(f"[done] {len(rows)} timings in {self.budget.elapsed():.0f} s -> {self.log.path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="weight,act", help="comma list of groups: weight, act (default both)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    p.add_argument("--act-m", default=",".join(map(str, ACT_M)), help="activation rows M (K=7168)")
+    p.add_argument("--weight-shapes", default=";".join("x".join(map(str, s)) for s in WEIGHT_SHAPES),
+                   help="';'-separated weight shapes, e.g. '32x4096x7168;7168x18432'")
+    p.add_argument("--torch-all", action="store_true", help="time the slow plain-torch reference on every shape")
+    p.add_argument("--no-torch", action="store_true", help="drop the plain-torch provider")
+    p.add_argument("--compile-dynamic", action="store_true",
+                   help="one dynamic-shape compile per group instead of one static compile per shape (faster setup)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench rep time in ms")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; shapes left after it are skipped")
+    p.add_argument("--quick", action="store_true", help="M in {4096, 32768}, first weight shape, no plain torch")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="no GPU: run the plumbing on tiny CPU shapes (checks the script, times nothing meaningful)")
+    a = p.parse_args(argv)
+    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
+    a.providers = [s.strip() for s in a.providers.split(",") if s.strip()]
+    a.act_m = [int(m) for m in a.act_m.split(",") if m.strip()]
+    a.weight_shapes = [tuple(int(d) for d in s.split("x")) for s in a.weight_shapes.split(";") if s.strip()]
+    if a.quick:
+        a.act_m = [4096, 32768]
+        a.weight_shapes = a.weight_shapes[:1]
+        a.no_torch = True
+    if a.cpu_smoke:
+        a.act_m = [8, 64]
+        a.weight_shapes = [(2, 256, 384), (256, 128)]
+    if a.no_torch and "torch" in a.providers:
+        a.providers.remove("torch")
+    for s in a.weight_shapes:
+        if s[-1] % 128 or s[-2] % 128:
+            p.error(f"weight shape {s}: the compiled baseline needs N and K multiples of 128")
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("bench_quant needs a CUDA GPU (run it on the GPU machine: bench/gpu_check.sh); --cpu-smoke for a dry run")
+        return 0
+    print(C.env_line())
+    qb = QuantBench(args)
+    print(f"copy bandwidth (2 GiB bf16, read+write): {qb.copy_gbps:.0f} GB/s")
+    mark = qb.marks()
+    try:
+        C.run_mark(mark, qb.out_dir)
+    finally:
+        qb.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
