@@ -1,0 +1,38 @@
+"""MoE combine: ``out[t] = sum_j w[t, j] * x[inv_perm[t, j]]`` in float32, j ascending (a fixed order: bitwise
+deterministic, no atomics), rows with ``inv_perm`` -1 (dropped choices) skipped.
+
+Each term is formed as ``where(valid, w * x, 0)`` and then added, the reference's exact sequence; the select between
+the product and the sum also keeps the compiler from contracting them into an FMA, so the GPU rounds like torch.
+"""
+import triton
+import triton.language as tl
+
+from .swiglu import _round_to
+
+
+@triton.jit
+def moe_combine_kernel(
+    # pointers
+    x_ptr, inv_ptr, w_ptr, out_ptr,
+    # sizes
+    H,
+    # strides
+    stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
+    # meta
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, OUT_BF16: tl.constexpr,
+):
+    """Grid: (T, cdiv(H, BLOCK_H))."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(inv_ptr + t * stride_it + j * stride_ik)
+        w = tl.load(w_ptr + t * stride_wt + j * stride_wk).to(tl.float32)
+        valid = row >= 0
+        vmask = hmask & ((tl.zeros_like(h) + row) >= 0)  # vector mask: dropped choices read nothing
+        x = tl.load(x_ptr + tl.where(valid, row, 0).to(tl.int64) * stride_xr + h * stride_xh, mask=vmask, other=0.0)
+        acc += tl.where(valid, w * x.to(tl.float32), 0.0)
+    if OUT_BF16:  # round to nearest even by bits first: the CPU interpreter's float32 -> bfloat16 cast truncates
+        acc = _round_to(acc, True)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh, acc.to(out_ptr.dtype.element_ty), mask=hmask)
