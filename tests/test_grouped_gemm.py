@@ -14,14 +14,17 @@ from fp8_deep.ops.grouped_gemm import (LARGE_M_CONFIGS, SMALL_M_CONFIGS, GemmCon
 from fp8_deep.ops.plan import RoutingPlan
 from fp8_deep.testing import assert_bitwise_equal, calc_diff
 
-# One config of each family, small enough for the interpreter: swap-AB (tokens on the MMA's narrow side),
-# plain, and BLOCK_N=256 (two weight-scale blocks per tile, the vector scale path) in both orientations.
+# One config of each family, small enough for the interpreter: swap-AB (tokens on the MMA's narrow side), plain,
+# split-M (two half-height dots), and BLOCK_N=256 (two weight-scale blocks per tile: the vector scale path); persistent
+# (8 programs on the CPU, so the tile loop runs several tiles) and one-program-per-tile grids.
 CPU_CONFIGS = {
-    "swap16x64": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=2",
-    "swap32x128": "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=2",
+    "swap16x64": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=2",
+    "swap32x128": "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=2",
     "plain32x128": "BLOCK_M=32,BLOCK_N=128,GROUP_M=2,SWAP_AB=0,num_warps=4,num_stages=2",
-    "plain16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=4,SWAP_AB=0,num_warps=8,num_stages=2",
+    "plain16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=4,SWAP_AB=0,PERSISTENT=1,num_warps=8,num_stages=2",
     "swap16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=1,SWAP_AB=1,num_warps=8,num_stages=2",
+    "split32x64": "BLOCK_M=32,BLOCK_N=64,GROUP_M=2,SPLIT_M=1,PERSISTENT=1,num_warps=4,num_stages=2",
+    "split64x256": "BLOCK_M=64,BLOCK_N=256,GROUP_M=1,SPLIT_M=1,num_warps=8,num_stages=2",
 }
 
 
@@ -114,7 +117,7 @@ def test_ragged_nk_every_config_family(cfg, device):
     check(case, run(case, config=CPU_CONFIGS[cfg]))
 
 
-@pytest.mark.parametrize("cfg", ["swap16x64", "plain32x128"])
+@pytest.mark.parametrize("cfg", ["swap16x64", "plain32x128", "split32x64"])
 def test_tma_aligned_scales_match_row_major_bitwise(cfg, device):
     case = make_case([20, 9], N=128, K=256, device=device)  # K % 128 == 0: the unmasked main loop
     out_rm = run(case, config=CPU_CONFIGS[cfg])
@@ -200,6 +203,8 @@ def test_config_heuristic_and_env_pin(monkeypatch):
         GemmConfig.parse("BLOCK_Q=3")
     with pytest.raises(ValueError, match="BLOCK_N"):
         GemmConfig.parse("BLOCK_N=96")
+    with pytest.raises(ValueError, match="SPLIT_M"):
+        GemmConfig.parse("SPLIT_M=1,SWAP_AB=1")
 
 
 def test_bad_inputs(device):

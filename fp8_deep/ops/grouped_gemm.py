@@ -9,8 +9,8 @@ programs to ``(expert, m-tile, n-tile)`` from ``expert_counts`` (``fp8_deep.kern
 be captured in a CUDA graph.
 
 Tile configurations come from a bucket of the expected rows per expert (a host-side hint; the real counts live on the
-device): few rows -> weight-bandwidth bound, swap-AB tiles (weight rows fill the MMA's 64-wide M side, tokens the
-narrow N side); many rows -> compute bound, 128x128 tiles, 8 warps. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
+device): few rows -> weight-bandwidth bound, persistent swap-AB tiles (weight rows fill the MMA's 64-wide M side,
+tokens the narrow N side); many rows -> compute bound, 256x128 tiles computed as two independent 128x128 dots. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
 ``"BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1"``) pins one configuration for every call.
 """
 from __future__ import annotations
@@ -39,6 +39,8 @@ class GemmConfig:
     BLOCK_N: int = 128
     GROUP_M: int = 8
     SWAP_AB: bool = False
+    SPLIT_M: bool = False      # two independent half-height dots per K block (hides the promotion; not with SWAP_AB)
+    PERSISTENT: bool = False   # grid capped at 4 programs per SM looping over tiles (vs one program per tile bound)
     num_warps: int = 8
     num_stages: int = 4
 
@@ -51,6 +53,8 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.GROUP_M must be >= 1, got {self.GROUP_M}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"GemmConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if self.SPLIT_M and (self.SWAP_AB or self.BLOCK_M < 32):
+            raise ValueError("GemmConfig.SPLIT_M needs SWAP_AB=0 and BLOCK_M >= 32 (two halves of >= 16 rows)")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
 
@@ -74,7 +78,7 @@ class GemmConfig:
         for k, v in spec.items():
             if k not in known:
                 raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
-            if k == "SWAP_AB":
+            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT"):
                 kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
             else:
                 kwargs[k] = int(v)
@@ -86,20 +90,23 @@ class GemmConfig:
 
 # Weight-bandwidth-bound regime (rows per expert <= 64): swap-AB, the 128 weight rows of a tile are the MMA's M side
 # (two 64-row wgmma per warpgroup), the 16-64 tokens its N side; deep pipelines keep enough weight bytes in flight.
-# Shared memory per stage is 16 KiB of weight + BLOCK_M * 128 B of tokens, so these fit two CTAs per SM.
+# Shared memory per stage is 16 KiB of weight + BLOCK_M * 128 B of tokens, so these fit two CTAs per SM. Persistent:
+# the tile bound from M (segments padded to 128 rows) is far above the real tile count here, so a one-program-per-
+# tile grid would launch mostly empty programs. H100 (Triton 3.6): 2.6-2.8 TB/s of weights at E=256, ~2x BF16.
 SMALL_M_CONFIGS = (
-    GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=6),
-    GemmConfig(BLOCK_M=32, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=5),
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=4),
-    GemmConfig(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, num_warps=4, num_stages=8),
+    GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=6),
+    GemmConfig(BLOCK_M=32, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=5),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=4),
+    GemmConfig(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=8),
 )
-# Compute-bound regime: 128x128 tiles on two warpgroups (64 + 64 accumulator registers per thread for acc and the
-# per-block partial; 128x256 would need 256 and spill), 4 stages (128 KiB), grouped order for L2 reuse.
+# Compute-bound regime: the per-128-K promotion (wait for the dot, then FMA) is the bottleneck (H100, Triton 3.6,
+# 128x128 tiles: ~1200 TFLOP/s without promotion, ~680 with it). SPLIT_M=1 with BLOCK_M=256 runs two independent
+# 128x128 dots per K block (~770 TFLOP/s on GEMM1). One program per tile (the bound is tight when rows are many).
 LARGE_M_CONFIGS = (
-    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=4),
-    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=3),
-    GemmConfig(BLOCK_M=64, BLOCK_N=256, GROUP_M=8, SWAP_AB=False, num_warps=8, num_stages=4),
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, SWAP_AB=False, num_warps=4, num_stages=5),
+    GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=64, BLOCK_N=256, GROUP_M=8, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, SPLIT_M=True, num_warps=8, num_stages=4),
 )
 
 
@@ -114,16 +121,14 @@ def pick_config(expected_m: int) -> GemmConfig:
         return SMALL_M_CONFIGS[1]
     if expected_m <= 64:
         return SMALL_M_CONFIGS[2]
-    if expected_m <= 256:
-        return LARGE_M_CONFIGS[3]
-    return LARGE_M_CONFIGS[0]
+    return LARGE_M_CONFIGS[0]  # best of the sweep from 256 rows per expert up (H200, Triton 3.6)
 
 
 _SM_COUNT = {}
 
 
 def _num_programs_cap(device: torch.device) -> int:
-    """Persistent grid size cap: 4 programs per SM (the ones that do not fit wait, then find no tile or run late)."""
+    """Persistent grid size: 4 programs per SM (those that do not fit wait, then run late or find no tile)."""
     if device.type != "cuda":
         return 8  # the interpreter runs programs one after the other; a small grid exercises the tile loop
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -218,7 +223,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     # non-empty and each wastes at most BM - 1 rows of its last tile.
     m_tiles_bound = (M + min(E, M) * (bm - 1)) // bm
     tiles_bound = m_tiles_bound * cdiv(N, bn)
-    grid = (max(1, min(tiles_bound, _num_programs_cap(a.device))),)
+    grid = (max(1, min(tiles_bound, _num_programs_cap(a.device)) if cfg.PERSISTENT else tiles_bound),)
     _grouped_gemm_fp8_kernel[grid](
         a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         M, N, K, E,
@@ -228,7 +233,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
-        BLOCK_E=triton.next_power_of_2(E), EVEN_K=(K % BLOCK == 0),
+        BLOCK_E=triton.next_power_of_2(E), EVEN_K=(K % BLOCK == 0), SPLIT_M=cfg.SPLIT_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
