@@ -34,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py when run as a script
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import _common as C  # noqa: E402
+from fp8_deep.testing.baselines import bf16_moe_grouped_mm, route_sorted, silu_mul_bf16  # noqa: E402
 
 E_DEFAULT, TOPK, HIDDEN = 256, 8, 7168
 T_LIST = [1, 16, 128, 512, 2048, 4096, 16384]
@@ -51,10 +51,7 @@ def nan3():
 
 
 # --------------------------------------------------------------------------------------- BF16 baseline (torch)
-def _silu_mul(h: torch.Tensor) -> torch.Tensor:
-    # F.silu on bf16 computes in float32 and rounds once: the same as silu(gate.float()).to(bf16) (vLLM's rounding)
-    inter = h.shape[-1] // 2
-    return F.silu(h[:, :inter]) * h[:, inter:]
+_silu_mul = silu_mul_bf16
 
 
 def _rowwise_quant(x: torch.Tensor):
@@ -77,26 +74,9 @@ class TorchGlue:
                 print(f"[note] torch.compile of the baseline glue failed ({exc!r}); eager glue")
 
 
-def route_sorted(topk_ids: torch.Tensor, num_experts: int):
-    """Sort the T*k choices by expert: (order, token of each row, cumulative end offsets int32). No host sync."""
-    flat = topk_ids.reshape(-1)
-    sorted_e, order = torch.sort(flat, stable=True)
-    bounds = torch.arange(num_experts, device=flat.device, dtype=sorted_e.dtype)
-    offs = torch.searchsorted(sorted_e, bounds, right=True).to(torch.int32)
-    return order, order // topk_ids.shape[1], offs
-
-
 def bf16_moe(x, w13t, w2t, topk_weights, topk_ids, glue: TorchGlue):
-    """Complete BF16 MoE: w13t = w13.transpose(1, 2) (E, H, 2I), w2t = w2.transpose(1, 2) (E, I, H) (views)."""
-    T, H = x.shape
-    order, tok, offs = route_sorted(topk_ids, w13t.shape[0])
-    xs = x.index_select(0, tok)
-    h = torch._grouped_mm(xs, w13t, offs=offs)
-    o = torch._grouped_mm(glue.silu_mul(h), w2t, offs=offs)
-    contrib = o * topk_weights.reshape(-1)[order].unsqueeze(1)  # bf16 * f32 -> f32 in one kernel
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    out.index_add_(0, tok, contrib)
-    return out.to(x.dtype)
+    """Complete BF16 MoE on transposed weight views (E, H, 2I) / (E, I, H): fp8_deep.testing.baselines."""
+    return bf16_moe_grouped_mm(x, w13t.transpose(1, 2), w2t.transpose(1, 2), topk_weights, topk_ids, glue.silu_mul)
 
 
 def bf16_gemms(xs, offs, w13t, w2t, glue: TorchGlue):

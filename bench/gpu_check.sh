@@ -114,7 +114,7 @@ for stage in $STAGES; do
     case $stage in
         tests)
             # shellcheck disable=SC2086
-            run_stage tests 180 tests.log $PY -m pytest $PYTEST_ARGS -q -x -p no:cacheprovider tests/ ;;
+            run_stage tests 180 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider tests/ ;;
         quant)
             # shellcheck disable=SC2086
             run_stage quant 150 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 130)" ${QUANT_ARGS:-} ;;

@@ -1,5 +1,11 @@
-"""fp8_deep: DeepSeek-V3's FP8 recipe (E4M3, 128x128 weight blocks, 1x128 activation groups) for MoE layers."""
+"""fp8_deep: DeepSeek-V3's FP8 recipe (E4M3, 128x128 weight blocks, 1x128 activation groups) for MoE layers.
+
+Public surface: ``moe_forward``, ``FP8MoE``, ``ops`` (quantization and the MoE's building blocks).
+"""
+from . import integrations as _integrations  # registers the optional backends' lazy loaders; imports nothing optional
 from . import ops
+from .api import last_backend, moe_forward
+from .moe import FP8MoE
 
 __version__ = "0.1.0"
-__all__ = ["ops", "__version__"]
+__all__ = ["moe_forward", "FP8MoE", "ops", "last_backend", "__version__"]

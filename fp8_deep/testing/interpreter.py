@@ -4,7 +4,7 @@ The interpreter (Triton 3.x, ``triton.runtime.interpreter._convert_float``) narr
 mantissa and adding one when the first dropped bit is set: it rounds half *up* instead of to even, ignores the
 sticky bits, and drops the carry out of the mantissa (1.9375 * 2^e rounds to 1.0 * 2^e instead of 2^(e+1)), so about
 3% of values come out wrong, some by 2x. The GPU's ``cvt.rn.satfinite`` and torch's cast round to nearest even.
-We route float -> FP8 narrowing through torch's cast, which on the CPU is round-to-nearest-even and saturating
+The float32 -> bfloat16 cast truncates (the GPU rounds to nearest even). We route both narrowings through torch's cast, which on the CPU is round-to-nearest-even and saturating
 (the same as ``satfinite`` on the GPU); every other conversion keeps the interpreter's own code.
 """
 from __future__ import annotations
@@ -31,14 +31,18 @@ def patch_interpreter_fp8_cast() -> bool:
         tl.float16: (np.uint16, torch.float16),
         tl.bfloat16: (np.uint16, torch.bfloat16),
     }
-    fp8_dst = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
+    # float32 -> bfloat16 has the same defect (the interpreter truncates; the GPU rounds to nearest even)
+    narrow_dst = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2, tl.bfloat16: torch.bfloat16}
 
     def convert_float(input, input_dtype, output_dtype, rounding_mode):
-        if input_dtype in float_src and output_dtype in fp8_dst:
+        if (input_dtype in float_src and output_dtype in narrow_dst
+                and input_dtype.primitive_bitwidth > output_dtype.primitive_bitwidth):
             np_uint, t_src = float_src[input_dtype]
             bits = np.frombuffer(np.ascontiguousarray(input).tobytes(), dtype=np_uint).copy()
             src = torch.from_numpy(bits.view(np.int32 if np_uint is np.uint32 else np.int16)).view(t_src)
-            out = src.to(fp8_dst[output_dtype]).view(torch.uint8).numpy()
+            dst = narrow_dst[output_dtype]
+            out = src.to(dst).view(torch.uint8 if dst.itemsize == 1 else torch.int16).numpy()
+            out = out.view(np.uint8 if dst.itemsize == 1 else np.uint16)
             return out.reshape(np.shape(input))
         return original(input, input_dtype, output_dtype, rounding_mode)
 

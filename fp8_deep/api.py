@@ -1,0 +1,62 @@
+"""Public entry point: wires the chosen grouped-GEMM backend into the FP8 MoE forward."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .moe.forward import moe_forward_impl
+from .ops.backend import select_grouped_gemm
+
+__all__ = ["moe_forward", "last_backend"]
+
+_LAST_BACKEND: Optional[str] = None
+
+
+def last_backend() -> Optional[str]:
+    """Name of the grouped-GEMM backend the latest ``moe_forward`` call on this process used."""
+    return _LAST_BACKEND
+
+
+def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
+                w2_scale: Optional[torch.Tensor] = None, activation: str = "silu",
+                expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", backend: str = "auto",
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FP8 Mixture-of-Experts forward (DeepSeek-V3 recipe), SwiGLU experts, vLLM weight layout.
+
+    Args:
+        hidden_states: ``(T, H)`` bfloat16 or float16, unit last stride.
+        w13: ``(E, 2I, H)``: rows ``[0, I)`` gate projection, ``[I, 2I)`` up projection. Either high precision
+            (bf16/fp16/fp32 master weights, quantized 128x128 inside the call) or float8_e4m3fn with ``w13_scale``.
+        w2: ``(E, H, I)``, same dtype family as ``w13`` (FP8 with ``w2_scale``).
+        topk_weights: ``(T, k)`` float32 (bf16/fp16 accepted, upcast); topk_ids: ``(T, k)`` int32/int64.
+        w13_scale: float32 ``(E, ceil(2I/128), ceil(H/128))``; w2_scale: float32 ``(E, ceil(H/128), ceil(I/128))``:
+            128x128 block dequantization scales, as stored in DeepSeek-V3 / vLLM block-FP8 checkpoints
+            (``weight_scale_inv``).
+        activation: ``"silu"`` only (``silu(gate) * up``).
+        expert_map: ``(global_E,)`` int32, global expert id -> local id or -1 (vLLM expert parallelism); then
+            ``topk_ids`` hold global ids and choices of remote experts contribute nothing.
+        scale_fmt: ``"fp32"`` or ``"ue8m0"`` (power-of-two scales for activations and on-the-fly weights).
+        backend: grouped GEMM: ``"triton"`` (ours), ``"deep_gemm"`` (raises ImportError if not installed), or
+            ``"auto"`` (DeepGEMM where it measured faster -- enough rows per expert -- else ours).
+        out: optional ``(T, H)`` output buffer of ``hidden_states.dtype``.
+
+    Returns:
+        ``(T, H)`` in ``hidden_states.dtype``: ``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x_t)``.
+
+    Never synchronizes with the host on CUDA except for the ``topk_ids`` range check (skipped while capturing a
+    CUDA graph, or with ``FP8_DEEP_CHECK_ROUTING=0``); bitwise deterministic.
+    """
+    global _LAST_BACKEND
+    T = hidden_states.shape[0] if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2 else 0
+    k = topk_ids.shape[1] if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 else 1
+    E = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else 1
+    H = hidden_states.shape[-1] if isinstance(hidden_states, torch.Tensor) else 0
+    inter = w2.shape[-1] if isinstance(w2, torch.Tensor) else 0
+    device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+    gemm = select_grouped_gemm(backend, device=device, rows_per_expert=T * k / max(E, 1), hidden=H, inter=inter)
+    _LAST_BACKEND = gemm.name
+    return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, gemm=gemm, w13_scale=w13_scale,
+                            w2_scale=w2_scale, activation=activation, expert_map=expert_map, scale_fmt=scale_fmt,
+                            out=out)

@@ -1,0 +1,119 @@
+"""The FP8 MoE forward: quantize -> align/permute -> grouped GEMM 1 -> SwiGLU + requantize -> grouped GEMM 2 -> combine.
+
+Everything between the routing tensors and the output stays on the device: buffers are sized for the worst case on
+the host (``max_padded_rows``), kernels read the real counts, so the call never synchronizes and can be captured in
+a CUDA graph. The grouped-GEMM backend is handed in by the public API (``fp8_deep.api``), so this module never
+imports an optional dependency.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
+from ..ops import quantize_activation, quantize_weight_blockwise
+from ..ops._checks import check_choice, check_tensor
+from ..ops.combine import moe_combine
+from ..ops.routing import align_routing, check_topk_ids, permute_rows
+from ..ops.swiglu import silu_mul_quantize
+
+__all__ = ["moe_forward_impl", "validate_moe_inputs", "quantize_expert_weights"]
+
+
+def _routing_checks_enabled(t: torch.Tensor) -> bool:
+    """Range-checking ``topk_ids`` needs their values on the host: always on CPU; on CUDA by default too (one
+    sync), except while a CUDA graph is being captured or when ``FP8_DEEP_CHECK_ROUTING=0``. Unchecked
+    out-of-range ids are dropped by the alignment kernel (never an out-of-bounds access)."""
+    if not t.is_cuda:
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    return os.environ.get("FP8_DEEP_CHECK_ROUTING", "1") != "0"
+
+
+def validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, expert_map):
+    check_tensor(hidden_states, "hidden_states", dtypes=(torch.bfloat16, torch.float16), dims=(2,),
+                 last_stride_one=True)
+    dev = hidden_states.device
+    T, H = hidden_states.shape
+    check_tensor(w13, "w13", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev)
+    check_tensor(w2, "w2", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev)
+    E, two_i, h13 = w13.shape
+    if h13 != H:
+        raise ValueError(f"w13 must be (E, 2I, H) with H = hidden_states.shape[1] = {H}, got {tuple(w13.shape)}")
+    if two_i % 2:
+        raise ValueError(f"w13 must be (E, 2I, H) with gate rows [0, I) and up rows [I, 2I); 2I = {two_i} is odd")
+    inter = two_i // 2
+    if tuple(w2.shape) != (E, H, inter):
+        raise ValueError(f"w2 must be (E, H, I) = {(E, H, inter)} to match w13 {tuple(w13.shape)}, got {tuple(w2.shape)}")
+    fp8 = w13.dtype == FP8_DTYPE
+    if (w2.dtype == FP8_DTYPE) != fp8:
+        raise TypeError(f"w13 and w2 must both be FP8 (with scales) or both high precision, got {w13.dtype} and {w2.dtype}")
+    if fp8:
+        for name, s, shape in (("w13_scale", w13_scale, (E, cdiv(two_i, 128), cdiv(H, 128))),
+                               ("w2_scale", w2_scale, (E, cdiv(H, 128), cdiv(inter, 128)))):
+            if s is None:
+                raise ValueError(f"FP8 weights need {name} (float32 {shape}, 128x128 block dequantization scales, "
+                                 f"the checkpoint's weight_scale_inv)")
+            check_tensor(s, name, dtypes=(torch.float32,), device=dev)
+            if tuple(s.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(s.shape)}")
+    elif w13_scale is not None or w2_scale is not None:
+        raise ValueError("w13_scale/w2_scale are only for FP8 weights; high-precision weights are quantized here")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dimension (K-major), got strides {t.stride()}")
+    check_tensor(topk_weights, "topk_weights", dtypes=(torch.float32, torch.bfloat16, torch.float16), dims=(2,),
+                 device=dev)
+    check_tensor(topk_ids, "topk_ids", dtypes=(torch.int32, torch.int64), dims=(2,), device=dev)
+    if topk_ids.shape[0] != T or tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_ids and topk_weights must both be (T, top_k) with T = {T}, got "
+                         f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
+    if expert_map is not None:
+        check_tensor(expert_map, "expert_map", dtypes=(torch.int32, torch.int64), dims=(1,), device=dev)
+    if T and _routing_checks_enabled(topk_ids):
+        check_topk_ids(topk_ids, E, expert_map)
+    return E, H, inter, fp8
+
+
+def quantize_expert_weights(w13, w2, scale_fmt):
+    """High-precision ``w13 (E, 2I, H)``, ``w2 (E, H, I)`` -> FP8 + 128x128 scales (one fused pass each)."""
+    q13, s13 = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
+    q2, s2 = quantize_weight_blockwise(w2, scale_fmt=scale_fmt)
+    return q13, s13, q2, s2
+
+
+def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, gemm, w13_scale=None, w2_scale=None,
+                     activation="silu", expert_map=None, scale_fmt="fp32", out=None, return_stages=False):
+    """See ``fp8_deep.moe_forward``; ``gemm`` is a grouped-GEMM backend object (``name``, ``a_scale_layout``,
+    ``gemm(a, a_scale, b, b_scale, plan, out=None)``). ``return_stages`` also returns the intermediates (tests)."""
+    if activation != "silu":
+        raise ValueError(f"activation must be 'silu' (SwiGLU: silu(gate) * up), got {activation!r}")
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    E, H, inter, fp8 = validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
+                                           expert_map)
+    T = hidden_states.shape[0]
+    if out is not None:
+        check_tensor(out, "out", dtypes=(hidden_states.dtype,), dims=(2,), device=hidden_states.device)
+        if tuple(out.shape) != (T, H):
+            raise ValueError(f"out must have shape {(T, H)}, got {tuple(out.shape)}")
+    if T == 0:
+        return out if out is not None else hidden_states.new_empty((0, H))
+    if fp8:
+        q13, s13, q2, s2 = w13, w13_scale, w2, w2_scale
+    else:
+        q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
+
+    layout = gemm.a_scale_layout
+    plan = align_routing(topk_ids, E, expert_map=expert_map)
+    qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
+    a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
+    h = gemm.gemm(a1, sa1, q13, s13, plan)
+    a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
+    o = gemm.gemm(a2, sa2, q2, s2, plan)
+    res = moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
+    if return_stages:
+        return res, dict(plan=plan, a1=a1, sa1=sa1, h=h, a2=a2, sa2=sa2, o=o)
+    return res

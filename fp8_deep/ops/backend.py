@@ -1,0 +1,48 @@
+"""Choosing the grouped-GEMM backend: ours (Triton, always there) or DeepGEMM (registered by fp8_deep.integrations).
+
+A backend object has ``name``, ``a_scale_layout`` (the LHS scale layout it reads without a conversion pass) and
+``gemm(a, a_scale, b, b_scale, plan, out=None)`` (contiguous grouped layout, see ``RoutingPlan``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import _registry
+from ._checks import check_choice
+from .grouped_gemm import TritonGroupedGemm
+
+log = logging.getLogger("fp8_deep")
+
+BACKENDS = ("auto", "triton", "deep_gemm")
+# "auto" picks DeepGEMM only where it measured faster than ours (bench/results, bench/NOTES.md): with few rows
+# per expert its 128-row padding makes it compute up to 32x the useful rows, so it needs enough rows per expert.
+AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 1024
+
+_TRITON = TritonGroupedGemm()
+
+
+def deep_gemm_shape_ok(hidden: int, inter: int) -> bool:
+    # DeepGEMM's TMA descriptors need K % 16 == 0 and N % 8 == 0 for both GEMMs (K = H then I; N = 2I then H)
+    return hidden % 16 == 0 and inter % 16 == 0
+
+
+def select_grouped_gemm(backend: str, *, device: torch.device, rows_per_expert: float, hidden: int, inter: int):
+    check_choice(backend, "backend", BACKENDS)
+    if backend == "triton":
+        return _TRITON
+    if backend == "deep_gemm":
+        if torch.device(device).type != "cuda":
+            raise ValueError("backend='deep_gemm' needs CUDA tensors (DeepGEMM is an SM90 CUDA library)")
+        if not deep_gemm_shape_ok(hidden, inter):
+            raise ValueError(f"backend='deep_gemm' needs H and I multiples of 16 (TMA alignment), got H={hidden}, "
+                             f"I={inter}; use backend='triton'")
+        return _registry.load("grouped_gemm", "deep_gemm")
+    if (torch.device(device).type == "cuda" and rows_per_expert >= AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT
+            and deep_gemm_shape_ok(hidden, inter) and _registry.available("grouped_gemm", "deep_gemm")):
+        chosen = _registry.load("grouped_gemm", "deep_gemm")
+    else:
+        chosen = _TRITON
+    log.debug("fp8_deep: grouped GEMM backend 'auto' -> %s (%.1f rows per expert)", chosen.name, rows_per_expert)
+    return chosen
