@@ -19,6 +19,7 @@ Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -32,7 +33,12 @@ import _common as C  # noqa: E402
 WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
 ACT_M = [128, 512, 2048, 4096, 8192, 16384, 32768]
 ACT_K = 7168  # DeepSeek-V3 hidden size
-PROVIDERS = ["fp8_deep", "torch", "compile", "copy"]
+PROVIDERS = ["fp8_deep", "fp8_fmadiv", "fp8_altcfg", "torch", "compile", "copy"]
+# exploration variants of our kernels, selected through the launchers' environment switches (same bytes required)
+VARIANT_ENV = {
+    "fp8_fmadiv": {"FP8_DEEP_QUANT_DIV": "fma"},
+    "fp8_altcfg": {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4", "FP8_DEEP_WEIGHT_QUANT_WARPS": "4"},
+}
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
@@ -180,8 +186,10 @@ class QuantBench:
             return float("nan"), float("nan"), float("nan")
         cs = self.case(group, shape)
         valid = ""
+        saved_env = {k: os.environ.get(k) for k in VARIANT_ENV.get(provider, {})}
+        os.environ.update(VARIANT_ENV.get(provider, {}))
         try:
-            if provider == "fp8_deep":
+            if provider in ("fp8_deep", *VARIANT_ENV):
                 if cs["ours"] is None:
                     return float("nan"), float("nan"), float("nan")
                 fn = cs["ours"]
@@ -213,6 +221,11 @@ class QuantBench:
             self.log.add(group=group, shape=label, provider=provider, status=f"error: {type(exc).__name__}")
             return float("nan"), float("nan"), float("nan")
         finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             del cs
             C.free_cuda()
         g = C.gbps(self._nbytes(group, shape), ms)

@@ -5,7 +5,8 @@ Numerics (see ``shared/docs/CONTRACTS.md``):
 * Scales are *dequantization* scales, ``x ~= q.float() * s``.
 * Weights, 128x128 blocks, DeepGEMM's ``per_block_cast_to_fp8``: ``amax = max(|w_block|)`` over the block's real
   elements, clamped to 1e-4; ``s = amax / 448`` (IEEE division); optionally rounded *up* to a power of two (UE8M0);
-  ``q = fp8(w_f32 * (1 / s))`` -- a reciprocal multiply, as the reference does, not a division. No clamp is needed:
+  ``q = fp8(w_f32 * (1 / s))`` -- a reciprocal multiply, as the reference does, not a division. Every division
+  here is IEEE round-to-nearest (torch's CUDA division by a Python scalar is not: see ``_ieee_div``). No clamp is needed:
   ``|w| * (1/s) <= 448 * (1 + 2^-23)`` which rounds to 448.
 * Activations, 1x``group_size`` groups, vLLM's ``per_token_group_quant_fp8``: ``amax = max(max|x|, eps)``,
   ``s = amax / 448`` (optionally UE8M0), ``q = fp8(clamp(x / s, -448, 448))`` -- a true division and an explicit
@@ -49,8 +50,15 @@ def round_up_ue8m0(s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(s), out, s.float())
 
 
+def _ieee_div(a: torch.Tensor, b) -> torch.Tensor:
+    """Correctly rounded ``a / b``. torch's CUDA ``tensor / python_scalar`` multiplies by the scalar's reciprocal
+    (``amax / 448`` then differs from IEEE division in the last bit for about half the blocks); a tensor divisor
+    keeps the true division on every device."""
+    return a / torch.as_tensor(b, dtype=a.dtype, device=a.device).expand_as(a).contiguous()
+
+
 def _scale_from_amax(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
-    s = amax / FP8_MAX
+    s = _ieee_div(amax, FP8_MAX)
     return round_up_ue8m0(s) if scale_fmt == "ue8m0" else s
 
 
@@ -75,7 +83,7 @@ def quantize_weight_blockwise(w: torch.Tensor, block_size=(BLOCK, BLOCK), scale_
     amax = a.nan_to_num(0.0, 0.0, 0.0).amax(dim=(2, 4)).clamp(min=WEIGHT_AMAX_EPS)
     s = _scale_from_amax(amax, scale_fmt)
     s = torch.where(bad, torch.full_like(s, float("nan")), s)
-    inv = 1.0 / s
+    inv = _ieee_div(torch.ones_like(s), s)
     qf = blocks * inv[:, :, None, :, None]
     qf = torch.where(bad[:, :, None, :, None], torch.full_like(qf, float("nan")), qf)
     q = qf.reshape(E, nb * bn, kb * bk)[:, :N, :K].to(FP8_DTYPE).contiguous()

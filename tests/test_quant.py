@@ -316,9 +316,12 @@ def test_gpu_weight_deepseek_shapes(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("div", ["rn", "fma"])
 @pytest.mark.parametrize("M", [1, 4096, 32768])
 @pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
-def test_gpu_activation_large(M, scale_layout):
+def test_gpu_activation_large(M, scale_layout, div, monkeypatch):
+    """Both division variants (IEEE div_rn; reciprocal + FMA correction) must give the reference's bytes."""
+    monkeypatch.setenv("FP8_DEEP_QUANT_DIV", div)
     for K in (7168, 192):
         x = _x((M, K), torch.bfloat16, "cuda")
         for fmt in ("fp32", "ue8m0"):

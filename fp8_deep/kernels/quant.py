@@ -87,7 +87,7 @@ def quant_act_group_kernel(
     stride_qb, stride_qm, stride_qk,
     stride_sb, stride_sm, stride_sg,
     # numerics
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
     # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups; writing the scales of many rows of one group
     # at once keeps the column-major (TMA-aligned) scale stores contiguous
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -112,7 +112,14 @@ def quant_act_group_kernel(
         s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
         if UE8M0:
             s = _round_up_pow2(s)
-        q = tl.math.div_rn(x, s[:, None])
+        if FMA_DIV:
+            # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
+            # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
+            r = tl.math.div_rn(1.0, s)[:, None]
+            q0 = x * r
+            q = tl.fma(tl.fma(-q0, s[:, None], x), r, q0)
+        else:
+            q = tl.math.div_rn(x, s[:, None])
         q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
         q = tl.where(bad[:, None], float("nan"), q)
         s = tl.where(bad, float("nan"), s)

@@ -4,6 +4,8 @@ Scale convention: dequantization scales, ``x ~= q.float() * s``. Math: ``fp8_dee
 """
 from __future__ import annotations
 
+import os
+
 from typing import Optional, Tuple
 
 import torch
@@ -98,7 +100,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=8 if bn * bk >= 128 * 128 else 4,
+        BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=int(os.environ.get("FP8_DEEP_WEIGHT_QUANT_WARPS", 8 if bn * bk >= 128 * 128 else 4)),
     )
     return tuple(outs)
 
@@ -214,6 +217,8 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         x3, q3, s3, M, K,
         *x3.stride(), *q3.stride(), *s3.stride(),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
+        # the FMA-corrected division is GPU-only: the interpreter's fma rounds twice
+        FMA_DIV=x.is_cuda and os.environ.get("FP8_DEEP_QUANT_DIV", "rn") == "fma",
         GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps,
     )
     return q, s
@@ -222,7 +227,6 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
 def _act_config(M: int, G: int, group_size: int):
     """(BLOCK_M, GROUPS_PER_PROG, num_warps): ~16 KB of input per program keeps enough bytes in flight per SM;
     small M shrinks the row tile so that a decode-size batch still spreads over the SMs."""
-    import os
     pinned = os.environ.get("FP8_DEEP_ACT_QUANT_CONFIG")
     if pinned:  # "BLOCK_M,GROUPS_PER_PROG,num_warps", for tuning sweeps
         bm, gp, nw = (int(v) for v in pinned.split(","))
