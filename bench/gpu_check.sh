@@ -132,6 +132,8 @@ for stage in $STAGES; do
             # shellcheck disable=SC2086
             run_stage breakdown 150 breakdown.log $PY bench/bench_moe.py --breakdown --time-budget "$(budget_for 130)" \
                 ${BREAKDOWN_ARGS:-} ;;
+        main)
+            run_stage main 90 main.log $PY -m fp8_deep --tokens 512 ;;
         *) STATUS+=("$stage: unknown stage (tests quant gemm moe breakdown)") ;;
     esac
 done
@@ -157,7 +159,7 @@ fi
         grep -E '^(FAILED|ERROR)' "$OUT/tests.log" | head -15
         grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/tests.log" | tail -1
     fi
-    for log in quant gemm moe breakdown; do
+    for log in quant gemm moe breakdown main; do
         [[ -f "$OUT/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$OUT/$log.log"; then
