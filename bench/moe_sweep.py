@@ -29,7 +29,8 @@ def main():
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--rep", type=int, default=40)
     a = p.parse_args()
-    os.environ.setdefault("FP8_DEEP_CHECK_ROUTING", "1")
+    # the topk_ids range check syncs with the host (FP8_DEEP_CHECK_ROUTING=1): report which setting ran
+    print(f"FP8_DEEP_CHECK_ROUTING={os.environ.get('FP8_DEEP_CHECK_ROUTING', '1')}", flush=True)
     E, H, k = a.E, a.H, a.k
     rows = []
     for inter in [int(v) for v in a.I.split(",")]:
@@ -58,10 +59,20 @@ def main():
                 h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
                 return torch._grouped_mm(silu_mul_bf16(h), w2.transpose(1, 2), offs=offs)
 
-            err = calc_diff(fp8(), bf16())
+            gib = 2 ** 30
+            base = torch.cuda.memory_allocated() / gib
+            out8 = fp8()
             t_fp8 = tt.do_bench(fp8, rep=a.rep, return_mode="median")
+            m_fp8 = torch.cuda.memory_allocated() / gib
+            ref = bf16()
+            m_bf16_1 = torch.cuda.memory_allocated() / gib
+            err = calc_diff(out8, ref)
+            del out8, ref
             t_bf16 = tt.do_bench(bf16, rep=a.rep, return_mode="median")
             t_gemm = tt.do_bench(bf16_gemm, rep=a.rep, return_mode="median")
+            print(f"MEM T={T}: weights+inputs {base:.1f} GiB, after fp8 timing {m_fp8:.1f}, after one bf16 call "
+                  f"{m_bf16_1:.1f}, after bf16 timing {torch.cuda.memory_allocated() / gib:.1f}, "
+                  f"peak {torch.cuda.max_memory_allocated() / gib:.1f}", flush=True)
             flops = 2 * T * k * (2 * inter * H + inter * H)
             row = dict(I=inter, T=T, fp8_ms=t_fp8, bf16_ms=t_bf16, bf16_gemm_ms=t_gemm, x_bf16=t_bf16 / t_fp8,
                        x_bound=t_gemm / t_fp8, fp8_tflops=flops / t_fp8 / 1e9, calc_diff=err)
