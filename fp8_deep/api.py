@@ -45,8 +45,9 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     Returns:
         ``(T, H)`` in ``hidden_states.dtype``: ``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x_t)``.
 
-    Never synchronizes with the host on CUDA except for the ``topk_ids`` range check (skipped while capturing a
-    CUDA graph, or with ``FP8_DEEP_CHECK_ROUTING=0``); bitwise deterministic.
+    Never synchronizes with the host on CUDA (CUDA-graph capturable); bitwise deterministic. ``topk_ids`` are
+    range-checked (ValueError) on CPU always and on CUDA when ``FP8_DEEP_CHECK_ROUTING=1`` (one host sync);
+    unchecked out-of-range ids are dropped (that choice contributes nothing), never read out of bounds.
     """
     global _LAST_BACKEND
     T = hidden_states.shape[0] if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2 else 0

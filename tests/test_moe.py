@@ -124,9 +124,10 @@ def test_moe_backend_choice(device):
                 fp8_deep.moe_forward(*args, backend="deep_gemm")
 
 
-def test_moe_bad_input(device):
+def test_moe_bad_input(device, monkeypatch):
     hidden, w13, w2, w, ids = make_moe(4, 4, 256, 128, 2, device)
     mf = fp8_deep.moe_forward
+    monkeypatch.setenv("FP8_DEEP_CHECK_ROUTING", "1")  # CPU checks always; CUDA when asked (it syncs)
     with pytest.raises(ValueError, match="topk_ids"):
         mf(hidden, w13, w2, w, torch.full_like(ids, 4))
     with pytest.raises(ValueError, match="topk_ids"):
@@ -156,6 +157,22 @@ def test_moe_bad_input(device):
     if device == "cuda":
         with pytest.raises(ValueError, match="w13 is on cpu"):
             mf(hidden, w13.cpu(), w2, w, ids)
+
+
+@pytest.mark.gpu
+def test_gpu_unchecked_out_of_range_ids_are_dropped(monkeypatch):
+    """Without the (syncing) check, an invalid id contributes nothing: no out-of-bounds read, no garbage."""
+    monkeypatch.setenv("FP8_DEEP_CHECK_ROUTING", "0")
+    hidden, w13, w2, w, ids = make_moe(8, 4, 256, 128, 2, "cuda", seed=8)
+    bad = ids.clone()
+    bad[3, 1] = 1000
+    bad[5, 0] = -5
+    out = fp8_deep.moe_forward(hidden, w13, w2, w, bad, backend="triton")
+    w_masked = w.clone()
+    w_masked[3, 1] = 0
+    w_masked[5, 0] = 0
+    expect = fp8_deep.moe_forward(hidden, w13, w2, w_masked, ids, backend="triton")
+    torch.testing.assert_close(out.float(), expect.float(), atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu

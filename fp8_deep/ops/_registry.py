@@ -18,27 +18,38 @@ def register(kind: str, name: str, loader: Callable[[], object]) -> None:
     _CACHE.pop((kind, name), None)
 
 
-def load(kind: str, name: str):
-    """The implementation, or ImportError (with the install hint) when the dependency is missing."""
+class _Missing:
+    """A remembered failure: only the message is kept. Storing the ImportError itself and re-raising it would chain
+    every raise's traceback onto it, and those tracebacks keep the callers' frames -- with every intermediate tensor
+    of every MoE forward that asked -- alive for good (seen on an H100: +16 GiB after a few hundred calls)."""
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _resolve(kind: str, name: str):
     key = (kind, name)
     if key not in _CACHE:
         loader = _LOADERS.get(kind, {}).get(name)
         if loader is None:
-            raise ImportError(f"backend {name!r} for {kind} is not registered; import fp8_deep (not only "
-                              f"fp8_deep.ops) so that fp8_deep.integrations registers it")
+            return _Missing(f"backend {name!r} for {kind} is not registered; import fp8_deep (not only "
+                            f"fp8_deep.ops) so that fp8_deep.integrations registers it")
         try:
             _CACHE[key] = loader()
         except ImportError as exc:  # remembered: a missing package is not re-searched on every call
-            _CACHE[key] = exc
-    impl = _CACHE[key]
-    if isinstance(impl, ImportError):
-        raise impl
+            _CACHE[key] = _Missing(str(exc))
+    return _CACHE[key]
+
+
+def load(kind: str, name: str):
+    """The implementation, or ImportError (with the install hint) when the dependency is missing."""
+    impl = _resolve(kind, name)
+    if isinstance(impl, _Missing):
+        raise ImportError(impl.message)
     return impl
 
 
 def available(kind: str, name: str) -> bool:
-    try:
-        load(kind, name)
-        return True
-    except ImportError:
-        return False
+    """Whether the backend can be loaded; never raises (and so never builds a traceback on the hot path)."""
+    return not isinstance(_resolve(kind, name), _Missing)
