@@ -96,6 +96,7 @@ class DeepGemmGroupedGemm:
 
     name = "deep_gemm"
     a_scale_layout = "tma_aligned"
+    row_alignment = 128  # its contiguous layout: every expert segment starts at a multiple of 128 rows
 
     def __init__(self, fn, module=None, alignment: int = BLOCK):
         self._fn = fn
@@ -115,6 +116,10 @@ class DeepGemmGroupedGemm:
         """
         M = plan.num_rows
         m_indices = plan.m_indices
+        if getattr(plan, "block_size", self.row_alignment) % self.row_alignment:
+            raise ValueError(f"plan.block_size must be a multiple of {self.row_alignment} for DeepGEMM's contiguous "
+                             f"layout (every expert segment starts at a multiple of 128 rows), got {plan.block_size}; "
+                             f"build it with align_routing(..., block_size=128)")
         self._validate(a, a_scale, b, b_scale, m_indices, M, out, out_dtype)
         N = b.shape[1]
         if out is None:

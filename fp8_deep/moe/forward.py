@@ -85,7 +85,7 @@ def quantize_expert_weights(w13, w2, scale_fmt):
 def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, gemm, w13_scale=None, w2_scale=None,
                      activation="silu", expert_map=None, scale_fmt="fp32", out=None, return_stages=False):
     """See ``fp8_deep.moe_forward``; ``gemm`` is a grouped-GEMM backend object (``name``, ``a_scale_layout``,
-    ``gemm(a, a_scale, b, b_scale, plan, out=None)``). ``return_stages`` also returns the intermediates (tests)."""
+    ``row_alignment`` (segment alignment it needs), ``gemm(a, a_scale, b, b_scale, plan, out=None)``). ``return_stages`` also returns the intermediates (tests)."""
     if activation != "silu":
         raise ValueError(f"activation must be 'silu' (SwiGLU: silu(gate) * up), got {activation!r}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
@@ -104,7 +104,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, gemm, w1
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
 
     layout = gemm.a_scale_layout
-    plan = align_routing(topk_ids, E, expert_map=expert_map)
+    plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
     qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
     a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
     h = gemm.gemm(a1, sa1, q13, s13, plan)

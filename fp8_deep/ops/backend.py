@@ -1,6 +1,7 @@
 """Choosing the grouped-GEMM backend: ours (Triton, always there) or DeepGEMM (registered by fp8_deep.integrations).
 
-A backend object has ``name``, ``a_scale_layout`` (the LHS scale layout it reads without a conversion pass) and
+A backend object has ``name``, ``a_scale_layout`` (the LHS scale layout it reads without a conversion pass),
+``row_alignment`` (the expert-segment alignment it needs: 128 for DeepGEMM, 16 for ours) and
 ``gemm(a, a_scale, b, b_scale, plan, out=None)`` (contiguous grouped layout, see ``RoutingPlan``).
 """
 from __future__ import annotations
@@ -16,9 +17,12 @@ from .grouped_gemm import TritonGroupedGemm
 log = logging.getLogger("fp8_deep")
 
 BACKENDS = ("auto", "triton", "deep_gemm")
-# "auto" picks DeepGEMM only where it measured faster than ours (bench/results, bench/NOTES.md): with few rows
-# per expert its 128-row padding makes it compute up to 32x the useful rows, so it needs enough rows per expert.
-AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 1024
+# "auto" picks DeepGEMM where it measured faster than ours. H100, both GEMMs of a DeepSeek-V3 layer (E=256, top-8):
+# ours 3.9 ms at 4 rows/expert (T=128) and ~4.2 ms at 16-64 rows (T=512-2048), 8.07 ms at 128 rows (T=4096);
+# DeepGEMM 4.89 / 5.00 / 5.00 / 6.02 ms at T=128 / 512 / 2048 / 4096 (shared/docs/ANCHORS.md: the same card model,
+# another run -- not yet side by side, see bench/NOTES.md). Below ~128 rows per expert its 128-row padding costs
+# it more than our weight-streaming tiles; from 128 rows on its GEMM is faster than ours.
+AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 128
 
 _TRITON = TritonGroupedGemm()
 
