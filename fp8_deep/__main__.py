@@ -72,7 +72,6 @@ def main():
           f"four quantizations deep, ~2e-3)")
     if gpu:
         import triton.testing
-        os.environ.setdefault("FP8_DEEP_CHECK_ROUTING", "0")
         t_fp8 = triton.testing.do_bench(fp8, return_mode="median")
         t_bf16 = triton.testing.do_bench(lambda: bf16_moe_grouped_mm(hidden, w13, w2, topk_w, topk_ids),
                                          return_mode="median")
