@@ -274,6 +274,15 @@ def plot(path: Path, series: Dict[str, Sequence], x: Sequence, *, xlabel: str, y
     return Path(path)
 
 
+def run_bench(bench) -> int:
+    """Drive a bench object (``marks()``, ``out_dir``, ``finish()``): its perf_report, then its summary, always."""
+    try:
+        run_mark(bench.marks(), bench.out_dir)
+    finally:
+        bench.finish()
+    return 0
+
+
 def run_mark(mark, save_dir: Path) -> None:
     """Run a ``triton.testing.perf_report`` mark; its own CSV/PNG (ms per provider) go to ``save_dir`` when pandas
     and matplotlib are importable, else the benchmark function is still driven over every point (our own CSV is

@@ -531,12 +531,7 @@ def main(argv=None):
     if args.breakdown:
         mb.breakdown()
         return 0
-    mark = mb.marks()
-    try:
-        C.run_mark(mark, mb.out_dir)
-    finally:
-        mb.finish()
-    return 0
+    return C.run_bench(mb)
 
 
 if __name__ == "__main__":

@@ -349,12 +349,7 @@ def main(argv=None):
     print(C.env_line())
     qb = QuantBench(args)
     print(f"copy bandwidth (2 GiB bf16, read+write): {qb.copy_gbps:.0f} GB/s")
-    mark = qb.marks()
-    try:
-        C.run_mark(mark, qb.out_dir)
-    finally:
-        qb.finish()
-    return 0
+    return C.run_bench(qb)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,17 @@ def _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_expe
     tl.store(ntpp_ptr, total)
 
 
+@triton.jit
+def _write_block_and_meta(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, offsets_ptr, counts_ptr,
+                          ntpp_ptr, numel, num_experts, num_rows, BLOCK_SIZE: tl.constexpr, E_POW2: tl.constexpr):
+    """Every program writes its own 128-row block's padding and expert id; program 0 also the per-expert meta."""
+    if pid * BLOCK_SIZE < num_rows:
+        _write_block(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, numel, num_experts,
+                     num_rows, BLOCK_SIZE, E_POW2)
+    if pid == 0:
+        _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_experts, E_POW2)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # one launch (small T * top_k)
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,11 +160,8 @@ def align_fused_kernel(
                            num_global, HAS_MAP, CHUNK, SUB)
         _place_chunk(e, keep, rank, offs + before, flat, in_range, sorted_ptr, m_ptr, inv_ptr)
 
-    if pid * BLOCK_SIZE < num_rows:
-        _write_block(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, numel, num_experts,
-                     num_rows, BLOCK_SIZE, E_POW2)
-    if pid == 0:
-        _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_experts, E_POW2)
+    _write_block_and_meta(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, offsets_ptr, counts_ptr,
+                          ntpp_ptr, numel, num_experts, num_rows, BLOCK_SIZE, E_POW2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -217,11 +225,8 @@ def align_place_kernel(
         rank = key - e * CHUNK
         before = tl.load(chunk_before_ptr + pid * E_POW2 + ex)
         _place_chunk(e, keep, rank, offs + before, flat, flat < numel, sorted_ptr, m_ptr, inv_ptr)
-    if pid * BLOCK_SIZE < num_rows:
-        _write_block(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, numel, num_experts,
-                     num_rows, BLOCK_SIZE, E_POW2)
-    if pid == 0:
-        _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_experts, E_POW2)
+    _write_block_and_meta(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, offsets_ptr, counts_ptr,
+                          ntpp_ptr, numel, num_experts, num_rows, BLOCK_SIZE, E_POW2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
