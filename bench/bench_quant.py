@@ -33,12 +33,17 @@ import _common as C  # noqa: E402
 WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
 ACT_M = [128, 512, 2048, 4096, 8192, 16384, 32768]
 ACT_K = 7168  # DeepSeek-V3 hidden size
-PROVIDERS = ["fp8_deep", "fp8_fmadiv", "fp8_altcfg", "torch", "compile", "copy"]
-# exploration variants of our kernels, selected through the launchers' environment switches (same bytes required)
-VARIANT_ENV = {
-    "fp8_fmadiv": {"FP8_DEEP_QUANT_DIV": "fma"},
-    "fp8_altcfg": {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4", "FP8_DEEP_WEIGHT_QUANT_WARPS": "4"},
+# exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
+# checked for each like for the default): (applies to "weight" / "act" groups, environment)
+VARIANTS = {
+    "fp8_fmadiv": ("act", {"FP8_DEEP_QUANT_DIV": "fma"}),
+    "fp8_r64g1": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4"}),
+    "fp8_r4g8": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "4,8,4"}),  # whole 4 KB row runs: contiguous row-major scales
+    "fp8_r16g4": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "16,4,8"}),
+    "fp8_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_WARPS": "16"}),
 }
+VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}
+PROVIDERS = ["fp8_deep", *VARIANTS, "torch", "compile", "copy"]
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
@@ -181,6 +186,8 @@ class QuantBench:
         label = "x".join(map(str, shape))
         if self.budget.spent(reserve=5):
             print(f"[skip] {group} {label} {provider}: time budget spent")
+            return float("nan"), float("nan"), float("nan")
+        if provider in VARIANTS and not group.startswith(VARIANTS[provider][0]):
             return float("nan"), float("nan"), float("nan")
         if provider == "torch" and not self.args.torch_all and shape not in self.torch_shapes[group]:
             return float("nan"), float("nan"), float("nan")
