@@ -201,13 +201,14 @@ class MoEBench:
         self.ctx = ((I, T), ctx)
         return ctx
 
-    def fp8_rows(self, I, T, layout):
-        """Pre-permuted FP8 rows for the GEMM-only lines: (plan, a1, sa1) through fp8_deep.ops."""
+    def fp8_rows(self, I, T, layout, block_size=128):
+        """Pre-permuted FP8 rows for the GEMM-only lines: (plan, a1, sa1) through fp8_deep.ops, segments aligned
+        to the backend's ``row_alignment`` as moe_forward builds them."""
         ctx = self.get_ctx(I, T)
-        key = f"rows_{layout}"
+        key = f"rows_{layout}_{block_size}"
         if key not in ctx:
             from fp8_deep.ops.routing import align_routing, permute_rows
-            plan = align_routing(ctx["tid"], self.E)
+            plan = align_routing(ctx["tid"], self.E, block_size=block_size)
             qx, sx = self.ops.quantize_activation(ctx["x"])
             a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
             ctx[key] = (plan, a1, sa1)
@@ -217,7 +218,7 @@ class MoEBench:
         from fp8_deep.ops.swiglu import silu_mul_quantize
         W = self.get_weights(I)
         gemm = self.backend(backend_name)
-        plan, a1, sa1 = self.fp8_rows(I, T, gemm.a_scale_layout)
+        plan, a1, sa1 = self.fp8_rows(I, T, gemm.a_scale_layout, getattr(gemm, "row_alignment", 128))
 
         def run():
             h = gemm.gemm(a1, sa1, W["q13"], W["s13"], plan)
@@ -420,7 +421,8 @@ class MoEBench:
         except ImportError as exc:
             self.note(f"fp8_deep.ops.routing missing ({exc}); torch stand-ins for routing and permute")
             align_routing = permute_rows = None
-        plan = stage("routing", lambda: align_routing(tid, E), fallback=lambda: C.torch_routing_plan(tid, E))
+        plan = stage("routing", lambda: align_routing(tid, E, block_size=getattr(gemm, "row_alignment", 128)),
+                     fallback=lambda: C.torch_routing_plan(tid, E))
         R = plan.num_rows
         perm = stage("permute", lambda: permute_rows(qx[0], qx[1], plan, scale_layout=layout),
                      nbytes=2 * M * H + M * H // 32)
