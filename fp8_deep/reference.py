@@ -33,6 +33,8 @@ __all__ = [
     "dequantize_activation",
     "grouped_gemm_fp8",
     "silu_mul",
+    "silu_mul_quantize",
+    "permute_rows",
     "moe_align_block_size",
     "moe_combine",
     "moe_forward_bf16",
@@ -157,6 +159,23 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     inter = h.shape[-1] // 2
     gate, up = h[..., :inter], h[..., inter:]
     return F.silu(gate.float()).to(h.dtype) * up
+
+
+def silu_mul_quantize(h: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "fp32", eps: float = ACT_EPS):
+    """SwiGLU then 1 x group_size requantization: ``quantize_activation(silu_mul(h))`` -> (q, row-major scales)."""
+    return quantize_activation(silu_mul(h), group_size, scale_fmt, eps)
+
+
+def permute_rows(q: torch.Tensor, scale: torch.Tensor, sorted_token_ids: torch.Tensor, top_k: int):
+    """Rows of the quantized hidden states in the plan's order: row ``r`` holds token ``sorted_token_ids[r] // top_k``;
+    padding rows (sentinel ``>= T * top_k``) are zero bytes with zero scales. Returns (q_perm, row-major scales)."""
+    T = q.shape[0]
+    ids = sorted_token_ids.long()
+    pad = ids >= T * top_k
+    tok = torch.where(pad, torch.zeros_like(ids), ids // top_k)
+    qp = torch.where(pad[:, None], torch.zeros_like(q.view(torch.uint8)[tok]), q.view(torch.uint8)[tok])
+    sp = torch.where(pad[:, None], torch.zeros_like(scale[tok]), scale[tok].float())
+    return qp.view(FP8_DTYPE), sp
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int, num_experts: int, expert_map=None):

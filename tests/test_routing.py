@@ -180,21 +180,17 @@ def _check_permute(qp, sp, q, s, plan, layout):
     assert qp.shape == (rows, K) and qp.stride() == (K, 1) and qp.dtype == FP8_DTYPE
     want_strides = (G, 1) if layout == "row_major" else (1, align(rows, 4))
     assert sp.shape == (rows, G) and sp.stride() == want_strides
-    sid = plan.sorted_token_ids.cpu().long()
-    numel = plan.num_tokens * plan.top_k
-    real = sid < numel
-    tok = torch.where(real, sid, 0) // plan.top_k
-    want_q = torch.where(real[:, None], q.cpu().view(torch.uint8)[tok], 0)
-    want_s = torch.where(real[:, None], s.cpu()[tok], 0.0)
-    assert_bitwise_equal(qp.cpu().view(torch.uint8), want_q, "q_perm")
+    want_q, want_s = reference.permute_rows(q.cpu(), s.cpu(), plan.sorted_token_ids.cpu(), plan.top_k)
+    assert_bitwise_equal(qp.cpu(), want_q, "q_perm")
     assert_bitwise_equal(sp.cpu().contiguous(), want_s, "scale_perm")
 
 
+@pytest.mark.parametrize("block_size", [128, 16])
 @pytest.mark.parametrize("layout", ["tma_aligned", "row_major"])
 @pytest.mark.parametrize("T,k,E,K", [(1, 8, 16, 256), (13, 2, 5, 320), (40, 3, 6, 192)])
-def test_permute_rows(device, layout, T, k, E, K):
+def test_permute_rows(device, layout, T, k, E, K, block_size):
     ids = _ids(T, k, E, device)
-    plan = R.align_routing(ids, E)
+    plan = R.align_routing(ids, E, block_size=block_size)
     q, s = _quantized(T, K, device)
     rows = plan.num_rows
     # poison caller-owned outputs: every element must be written
@@ -269,3 +265,10 @@ def test_permute_gpu_deepseek():
     q, s = _quantized(T, K, "cuda")
     qp, sp = R.permute_rows(q, s, plan)
     _check_permute(qp, sp, q, s, plan, "tma_aligned")
+
+
+@pytest.mark.parametrize("T,k,E", [(1, 8, 256), (37, 3, 7), (300, 8, 40), (700, 8, 33)])
+def test_align_16_row_segments(device, T, k, E):
+    """Our grouped GEMM asks for 16-row segments (DeepGEMM for 128): both launch paths, vs the reference."""
+    ids = _ids(T, k, E, device)
+    _check_plan(R.align_routing(ids, E, block_size=16, backend="triton"), ids, E, block_size=16)
