@@ -192,7 +192,7 @@ class MoEBench:
             return self.ctx[1]
         self.ctx = None
         C.free_cuda()
-        W = self.get_weights(I)
+        self.get_weights(I)  # weights first: the largest allocation goes in before the per-T tensors
         x = C.randn((T, self.args.H), seed=T)
         tw, tid = C.random_routing(T, self.E, TOPK, seed=T + 1)
         ctx = dict(x=x, tw=tw, tid=tid)

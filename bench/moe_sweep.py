@@ -79,8 +79,6 @@ def main():
             rows.append(row)
             print("SWEEP " + " ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
                                       for key, val in row.items()), flush=True)
-            del x, xs, tw, tid
-        del w13, w2, q13, s13, q2, s2
         torch.cuda.empty_cache()
     out = C.results_dir() / "moe_sweep.csv"
     with open(out, "w") as f:

@@ -49,15 +49,12 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     range-checked (ValueError) on CPU always and on CUDA when ``FP8_DEEP_CHECK_ROUTING=1`` (one host sync);
     unchecked out-of-range ids are dropped (that choice contributes nothing), never read out of bounds.
     """
-    global _LAST_BACKEND
-    T = hidden_states.shape[0] if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2 else 0
-    k = topk_ids.shape[1] if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 else 1
-    E = w13.shape[0] if isinstance(w13, torch.Tensor) and w13.dim() == 3 else 1
-    H = hidden_states.shape[-1] if isinstance(hidden_states, torch.Tensor) else 0
-    inter = w2.shape[-1] if isinstance(w2, torch.Tensor) else 0
-    device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
-    gemm = select_grouped_gemm(backend, device=device, rows_per_expert=T * k / max(E, 1), hidden=H, inter=inter)
-    _LAST_BACKEND = gemm.name
-    return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, gemm=gemm, w13_scale=w13_scale,
+    def select(**shape):
+        global _LAST_BACKEND
+        gemm = select_grouped_gemm(backend, **shape)
+        _LAST_BACKEND = gemm.name
+        return gemm
+
+    return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, select_gemm=select, w13_scale=w13_scale,
                             w2_scale=w2_scale, activation=activation, expert_map=expert_map, scale_fmt=scale_fmt,
                             out=out)

@@ -6,6 +6,7 @@ import torch
 from fp8_deep import reference
 from fp8_deep.numerics import FP8_DTYPE, align
 from fp8_deep.ops import routing as R
+from fp8_deep.ops.layout import alloc_scales
 from fp8_deep.ops.plan import max_padded_rows
 from fp8_deep.testing import assert_bitwise_equal
 
@@ -195,7 +196,7 @@ def test_permute_rows(device, layout, T, k, E, K, block_size):
     rows = plan.num_rows
     # poison caller-owned outputs: every element must be written
     qo = torch.full((rows, K), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)
-    so = R.alloc_scales(rows, s.shape[1], layout, device)
+    so = alloc_scales((rows, s.shape[1]), layout, device)
     so.fill_(float("nan"))
     qp, sp = R.permute_rows(q, s, plan, scale_layout=layout, out=(qo, so))
     assert qp is qo and sp is so

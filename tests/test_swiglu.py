@@ -9,7 +9,7 @@ import torch
 
 from fp8_deep import reference
 from fp8_deep.numerics import FP8_DTYPE, align
-from fp8_deep.ops.routing import alloc_scales
+from fp8_deep.ops.layout import alloc_scales
 from fp8_deep.ops.swiglu import silu_mul_quantize, silu_mul_quantize_ref
 from fp8_deep.testing import assert_bitwise_equal
 
@@ -66,7 +66,7 @@ def test_padding_rows_and_poisoned_out(device, layout):
     h[m.cpu() < 0] = float("nan")  # padding rows must not be read
     G = 2
     qo = torch.full((M, I), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)
-    so = alloc_scales(M, G, layout, device)
+    so = alloc_scales((M, G), layout, device)
     so.fill_(float("nan"))
     q, s = silu_mul_quantize(h, m_indices=m, scale_layout=layout, out=(qo, so))
     assert q is qo and s is so

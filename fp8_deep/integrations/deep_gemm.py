@@ -35,8 +35,9 @@ from typing import Optional
 
 import torch
 
-from ..numerics import BLOCK, FP8_DTYPE, align, cdiv
+from ..numerics import BLOCK, FP8_DTYPE, cdiv
 from ..ops import _registry
+from ..ops.layout import tma_aligned_scale_strides
 
 __all__ = ["DeepGemmGroupedGemm", "is_available", "load_backend", "register", "INSTALL_HINT"]
 
@@ -169,7 +170,7 @@ class DeepGemmGroupedGemm:
                             f"{a_scale.dtype} and {b_scale.dtype}")
         if tuple(a_scale.shape) != (M, kb):
             raise ValueError(f"a_scale must be (M, ceil(K/128)) = {(M, kb)}, got {tuple(a_scale.shape)}")
-        want = (1, align(M, 4))
+        want = tma_aligned_scale_strides((M, kb))
         if M > 0 and tuple(a_scale.stride()) != want:
             raise ValueError(f"a_scale must be MN-major TMA-aligned with strides {want}, got {a_scale.stride()}; "
                              f"produce it with quantize_activation(..., scale_layout='tma_aligned') or "

@@ -31,6 +31,7 @@ import torch
 
 from ..numerics import ACT_EPS, BLOCK, FP8_DTYPE, align, cdiv
 from ..ops import _registry
+from ..ops.layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["is_available", "register", "load_activation_quant", "load_moe_align", "INSTALL_HINT"]
 
@@ -63,21 +64,6 @@ def _params(fn):
         return set(inspect.signature(fn).parameters)
     except (TypeError, ValueError):  # builtins / torch ops without a Python signature
         return set()
-
-
-def _tma_strides(shape):
-    if len(shape) == 2:
-        return (1, align(shape[0], 4))
-    B, M, G = shape
-    return (align(M, 4) * G, 1, align(M, 4))
-
-
-def _alloc_like_layout(shape, layout, device):
-    if layout == "row_major":
-        return torch.empty(shape, dtype=torch.float32, device=device)
-    strides = _tma_strides(shape)
-    size = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 1
-    return torch.empty(size, dtype=torch.float32, device=device).as_strided(shape, strides)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,12 +109,12 @@ def load_activation_quant():
             if out_scale.data_ptr() != s.data_ptr() or out_scale.stride() != s.stride():
                 out_scale.copy_(s)
             return q, out_scale
-        want = _tma_strides(shape) if scale_layout == "tma_aligned" and len(shape) in (2, 3) else None
+        want = tma_aligned_scale_strides(shape) if scale_layout == "tma_aligned" and len(shape) in (2, 3) else None
         if scale_layout == "row_major" and not s.is_contiguous():
             s = s.contiguous()
         elif want is not None and s.numel() > 0 and tuple(s.stride()) != want:
             # column-major without TMA padding (older vLLM) and M % 4 != 0: re-lay out (a small copy)
-            t = _alloc_like_layout(shape, "tma_aligned", x.device)
+            t = alloc_scales(shape, "tma_aligned", x.device)
             t.copy_(s)
             s = t
         return q, s

@@ -20,6 +20,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_k(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    """One BLOCK_K slice of an FP8 operand; the K tail is masked only when K is not a multiple of BLOCK_K."""
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+
+
+@triton.jit
+def _promote(acc, part, sa, sb, BLOCK_N: tl.constexpr):
+    """FP32 promotion of one 128-K block: ``acc += part * sa[row] * sb[col]``. ``part`` is (rows, cols); ``sb`` is
+    one scalar per 128-column block, so a vector only when BLOCK_N spans two of them."""
+    if BLOCK_N <= 128:
+        return acc + part * (sa * sb)[:, None]
+    return acc + part * sa[:, None] * sb[None, :]
+
+
+@triton.jit
 def _grouped_gemm_fp8_kernel(
     # pointers
     a_ptr,            # float8_e4m3fn (M, K), unit stride along K
@@ -115,26 +132,14 @@ def _grouped_gemm_fp8_kernel(
             acc_hi = tl.zeros((HALF_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kb = k0 // BLOCK_K
-                if EVEN_K:
-                    a_lo = tl.load(a_lo_ptrs)
-                    a_hi = tl.load(a_hi_ptrs)
-                    b = tl.load(b_ptrs)
-                else:
-                    k_ok = offs_k[None, :] < K - k0
-                    a_lo = tl.load(a_lo_ptrs, mask=k_ok, other=0.0)
-                    a_hi = tl.load(a_hi_ptrs, mask=k_ok, other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok, other=0.0)
+                a_lo = _load_k(a_lo_ptrs, offs_k, K - k0, EVEN_K)
+                a_hi = _load_k(a_hi_ptrs, offs_k, K - k0, EVEN_K)
+                b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
                 sb = tl.load(bs_ptrs + kb * stride_bsk)
                 sa_lo = tl.load(as_lo_ptrs + kb * stride_ask)
                 sa_hi = tl.load(as_hi_ptrs + kb * stride_ask)
-                part_lo = tl.dot(a_lo, tl.trans(b))
-                part_hi = tl.dot(a_hi, tl.trans(b))
-                if BLOCK_N <= 128:
-                    acc_lo += part_lo * (sa_lo * sb)[:, None]
-                    acc_hi += part_hi * (sa_hi * sb)[:, None]
-                else:
-                    acc_lo += part_lo * sa_lo[:, None] * sb[None, :]
-                    acc_hi += part_hi * sa_hi[:, None] * sb[None, :]
+                acc_lo = _promote(acc_lo, tl.dot(a_lo, tl.trans(b)), sa_lo, sb, BLOCK_N)
+                acc_hi = _promote(acc_hi, tl.dot(a_hi, tl.trans(b)), sa_hi, sb, BLOCK_N)
                 a_lo_ptrs += BLOCK_K
                 a_hi_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
@@ -153,13 +158,8 @@ def _grouped_gemm_fp8_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kb = k0 // BLOCK_K
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                    b = tl.load(b_ptrs)
-                else:
-                    k_ok = offs_k[None, :] < K - k0
-                    a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok, other=0.0)
+                a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
+                b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
                 sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
                 sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
                 if SWAP_AB:
@@ -169,11 +169,7 @@ def _grouped_gemm_fp8_kernel(
                     else:
                         acc += part * sb[:, None] * sa[None, :]
                 else:
-                    part = tl.dot(a, tl.trans(b))                 # (BLOCK_M, BLOCK_N), fp32
-                    if BLOCK_N <= 128:
-                        acc += part * (sa * sb)[:, None]
-                    else:
-                        acc += part * sa[:, None] * sb[None, :]
+                    acc = _promote(acc, tl.dot(a, tl.trans(b)), sa, sb, BLOCK_N)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
 

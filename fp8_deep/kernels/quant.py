@@ -19,13 +19,11 @@ def _round_up_pow2(s):
 
 
 @triton.jit
-def _amax_and_health(x_abs):
-    """Max of |x| over the whole tile, and whether the tile holds a NaN or an Inf.
-
-    NaN is folded into +Inf before the reduction: a max that ignores NaN would otherwise hide it."""
-    a = tl.where(x_abs != x_abs, float("inf"), x_abs)
-    amax = tl.max(tl.max(a, axis=1), axis=0)
-    return amax, amax == float("inf")
+def _abs_nan_as_inf(x):
+    """|x| with NaN folded into +Inf: a max that ignores NaN would otherwise hide it, and an amax of +Inf then
+    flags every non-finite block or group."""
+    a = tl.abs(x)
+    return tl.where(a != a, float("inf"), a)
 
 
 @triton.jit
@@ -57,7 +55,8 @@ def quant_weight_block_kernel(
     w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
     # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    amax, bad = _amax_and_health(tl.abs(w))
+    amax = tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0)
+    bad = amax == float("inf")
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
@@ -105,9 +104,7 @@ def quant_act_group_kernel(
         k64 = offs_k.to(tl.int64)
         x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
                     mask=mask, other=0.0).to(tl.float32)
-        a = tl.abs(x)
-        a = tl.where(a != a, float("inf"), a)
-        amax = tl.max(a, axis=1)
+        amax = tl.max(_abs_nan_as_inf(x), axis=1)
         bad = amax == float("inf")
         s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
         if UE8M0:

@@ -35,8 +35,9 @@ def validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scal
                  last_stride_one=True)
     dev = hidden_states.device
     T, H = hidden_states.shape
-    check_tensor(w13, "w13", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev)
-    check_tensor(w2, "w2", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev)
+    # K-major weights (unit last stride): what both GEMM backends stream
+    check_tensor(w13, "w13", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    check_tensor(w2, "w2", dtypes=HIGH_PRECISION_DTYPES + (FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
     E, two_i, h13 = w13.shape
     if h13 != H:
         raise ValueError(f"w13 must be (E, 2I, H) with H = hidden_states.shape[1] = {H}, got {tuple(w13.shape)}")
@@ -59,9 +60,6 @@ def validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scal
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(s.shape)}")
     elif w13_scale is not None or w2_scale is not None:
         raise ValueError("w13_scale/w2_scale are only for FP8 weights; high-precision weights are quantized here")
-    for name, t in (("w13", w13), ("w2", w2)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have unit stride in its last dimension (K-major), got strides {t.stride()}")
     check_tensor(topk_weights, "topk_weights", dtypes=(torch.float32, torch.bfloat16, torch.float16), dims=(2,),
                  device=dev)
     check_tensor(topk_ids, "topk_ids", dtypes=(torch.int32, torch.int64), dims=(2,), device=dev)
@@ -82,16 +80,21 @@ def quantize_expert_weights(w13, w2, scale_fmt):
     return q13, s13, q2, s2
 
 
-def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, gemm, w13_scale=None, w2_scale=None,
-                     activation="silu", expert_map=None, scale_fmt="fp32", out=None, return_stages=False):
-    """See ``fp8_deep.moe_forward``; ``gemm`` is a grouped-GEMM backend object (``name``, ``a_scale_layout``,
-    ``row_alignment`` (segment alignment it needs), ``gemm(a, a_scale, b, b_scale, plan, out=None)``). ``return_stages`` also returns the intermediates (tests)."""
+def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_gemm, w13_scale=None,
+                     w2_scale=None, activation="silu", expert_map=None, scale_fmt="fp32", out=None,
+                     return_stages=False):
+    """See ``fp8_deep.moe_forward``. ``select_gemm(device=, rows_per_expert=, hidden=, inter=)`` returns the
+    grouped-GEMM backend object for the validated shapes (``name``, ``a_scale_layout``, ``row_alignment`` (segment
+    alignment it needs), ``gemm(a, a_scale, b, b_scale, plan, out=None)``); the public API and ``FP8MoE`` pass
+    ``ops.backend.select_grouped_gemm`` bound to their backend choice. ``return_stages`` also returns the intermediates (tests)."""
     if activation != "silu":
         raise ValueError(f"activation must be 'silu' (SwiGLU: silu(gate) * up), got {activation!r}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     E, H, inter, fp8 = validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale,
                                            expert_map)
     T = hidden_states.shape[0]
+    gemm = select_gemm(device=hidden_states.device, rows_per_expert=T * topk_ids.shape[1] / E, hidden=H,
+                       inter=inter)
     if out is not None:
         check_tensor(out, "out", dtypes=(hidden_states.dtype,), dims=(2,), device=hidden_states.device)
         if tuple(out.shape) != (T, H):

@@ -1,8 +1,8 @@
 """``FP8MoE``: an nn.Module holding BF16 master weights and a high-precision router, with cached FP8 weights."""
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -130,11 +130,8 @@ class FP8MoE(nn.Module):
         check_tensor(hidden_states, "hidden_states", dims=(2,))
         topk_weights, topk_ids = self.route(hidden_states)
         q13, s13, q2, s2 = self.fp8_weights()
-        T = hidden_states.shape[0]
-        gemm = select_grouped_gemm(self.backend, device=hidden_states.device,
-                                   rows_per_expert=T * self.top_k / self.num_experts, hidden=self.hidden_size,
-                                   inter=self.intermediate_size)
-        return moe_forward_impl(hidden_states, q13, q2, topk_weights, topk_ids, gemm=gemm, w13_scale=s13,
+        return moe_forward_impl(hidden_states, q13, q2, topk_weights, topk_ids,
+                                select_gemm=functools.partial(select_grouped_gemm, self.backend), w13_scale=s13,
                                 w2_scale=s2, scale_fmt=self.scale_fmt)
 
     def extra_repr(self) -> str:

@@ -6,12 +6,12 @@ routing plan they share (``plan``). Optional backends (vLLM, DeepGEMM) plug in t
 from .combine import moe_combine
 from .grouped_gemm import GemmConfig, TritonGroupedGemm, grouped_gemm_fp8
 from .plan import RoutingPlan, max_padded_rows
-from .quant import (dequantize_blockwise, quantize_activation, quantize_weight_blockwise, to_tma_aligned_scales,
-                    tma_aligned_scale_strides)
+from .layout import alloc_scales, scale_strides, tma_aligned_scale_strides
+from .quant import dequantize_blockwise, quantize_activation, quantize_weight_blockwise, to_tma_aligned_scales
 from .routing import align_routing, check_topk_ids, permute_rows
 from .swiglu import silu_mul_quantize
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "tma_aligned_scale_strides",
-           "dequantize_blockwise", "RoutingPlan", "max_padded_rows", "align_routing", "check_topk_ids",
+           "alloc_scales", "scale_strides", "dequantize_blockwise", "RoutingPlan", "max_padded_rows", "align_routing", "check_topk_ids",
            "permute_rows", "grouped_gemm_fp8", "TritonGroupedGemm", "GemmConfig", "silu_mul_quantize",
            "moe_combine"]

@@ -16,7 +16,7 @@ tokens the narrow N side); many rows -> compute bound, 256x128 tiles computed as
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Optional, Union
 
 import torch

@@ -13,12 +13,12 @@ import torch
 from .. import reference
 from ..kernels.quant import quant_act_group_kernel, quant_weight_block_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
-                        WEIGHT_AMAX_EPS, align, cdiv, use_triton)
+                        WEIGHT_AMAX_EPS, cdiv, use_triton)
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
+from .layout import alloc_scales, tma_aligned_scale_strides
 
-__all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise",
-           "tma_aligned_scale_strides"]
+__all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
 
 
 def _check_high_precision(x, name):
@@ -106,27 +106,6 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     return tuple(outs)
 
 
-def tma_aligned_scale_strides(shape) -> Tuple[int, ...]:
-    """Strides of DeepGEMM's MN-major, TMA-aligned LHS scale layout for ``(M, G)`` or ``(B, M, G)`` scales."""
-    if len(shape) == 2:
-        M, G = shape
-        return (1, align(M, 4))
-    if len(shape) == 3:
-        B, M, G = shape
-        return (align(M, 4) * G, 1, align(M, 4))
-    raise ValueError(f"TMA-aligned scales are 2-D (M, G) or 3-D (B, M, G), got shape {tuple(shape)}")
-
-
-def _alloc_tma_aligned(shape, device) -> torch.Tensor:
-    strides = tma_aligned_scale_strides(shape)
-    # storage covers the padded rows (never read) so the last column's stride stays align(M, 4)
-    if len(shape) == 2:
-        size = align(shape[0], 4) * shape[1]
-    else:
-        size = shape[0] * align(shape[1], 4) * shape[2]
-    return torch.empty(max(size, 1), dtype=torch.float32, device=device).as_strided(shape, strides)
-
-
 def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: str = "fp32",
                         scale_layout: str = "row_major", eps: float = ACT_EPS, out_q: Optional[torch.Tensor] = None,
                         out_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
@@ -182,7 +161,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     if out_scale is not None:
         s = out_scale
     elif scale_layout == "tma_aligned":
-        s = _alloc_tma_aligned(scale_shape, x.device)
+        s = alloc_scales(scale_shape, "tma_aligned", x.device)
     else:
         s = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -245,7 +224,7 @@ def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:
     check_tensor(scale, "scale", dtypes=(torch.float32,), dims=(2, 3))
     if scale.numel() == 0 or tuple(scale.stride()) == tma_aligned_scale_strides(scale.shape):
         return scale
-    out = _alloc_tma_aligned(tuple(scale.shape), scale.device)
+    out = alloc_scales(scale.shape, "tma_aligned", scale.device)
     out.copy_(scale)
     return out
 

@@ -16,12 +16,13 @@ import torch
 from .. import reference
 from ..kernels.routing import (align_count_kernel, align_from_sorted_kernel, align_fused_kernel, align_place_kernel,
                                align_scan_kernel, permute_rows_kernel)
-from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, align, cdiv, use_triton
+from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, use_triton
 from . import _registry
+from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_tensor
 from .plan import RoutingPlan, max_padded_rows
 
-__all__ = ["align_routing", "permute_rows", "check_topk_ids", "alloc_scales", "ROUTING_CHECK_ENV"]
+__all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
 
 ROUTING_CHECK_ENV = "FP8_DEEP_CHECK_ROUTING"
 _FUSED_MAX = 4096  # choices up to which one launch (every program re-histograms all choices) beats three
@@ -32,18 +33,6 @@ _FUSED_TILE = 1024
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def alloc_scales(rows: int, groups: int, layout: str, device) -> torch.Tensor:
-    """float32 ``(rows, groups)`` scales: ``"row_major"`` strides ``(groups, 1)``; ``"tma_aligned"`` DeepGEMM's
-    MN-major layout, strides ``(1, align(rows, 4))`` (storage covers the padded rows, never read)."""
-    if layout == "row_major":
-        return torch.empty((rows, groups), dtype=torch.float32, device=device)
-    return torch.empty_strided((rows, groups), (1, align(rows, 4)), dtype=torch.float32, device=device)
-
-
-def _scale_strides(rows: int, groups: int, layout: str):
-    return (groups, 1) if layout == "row_major" else (1, align(rows, 4))
 
 
 def _check_ids(topk_ids, num_experts, expert_map):
@@ -282,10 +271,10 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
     if out is not None:
         q_out, s_out = out
         check_out(q_out, "out[0]", (rows, K), FP8_DTYPE, dev, strides=(K, 1))
-        check_out(s_out, "out[1]", (rows, G), torch.float32, dev, strides=_scale_strides(rows, G, scale_layout))
+        check_out(s_out, "out[1]", (rows, G), torch.float32, dev, strides=scale_strides((rows, G), scale_layout))
     else:
         q_out = torch.empty((rows, K), dtype=FP8_DTYPE, device=dev)
-        s_out = alloc_scales(rows, G, scale_layout, dev)
+        s_out = alloc_scales((rows, G), scale_layout, dev)
     if rows == 0:
         return q_out, s_out
     if not use_triton(q):

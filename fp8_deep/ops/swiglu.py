@@ -10,7 +10,7 @@ from .. import reference
 from ..kernels.swiglu import silu_mul_quant_kernel
 from ..numerics import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active, use_triton
 from ._checks import check_choice, check_out, check_tensor
-from .routing import _scale_strides, alloc_scales
+from .layout import alloc_scales, scale_strides
 
 __all__ = ["silu_mul_quantize", "silu_mul_quantize_ref"]
 
@@ -58,10 +58,10 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
     if out is not None:
         q, s = out
         check_out(q, "out[0]", (M, I), FP8_DTYPE, h.device, strides=(I, 1))
-        check_out(s, "out[1]", (M, G), torch.float32, h.device, strides=_scale_strides(M, G, scale_layout))
+        check_out(s, "out[1]", (M, G), torch.float32, h.device, strides=scale_strides((M, G), scale_layout))
     else:
         q = torch.empty((M, I), dtype=FP8_DTYPE, device=h.device)
-        s = alloc_scales(M, G, scale_layout, h.device)
+        s = alloc_scales((M, G), scale_layout, h.device)
     if M == 0 or I == 0:
         return q, s
 
