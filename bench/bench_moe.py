@@ -111,7 +111,7 @@ class MoEBench:
         self.args = args
         self.E = args.E
         self.out_dir = C.results_dir()
-        self.log = C.CsvLog(self.out_dir / ("moe_breakdown.csv" if args.breakdown else "moe.csv"))
+        self.log = C.CsvLog(self.out_dir / f"moe{'_breakdown' if args.breakdown else ''}{args.tag}.csv")
         self.budget = C.Budget(args.time_budget)
         self.glue = TorchGlue(not args.eager_glue)
         self.notes = []
@@ -347,14 +347,14 @@ class MoEBench:
         self.log.flush()
         for I in self.args.I:
             series = {p: [base.get((I, T, p), float("nan")) for T in self.args.T] for p in self.args.providers}
-            C.plot(self.out_dir / f"moe_I{I}_ms_all.png", series, self.args.T, xlabel="tokens T", ylabel="ms",
+            C.plot(self.out_dir / f"moe_I{I}_ms_all{self.args.tag}.png", series, self.args.T, xlabel="tokens T", ylabel="ms",
                    title=f"MoE forward E={self.E} top-{TOPK} H={self.args.H} I={I}", logx=True, logy=True)
             xs = {p: [r["x_bf16"] for T in self.args.T for r in rows if r["I"] == I and r["T"] == T
                       and r["provider"] == p] for p in self.args.providers}
             if any(xs.values()):
                 series = {p: [next((r["x_bf16"] for r in rows if r["I"] == I and r["T"] == T and r["provider"] == p),
                                    float("nan")) for T in self.args.T] for p in self.args.providers}
-                C.plot(self.out_dir / f"moe_I{I}_speedup.png", series, self.args.T, xlabel="tokens T",
+                C.plot(self.out_dir / f"moe_I{I}_speedup{self.args.tag}.png", series, self.args.T, xlabel="tokens T",
                        ylabel="speed-up over the BF16 MoE", title=f"MoE forward, I={I} (same run)", logx=True)
         table = [dict(I=r["I"], T=r["T"], provider=r["provider"], ms=r["ms"], tflops=r["tflops"],
                       x_bf16=r["x_bf16"], x_bound=r["x_bound"]) for r in rows]
@@ -504,6 +504,7 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None, help="seconds; points left after it are skipped")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: tiny shapes on the CPU to check the plumbing (times mean nothing)")
+    p.add_argument("--tag", default="", help="suffix of the CSV/PNG names (parallel runs on several GPUs)")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
     a.providers = [s.strip() for s in a.providers.split(",") if s.strip()]

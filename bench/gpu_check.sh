@@ -10,8 +10,15 @@
 #   PYTEST_ARGS="-m gpu"             pytest selection (default "-m gpu"; "" runs every test on the GPU)
 #   TOTAL_BUDGET=530                 seconds for the whole script (the device tool allows 600 per command)
 #   DEEPGEMM=0                       skip the DeepGEMM build even when .deepgemm/ is carried
-# Logs and results land in $OUT (at most 8 files come back): tests.log, quant.log, gemm.log, moe.log, breakdown.log,
-# deepgemm_build.log, results.tgz (bench/results/<card>/), summary.txt (starts with the environment).
+#   LANES=auto                       on a machine with several GPUs the stages run in parallel, one lane per GPU
+#                                    (stage i on GPU i % lanes, or "stage@N" on lane N; a lane runs its stages in
+#                                    order); LANES=1 = serial.
+#                                    Each benchmark owns its GPU, so its timings are its own; only the host is shared.
+#   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
+# DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
+# (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
+# Back in $OUT (at most 8 files): summary.txt (environment first, table last), logs.tgz (every stage's log),
+# results.tgz (bench/results/<card>/), dg_cache.tgz.
 set -o pipefail
 START=$SECONDS
 TOTAL_BUDGET=${TOTAL_BUDGET:-570}
@@ -19,12 +26,12 @@ STAGES=${STAGES:-"tests quant gemm moe"}
 PYTEST_ARGS=${PYTEST_ARGS-"-m gpu"}
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)  # stage logs and status lines; packed into logs.tgz (only 8 files come back from $OUT)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-declare -a STATUS=()
 
 left() { echo $(( TOTAL_BUDGET - (SECONDS - START) )); }
 # budget_for WANT: seconds a bench may plan for (its own --time-budget), inside what is left of the script's budget
@@ -36,16 +43,17 @@ run_stage() {
     local name=$1 want=$2 log=$3; shift 3
     local rem; rem=$(( $(left) - 15 ))  # keep 15 s for packing results and the summary
     if (( rem < 20 )); then
-        STATUS+=("$name: SKIPPED (budget spent)"); echo "[gpu_check] skip $name: budget spent"; return 0
+        echo "$name: SKIPPED (budget spent)" >> "$LOGS/status"; echo "[gpu_check] skip $name: budget spent"; return 0
     fi
     local t=$(( want < rem ? want : rem ))
-    echo "[gpu_check] ===== $name (timeout ${t}s, $(left)s left) : $*"
+    echo "[gpu_check] ===== $name on GPU ${CUDA_VISIBLE_DEVICES:-0} (timeout ${t}s, $(left)s left) : $*"
     local t0=$SECONDS
-    timeout --signal=TERM --kill-after=10 "$t" "$@" 2>&1 | tee "$OUT/$log"
+    timeout --signal=TERM --kill-after=10 "$t" "$@" > "$LOGS/$log" 2>&1
     local rc=$?
     local how="rc=$rc"
     (( rc == 124 || rc == 137 )) && how="TIMEOUT after ${t}s"
-    STATUS+=("$name: $how, $((SECONDS - t0)) s, log $log")
+    echo "$name: $how, $((SECONDS - t0)) s, GPU ${CUDA_VISIBLE_DEVICES:-0}, log $log" >> "$LOGS/status"
+    echo "[gpu_check] ----- $name done: $how after $((SECONDS - t0)) s"
     return 0
 }
 
@@ -66,6 +74,14 @@ DG_SRC=$(ls "$REPO"/.deepgemm/deepinfer_gemm-*.tar.gz 2>/dev/null | head -1)
 if [[ "${DEEPGEMM:-1}" != "0" && -n "$DG_SRC" ]]; then
     DG_BUILD=/tmp/deepgemm_build
     DG_DIR=$(ls -d $DG_BUILD/deepinfer_gemm-* 2>/dev/null | head -1)
+    DG_PREBUILT=$(ls "$REPO"/.deepgemm/prebuilt/_C*.so 2>/dev/null | head -1)
+    if [[ -z "$DG_DIR" && -n "$DG_PREBUILT" ]]; then
+        # the extension a previous call built on the same image: unpack the sources, drop it in, no build
+        mkdir -p "$DG_BUILD" && tar -xzf "$DG_SRC" -C "$DG_BUILD"
+        DG_DIR=$(ls -d $DG_BUILD/deepinfer_gemm-* | head -1)
+        cp "$DG_PREBUILT" "$DG_DIR/deep_gemm/"
+        echo "[gpu_check] DeepGEMM: using the carried prebuilt $(basename "$DG_PREBUILT")"
+    fi
     if [[ -z "$DG_DIR" ]] || ! ls "$DG_DIR"/deep_gemm/_C*.so >/dev/null 2>&1; then
         echo "[gpu_check] ===== building DeepGEMM from $(basename "$DG_SRC") (about 90 s)"
         t0=$SECONDS
@@ -80,8 +96,10 @@ if [[ "${DEEPGEMM:-1}" != "0" && -n "$DG_SRC" ]]; then
                 > "$OUT/deepgemm_build.log" 2>&1
             echo "[gpu_check] DeepGEMM build rc=$? in $((SECONDS - t0)) s (log deepgemm_build.log)"
         fi
+    fi
+    if [[ -n "$DG_DIR" ]]; then
         # the JIT compiles its kernels at run time against these headers (in-place builds do not copy them)
-        if [[ -d "$DG_DIR/third-party/cutlass/include" ]]; then
+        if [[ -d "$DG_DIR/third-party/cutlass/include" && ! -d "$DG_DIR/deep_gemm/include/cute" ]]; then
             mkdir -p "$DG_DIR/deep_gemm/include"
             cp -r "$DG_DIR/third-party/cutlass/include/cute" "$DG_DIR/third-party/cutlass/include/cutlass" \
                 "$DG_DIR/deep_gemm/include/" 2>/dev/null
@@ -94,6 +112,8 @@ if [[ "${DEEPGEMM:-1}" != "0" && -n "$DG_SRC" ]]; then
         export PYTHONPATH="$DG_DIR:$PYTHONPATH"
         # the JIT compiles kernels at run time; keep the carried elfutils headers visible to it as to the build
         export CPATH="$REPO/.deepgemm/sysroot/usr/include${CPATH:+:$CPATH}"
+        # compiled kernels go to a carried folder: packed into dg_cache.tgz, they save the next call's JIT time
+        mkdir -p "$REPO/.deepgemm/jit" && export DG_JIT_CACHE_DIR="$REPO/.deepgemm/jit"
         if probe=$(timeout 120 $PY -c "import deep_gemm; print(deep_gemm.__version__)" 2>&1 | tail -1) \
                 && [[ "$probe" =~ ^[0-9] ]]; then
             DG_STATUS="built and importable (deep_gemm $probe)"
@@ -110,33 +130,63 @@ fi
 echo "[gpu_check] DeepGEMM: $DG_STATUS"
 
 # ---------------------------------------------------------------------------------------------- stages
-for stage in $STAGES; do
-    case $stage in
+run_one_stage() {
+    case $1 in
         tests)
             # shellcheck disable=SC2086
-            run_stage tests 300 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider tests/ ;;
+            run_stage tests 420 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider tests/ ;;
         quant)
             # shellcheck disable=SC2086
-            run_stage quant 150 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 130)" ${QUANT_ARGS:-} ;;
+            run_stage quant 200 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 180)" ${QUANT_ARGS:-} ;;
         gemm)
-            if [[ -f bench/bench_grouped_gemm.py ]]; then
-                # shellcheck disable=SC2086
-                run_stage gemm 120 gemm.log $PY bench/bench_grouped_gemm.py ${GEMM_ARGS:-}
-            else
-                STATUS+=("gemm: SKIPPED (bench/bench_grouped_gemm.py not there)")
-            fi ;;
+            # shellcheck disable=SC2086
+            run_stage gemm 150 gemm.log $PY bench/bench_grouped_gemm.py ${GEMM_ARGS:-} ;;
         moe)
             # shellcheck disable=SC2086
-            run_stage moe 280 moe.log $PY bench/bench_moe.py --time-budget "$(budget_for 255)" ${MOE_ARGS:-} ;;
+            run_stage moe 420 moe.log $PY bench/bench_moe.py --time-budget "$(budget_for 400)" ${MOE_ARGS:-} ;;
+        moe2)  # a second MoE run for another lane (e.g. MOE2_ARGS="--I 256 --tag _I256")
+            # shellcheck disable=SC2086
+            run_stage moe2 420 moe2.log $PY bench/bench_moe.py --time-budget "$(budget_for 400)" ${MOE2_ARGS:-} ;;
         breakdown)
             # shellcheck disable=SC2086
-            run_stage breakdown 150 breakdown.log $PY bench/bench_moe.py --breakdown --time-budget "$(budget_for 130)" \
+            run_stage breakdown 200 breakdown.log $PY bench/bench_moe.py --breakdown --time-budget "$(budget_for 180)" \
                 ${BREAKDOWN_ARGS:-} ;;
+        sweep)
+            # shellcheck disable=SC2086
+            run_stage sweep 300 sweep.log $PY bench/moe_sweep.py ${SWEEP_ARGS:-} ;;
         main)
             run_stage main 90 main.log $PY -m fp8_deep --tokens 512 ;;
-        *) STATUS+=("$stage: unknown stage (tests quant gemm moe breakdown)") ;;
+        *) echo "$1: unknown stage (tests quant gemm moe breakdown sweep main)" >> "$LOGS/status" ;;
     esac
+}
+
+NGPU=${NGPU:-$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 1)}
+LANES=${LANES:-auto}
+[[ "$LANES" == auto ]] && LANES=$NGPU
+(( LANES > NGPU )) && LANES=$NGPU
+(( LANES < 1 )) && LANES=1
+read -r -a STAGE_LIST <<< "$STAGES"
+echo "[gpu_check] $NGPU GPU(s), $LANES lane(s): ${STAGE_LIST[*]}"
+declare -a LANE_PIDS=()
+for (( lane = 0; lane < LANES; lane++ )); do
+    mine=()
+    for (( i = 0; i < ${#STAGE_LIST[@]}; i++ )); do
+        st=${STAGE_LIST[$i]}
+        if [[ "$st" == *@* ]]; then  # "stage@N": pinned to lane N (modulo the lanes there are)
+            (( ${st#*@} % LANES == lane )) && mine+=("${st%@*}")
+        elif (( i % LANES == lane )); then
+            mine+=("$st")
+        fi
+    done
+    (( ${#mine[@]} )) || continue
+    if (( LANES > 1 )); then
+        ( export CUDA_VISIBLE_DEVICES=$lane; for st in "${mine[@]}"; do run_one_stage "$st"; done ) &
+        LANE_PIDS+=($!)
+    else
+        for st in "${mine[@]}"; do run_one_stage "$st"; done
+    fi
 done
+(( ${#LANE_PIDS[@]} )) && wait "${LANE_PIDS[@]}"
 
 # ---------------------------------------------------------------------------------------------- results back
 CARD_DIRS=$(ls -d bench/results/*/ 2>/dev/null)
@@ -146,28 +196,38 @@ else
     RES="no bench/results written"
 fi
 
+tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+if [[ -n "${DG_DIR:-}" && -d "$REPO/.deepgemm" ]]; then
+    mkdir -p "$LOGS/dg/prebuilt"
+    cp "$DG_DIR"/deep_gemm/_C*.so "$LOGS/dg/prebuilt/" 2>/dev/null
+    [[ -d "$REPO/.deepgemm/jit" ]] && cp -r "$REPO/.deepgemm/jit" "$LOGS/dg/"
+    tar -czf "$OUT/dg_cache.tgz" -C "$LOGS/dg" . 2>/dev/null && echo "[gpu_check] dg_cache.tgz: $(du -h "$OUT/dg_cache.tgz" | cut -f1)"
+fi
+
 # ---------------------------------------------------------------------------------------------- summary LAST
 {
     echo
     echo "==================== gpu_check summary ($((SECONDS - START)) s) ===================="
     cat "$ENV_TXT"
     echo "DeepGEMM: $DG_STATUS"
-    for s in "${STATUS[@]}"; do echo "stage $s"; done
+    [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    if [[ -f "$OUT/tests.log" ]]; then
-        echo "--- tests:"
-        grep -E '^(FAILED|ERROR)' "$OUT/tests.log" | head -15
-        grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/tests.log" | tail -1
-    fi
-    for log in quant gemm moe breakdown main; do
-        [[ -f "$OUT/$log.log" ]] || continue
+    for log in quant gemm moe moe2 breakdown sweep main; do
+        [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
-        if grep -q '^SUMMARY' "$OUT/$log.log"; then
-            grep '^SUMMARY' "$OUT/$log.log" | sed -E 's/^SUMMARY (quant|moe|breakdown) ?//'
+        if grep -q '^SUMMARY' "$LOGS/$log.log"; then
+            grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|moe|moe2|breakdown) ?//'
+        elif grep -q '^SWEEP' "$LOGS/$log.log"; then
+            grep -E '^(SWEEP|FP8_DEEP)' "$LOGS/$log.log"
         else
-            tail -n 15 "$OUT/$log.log"
+            tail -n 15 "$LOGS/$log.log"
         fi
-        grep -E '^\[(error|warn)\]|MISMATCH|FAILED|Traceback' "$OUT/$log.log" | head -8
+        grep -E '^\[(error|warn)\]|MISMATCH|FAILED|Traceback|Error' "$LOGS/$log.log" | head -8
     done
+    if [[ -f "$LOGS/tests.log" ]]; then
+        echo "--- tests:"
+        grep -E '^(FAILED|ERROR)' "$LOGS/tests.log" | head -20
+        grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -1
+    fi
 } | tee "$OUT/summary.txt"
 exit 0

@@ -2,6 +2,10 @@
 GEMM-only bound, all timed in the same run. Holds only BF16 + FP8 weights (fits an 80 GB H100 at DeepSeek-V3 size).
 
     python bench/moe_sweep.py --T 1,16,128,512,2048,4096,16384 --I 2048,256
+    python bench/moe_sweep.py --configs "BLOCK_M=32,BLOCK_N=128,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=5;..."
+
+Also times ``backend="deep_gemm"`` and ``backend="auto"`` when DeepGEMM is importable, and each ``--configs`` entry
+(our Triton GEMMs pinned to that tile configuration through ``FP8_DEEP_GEMM_CONFIG``) beside the default pick.
 """
 import argparse
 import os
@@ -28,7 +32,13 @@ def main():
     p.add_argument("--H", type=int, default=7168)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--rep", type=int, default=40)
+    p.add_argument("--tag", default="", help="suffix of the CSV name")
+    p.add_argument("--configs", default="", help="';'-separated GemmConfig strings to time beside the default pick")
     a = p.parse_args()
+    configs = [c.strip() for c in a.configs.split(";") if c.strip()]
+    from fp8_deep.ops import _registry
+    has_dg = _registry.available("grouped_gemm", "deep_gemm")
+    print(f"deep_gemm importable: {has_dg}", flush=True)
     # the topk_ids range check syncs with the host (FP8_DEEP_CHECK_ROUTING=1): report which setting ran
     print(f"FP8_DEEP_CHECK_ROUTING={os.environ.get('FP8_DEEP_CHECK_ROUTING', '1')}", flush=True)
     E, H, k = a.E, a.H, a.k
@@ -59,6 +69,28 @@ def main():
                 h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
                 return torch._grouped_mm(silu_mul_bf16(h), w2.transpose(1, 2), offs=offs)
 
+            def fp8_backend(name):
+                return lambda: fp8_deep.moe_forward(x, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend=name)
+
+            extra = {}
+            for name in (["deep_gemm", "auto"] if has_dg else []):
+                try:
+                    fn = fp8_backend(name)
+                    fn()
+                    extra[f"{name}_ms"] = tt.do_bench(fn, rep=a.rep, return_mode="median")
+                    extra[f"{name}_is"] = fp8_deep.last_backend() if name == "auto" else name
+                except Exception as exc:  # report and go on: the sweep's other lines still count
+                    print(f"[error] backend {name} T={T} I={inter}: {exc!r}", flush=True)
+            for i, cfg in enumerate(configs):
+                os.environ["FP8_DEEP_GEMM_CONFIG"] = cfg
+                try:
+                    fp8()
+                    extra[f"cfg{i}_ms"] = tt.do_bench(fp8, rep=a.rep, return_mode="median")
+                except Exception as exc:
+                    print(f"[error] config {cfg} T={T} I={inter}: {exc!r}", flush=True)
+                finally:
+                    os.environ.pop("FP8_DEEP_GEMM_CONFIG", None)
+
             gib = 2 ** 30
             base = torch.cuda.memory_allocated() / gib
             out8 = fp8()
@@ -75,16 +107,19 @@ def main():
                   f"peak {torch.cuda.max_memory_allocated() / gib:.1f}", flush=True)
             flops = 2 * T * k * (2 * inter * H + inter * H)
             row = dict(I=inter, T=T, fp8_ms=t_fp8, bf16_ms=t_bf16, bf16_gemm_ms=t_gemm, x_bf16=t_bf16 / t_fp8,
-                       x_bound=t_gemm / t_fp8, fp8_tflops=flops / t_fp8 / 1e9, calc_diff=err)
+                       x_bound=t_gemm / t_fp8, fp8_tflops=flops / t_fp8 / 1e9, calc_diff=err, **extra)
             rows.append(row)
             print("SWEEP " + " ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}"
                                       for key, val in row.items()), flush=True)
         torch.cuda.empty_cache()
-    out = C.results_dir() / "moe_sweep.csv"
+    for i, cfg in enumerate(configs):
+        print(f"SWEEP cfg{i} = {cfg}")
+    out = C.results_dir() / f"moe_sweep{a.tag}.csv"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out, "w") as f:
-        f.write(",".join(rows[0]) + "\n")
+        f.write(",".join(keys) + "\n")
         for r in rows:
-            f.write(",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r.values()) + "\n")
+            f.write(",".join(f"{r[k]:.6g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + "\n")
     print(f"wrote {out}")
 
 

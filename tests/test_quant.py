@@ -48,6 +48,33 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
+# every kernel configuration a tuning sweep may pin computes the same bytes: (KSPLIT, TRANS_MODE, warps, evict)
+WEIGHT_CONFIGS = ["1,0,4", "2,0,4", "4,1,4,1", "1,1,4", "1,2,4", "2,2,4,1"]
+
+
+@pytest.mark.parametrize("config", WEIGHT_CONFIGS)
+def test_weight_kernel_configs_bit_exact(config, device, monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", config)
+    w = _w((2, 300, 520), torch.bfloat16, device)
+    w[1, 130, 300] = float("nan")  # a non-finite block inside a KSPLIT group: only its own block goes NaN
+    q, s, qt, st = _check_weight(w)
+    assert torch.isnan(s[1, 1, 2]) and torch.isfinite(s[1, 1, 1]) and torch.isfinite(s[1, 1, 3])
+    _check_weight(_w((7, 129), torch.float32, device), scale_fmt="ue8m0")
+
+
+def test_pinned_config_errors(monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "3,0,8")
+    with pytest.raises(ValueError, match="KSPLIT"):
+        ops.quantize_weight_blockwise(torch.randn(128, 128))
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "1")
+    with pytest.raises(ValueError, match="at least 3"):
+        ops.quantize_weight_blockwise(torch.randn(128, 128))
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
+    monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "3,1,4")
+    with pytest.raises(ValueError, match="powers of two"):
+        ops.quantize_activation(torch.randn(4, 128), backend="triton")
+
+
 def test_weight_scale_is_dequant_scale(device):
     w = _w((2, 256, 384), torch.bfloat16, device)
     q, s = ops.quantize_weight_blockwise(w)
@@ -194,6 +221,16 @@ ACT_SHAPES = [
 @pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
 def test_activation_bit_exact(shape, scale_layout, scale_fmt, device):
     _check_act(_x(shape, torch.bfloat16, device), scale_fmt, scale_layout)
+
+
+@pytest.mark.parametrize("config", ["32,2,4", "4,8,4,1", "64,1,4", "16,4,8", "1,2,1"])
+def test_activation_kernel_configs_bit_exact(config, device, monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", config)
+    x = _x((77, 320), torch.bfloat16, device)  # ragged K: a program's last groups are partly or wholly outside
+    x[5, 200] = float("inf")
+    for layout in ("row_major", "tma_aligned"):
+        q, s = _check_act(x, scale_layout=layout)
+        assert torch.isnan(s[5, 1]) and torch.isfinite(s[5, 0]) and torch.isfinite(s[5, 2])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

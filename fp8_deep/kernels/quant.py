@@ -40,39 +40,68 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # meta: a program owns KSPLIT whole (BLOCK_N, BLOCK_K) scale blocks side by side along K, so amax, scale and
+    # cast need one read. TRANS_MODE picks how the transposed copy is formed: 0 transposes the FP8 tile,
+    # 1 transposes its bytes widened to 16 bits (2-byte instead of 1-byte shared-memory traffic),
+    # 2 re-reads the block (L2-resident) in TCHUNK-column slices and transposes each slice.
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr, TRANS_MODE: tl.constexpr,
+    TCHUNK: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_e = tl.program_id(2).to(tl.int64)
+    WIDTH: tl.constexpr = KSPLIT * BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * WIDTH + tl.arange(0, WIDTH)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)
-
-    w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
-                mask=mask, other=0.0).to(tl.float32)
+    w_ptrs = w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk
+    if EVICT_FIRST:
+        w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w3 = tl.reshape(w, (BLOCK_N, KSPLIT, BLOCK_K))
     # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    amax = tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0)
+    amax = tl.max(tl.max(_abs_nan_as_inf(w3), axis=2), axis=0)  # (KSPLIT,)
     bad = amax == float("inf")
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
     inv = tl.math.div_rn(1.0, s)
-    q = w * inv
-    q = tl.where(bad, float("nan"), q)
+    q = tl.where(bad[None, :, None], float("nan"), w3 * inv[None, :, None])
     s = tl.where(bad, float("nan"), s)
-    q8 = q.to(q_ptr.dtype.element_ty)
+    q8 = tl.reshape(q, (BLOCK_N, WIDTH)).to(q_ptr.dtype.element_ty)
 
     tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
-    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+    kblk = pid_k * KSPLIT + tl.arange(0, KSPLIT)
+    kblk_ok = kblk * BLOCK_K < K
+    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kblk * stride_sk, s, mask=kblk_ok)
     if WITH_TRANSPOSE:
-        # a 128x128 block's transpose quantizes to the transposed block: same scale, same bytes
-        tl.store(qt_ptr + pid_e * stride_qte + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
-                 tl.trans(q8), mask=tl.trans(mask))
-        tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
+        # a square block's transpose quantizes to the transposed block: same scale, same bytes
+        qt_base = qt_ptr + pid_e * stride_qte
+        if TRANS_MODE == 2:
+            for c in tl.static_range(WIDTH // TCHUNK):
+                # this slice's block: pick its scale out of the (KSPLIT,) vectors
+                sel = tl.arange(0, KSPLIT) == (c * TCHUNK) // BLOCK_K
+                inv_j = tl.max(tl.where(sel, inv, float("-inf")), axis=0)
+                bad_j = tl.max(tl.where(sel, amax, float("-inf")), axis=0) == float("inf")
+                offs_c = pid_k * WIDTH + c * TCHUNK + tl.arange(0, TCHUNK)
+                mask_c = (offs_n[:, None] < N) & (offs_c[None, :] < K)
+                c64 = offs_c.to(tl.int64)
+                wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
+                             mask=mask_c, other=0.0).to(tl.float32)
+                qc = tl.where(bad_j, float("nan"), wc * inv_j).to(qt_ptr.dtype.element_ty)
+                tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(qc),
+                         mask=tl.trans(mask_c))
+        elif TRANS_MODE == 1:
+            qt = tl.trans(q8.to(tl.uint8, bitcast=True).to(tl.uint16)).to(tl.uint8).to(qt_ptr.dtype.element_ty,
+                                                                                      bitcast=True)
+            tl.store(qt_base + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn, qt, mask=tl.trans(mask))
+        else:
+            tl.store(qt_base + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(q8),
+                     mask=tl.trans(mask))
+        tl.store(st_ptr + pid_e * stride_ste + kblk * stride_stk + pid_n * stride_stn, s, mask=kblk_ok)
 
 
 @triton.jit
@@ -87,41 +116,43 @@ def quant_act_group_kernel(
     stride_sb, stride_sm, stride_sg,
     # numerics
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
-    # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups; writing the scales of many rows of one group
-    # at once keeps the column-major (TMA-aligned) scale stores contiguous
-    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
+    # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups, loaded as one tile so that all its bytes are in
+    # flight at once; writing the scales of many rows of one group keeps column-major (TMA-aligned) stores contiguous
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
+    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
+    offs_k = pid_g * WIDTH + tl.arange(0, WIDTH)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     m64 = offs_m.to(tl.int64)
-    for i in tl.static_range(GROUPS_PER_PROG):
-        g = pid_g * GROUPS_PER_PROG + i
-        offs_k = g * GROUP + tl.arange(0, GROUP)
-        mask = m_mask[:, None] & (offs_k[None, :] < K)
-        k64 = offs_k.to(tl.int64)
-        x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
-                    mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(_abs_nan_as_inf(x), axis=1)
-        bad = amax == float("inf")
-        s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
-        if UE8M0:
-            s = _round_up_pow2(s)
-        if FMA_DIV:
-            # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
-            # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
-            r = tl.math.div_rn(1.0, s)[:, None]
-            q0 = x * r
-            q = tl.fma(tl.fma(-q0, s[:, None], x), r, q0)
-        else:
-            q = tl.math.div_rn(x, s[:, None])
-        q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-        q = tl.where(bad[:, None], float("nan"), q)
-        s = tl.where(bad, float("nan"), s)
-        tl.store(q_ptr + pid_b * stride_qb + m64[:, None] * stride_qm + k64[None, :] * stride_qk,
-                 q.to(q_ptr.dtype.element_ty), mask=mask)
-        # a tail program's extra groups (g >= G) write nothing; the tensor form keeps the mask's dtype uniform
-        g_ok = (offs_m * 0 + g * GROUP) < K
-        tl.store(s_ptr + pid_b * stride_sb + m64 * stride_sm + g * stride_sg, s, mask=m_mask & g_ok)
+    k64 = offs_k.to(tl.int64)
+    x_ptrs = x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk
+    if EVICT_FIRST:
+        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    else:
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x3 = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROG, GROUP))
+    amax = tl.max(_abs_nan_as_inf(x3), axis=2)  # (BLOCK_M, GROUPS_PER_PROG)
+    bad = amax == float("inf")
+    s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
+    if UE8M0:
+        s = _round_up_pow2(s)
+    if FMA_DIV:
+        # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
+        # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
+        r = tl.math.div_rn(1.0, s)[:, :, None]
+        q0 = x3 * r
+        q = tl.fma(tl.fma(-q0, s[:, :, None], x3), r, q0)
+    else:
+        q = tl.math.div_rn(x3, s[:, :, None])
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    q = tl.where(bad[:, :, None], float("nan"), q)
+    s = tl.where(bad, float("nan"), s)
+    tl.store(q_ptr + pid_b * stride_qb + m64[:, None] * stride_qm + k64[None, :] * stride_qk,
+             tl.reshape(q, (BLOCK_M, WIDTH)).to(q_ptr.dtype.element_ty), mask=mask)
+    g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    s_mask = (offs_m[:, None] < M) & (g[None, :] * GROUP < K)
+    tl.store(s_ptr + pid_b * stride_sb + m64[:, None] * stride_sm + g[None, :] * stride_sg, s, mask=s_mask)

@@ -94,14 +94,15 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    grid = (kb, nb, E)
+    ksplit, trans_mode, warps, evict = _weight_config(bn, bk)
+    grid = (cdiv(kb, ksplit), nb, E)
     quant_weight_block_kernel[grid](
         w3, q3, s3, qt3, st3,
         N, K,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=int(os.environ.get("FP8_DEEP_WEIGHT_QUANT_WARPS", 8 if bn * bk >= 128 * 128 else 4)),
+        BLOCK_N=bn, BLOCK_K=bk, KSPLIT=ksplit, TRANS_MODE=trans_mode, TCHUNK=min(32, bk), EVICT_FIRST=evict,
+        num_warps=warps,
     )
     return tuple(outs)
 
@@ -190,31 +191,62 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         s.copy_(rs)
         return q, s
     B, M = x3.shape[0], x3.shape[1]
-    block_m, groups_per_prog, warps = _act_config(M, G, group_size)
+    block_m, groups_per_prog, warps, evict = _act_config(M, G, group_size)
     grid = (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
     quant_act_group_kernel[grid](
         x3, q3, s3, M, K,
         *x3.stride(), *q3.stride(), *s3.stride(),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
-        # the FMA-corrected division is GPU-only: the interpreter's fma rounds twice
-        FMA_DIV=x.is_cuda and os.environ.get("FP8_DEEP_QUANT_DIV", "rn") == "fma",
-        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps,
+        # the FMA-corrected division (bit-identical, cheaper) is GPU-only: the interpreter's fma rounds twice
+        FMA_DIV=x.is_cuda and os.environ.get(DIV_ENV, "fma") == "fma",
+        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, EVICT_FIRST=evict, num_warps=warps,
     )
     return q, s
 
 
+WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
+DIV_ENV = "FP8_DEEP_QUANT_DIV"  # "fma" (default on CUDA) or "rn" (one IEEE division per element)
+ACT_CONFIG_ENV = "FP8_DEEP_ACT_QUANT_CONFIG"
+
+
+def _pinned(env: str, n: int):
+    """A tuning sweep's pinned configuration: ``n`` (or more, the rest default) comma-separated integers."""
+    val = os.environ.get(env)
+    if not val:
+        return None
+    parts = [int(v) for v in val.split(",")]
+    if len(parts) < n:
+        raise ValueError(f"{env}={val!r}: expected at least {n} comma-separated integers")
+    return parts
+
+
+def _weight_config(bn: int, bk: int):
+    """(KSPLIT, TRANS_MODE, num_warps, EVICT_FIRST) of the weight kernel; see the kernel for what each means.
+
+    8 warps per 128x128 block: 4 measured 27% slower on an H100 (bench/NOTES.md)."""
+    pinned = _pinned(WEIGHT_CONFIG_ENV, 3)  # "KSPLIT,TRANS_MODE,num_warps[,EVICT_FIRST]"
+    if pinned:
+        ksplit, mode, warps = pinned[:3]
+        if ksplit < 1 or ksplit & (ksplit - 1) or mode not in (0, 1, 2):
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: KSPLIT must be a power of two and TRANS_MODE 0, 1 or 2")
+        return ksplit, mode, warps, bool(pinned[3]) if len(pinned) > 3 else False
+    return 1, 0, (8 if bn * bk >= 128 * 128 else 4), False
+
+
 def _act_config(M: int, G: int, group_size: int):
-    """(BLOCK_M, GROUPS_PER_PROG, num_warps): ~16 KB of input per program keeps enough bytes in flight per SM;
+    """(BLOCK_M, GROUPS_PER_PROG, num_warps, EVICT_FIRST): ~16 KB of input per program keeps enough bytes in flight per SM;
     small M shrinks the row tile so that a decode-size batch still spreads over the SMs."""
-    pinned = os.environ.get("FP8_DEEP_ACT_QUANT_CONFIG")
-    if pinned:  # "BLOCK_M,GROUPS_PER_PROG,num_warps", for tuning sweeps
-        bm, gp, nw = (int(v) for v in pinned.split(","))
-        return bm, gp, nw
+    pinned = _pinned(ACT_CONFIG_ENV, 3)  # "BLOCK_M,GROUPS_PER_PROG,num_warps[,EVICT_FIRST]"
+    if pinned:
+        bm, gp, nw = pinned[:3]
+        if bm < 1 or bm & (bm - 1) or gp < 1 or gp & (gp - 1):
+            raise ValueError(f"{ACT_CONFIG_ENV}: BLOCK_M and GROUPS_PER_PROG must be powers of two")
+        return bm, gp, nw, bool(pinned[3]) if len(pinned) > 3 else False
     if M >= 1024:
-        return 32, 2, 4
+        return 32, 2, 4, False
     if M >= 128:
-        return 16, 2, 4
-    return 8, 1, 2
+        return 16, 2, 4, False
+    return 8, 1, 2, False
 
 
 def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:
