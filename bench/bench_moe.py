@@ -449,12 +449,16 @@ class MoEBench:
         except ImportError as exc:
             self.note(f"fp8_deep.ops.combine missing ({exc})")
         if self.has_dg:
+            # DeepGEMM needs its own plan (128-row segments) and the inputs laid out on it
             dgb = self.backend("deep_gemm")
-            perm_dg = perm if dgb.a_scale_layout == layout else permute_rows(qx[0], qx[1], plan,
-                                                                             scale_layout=dgb.a_scale_layout)
-            stage("gemm1[deep_gemm]", lambda: dgb.gemm(perm_dg[0], perm_dg[1], W["q13"], W["s13"], plan),
-                  flops=2.0 * M * 2 * I * H)
-            stage("gemm2[deep_gemm]", lambda: dgb.gemm(act[0], act[1], W["q2"], W["s2"], plan), flops=2.0 * M * I * H)
+            plan_dg = align_routing(tid, E, block_size=dgb.row_alignment)
+            perm_dg = permute_rows(qx[0], qx[1], plan_dg, scale_layout=dgb.a_scale_layout)
+            h_dg = stage("gemm1[deep_gemm]", lambda: dgb.gemm(perm_dg[0], perm_dg[1], W["q13"], W["s13"], plan_dg),
+                         flops=2.0 * M * 2 * I * H)
+            if h_dg is not None:
+                act_dg = silu_mul_quantize(h_dg, m_indices=plan_dg.m_indices, scale_layout=dgb.a_scale_layout)
+                stage("gemm2[deep_gemm]", lambda: dgb.gemm(act_dg[0], act_dg[1], W["q2"], W["s2"], plan_dg),
+                      flops=2.0 * M * I * H)
         total = sum(r["ms"] for r in out if r["status"] == "ok" and "[" not in r["stage"])
         fb = a.fp8_backend
         e2e = float("nan")

@@ -135,6 +135,10 @@ run_one_stage() {
         tests)
             # shellcheck disable=SC2086
             run_stage tests 420 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider tests/ ;;
+        cputests)  # the tests without the gpu marker, on CUDA tensors (their device fixture picks the GPU)
+            run_stage cputests 420 cputests.log $PY -m pytest -m "not gpu" -q -p no:cacheprovider tests/ ;;
+        diag)
+            run_stage diag 150 diag.log $PY bench/diag_transpose.py ;;
         quant)
             # shellcheck disable=SC2086
             run_stage quant 200 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 180)" ${QUANT_ARGS:-} ;;
@@ -212,22 +216,25 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in quant gemm moe moe2 breakdown sweep main; do
+    for log in diag quant gemm moe moe2 breakdown sweep main; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then
             grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|moe|moe2|breakdown) ?//'
         elif grep -q '^SWEEP' "$LOGS/$log.log"; then
             grep -E '^(SWEEP|FP8_DEEP)' "$LOGS/$log.log"
+        elif grep -q '^DIAG' "$LOGS/$log.log"; then
+            grep -E '^DIAG' "$LOGS/$log.log"
         else
             tail -n 15 "$LOGS/$log.log"
         fi
         grep -E '^\[(error|warn)\]|MISMATCH|FAILED|Traceback|Error' "$LOGS/$log.log" | head -8
     done
-    if [[ -f "$LOGS/tests.log" ]]; then
-        echo "--- tests:"
-        grep -E '^(FAILED|ERROR)' "$LOGS/tests.log" | head -20
-        grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/tests.log" | tail -1
-    fi
+    for log in tests cputests; do
+        [[ -f "$LOGS/$log.log" ]] || continue
+        echo "--- $log:"
+        grep -E '^(FAILED|ERROR)' "$LOGS/$log.log" | head -20
+        grep -E '(passed|failed|error|skipped|no tests ran)' "$LOGS/$log.log" | tail -1
+    done
 } | tee "$OUT/summary.txt"
 exit 0

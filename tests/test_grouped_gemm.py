@@ -190,10 +190,20 @@ def test_backend_with_routing_plan(device):
     check(case, out)
 
 
+def test_peak_rows_per_expert():
+    # DeepSeek-V3 routing (E=256, top-8): T=128 -> mean 4, T=512 -> 16, T=2048 -> 64 rows per expert
+    assert gg.peak_rows_per_expert(128 * 8, 256) == 10
+    assert gg.peak_rows_per_expert(512 * 8, 256) == 28
+    assert gg.peak_rows_per_expert(2048 * 8, 256) == 88
+    assert gg.peak_rows_per_expert(1, 256) == 1 and gg.peak_rows_per_expert(0, 256) == 1
+    assert pick_config(gg.peak_rows_per_expert(512 * 8, 256)).BLOCK_M == 32
+
+
 def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
     assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
+    assert pick_config(160).SWAP_AB and pick_config(160).BLOCK_M == 64  # two weight passes beat padded 256-row tiles
     assert pick_config(4096) == LARGE_M_CONFIGS[0] and not pick_config(4096).SWAP_AB
     assert all(c.SWAP_AB for c in SMALL_M_CONFIGS)
     monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")

@@ -128,7 +128,7 @@ def test_gpu_deepseek(scale_fmt):
     _compare(q, s, h, scale_fmt, m_indices=m)
     # torch's CUDA silu as the reference: expected bit-exact (libdevice expf + IEEE division, as torch)
     y = torch.nn.functional.silu(h[:, :I].float()).to(h.dtype) * h[:, I:]
-    rq, rs = reference.quantize_activation(y)
+    rq, rs = reference.quantize_activation(y, scale_fmt=scale_fmt)
     keep = m >= 0
     assert_bitwise_equal(s.contiguous()[keep], rs[keep], "scale vs torch CUDA silu")
     assert_bitwise_equal(q.view(torch.uint8)[keep], rq.view(torch.uint8)[keep], "q vs torch CUDA silu")
