@@ -36,21 +36,14 @@ ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "KSPLIT,TRANS_MODE,num_warps[,EVICT_FIRST]" (default 1,0,8)
-    "w_k2": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "2,0,8"}),  # two 128x128 blocks per program
-    "w_k2w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "2,0,16"}),
-    "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,0,16"}),
-    "w_ev": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,0,8,1"}),  # evict-first loads
-    "w_t1": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,1,8"}),  # transpose as 16-bit lanes
-    "w_t2": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,2,8"}),  # transpose 128x32 slices, re-read from L2
-    "w_t1w16": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,1,16"}),
-    "w_t2w16": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,2,16"}),
+    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TRANS_MODE,num_warps" (default 0,8)
+    "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "0,16"}),
+    "w_t1": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "1,8"}),  # transpose 128x32 slices, re-read from L2
     # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps[,EVICT_FIRST]" (32,2,4)
     "a_rn": ("act", {"FP8_DEEP_QUANT_DIV": "rn"}),  # IEEE division per element instead of reciprocal + FMA fix
     "a_r64g1": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4"}),
     "a_r16g4": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "16,4,4"}),
     "a_r8g8": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "8,8,4"}),  # whole 2 KB row runs: contiguous row-major scales
-    "a_r32g4w8": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,4,8"}),
     "a_ev": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4,1"}),
 }
 VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}

@@ -134,7 +134,7 @@ run_one_stage() {
     case $1 in
         tests)
             # shellcheck disable=SC2086
-            run_stage tests 420 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider tests/ ;;
+            run_stage tests 420 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider --durations=25 tests/ ;;
         cputests)  # the tests without the gpu marker, on CUDA tensors (their device fixture picks the GPU)
             run_stage cputests 420 cputests.log $PY -m pytest -m "not gpu" -q -p no:cacheprovider tests/ ;;
         diag)

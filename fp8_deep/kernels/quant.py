@@ -40,68 +40,55 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    # meta: a program owns KSPLIT whole (BLOCK_N, BLOCK_K) scale blocks side by side along K, so amax, scale and
-    # cast need one read. TRANS_MODE picks how the transposed copy is formed: 0 transposes the FP8 tile,
-    # 1 transposes its bytes widened to 16 bits (2-byte instead of 1-byte shared-memory traffic),
-    # 2 re-reads the block (L2-resident) in TCHUNK-column slices and transposes each slice.
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KSPLIT: tl.constexpr, TRANS_MODE: tl.constexpr,
-    TCHUNK: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read.
+    # TRANS_MODE picks how the transposed copy is formed: 0 transposes the FP8 tile in registers; 1 re-reads the
+    # block (L2-resident) in TCHUNK-column slices and transposes each slice (smaller shuffles, more loads).
+    # (A (BLOCK_N, 1, BLOCK_K) reshape before the transpose compiled to a wrong q_t on Triton 3.6 / H200 while
+    # the interpreter was right: keep this kernel 2-D; bench/NOTES.md.)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANS_MODE: tl.constexpr, TCHUNK: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_e = tl.program_id(2).to(tl.int64)
-    WIDTH: tl.constexpr = KSPLIT * BLOCK_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * WIDTH + tl.arange(0, WIDTH)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)
-    w_ptrs = w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk
-    if EVICT_FIRST:
-        w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
-        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-    w3 = tl.reshape(w, (BLOCK_N, KSPLIT, BLOCK_K))
+
+    w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
+                mask=mask, other=0.0).to(tl.float32)
     # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    amax = tl.max(tl.max(_abs_nan_as_inf(w3), axis=2), axis=0)  # (KSPLIT,)
+    amax = tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0)
     bad = amax == float("inf")
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
     inv = tl.math.div_rn(1.0, s)
-    q = tl.where(bad[None, :, None], float("nan"), w3 * inv[None, :, None])
+    q = w * inv
+    q = tl.where(bad, float("nan"), q)
     s = tl.where(bad, float("nan"), s)
-    q8 = tl.reshape(q, (BLOCK_N, WIDTH)).to(q_ptr.dtype.element_ty)
+    q8 = q.to(q_ptr.dtype.element_ty)
 
     tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
-    kblk = pid_k * KSPLIT + tl.arange(0, KSPLIT)
-    kblk_ok = kblk * BLOCK_K < K
-    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kblk * stride_sk, s, mask=kblk_ok)
+    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
     if WITH_TRANSPOSE:
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
         qt_base = qt_ptr + pid_e * stride_qte
-        if TRANS_MODE == 2:
-            for c in tl.static_range(WIDTH // TCHUNK):
-                # this slice's block: pick its scale out of the (KSPLIT,) vectors
-                sel = tl.arange(0, KSPLIT) == (c * TCHUNK) // BLOCK_K
-                inv_j = tl.max(tl.where(sel, inv, float("-inf")), axis=0)
-                bad_j = tl.max(tl.where(sel, amax, float("-inf")), axis=0) == float("inf")
-                offs_c = pid_k * WIDTH + c * TCHUNK + tl.arange(0, TCHUNK)
+        if TRANS_MODE == 1:
+            for c in tl.static_range(BLOCK_K // TCHUNK):
+                offs_c = pid_k * BLOCK_K + c * TCHUNK + tl.arange(0, TCHUNK)
                 mask_c = (offs_n[:, None] < N) & (offs_c[None, :] < K)
                 c64 = offs_c.to(tl.int64)
                 wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
                              mask=mask_c, other=0.0).to(tl.float32)
-                qc = tl.where(bad_j, float("nan"), wc * inv_j).to(qt_ptr.dtype.element_ty)
+                qc = tl.where(bad, float("nan"), wc * inv).to(qt_ptr.dtype.element_ty)
                 tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(qc),
                          mask=tl.trans(mask_c))
-        elif TRANS_MODE == 1:
-            qt = tl.trans(q8.to(tl.uint8, bitcast=True).to(tl.uint16)).to(tl.uint8).to(qt_ptr.dtype.element_ty,
-                                                                                      bitcast=True)
-            tl.store(qt_base + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn, qt, mask=tl.trans(mask))
         else:
             tl.store(qt_base + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(q8),
                      mask=tl.trans(mask))
-        tl.store(st_ptr + pid_e * stride_ste + kblk * stride_stk + pid_n * stride_stn, s, mask=kblk_ok)
+        tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
 
 
 @triton.jit

@@ -94,15 +94,14 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    ksplit, trans_mode, warps, evict = _weight_config(bn, bk)
-    grid = (cdiv(kb, ksplit), nb, E)
+    trans_mode, warps = _weight_config(bn, bk)
+    grid = (kb, nb, E)
     quant_weight_block_kernel[grid](
         w3, q3, s3, qt3, st3,
         N, K,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk, KSPLIT=ksplit, TRANS_MODE=trans_mode, TCHUNK=min(32, bk), EVICT_FIRST=evict,
-        num_warps=warps,
+        BLOCK_N=bn, BLOCK_K=bk, TRANS_MODE=trans_mode, TCHUNK=min(32, bk), num_warps=warps,
     )
     return tuple(outs)
 
@@ -221,16 +220,16 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int):
-    """(KSPLIT, TRANS_MODE, num_warps, EVICT_FIRST) of the weight kernel; see the kernel for what each means.
+    """(TRANS_MODE, num_warps) of the weight kernel; see the kernel for what each means.
 
-    8 warps per 128x128 block: 4 measured 27% slower on an H100 (bench/NOTES.md)."""
-    pinned = _pinned(WEIGHT_CONFIG_ENV, 3)  # "KSPLIT,TRANS_MODE,num_warps[,EVICT_FIRST]"
+    8 warps per 128x128 block: 4 measured 27% slower on an H100, 16 no better on an H200 (bench/NOTES.md)."""
+    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TRANS_MODE,num_warps"
     if pinned:
-        ksplit, mode, warps = pinned[:3]
-        if ksplit < 1 or ksplit & (ksplit - 1) or mode not in (0, 1, 2):
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: KSPLIT must be a power of two and TRANS_MODE 0, 1 or 2")
-        return ksplit, mode, warps, bool(pinned[3]) if len(pinned) > 3 else False
-    return 1, 0, (8 if bn * bk >= 128 * 128 else 4), False
+        mode, warps = pinned[:2]
+        if mode not in (0, 1) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TRANS_MODE must be 0 or 1 and num_warps a power of two <= 16")
+        return mode, warps
+    return 0, (8 if bn * bk >= 128 * 128 else 4)
 
 
 def _act_config(M: int, G: int, group_size: int):
