@@ -48,8 +48,8 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
-# every kernel configuration a tuning sweep may pin computes the same bytes: (TRANS_MODE, num_warps)
-WEIGHT_CONFIGS = ["0,4", "0,16", "1,8", "1,4"]
+# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps)
+WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8"]
 
 
 @pytest.mark.parametrize("config", WEIGHT_CONFIGS)
@@ -60,11 +60,12 @@ def test_weight_kernel_configs_bit_exact(config, device, monkeypatch):
     q, s, qt, st = _check_weight(w)
     assert torch.isnan(s[1, 1, 2]) and torch.isfinite(s[1, 1, 1]) and torch.isfinite(s[1, 1, 3])
     _check_weight(_w((7, 129), torch.float32, device), scale_fmt="ue8m0")
+    _check_weight(_w((2, 256, 384), torch.float32, device))  # float32 input, 16-aligned: what once went wrong
 
 
 def test_pinned_config_errors(device, monkeypatch):
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "2,8")
-    with pytest.raises(ValueError, match="TRANS_MODE"):
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "24,8")
+    with pytest.raises(ValueError, match="TCHUNK"):
         ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "1")
     with pytest.raises(ValueError, match="at least 2"):

@@ -40,12 +40,11 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read.
-    # TRANS_MODE picks how the transposed copy is formed: 0 transposes the FP8 tile in registers; 1 re-reads the
-    # block (L2-resident) in TCHUNK-column slices and transposes each slice (smaller shuffles, more loads).
-    # (A (BLOCK_N, 1, BLOCK_K) reshape before the transpose compiled to a wrong q_t on Triton 3.6 / H200 while
-    # the interpreter was right: keep this kernel 2-D; bench/NOTES.md.)
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TRANS_MODE: tl.constexpr, TCHUNK: tl.constexpr,
+    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read of
+    # HBM. The transposed copy is written in TCHUNK-column slices re-read from L2 (the block was just loaded) and
+    # transposed as float32 before the cast. Transposing the FP8 tile itself (one 16 KB shuffle) wrote wrong bytes
+    # on the GPU (Triton 3.6, H200) for float32 inputs with 16-aligned shapes, and was slower (bench/NOTES.md).
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,19 +74,15 @@ def quant_weight_block_kernel(
     if WITH_TRANSPOSE:
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
         qt_base = qt_ptr + pid_e * stride_qte
-        if TRANS_MODE == 1:
-            for c in tl.static_range(BLOCK_K // TCHUNK):
-                offs_c = pid_k * BLOCK_K + c * TCHUNK + tl.arange(0, TCHUNK)
-                mask_c = (offs_n[:, None] < N) & (offs_c[None, :] < K)
-                c64 = offs_c.to(tl.int64)
-                wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
-                             mask=mask_c, other=0.0).to(tl.float32)
-                qc = tl.where(bad, float("nan"), wc * inv).to(qt_ptr.dtype.element_ty)
-                tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(qc),
-                         mask=tl.trans(mask_c))
-        else:
-            tl.store(qt_base + k64[:, None] * stride_qtk + n64[None, :] * stride_qtn, tl.trans(q8),
-                     mask=tl.trans(mask))
+        for c in tl.static_range(BLOCK_K // TCHUNK):
+            offs_c = pid_k * BLOCK_K + c * TCHUNK + tl.arange(0, TCHUNK)
+            mask_c = (offs_n[:, None] < N) & (offs_c[None, :] < K)
+            c64 = offs_c.to(tl.int64)
+            wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
+                         mask=mask_c, other=0.0).to(tl.float32)
+            qc = tl.trans(tl.where(bad, float("nan"), wc * inv))  # (TCHUNK, BLOCK_N), still float32
+            tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
+                     qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
         tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
 
 

@@ -94,14 +94,14 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    trans_mode, warps = _weight_config(bn, bk)
+    tchunk, warps = _weight_config(bn, bk)
     grid = (kb, nb, E)
     quant_weight_block_kernel[grid](
         w3, q3, s3, qt3, st3,
         N, K,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk, TRANS_MODE=trans_mode, TCHUNK=min(32, bk), num_warps=warps,
+        BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), num_warps=warps,
     )
     return tuple(outs)
 
@@ -220,16 +220,17 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int):
-    """(TRANS_MODE, num_warps) of the weight kernel; see the kernel for what each means.
+    """(TCHUNK, num_warps) of the weight kernel: the column slice of the transposed copy, warps per block.
 
     8 warps per 128x128 block: 4 measured 27% slower on an H100, 16 no better on an H200 (bench/NOTES.md)."""
-    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TRANS_MODE,num_warps"
+    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TCHUNK,num_warps"
     if pinned:
-        mode, warps = pinned[:2]
-        if mode not in (0, 1) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TRANS_MODE must be 0 or 1 and num_warps a power of two <= 16")
-        return mode, warps
-    return 0, (8 if bn * bk >= 128 * 128 else 4)
+        tchunk, warps = pinned[:2]
+        if tchunk < 16 or tchunk & (tchunk - 1) or warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16 and num_warps a power of "
+                             f"two <= 16")
+        return tchunk, warps
+    return 32, (8 if bn * bk >= 128 * 128 else 4)
 
 
 def _act_config(M: int, G: int, group_size: int):
