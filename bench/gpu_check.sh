@@ -137,8 +137,6 @@ run_one_stage() {
             run_stage tests 420 tests.log $PY -m pytest $PYTEST_ARGS -q -p no:cacheprovider --durations=25 tests/ ;;
         cputests)  # the tests without the gpu marker, on CUDA tensors (their device fixture picks the GPU)
             run_stage cputests 420 cputests.log $PY -m pytest -m "not gpu" -q -p no:cacheprovider tests/ ;;
-        diag)
-            run_stage diag 150 diag.log $PY bench/diag_transpose.py ;;
         quant)
             # shellcheck disable=SC2086
             run_stage quant 200 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 180)" ${QUANT_ARGS:-} ;;
@@ -160,7 +158,7 @@ run_one_stage() {
             run_stage sweep 300 sweep.log $PY bench/moe_sweep.py ${SWEEP_ARGS:-} ;;
         main)
             run_stage main 90 main.log $PY -m fp8_deep --tokens 512 ;;
-        *) echo "$1: unknown stage (tests quant gemm moe breakdown sweep main)" >> "$LOGS/status" ;;
+        *) echo "$1: unknown stage (tests cputests quant gemm moe moe2 breakdown sweep main)" >> "$LOGS/status" ;;
     esac
 }
 
@@ -216,15 +214,13 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in diag quant gemm moe moe2 breakdown sweep main; do
+    for log in quant gemm moe moe2 breakdown sweep main; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then
             grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|moe|moe2|breakdown) ?//'
         elif grep -q '^SWEEP' "$LOGS/$log.log"; then
             grep -E '^(SWEEP|FP8_DEEP)' "$LOGS/$log.log"
-        elif grep -q '^DIAG' "$LOGS/$log.log"; then
-            grep -E '^DIAG' "$LOGS/$log.log"
         else
             tail -n 15 "$LOGS/$log.log"
         fi

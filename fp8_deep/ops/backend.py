@@ -17,11 +17,11 @@ from .grouped_gemm import TritonGroupedGemm
 log = logging.getLogger("fp8_deep")
 
 BACKENDS = ("auto", "triton", "deep_gemm")
-# "auto" picks DeepGEMM where it measured faster than ours. H100, both GEMMs of a DeepSeek-V3 layer (E=256, top-8):
-# ours 3.9 ms at 4 rows/expert (T=128) and ~4.2 ms at 16-64 rows (T=512-2048), 8.07 ms at 128 rows (T=4096);
-# DeepGEMM 4.89 / 5.00 / 5.00 / 6.02 ms at T=128 / 512 / 2048 / 4096 (shared/docs/ANCHORS.md: the same card model,
-# another run -- not yet side by side, see bench/NOTES.md). Below ~128 rows per expert its 128-row padding costs
-# it more than our weight-streaming tiles; from 128 rows on its GEMM is faster than ours.
+# "auto" picks DeepGEMM where it measured faster than ours, side by side in one run (bench/moe_sweep.py, H200,
+# E=256, top-8, H=7168, whole MoE forward): I=2048, T=2048 (64 rows/expert): ours 4.46 ms, DeepGEMM 5.04;
+# T=4096 (128 rows): DeepGEMM 6.22, ours 7.19; T=16384: DeepGEMM 14.3, ours 20.7. I=256: T=2048 ours 0.88 vs 1.05,
+# T=4096 DeepGEMM 1.37 vs 1.71 (bench/results/NVIDIA_H200/). Below ~128 rows per expert its 128-row padding costs it
+# more than our weight-streaming tiles save; from 128 rows on its GEMMs are faster.
 AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 128
 
 _TRITON = TritonGroupedGemm()

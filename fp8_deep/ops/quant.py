@@ -94,7 +94,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps = _weight_config(bn, bk)
+    tchunk, warps = _weight_config(bn, bk, with_transpose)
     grid = (kb, nb, E)
     quant_weight_block_kernel[grid](
         w3, q3, s3, qt3, st3,
@@ -219,7 +219,7 @@ def _pinned(env: str, n: int):
     return parts
 
 
-def _weight_config(bn: int, bk: int):
+def _weight_config(bn: int, bk: int, with_transpose: bool):
     """(TCHUNK, num_warps) of the weight kernel: the column slice of the transposed copy, warps per block.
 
     8 warps per 128x128 block: 4 measured 27% slower on an H100, 16 no better on an H200 (bench/NOTES.md)."""
@@ -230,7 +230,9 @@ def _weight_config(bn: int, bk: int):
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16 and num_warps a power of "
                              f"two <= 16")
         return tchunk, warps
-    return 32, (8 if bn * bk >= 128 * 128 else 4)
+    if bn * bk < 128 * 128:
+        return 32, 4
+    return (64, 16) if with_transpose else (32, 8)
 
 
 def _act_config(M: int, G: int, group_size: int):
