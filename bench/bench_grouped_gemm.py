@@ -108,7 +108,8 @@ def main():
     import triton
     from triton.testing import do_bench
 
-    from fp8_deep.ops.grouped_gemm import LARGE_M_CONFIGS, SMALL_M_CONFIGS, grouped_gemm_fp8, pick_config
+    from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, SMALL_M_CONFIGS, grouped_gemm_fp8,
+                                           pick_config)
 
     device = torch.device("cuda")
     card = card_name()
@@ -132,7 +133,7 @@ def main():
                 pick = pick_config(rows)
                 cands = [pick]
                 if not args.quick:
-                    family = SMALL_M_CONFIGS if rows <= 64 else LARGE_M_CONFIGS
+                    family = SMALL_M_CONFIGS if rows <= 64 else LARGE_M_CONFIGS + EXPERIMENTAL_CONFIGS
                     cands += [c for c in family if c != pick]
                 for cfg in cands:
                     fn = lambda: grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,  # noqa: E731

@@ -9,7 +9,7 @@ import torch
 from fp8_deep import reference
 from fp8_deep.numerics import BLOCK, FP8_DTYPE, align, cdiv
 from fp8_deep.ops import grouped_gemm as gg
-from fp8_deep.ops.grouped_gemm import (LARGE_M_CONFIGS, SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm,
+from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm,
                                        grouped_gemm_fp8, pick_config)
 from fp8_deep.ops.plan import RoutingPlan
 from fp8_deep.testing import assert_bitwise_equal, calc_diff
@@ -25,6 +25,9 @@ CPU_CONFIGS = {
     "swap16x256": "BLOCK_M=16,BLOCK_N=256,GROUP_M=1,SWAP_AB=1,num_warps=8,num_stages=2",
     "split32x64": "BLOCK_M=32,BLOCK_N=64,GROUP_M=2,SPLIT_M=1,PERSISTENT=1,num_warps=4,num_stages=2",
     "split64x256": "BLOCK_M=64,BLOCK_N=256,GROUP_M=1,SPLIT_M=1,num_warps=8,num_stages=2",
+    # the experimental TMA-descriptor kernel: plain and split-M tiles, with and without the warp-specialized loop
+    "tma32x64": "BLOCK_M=32,BLOCK_N=64,GROUP_M=2,TMA=1,num_warps=4,num_stages=2",
+    "tmasplit32x128ws": "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SPLIT_M=1,TMA=1,WS=1,num_warps=4,num_stages=2",
 }
 
 
@@ -199,6 +202,14 @@ def test_peak_rows_per_expert():
     assert pick_config(gg.peak_rows_per_expert(512 * 8, 256)).BLOCK_M == 32
 
 
+def test_tma_config_validation():
+    with pytest.raises(ValueError, match="WS needs TMA"):
+        GemmConfig(WS=True)
+    with pytest.raises(ValueError, match="plain orientation"):
+        GemmConfig(BLOCK_M=16, SWAP_AB=True, TMA=True)
+    assert GemmConfig.parse("TMA=1,WS=1").WS
+
+
 def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
     assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16
@@ -261,10 +272,19 @@ def test_deepseek_shapes_gpu(N, K, E, rows, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(LARGE_M_CONFIGS), ids=str)
+@pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(LARGE_M_CONFIGS) + list(EXPERIMENTAL_CONFIGS), ids=str)
 def test_every_config_gpu(cfg, device):
     case = make_case([100, 0, 37, 300, 1], N=7168, K=2048, device=device)
-    check(case, run(case, config=cfg))
+    try:
+        out = run(case, config=cfg)
+    except Exception as exc:  # noqa: BLE001
+        # an experimental config the installed Triton cannot compile is not a product defect (it is never picked);
+        # anything else, and every wrong result, still fails
+        compile_error = type(exc).__name__ == "CompilationError" or "PassManager" in str(exc)
+        if cfg in EXPERIMENTAL_CONFIGS and compile_error:
+            pytest.xfail(f"this Triton does not compile experimental config {cfg}: {str(exc).splitlines()[0][:200]}")
+        raise
+    check(case, out)
 
 
 @pytest.mark.gpu

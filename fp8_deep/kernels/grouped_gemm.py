@@ -180,3 +180,73 @@ def _grouped_gemm_fp8_kernel(
             else:
                 o_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_gemm_fp8_tma_kernel(
+    a_desc,           # TensorDescriptor over a (M, K) float8, block (BLOCK_M // (2 if SPLIT_M else 1), BLOCK_K)
+    as_ptr,           # float32 (M, cdiv(K, 128)), any strides
+    b_desc,           # TensorDescriptor over b viewed as (E * N, K) float8, block (BLOCK_N, BLOCK_K)
+    bs_ptr,           # float32 (E, cdiv(N, 128), cdiv(K, 128)), any strides
+    out_ptr, offsets_ptr, counts_ptr,
+    M, N, K, E,
+    stride_asm, stride_ask,
+    stride_bse, stride_bsn, stride_bsk,
+    stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr, SPLIT_M: tl.constexpr, WS: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    """The plain-orientation kernel above with TMA tensor-descriptor loads (one program per tile): the copy engine
+    moves the FP8 tiles and zero-fills past K and past the tensors' ends, which frees the warps' registers and issue
+    slots for the per-128-K promotion; ``WS`` asks Triton to warp-specialize the K loop (producer warps issue the
+    loads, consumer warps run the dots and the promotion, DeepGEMM's structure). Rows a tile reads past its expert's
+    segment belong to other segments or padding: they are computed and never stored, as in the pointer kernel."""
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+    tl.static_assert(BLOCK_N <= 128, "one weight scale per K block: BLOCK_N must divide 128")
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.maximum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), 0)
+    m_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(m_tiles, 0)
+    total_m = tl.sum(m_tiles, 0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile_id = tl.program_id(0)
+    if tile_id >= total_m * num_n:
+        return
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(total_m - first_m, GROUP_M)
+    tm = first_m + (tile_id % tiles_per_group) % group_rows
+    tn = (tile_id % tiles_per_group) // group_rows
+    e = tl.sum((cum_tiles <= tm).to(tl.int32), 0)
+    tiles_before = tl.sum(tl.where(offs_e < e, m_tiles, 0), 0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), 0)
+    seg_start = tl.load(offsets_ptr + e)
+    row0 = seg_start + (tm - tiles_before) * BLOCK_M
+    b_row0 = e * N + tn * BLOCK_N
+    bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + ((tn * BLOCK_N) // 128) * stride_bsn
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    HALF_M: tl.constexpr = BLOCK_M // 2 if SPLIT_M else BLOCK_M
+    rows_lo = row0 + tl.arange(0, HALF_M)
+    as_lo = as_ptr + tl.minimum(tl.maximum(rows_lo, 0), M - 1).to(tl.int64) * stride_asm
+    acc_lo = tl.zeros((HALF_M, BLOCK_N), dtype=tl.float32)
+    if SPLIT_M:
+        rows_hi = rows_lo + HALF_M
+        as_hi = as_ptr + tl.minimum(tl.maximum(rows_hi, 0), M - 1).to(tl.int64) * stride_asm
+        acc_hi = tl.zeros((HALF_M, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES, warp_specialize=WS):
+        kb = k0 // BLOCK_K
+        b = b_desc.load([b_row0, k0])
+        sb = tl.load(bs_ptrs + kb * stride_bsk)
+        a_lo = a_desc.load([row0, k0])
+        acc_lo = _promote(acc_lo, tl.dot(a_lo, tl.trans(b)), tl.load(as_lo + kb * stride_ask), sb, BLOCK_N)
+        if SPLIT_M:
+            a_hi = a_desc.load([row0 + HALF_M, k0])
+            acc_hi = _promote(acc_hi, tl.dot(a_hi, tl.trans(b)), tl.load(as_hi + kb * stride_ask), sb, BLOCK_N)
+    lo_ok = ((rows_lo - seg_start) < count) & (rows_lo < M)
+    tl.store(out_ptr + rows_lo.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on,
+             acc_lo.to(out_ptr.dtype.element_ty), mask=lo_ok[:, None] & col_ok[None, :])
+    if SPLIT_M:
+        hi_ok = ((rows_hi - seg_start) < count) & (rows_hi < M)
+        tl.store(out_ptr + rows_hi.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on,
+                 acc_hi.to(out_ptr.dtype.element_ty), mask=hi_ok[:, None] & col_ok[None, :])

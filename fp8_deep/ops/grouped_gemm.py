@@ -23,11 +23,11 @@ from typing import Optional, Union
 import torch
 import triton
 
-from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel
+from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, use_triton
 from ._checks import check_out, check_tensor
 
-__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS"]
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "EXPERIMENTAL_CONFIGS", "TritonGroupedGemm", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
@@ -42,6 +42,8 @@ class GemmConfig:
     SWAP_AB: bool = False
     SPLIT_M: bool = False      # two independent half-height dots per K block (hides the promotion; not with SWAP_AB)
     PERSISTENT: bool = False   # grid capped at 4 programs per SM looping over tiles (vs one program per tile bound)
+    TMA: bool = False          # experimental: TMA tensor-descriptor loads, one program per tile (plain orientation)
+    WS: bool = False           # experimental: warp-specialized K loop (needs TMA; Triton's Hopper auto-WS)
     num_warps: int = 8
     num_stages: int = 4
 
@@ -58,6 +60,11 @@ class GemmConfig:
             raise ValueError("GemmConfig.SPLIT_M needs SWAP_AB=0 and BLOCK_M >= 32 (two halves of >= 16 rows)")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.WS and not self.TMA:
+            raise ValueError("GemmConfig.WS needs TMA=1 (the warp-specialized loop is built on descriptor loads)")
+        if self.TMA and (self.SWAP_AB or self.PERSISTENT or self.BLOCK_N > 128):
+            raise ValueError("GemmConfig.TMA supports the plain orientation only: SWAP_AB=0, PERSISTENT=0, "
+                             "BLOCK_N <= 128")
 
     @classmethod
     def parse(cls, spec: Union[str, dict, "GemmConfig"]) -> "GemmConfig":
@@ -79,7 +86,7 @@ class GemmConfig:
         for k, v in spec.items():
             if k not in known:
                 raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
-            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT"):
+            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS"):
                 kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
             else:
                 kwargs[k] = int(v)
@@ -108,6 +115,15 @@ LARGE_M_CONFIGS = (
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_M=64, BLOCK_N=256, GROUP_M=8, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, SPLIT_M=True, num_warps=8, num_stages=4),
+)
+
+
+# Not picked by default, swept by bench/bench_grouped_gemm.py: TMA descriptor loads, and Triton's warp-specialized
+# K loop on top (the structure DeepGEMM uses to hide the promotion). Not yet measured on a GPU.
+EXPERIMENTAL_CONFIGS = (
+    GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, WS=True, num_warps=8, num_stages=3),
 )
 
 
@@ -236,6 +252,9 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     # non-empty and each wastes at most BM - 1 rows of its last tile.
     m_tiles_bound = (M + min(E, M) * (bm - 1)) // bm
     tiles_bound = m_tiles_bound * cdiv(N, bn)
+    if cfg.TMA:
+        _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound)
+        return out
     grid = (max(1, min(tiles_bound, _num_programs_cap(a.device)) if cfg.PERSISTENT else tiles_bound),)
     _grouped_gemm_fp8_kernel[grid](
         a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
@@ -250,6 +269,33 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound):
+    """The TMA-descriptor kernel: host-side descriptors over ``a (M, K)`` and ``b`` viewed as ``(E * N, K)``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    E_, N_, _ = b.shape
+    if b.stride(0) != N_ * b.stride(1):
+        raise ValueError("config TMA=1 needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
+                         "pass b.contiguous() or a pointer-load config")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.data_ptr() % 16 or (t.stride(-2) % 16):
+            raise ValueError(f"config TMA=1 needs {name} 16-byte aligned with a row stride that is a multiple of 16 "
+                             f"bytes (got stride {t.stride(-2)}); use a pointer-load config")
+    half = cfg.BLOCK_M // 2 if cfg.SPLIT_M else cfg.BLOCK_M
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [half, BLOCK])
+    b_desc = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [cfg.BLOCK_N, BLOCK])
+    _grouped_gemm_fp8_tma_kernel[(max(1, tiles_bound),)](
+        a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts,
+        M, N, K, E,
+        a_scale.stride(0), a_scale.stride(1),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
+        BLOCK_E=triton.next_power_of_2(E), SPLIT_M=cfg.SPLIT_M, WS=cfg.WS, NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+    )
 
 
 class TritonGroupedGemm:
