@@ -36,10 +36,14 @@ ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps" (default 32,8)
+    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,PROGRAMS_PER_SM,STAGES]" (default 32,8 one
+    # layout; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
     "w_c16": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "16,8"}),  # transposed copy in 128x16 slices
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
+    # persistent grids (4 / 8 programs per SM, each walking blocks in a 2-stage pipelined loop): experimental
+    "w_p4": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,4,2"}),
+    "w_p8": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,4,8,2"}),
     # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps[,EVICT_FIRST]" (32,2,4)
     "a_rn": ("act", {"FP8_DEEP_QUANT_DIV": "rn"}),  # IEEE division per element instead of reciprocal + FMA fix
     "a_r64g1": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4"}),

@@ -48,8 +48,9 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
-# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps)
-WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8"]
+# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps[, programs per SM,
+# STAGES]); the persistent ones walk several blocks per program (2 programs per "SM" under the interpreter)
+WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,4,2,2", "64,8,1,3"]
 
 
 @pytest.mark.parametrize("config", WEIGHT_CONFIGS)

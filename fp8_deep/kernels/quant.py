@@ -27,28 +27,18 @@ def _abs_nan_as_inf(x):
 
 
 @triton.jit
-def quant_weight_block_kernel(
-    # pointers
-    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-    # sizes
-    N, K,
-    # strides (elements): w, q are (E, N, K); s is (E, nb, kb); qt is (E, K, N); st is (E, kb, nb)
-    stride_we, stride_wn, stride_wk,
-    stride_qe, stride_qn, stride_qk,
-    stride_se, stride_sn, stride_sk,
-    stride_qte, stride_qtk, stride_qtn,
-    stride_ste, stride_stk, stride_stn,
-    # numerics
+def _quant_weight_one_block(
+    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, pid_k, pid_n, pid_e, N, K,
+    stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
+    stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    # meta: one program owns exactly one (BLOCK_N, BLOCK_K) scale block, so amax, scale and cast need one read of
-    # HBM. The transposed copy is written in TCHUNK-column slices re-read from L2 (the block was just loaded) and
-    # transposed as float32 before the cast. Transposing the FP8 tile itself (one 16 KB shuffle) wrote wrong bytes
-    # on the GPU (Triton 3.6, H200) for float32 inputs with 16-aligned shapes, and was slower (bench/NOTES.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
 ):
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_e = tl.program_id(2).to(tl.int64)
+    """Quantize scale block ``(pid_e, pid_n, pid_k)``: amax, scale and cast from one read of HBM. The transposed
+    copy is written in TCHUNK-column slices re-read from L2 (the block was just loaded) and transposed as float32
+    before the cast. Transposing the FP8 tile itself (one 16 KB shuffle) wrote wrong bytes on the GPU (Triton 3.6,
+    H200) for float32 inputs with 16-aligned shapes, and was slower (bench/NOTES.md)."""
+    pid_e = pid_e.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
@@ -84,6 +74,41 @@ def quant_weight_block_kernel(
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
                      qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
         tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
+
+
+@triton.jit
+def quant_weight_block_kernel(
+    # pointers
+    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+    # sizes: E experts of (N, K); kb x nb scale blocks each
+    N, K, E, nb, kb,
+    # strides (elements): w, q are (E, N, K); s is (E, nb, kb); qt is (E, K, N); st is (E, kb, nb)
+    stride_we, stride_wn, stride_wk,
+    stride_qe, stride_qn, stride_qk,
+    stride_se, stride_sn, stride_sk,
+    stride_qte, stride_qtk, stride_qtn,
+    stride_ste, stride_stk, stride_stn,
+    # numerics
+    FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
+    # meta: one program per (BLOCK_N, BLOCK_K) scale block (grid (kb, nb, E)), or with PERSISTENT a 1-D grid whose
+    # programs walk the blocks k-fastest in a pipelined loop (STAGES: the next block's load is issued while the
+    # current one is reduced and stored; experimental, bench/NOTES.md)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, PERSISTENT: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    if PERSISTENT:
+        for blk in tl.range(tl.program_id(0), E * nb * kb, tl.num_programs(0), num_stages=STAGES):
+            _quant_weight_one_block(
+                w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, blk % kb, (blk // kb) % nb, blk // (kb * nb), N, K,
+                stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
+                stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
+                FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, BLOCK_N, BLOCK_K, TCHUNK)
+    else:
+        _quant_weight_one_block(
+            w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K,
+            stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
+            stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
+            FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, BLOCK_N, BLOCK_K, TCHUNK)
 
 
 @triton.jit

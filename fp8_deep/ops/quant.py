@@ -94,14 +94,19 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps = _weight_config(bn, bk, with_transpose)
-    grid = (kb, nb, E)
+    tchunk, warps, programs_per_sm, stages = _weight_config(bn, bk, with_transpose)
+    n_blocks = E * nb * kb
+    if programs_per_sm:
+        grid = (max(1, min(n_blocks, programs_per_sm * _sm_count(w.device))),)
+    else:
+        grid = (kb, nb, E)
     quant_weight_block_kernel[grid](
         w3, q3, s3, qt3, st3,
-        N, K,
+        N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), num_warps=warps,
+        BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), PERSISTENT=programs_per_sm > 0, STAGES=stages,
+        num_warps=warps,
     )
     return tuple(outs)
 
@@ -220,19 +225,35 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int, with_transpose: bool):
-    """(TCHUNK, num_warps) of the weight kernel: the column slice of the transposed copy, warps per block.
+    """(TCHUNK, num_warps, programs per SM, STAGES) of the weight kernel: the column slice of the transposed copy,
+    warps per block, and for a persistent grid (programs per SM > 0; experimental) its loop's pipeline depth.
 
-    8 warps per 128x128 block: 4 measured 27% slower on an H100, 16 no better on an H200 (bench/NOTES.md)."""
-    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TCHUNK,num_warps"
+    8 warps per 128x128 block (4 measured 27% slower on an H100, 16 no better for one layout on an H200); 64-column
+    slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8)."""
+    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TCHUNK,num_warps[,PROGRAMS_PER_SM,STAGES]"
     if pinned:
         tchunk, warps = pinned[:2]
-        if tchunk < 16 or tchunk & (tchunk - 1) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16 and num_warps a power of "
-                             f"two <= 16")
-        return tchunk, warps
+        per_sm = pinned[2] if len(pinned) > 2 else 0
+        stages = pinned[3] if len(pinned) > 3 else 2
+        if tchunk < 16 or tchunk & (tchunk - 1) or warps not in (1, 2, 4, 8, 16) or per_sm < 0 or stages < 1:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
+                             f"<= 16, PROGRAMS_PER_SM >= 0 and STAGES >= 1")
+        return tchunk, warps, per_sm, stages
     if bn * bk < 128 * 128:
-        return 32, 4
-    return (64, 16) if with_transpose else (32, 8)
+        return 32, 4, 0, 1
+    return (64, 16, 0, 1) if with_transpose else (32, 8, 0, 1)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter runs programs one after the other: a tiny grid exercises the block loop
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
 def _act_config(M: int, G: int, group_size: int):
