@@ -37,6 +37,26 @@ def _promote(acc, part, sa, sb, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _locate_tile(tile_id, total_m, num_n, cum_tiles, m_tiles, counts, offs_e, offsets_ptr, GROUP_M: tl.constexpr):
+    """Tile ``tile_id`` -> (expert ``e``, m-tiles of the experts before ``e``, n-tile, ``e``'s valid rows, the first row
+    of ``e``'s segment, global m-tile).
+
+    Grouped order: GROUP_M consecutive m-tiles (mostly of one expert) sweep the n-tiles together, so each weight
+    tile is read from HBM once per group rather than once per m-tile. The expert owning global m-tile ``tm`` is the
+    number of experts whose tiles all come before it."""
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(total_m - first_m, GROUP_M)
+    tm = first_m + (tile_id % tiles_per_group) % group_rows
+    tn = (tile_id % tiles_per_group) // group_rows
+    e = tl.sum((cum_tiles <= tm).to(tl.int32), 0)
+    tiles_before = tl.sum(tl.where(offs_e < e, m_tiles, 0), 0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), 0)
+    seg_start = tl.load(offsets_ptr + e)
+    return e, tiles_before, tn, count, seg_start, tm
+
+
+@triton.jit
 def _grouped_gemm_fp8_kernel(
     # pointers
     a_ptr,            # float8_e4m3fn (M, K), unit stride along K
@@ -82,19 +102,8 @@ def _grouped_gemm_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     for tile_id in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
-        # Grouped order: GROUP_M consecutive m-tiles (mostly of one expert) sweep the n-tiles together, so each
-        # weight tile is read from HBM once per group rather than once per m-tile.
-        tiles_per_group = GROUP_M * num_n
-        first_m = (tile_id // tiles_per_group) * GROUP_M
-        group_rows = tl.minimum(total_m - first_m, GROUP_M)
-        tm = first_m + (tile_id % tiles_per_group) % group_rows
-        tn = (tile_id % tiles_per_group) // group_rows
-
-        # Expert owning global m-tile tm: the number of experts whose tiles all come before it.
-        e = tl.sum((cum_tiles <= tm).to(tl.int32), 0)
-        tiles_before = tl.sum(tl.where(offs_e < e, m_tiles, 0), 0)
-        count = tl.sum(tl.where(offs_e == e, counts, 0), 0)
-        seg_start = tl.load(offsets_ptr + e)
+        e, tiles_before, tn, count, seg_start, tm = _locate_tile(tile_id, total_m, num_n, cum_tiles, m_tiles, counts,
+                                                                 offs_e, offsets_ptr, GROUP_M)
         e64 = e.to(tl.int64)
 
         local_m = (tm - tiles_before) * BLOCK_M + offs_m0          # row inside the segment
@@ -212,15 +221,8 @@ def _grouped_gemm_fp8_tma_kernel(
     tile_id = tl.program_id(0)
     if tile_id >= total_m * num_n:
         return
-    tiles_per_group = GROUP_M * num_n
-    first_m = (tile_id // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(total_m - first_m, GROUP_M)
-    tm = first_m + (tile_id % tiles_per_group) % group_rows
-    tn = (tile_id % tiles_per_group) // group_rows
-    e = tl.sum((cum_tiles <= tm).to(tl.int32), 0)
-    tiles_before = tl.sum(tl.where(offs_e < e, m_tiles, 0), 0)
-    count = tl.sum(tl.where(offs_e == e, counts, 0), 0)
-    seg_start = tl.load(offsets_ptr + e)
+    e, tiles_before, tn, count, seg_start, tm = _locate_tile(tile_id, total_m, num_n, cum_tiles, m_tiles, counts,
+                                                             offs_e, offsets_ptr, GROUP_M)
     row0 = seg_start + (tm - tiles_before) * BLOCK_M
     b_row0 = e * N + tn * BLOCK_N
     bs_ptrs = bs_ptr + e.to(tl.int64) * stride_bse + ((tn * BLOCK_N) // 128) * stride_bsn
