@@ -44,12 +44,11 @@ VARIANTS = {
     # persistent grids (4 / 8 programs per SM, each walking blocks in a 2-stage pipelined loop): experimental
     "w_p4": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,4,2"}),
     "w_p8": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,4,8,2"}),
-    # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps[,EVICT_FIRST]" (32,2,4)
+    # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps" (32,2,4)
     "a_rn": ("act", {"FP8_DEEP_QUANT_DIV": "rn"}),  # IEEE division per element instead of reciprocal + FMA fix
     "a_r64g1": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4"}),
     "a_r16g4": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "16,4,4"}),
     "a_r8g8": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "8,8,4"}),  # whole 2 KB row runs: contiguous row-major scales
-    "a_ev": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4,1"}),
 }
 VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}
 PROVIDERS = ["fp8_deep", *VARIANTS, "torch", "compile", "copy"]

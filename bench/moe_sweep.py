@@ -56,8 +56,10 @@ def main():
             tw = tw / tw.sum(-1, keepdim=True)
             tid = tid.to(torch.int32)
 
-            def fp8():
-                return fp8_deep.moe_forward(x, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend="triton")
+            def fp8_backend(name):
+                return lambda: fp8_deep.moe_forward(x, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend=name)
+
+            fp8 = fp8_backend("triton")
 
             def bf16():
                 return bf16_moe_grouped_mm(x, w13, w2, tw, tid)
@@ -68,9 +70,6 @@ def main():
             def bf16_gemm():
                 h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
                 return torch._grouped_mm(silu_mul_bf16(h), w2.transpose(1, 2), offs=offs)
-
-            def fp8_backend(name):
-                return lambda: fp8_deep.moe_forward(x, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend=name)
 
             extra = {}
             for name in (["deep_gemm", "auto"] if has_dg else []):

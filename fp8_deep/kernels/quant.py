@@ -125,7 +125,7 @@ def quant_act_group_kernel(
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
     # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups, loaded as one tile so that all its bytes are in
     # flight at once; writing the scales of many rows of one group keeps column-major (TMA-aligned) stores contiguous
-    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, EVICT_FIRST: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -136,11 +136,8 @@ def quant_act_group_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     m64 = offs_m.to(tl.int64)
     k64 = offs_k.to(tl.int64)
-    x_ptrs = x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk
-    if EVICT_FIRST:
-        x = tl.load(x_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    else:
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
+                mask=mask, other=0.0).to(tl.float32)
     x3 = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROG, GROUP))
     amax = tl.max(_abs_nan_as_inf(x3), axis=2)  # (BLOCK_M, GROUPS_PER_PROG)
     bad = amax == float("inf")

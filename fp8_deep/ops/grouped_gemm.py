@@ -24,10 +24,11 @@ import torch
 import triton
 
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
-from ..numerics import BLOCK, FP8_DTYPE, cdiv, use_triton
+from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
 
-__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "EXPERIMENTAL_CONFIGS", "TritonGroupedGemm", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS"]
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
+           "SMALL_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
@@ -50,7 +51,7 @@ class GemmConfig:
     def __post_init__(self):
         for name in ("BLOCK_M", "BLOCK_N"):
             v = getattr(self, name)
-            if not (16 <= v <= 256 and v & (v - 1) == 0):
+            if not (16 <= v <= 256 and is_pow2(v)):
                 raise ValueError(f"GemmConfig.{name} must be a power of two in [16, 256], got {v}")
         if self.GROUP_M < 1:
             raise ValueError(f"GemmConfig.GROUP_M must be >= 1, got {self.GROUP_M}")
@@ -153,17 +154,9 @@ def peak_rows_per_expert(num_rows: int, num_experts: int) -> int:
     return max(1, math.ceil(mean + 3.0 * math.sqrt(mean)))
 
 
-_SM_COUNT = {}
-
-
 def _num_programs_cap(device: torch.device) -> int:
     """Persistent grid size: 4 programs per SM (those that do not fit wait, then run late or find no tile)."""
-    if device.type != "cuda":
-        return 8  # the interpreter runs programs one after the other; a small grid exercises the tile loop
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+    return 4 * sm_count(device)
 
 
 def _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, out_dtype):
@@ -275,8 +268,7 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
     """The TMA-descriptor kernel: host-side descriptors over ``a (M, K)`` and ``b`` viewed as ``(E * N, K)``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    E_, N_, _ = b.shape
-    if b.stride(0) != N_ * b.stride(1):
+    if b.stride(0) != N * b.stride(1):
         raise ValueError("config TMA=1 needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
                          "pass b.contiguous() or a pointer-load config")
     for t, name in ((a, "a"), (b, "b")):

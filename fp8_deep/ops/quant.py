@@ -13,7 +13,7 @@ import torch
 from .. import reference
 from ..kernels.quant import quant_act_group_kernel, quant_weight_block_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
-                        WEIGHT_AMAX_EPS, cdiv, use_triton)
+                        WEIGHT_AMAX_EPS, cdiv, is_pow2, sm_count, use_triton)
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
@@ -27,10 +27,6 @@ def _check_high_precision(x, name):
     if x.dtype not in HIGH_PRECISION_DTYPES:
         raise TypeError(f"{name} must be bfloat16, float16 or float32 (got {x.dtype}); FP8 or integer tensors are "
                         f"already quantized or not weights/activations")
-
-
-def _is_pow2(v: int) -> bool:
-    return v >= 1 and (v & (v - 1)) == 0
 
 
 def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = (BLOCK, BLOCK),
@@ -58,7 +54,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         raise ValueError(f"w must be (N, K) or (E, N, K), got shape {tuple(w.shape)}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     bn, bk = block_size
-    if not (_is_pow2(bn) and _is_pow2(bk) and bn >= 16 and bk >= 16):
+    if not (is_pow2(bn) and is_pow2(bk) and bn >= 16 and bk >= 16):
         raise ValueError(f"block_size must be two powers of two >= 16, got {block_size}")
     if with_transpose and bn != bk:
         raise ValueError(f"with_transpose needs square blocks (the transposed copy reuses each block's scale), "
@@ -97,7 +93,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     tchunk, warps, programs_per_sm, stages = _weight_config(bn, bk, with_transpose)
     n_blocks = E * nb * kb
     if programs_per_sm:
-        grid = (max(1, min(n_blocks, programs_per_sm * _sm_count(w.device))),)
+        grid = (max(1, min(n_blocks, programs_per_sm * sm_count(w.device))),)
     else:
         grid = (kb, nb, E)
     quant_weight_block_kernel[grid](
@@ -139,7 +135,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     check_choice(backend, "backend", ("auto", "vllm", "triton"))
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K)")
-    if not _is_pow2(group_size) or group_size < 16:
+    if not is_pow2(group_size) or group_size < 16:
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
@@ -195,7 +191,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         s.copy_(rs)
         return q, s
     B, M = x3.shape[0], x3.shape[1]
-    block_m, groups_per_prog, warps, evict = _act_config(M, G, group_size)
+    block_m, groups_per_prog, warps = _act_config(M, G, group_size)
     grid = (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
     quant_act_group_kernel[grid](
         x3, q3, s3, M, K,
@@ -203,7 +199,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
         # the FMA-corrected division (bit-identical, cheaper) is GPU-only: the interpreter's fma rounds twice
         FMA_DIV=x.is_cuda and os.environ.get(DIV_ENV, "fma") == "fma",
-        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, EVICT_FIRST=evict, num_warps=warps,
+        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps,
     )
     return q, s
 
@@ -235,7 +231,7 @@ def _weight_config(bn: int, bk: int, with_transpose: bool):
         tchunk, warps = pinned[:2]
         per_sm = pinned[2] if len(pinned) > 2 else 0
         stages = pinned[3] if len(pinned) > 3 else 2
-        if tchunk < 16 or tchunk & (tchunk - 1) or warps not in (1, 2, 4, 8, 16) or per_sm < 0 or stages < 1:
+        if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16) or per_sm < 0 or stages < 1:
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
                              f"<= 16, PROGRAMS_PER_SM >= 0 and STAGES >= 1")
         return tchunk, warps, per_sm, stages
@@ -244,32 +240,20 @@ def _weight_config(bn: int, bk: int, with_transpose: bool):
     return (64, 16, 0, 1) if with_transpose else (32, 8, 0, 1)
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter runs programs one after the other: a tiny grid exercises the block loop
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def _act_config(M: int, G: int, group_size: int):
-    """(BLOCK_M, GROUPS_PER_PROG, num_warps, EVICT_FIRST): ~16 KB of input per program keeps enough bytes in flight per SM;
+    """(BLOCK_M, GROUPS_PER_PROG, num_warps): ~16 KB of input per program keeps enough bytes in flight per SM;
     small M shrinks the row tile so that a decode-size batch still spreads over the SMs."""
-    pinned = _pinned(ACT_CONFIG_ENV, 3)  # "BLOCK_M,GROUPS_PER_PROG,num_warps[,EVICT_FIRST]"
+    pinned = _pinned(ACT_CONFIG_ENV, 3)  # "BLOCK_M,GROUPS_PER_PROG,num_warps"
     if pinned:
         bm, gp, nw = pinned[:3]
-        if bm < 1 or bm & (bm - 1) or gp < 1 or gp & (gp - 1):
+        if not (is_pow2(bm) and is_pow2(gp)):
             raise ValueError(f"{ACT_CONFIG_ENV}: BLOCK_M and GROUPS_PER_PROG must be powers of two")
-        return bm, gp, nw, bool(pinned[3]) if len(pinned) > 3 else False
+        return bm, gp, nw
     if M >= 1024:
-        return 32, 2, 4, False
+        return 32, 2, 4
     if M >= 128:
-        return 16, 2, 4, False
-    return 8, 1, 2, False
+        return 16, 2, 4
+    return 8, 1, 2
 
 
 def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from .. import reference
 from ..kernels.routing import (align_count_kernel, align_from_sorted_kernel, align_fused_kernel, align_place_kernel,
                                align_scan_kernel, permute_rows_kernel)
-from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, use_triton
+from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, is_pow2, use_triton
 from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_tensor
@@ -113,7 +113,7 @@ def align_routing(topk_ids: torch.Tensor, num_experts: int, *, expert_map: Optio
     """
     check_choice(backend, "backend", ("auto", "vllm", "triton"))
     _check_ids(topk_ids, num_experts, expert_map)
-    if block_size < 16 or block_size & (block_size - 1):
+    if block_size < 16 or not is_pow2(block_size):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     T, k = topk_ids.shape
     bufs = _alloc_plan(topk_ids, num_experts, block_size)

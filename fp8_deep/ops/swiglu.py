@@ -8,7 +8,8 @@ import torch
 
 from .. import reference
 from ..kernels.swiglu import silu_mul_quant_kernel
-from ..numerics import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active, use_triton
+from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
+                        is_pow2, use_triton)
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, scale_strides
 
@@ -42,7 +43,7 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
     check_tensor(h, "h", dtypes=(torch.bfloat16, torch.float16), dims=(2,))
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
-    if group_size < 16 or group_size & (group_size - 1):
+    if group_size < 16 or not is_pow2(group_size):
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps}")
