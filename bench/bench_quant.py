@@ -39,16 +39,15 @@ VARIANTS = {
     # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,PROGRAMS_PER_SM,STAGES]" (default 32,8 one
     # layout; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
-    "w_c16": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "16,8"}),  # transposed copy in 128x16 slices
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
-    # persistent grids (4 / 8 programs per SM, each walking blocks in a 2-stage pipelined loop): experimental
-    "w_p4": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,4,2"}),
-    "w_p8": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,4,8,2"}),
-    # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps" (32,2,4)
+    "w_fold": ("weight", {"FP8_DEEP_QUANT_NAN_MAX": "0"}),  # NaN folded into Inf + plain max (3 ops, not 1)
+    # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps" (tile) or
+    # "flat,BLOCK_G,num_warps" (BLOCK_G consecutive groups per program)
     "a_rn": ("act", {"FP8_DEEP_QUANT_DIV": "rn"}),  # IEEE division per element instead of reciprocal + FMA fix
-    "a_r64g1": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "64,1,4"}),
-    "a_r16g4": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "16,4,4"}),
-    "a_r8g8": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "8,8,4"}),  # whole 2 KB row runs: contiguous row-major scales
+    "a_t32": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4"}),  # the (32 rows, 2 groups) tile, the old default
+    "a_fold": ("act", {"FP8_DEEP_QUANT_NAN_MAX": "0"}),
+    **{f"a_f{bg}w{nw}": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": f"flat,{bg},{nw}"})
+       for bg, nw in ((8, 2), (8, 4), (32, 4), (64, 4))},
 }
 VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}
 PROVIDERS = ["fp8_deep", *VARIANTS, "torch", "compile", "copy"]

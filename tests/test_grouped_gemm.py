@@ -9,8 +9,8 @@ import torch
 from fp8_deep import reference
 from fp8_deep.numerics import BLOCK, FP8_DTYPE, align, cdiv
 from fp8_deep.ops import grouped_gemm as gg
-from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm,
-                                       grouped_gemm_fp8, pick_config)
+from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, MEDIUM_M_CONFIGS, SMALL_M_CONFIGS,
+                                       GemmConfig, TritonGroupedGemm, grouped_gemm_fp8, pick_config)
 from fp8_deep.ops.plan import RoutingPlan
 from fp8_deep.testing import assert_bitwise_equal, calc_diff
 
@@ -90,6 +90,20 @@ def run(case, poison=True, **kw):
                             out=out, **kw)
 
 
+def _run_or_xfail_compile(case, cfg):
+    """An experimental (TMA / warp-specialized) config the installed Triton cannot compile for this GPU is not a
+    product defect: never picked by default (the picked TMA config compiles, test_every_config_gpu). Anything else,
+    and every wrong result, still fails."""
+    try:
+        return run(case, config=cfg)
+    except Exception as exc:  # noqa: BLE001
+        cfg = GemmConfig.parse(cfg)
+        compile_error = type(exc).__name__ == "CompilationError" or "PassManager" in str(exc)
+        if (cfg.TMA or cfg.WS) and cfg not in MEDIUM_M_CONFIGS and compile_error:
+            pytest.xfail(f"this Triton does not compile experimental config {cfg}: {str(exc).splitlines()[0][:200]}")
+        raise
+
+
 def check(case, out, bf16_bar=True):
     """Valid rows: elementwise vs the FP8-emulated reference (bf16 rounding + summation-order budget) and
     ``calc_diff`` vs the BF16 product of the unquantized inputs; every other row: still the NaN poison."""
@@ -117,7 +131,7 @@ def test_ragged_nk_every_config_family(cfg, device):
     # K=192, N=300: ragged K block (64 of 128) and ragged N tile; E=3 (not a power of two) with an empty expert;
     # counts not multiples of any BLOCK_M; more tiles than the CPU grid (8 programs), so the tile loop runs.
     case = make_case([37, 0, 18], N=300, K=192, device=device)
-    check(case, run(case, config=CPU_CONFIGS[cfg]))
+    check(case, _run_or_xfail_compile(case, CPU_CONFIGS[cfg]))
 
 
 @pytest.mark.parametrize("cfg", ["swap16x64", "plain32x128", "split32x64"])
@@ -210,11 +224,28 @@ def test_tma_config_validation():
     assert GemmConfig.parse("TMA=1,WS=1").WS
 
 
+@pytest.mark.parametrize("K", [256, 200], ids=["tma", "fallback"])
+def test_medium_bucket_tma_and_fallback(K, device, monkeypatch):
+    """The picked medium-rows config runs the TMA kernel where the operands suit TMA (16-byte row strides) and the
+    pointer kernel's 128x128 tiles where they do not (K=200): same results, never an error."""
+    monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
+    calls = []
+    real = gg._launch_tma
+    monkeypatch.setattr(gg, "_launch_tma", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    case = make_case([130, 0, 70], N=192, K=K, device=device, scale_layout="tma_aligned")
+    check(case, run(case, expected_m=100))
+    assert bool(calls) == (K % 16 == 0)
+    if K % 16:  # pinned explicitly, the same config is not swapped behind the caller's back: a clear error
+        monkeypatch.setenv(gg.CONFIG_ENV, str(MEDIUM_M_CONFIGS[0]))
+        with pytest.raises(ValueError, match="TMA=1 needs a"):
+            run(case, expected_m=100)
+
+
 def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
     assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
-    assert pick_config(160).SWAP_AB and pick_config(160).BLOCK_M == 64  # two weight passes beat padded 256-row tiles
+    assert pick_config(65) == pick_config(1023) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
     assert pick_config(4096) == LARGE_M_CONFIGS[0] and not pick_config(4096).SWAP_AB
     assert all(c.SWAP_AB for c in SMALL_M_CONFIGS)
     monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")
@@ -272,30 +303,24 @@ def test_deepseek_shapes_gpu(N, K, E, rows, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(LARGE_M_CONFIGS) + list(EXPERIMENTAL_CONFIGS), ids=str)
+@pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(MEDIUM_M_CONFIGS) + list(LARGE_M_CONFIGS)
+                         + list(EXPERIMENTAL_CONFIGS), ids=str)
 def test_every_config_gpu(cfg, device):
     case = make_case([100, 0, 37, 300, 1], N=7168, K=2048, device=device)
-    try:
-        out = run(case, config=cfg)
-    except Exception as exc:  # noqa: BLE001
-        # an experimental config the installed Triton cannot compile is not a product defect (it is never picked);
-        # anything else, and every wrong result, still fails
-        compile_error = type(exc).__name__ == "CompilationError" or "PassManager" in str(exc)
-        if cfg in EXPERIMENTAL_CONFIGS and compile_error:
-            pytest.xfail(f"this Triton does not compile experimental config {cfg}: {str(exc).splitlines()[0][:200]}")
-        raise
+    out = _run_or_xfail_compile(case, cfg) if cfg in EXPERIMENTAL_CONFIGS else run(case, config=cfg)
     check(case, out)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture_gpu(device):
+@pytest.mark.parametrize("expected_m", [None, 100], ids=["default", "medium_tma_ws"])
+def test_cuda_graph_capture_gpu(expected_m, device):
     case = make_case([30, 0, 200], N=4096, K=512, device=device, scale_layout="tma_aligned")
     out = poisoned((case["M"], case["N"]), torch.bfloat16, device)
     args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
-    grouped_gemm_fp8(*args, out=out)  # compile outside the capture
+    grouped_gemm_fp8(*args, out=out, expected_m=expected_m)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        grouped_gemm_fp8(*args, out=out)
+        grouped_gemm_fp8(*args, out=out, expected_m=expected_m)
     out.copy_(poisoned(out.shape, out.dtype, device))
     graph.replay()
     torch.cuda.synchronize()

@@ -48,9 +48,8 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
-# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps[, programs per SM,
-# STAGES]); the persistent ones walk several blocks per program (2 programs per "SM" under the interpreter)
-WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,4,2,2", "64,8,1,3"]
+# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps)
+WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8"]
 
 
 @pytest.mark.parametrize("config", WEIGHT_CONFIGS)
@@ -70,6 +69,9 @@ def test_pinned_config_errors(device, monkeypatch):
         ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "1")
     with pytest.raises(ValueError, match="at least 2"):
+        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,4,2")  # the dropped persistent grid's form
+    with pytest.raises(ValueError, match="expected 'TCHUNK,num_warps'"):
         ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "3,1,4")
@@ -225,14 +227,28 @@ def test_activation_bit_exact(shape, scale_layout, scale_fmt, device):
     _check_act(_x(shape, torch.bfloat16, device), scale_fmt, scale_layout)
 
 
-@pytest.mark.parametrize("config", ["32,2,4", "4,8,4", "64,1,4", "16,4,8", "1,2,1"])
+@pytest.mark.parametrize("config", ["32,2,4", "4,8,4", "64,1,4", "16,4,8", "1,2,1", "flat,32,4", "flat,4,1"])
 def test_activation_kernel_configs_bit_exact(config, device, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", config)
-    x = _x((77, 320), torch.bfloat16, device)  # ragged K: a program's last groups are partly or wholly outside
+    # ragged K: a tile program's last groups are partly or wholly outside (flat falls back to the tile kernel)
+    x = _x((77, 320), torch.bfloat16, device)
     x[5, 200] = float("inf")
     for layout in ("row_major", "tma_aligned"):
         q, s = _check_act(x, scale_layout=layout)
         assert torch.isnan(s[5, 1]) and torch.isfinite(s[5, 0]) and torch.isfinite(s[5, 2])
+    # whole groups, 3-D, a padded row stride and a group count that no BLOCK_G divides: the flat kernel's index math
+    xb = _x((3, 7, 5 * 128 + 64), torch.bfloat16, device)[..., :5 * 128]
+    xb[1, 6, 300] = float("nan")
+    for layout in ("row_major", "tma_aligned"):
+        q, s = _check_act(xb, scale_layout=layout)
+        assert torch.isnan(s[1, 6, 2]) and torch.isnan(q[1, 6, 256:384].float()).all()
+        assert torch.isfinite(s[1, 6, 1]) and torch.isfinite(s[0]).all()
+
+
+def test_activation_flat_config_errors(device, monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "flat,24,4")
+    with pytest.raises(ValueError, match="BLOCK_G a power of two"):
+        ops.quantize_activation(_x((4, 256), torch.bfloat16, device))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -355,14 +371,19 @@ def test_gpu_weight_deepseek_shapes(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("div", ["rn", "fma"])
+@pytest.mark.parametrize("div,config", [("rn", None), ("fma", None), ("fma", "flat,64,8"), ("fma", "8,8,4")])
 @pytest.mark.parametrize("M", [1, 4096, 32768])
 @pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
-def test_gpu_activation_large(M, scale_layout, div, monkeypatch):
-    """Both division variants (IEEE div_rn; reciprocal + FMA correction) must give the reference's bytes."""
+def test_gpu_activation_large(M, scale_layout, div, config, monkeypatch):
+    """Both division variants (IEEE div_rn; reciprocal + FMA correction) and both kernels (flat runs of groups,
+    row x group tiles) must give the reference's bytes, NaN/Inf groups included."""
     monkeypatch.setenv("FP8_DEEP_QUANT_DIV", div)
+    if config:
+        monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", config)
     for K in (7168, 192):
         x = _x((M, K), torch.bfloat16, "cuda")
+        x[M // 2, 5] = float("nan")
+        x[M - 1, K - 1] = float("inf")
         for fmt in ("fp32", "ue8m0"):
             q, s = ops.quantize_activation(x, scale_layout=scale_layout, scale_fmt=fmt, backend="triton")
             rq, rs = reference.quantize_activation(x, scale_fmt=fmt)

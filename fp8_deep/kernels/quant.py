@@ -19,11 +19,26 @@ def _round_up_pow2(s):
 
 
 @triton.jit
-def _abs_nan_as_inf(x):
-    """|x| with NaN folded into +Inf: a max that ignores NaN would otherwise hide it, and an amax of +Inf then
-    flags every non-finite block or group."""
-    a = tl.abs(x)
-    return tl.where(a != a, float("inf"), a)
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax_nan(a, axis, NAN_MAX: tl.constexpr):
+    """max |x| over ``axis`` that never hides a non-finite value (``_is_bad`` of the result flags NaN and Inf).
+
+    NAN_MAX (GPU): one NaN-propagating max per element (``max.NaN``). Otherwise NaN is first folded into +Inf
+    (abs, compare, select): the interpreter runs a custom-combine reduction as a Python loop, far too slow."""
+    if NAN_MAX:
+        return tl.reduce(tl.abs(a), axis, _max_nan)
+    else:
+        x = tl.abs(a)
+        return tl.max(tl.where(x != x, float("inf"), x), axis)
+
+
+@triton.jit
+def _is_bad(amax):
+    return (amax != amax) | (amax == float("inf"))
 
 
 @triton.jit
@@ -32,6 +47,7 @@ def _quant_weight_one_block(
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
+    NAN_MAX: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
 ):
     """Quantize scale block ``(pid_e, pid_n, pid_k)``: amax, scale and cast from one read of HBM. The transposed
@@ -48,16 +64,14 @@ def _quant_weight_one_block(
     w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
     # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    amax = tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0)
-    bad = amax == float("inf")
+    amax = _amax_nan(_amax_nan(w, 1, NAN_MAX), 0, NAN_MAX)
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
+    # a non-finite block gets a NaN scale, and through 1/NaN every q of it is NaN: no per-element select
+    s = tl.where(_is_bad(amax), float("nan"), s)
     inv = tl.math.div_rn(1.0, s)
-    q = w * inv
-    q = tl.where(bad, float("nan"), q)
-    s = tl.where(bad, float("nan"), s)
-    q8 = q.to(q_ptr.dtype.element_ty)
+    q8 = (w * inv).to(q_ptr.dtype.element_ty)
 
     tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
@@ -70,7 +84,7 @@ def _quant_weight_one_block(
             c64 = offs_c.to(tl.int64)
             wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
                          mask=mask_c, other=0.0).to(tl.float32)
-            qc = tl.trans(tl.where(bad, float("nan"), wc * inv))  # (TCHUNK, BLOCK_N), still float32
+            qc = tl.trans(wc * inv)  # (TCHUNK, BLOCK_N), still float32
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
                      qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
         tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
@@ -90,25 +104,41 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    # meta: one program per (BLOCK_N, BLOCK_K) scale block (grid (kb, nb, E)), or with PERSISTENT a 1-D grid whose
-    # programs walk the blocks k-fastest in a pipelined loop (STAGES: the next block's load is issued while the
-    # current one is reduced and stored; experimental, bench/NOTES.md)
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, PERSISTENT: tl.constexpr,
-    STAGES: tl.constexpr,
+    NAN_MAX: tl.constexpr,
+    # meta: one program per (BLOCK_N, BLOCK_K) scale block, grid (kb, nb, E). A persistent grid walking the blocks
+    # in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md) and was dropped.
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
 ):
-    if PERSISTENT:
-        for blk in tl.range(tl.program_id(0), E * nb * kb, tl.num_programs(0), num_stages=STAGES):
-            _quant_weight_one_block(
-                w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, blk % kb, (blk // kb) % nb, blk // (kb * nb), N, K,
-                stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
-                stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-                FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, BLOCK_N, BLOCK_K, TCHUNK)
+    _quant_weight_one_block(
+        w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K,
+        stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
+        stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, BLOCK_N, BLOCK_K, TCHUNK)
+
+
+@triton.jit
+def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
+                  FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr):
+    """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).
+
+    No clamp to +-FP8_MAX: with ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
+    reference's clamp never changes a finite value; a non-finite group gets a NaN scale, which makes all its q NaN
+    through the division (a clamp would have turned that NaN into +-FP8_MAX: fmax/fmin drop NaN)."""
+    amax = _amax_nan(x, AXIS, NAN_MAX)
+    s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
+    if UE8M0:
+        s = _round_up_pow2(s)
+    s = tl.where(_is_bad(amax), float("nan"), s)
+    se = tl.expand_dims(s, AXIS)
+    if FMA_DIV:
+        # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
+        # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
+        r = tl.math.div_rn(1.0, se)
+        q0 = x * r
+        q = tl.fma(tl.fma(-q0, se, x), r, q0)
     else:
-        _quant_weight_one_block(
-            w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K,
-            stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
-            stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-            FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, BLOCK_N, BLOCK_K, TCHUNK)
+        q = tl.math.div_rn(x, se)
+    return q, s
 
 
 @triton.jit
@@ -122,7 +152,7 @@ def quant_act_group_kernel(
     stride_qb, stride_qm, stride_qk,
     stride_sb, stride_sm, stride_sg,
     # numerics
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
     # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups, loaded as one tile so that all its bytes are in
     # flight at once; writing the scales of many rows of one group keeps column-major (TMA-aligned) stores contiguous
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -139,24 +169,42 @@ def quant_act_group_kernel(
     x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
                 mask=mask, other=0.0).to(tl.float32)
     x3 = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROG, GROUP))
-    amax = tl.max(_abs_nan_as_inf(x3), axis=2)  # (BLOCK_M, GROUPS_PER_PROG)
-    bad = amax == float("inf")
-    s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
-    if UE8M0:
-        s = _round_up_pow2(s)
-    if FMA_DIV:
-        # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
-        # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
-        r = tl.math.div_rn(1.0, s)[:, :, None]
-        q0 = x3 * r
-        q = tl.fma(tl.fma(-q0, s[:, :, None], x3), r, q0)
-    else:
-        q = tl.math.div_rn(x3, s[:, :, None])
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    q = tl.where(bad[:, :, None], float("nan"), q)
-    s = tl.where(bad, float("nan"), s)
+    q, s = _quant_groups(x3, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
     tl.store(q_ptr + pid_b * stride_qb + m64[:, None] * stride_qm + k64[None, :] * stride_qk,
              tl.reshape(q, (BLOCK_M, WIDTH)).to(q_ptr.dtype.element_ty), mask=mask)
     g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     s_mask = (offs_m[:, None] < M) & (g[None, :] * GROUP < K)
     tl.store(s_ptr + pid_b * stride_sb + m64[:, None] * stride_sm + g[None, :] * stride_sg, s, mask=s_mask)
+
+
+@triton.jit
+def quant_act_flat_kernel(
+    # pointers
+    x_ptr, q_ptr, s_ptr,
+    # sizes: x is viewed as (B, M, K) with K = G * GROUP (whole groups only); NG = B * M * G groups in all
+    NG, M, G,
+    # strides (elements); stride_xk == stride_qk == 1 (the launcher checks): a group is GROUP contiguous elements
+    stride_xb, stride_xm, stride_qb, stride_qm,
+    stride_sb, stride_sm, stride_sg,
+    # numerics
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    # meta: a program owns BLOCK_G consecutive groups in (b, m, g) order -- for a contiguous x one contiguous run of
+    # BLOCK_G * GROUP elements (the access pattern of a copy; the (BLOCK_M, width) tile of quant_act_group_kernel
+    # reads BLOCK_M short row runs instead)
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    # int32 index math (NG < 2**31, the launcher checks): a 64-bit division costs ~4x a 32-bit one
+    g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < NG
+    row = g // G
+    gi = g - row * G
+    b = (row // M).to(tl.int64)
+    m = (row % M).to(tl.int64)
+    gi = gi.to(tl.int64)
+    j = tl.arange(0, GROUP)
+    x = tl.load(x_ptr + (b * stride_xb + m * stride_xm + gi * GROUP)[:, None] + j[None, :],
+                mask=gmask[:, None], other=0.0).to(tl.float32)
+    q, s = _quant_groups(x, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
+    tl.store(q_ptr + (b * stride_qb + m * stride_qm + gi * GROUP)[:, None] + j[None, :],
+             q.to(q_ptr.dtype.element_ty), mask=gmask[:, None])
+    tl.store(s_ptr + b * stride_sb + m * stride_sm + gi * stride_sg, s, mask=gmask)

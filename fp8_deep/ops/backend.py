@@ -17,12 +17,11 @@ from .grouped_gemm import TritonGroupedGemm
 log = logging.getLogger("fp8_deep")
 
 BACKENDS = ("auto", "triton", "deep_gemm")
-# "auto" picks DeepGEMM where it measured faster than ours, side by side in one run (bench/moe_sweep.py, H200,
-# E=256, top-8, H=7168, whole MoE forward): I=2048, T=2048 (64 rows/expert): ours 4.46 ms, DeepGEMM 5.04;
-# T=4096 (128 rows): DeepGEMM 6.22, ours 7.19; T=16384: DeepGEMM 14.3, ours 20.7. I=256: T=2048 ours 0.88 vs 1.05,
-# T=4096 DeepGEMM 1.37 vs 1.71 (bench/results/NVIDIA_H200/). Below ~128 rows per expert its 128-row padding costs it
-# more than our weight-streaming tiles save; from 128 rows on its GEMMs are faster.
-AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 128
+# "auto" picks DeepGEMM where it measured faster than ours, side by side in one run (bench/moe_sweep.py, H100,
+# E=256, top-8, H=7168, I=2048, whole MoE forward, bench/NOTES.md): T=2048 (64 rows/expert) ours 4.99 ms, DeepGEMM
+# 6.73; T=4096 (128 rows) ours 6.77 (warp-specialized TMA tiles), DeepGEMM 7.84; T=16384 (512 rows) DeepGEMM 15.2,
+# ours 19.7. Below that its 128-row padding and our weight-streaming tiles win; from 256 rows on its GEMMs are faster.
+AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT = 256
 
 _TRITON = TritonGroupedGemm()
 

@@ -9,8 +9,9 @@ programs to ``(expert, m-tile, n-tile)`` from ``expert_counts`` (``fp8_deep.kern
 be captured in a CUDA graph.
 
 Tile configurations come from a bucket of the expected rows per expert (a host-side hint; the real counts live on the
-device): few rows -> weight-bandwidth bound, persistent swap-AB tiles (weight rows fill the MMA's 64-wide M side,
-tokens the narrow N side); many rows -> compute bound, 256x128 tiles computed as two independent 128x128 dots. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
+device): few rows (<= 64) -> weight-bandwidth bound, persistent swap-AB tiles (weight rows fill the MMA's 64-wide M
+side, tokens the narrow N side); 65-1023 rows -> 128x128 tiles with TMA loads and a warp-specialized K loop (Hopper);
+more -> compute bound, 256x128 tiles computed as two independent 128x128 dots. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
 ``"BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1"``) pins one configuration for every call.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
-           "SMALL_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
+           "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
@@ -119,22 +120,35 @@ LARGE_M_CONFIGS = (
 )
 
 
-# Not picked by default, swept by bench/bench_grouped_gemm.py: TMA descriptor loads, and Triton's warp-specialized
-# K loop on top (the structure DeepGEMM uses to hide the promotion). Not yet measured on a GPU.
+# Between the two regimes (more rows per expert than a 64-token swap tile holds, fewer than ~1024): 128x128 tiles
+# with TMA descriptor loads and Triton's warp-specialized K loop (producer warps feed the copy engine while the
+# consumer warpgroups run the dots and the promotion, DeepGEMM's structure). H100, whole MoE forward, E=256, top-8,
+# I=2048 (bench/NOTES.md): T=2048 4.99 ms vs 5.28 with 64-token swap tiles; T=4096 6.77 vs 7.82; T=16384 19.7 vs
+# 21.3 with the 256x128 split tiles; T=1024 (~49 rows peak) 4.66 vs 4.35: the swap tiles keep that one. Hopper only
+# (TMA), and the operands must suit TMA (16-byte aligned rows); elsewhere MEDIUM_M_FALLBACK runs instead.
+MEDIUM_M_CONFIGS = (
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=4),
+)
+MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
+
+# Not picked by default, swept by bench/bench_grouped_gemm.py. H100, GEMM1 of DeepSeek-V3 (N=4096, K=7168) at
+# 1024 / 2048 rows per expert: 128x128 WS 833 / 763 TFLOP/s, the 256x128 split default 806 / 813; TMA without WS and
+# 256-row WS tiles are slower; a 64-row WS tile with 4 warps does not compile (Triton 3.6).
 EXPERIMENTAL_CONFIGS = (
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, num_warps=8, num_stages=3),
-    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, WS=True, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, TMA=True, WS=True, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=3),
 )
 
 
 def pick_config(expected_m: int) -> GemmConfig:
     """The configuration for the rows of the most loaded experts (``FP8_DEEP_GEMM_CONFIG`` overrides).
 
-    Swap-AB tiles as wide as that load (an expert whose rows overflow one tile streams its weights twice), 64 at most:
-    up to ~192 rows per expert two 64-row passes over the weights still beat the compute-bound tiles, which pad every
-    expert to 128-256 rows (MoE sweep, H200, E=256, top-8, I=2048: T=2048 4.46 ms with 64-row swap tiles vs 5.6-8.3
-    with 128/256-row tiles; T=4096 7.19 vs 7.85-8.67; T=16384 20.7 with 256-row split tiles vs 25.2)."""
+    Up to 64 rows: swap-AB tiles as wide as that load (the weights stream once per expert; measured better than the
+    128-row tiles, which pad every expert to 128 rows, up to ~49 rows); up to 1024: the 128x128 warp-specialized TMA
+    tiles (``MEDIUM_M_CONFIGS``); beyond: 256x128 tiles as two independent 128-row dots (``LARGE_M_CONFIGS``; GEMM2
+    of DeepSeek-V3 at 1024-2048 rows: 735-766 TFLOP/s vs 699-720 for the WS tiles)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return GemmConfig.parse(env)
@@ -142,9 +156,19 @@ def pick_config(expected_m: int) -> GemmConfig:
         return SMALL_M_CONFIGS[0]
     if expected_m <= 32:
         return SMALL_M_CONFIGS[1]
-    if expected_m <= 192:
+    if expected_m <= 64:
         return SMALL_M_CONFIGS[2]
+    if expected_m < 1024:
+        return MEDIUM_M_CONFIGS[0]
     return LARGE_M_CONFIGS[0]
+
+
+def _tma_ok(a: torch.Tensor, b: torch.Tensor, N: int) -> bool:
+    """Whether the TMA kernel can take these operands here: Hopper or newer (or the interpreter), 16-byte aligned
+    bases and row strides, experts stacked without gaps."""
+    if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    return (b.stride(0) == N * b.stride(1) and all(t.data_ptr() % 16 == 0 and t.stride(-2) % 16 == 0 for t in (a, b)))
 
 
 def peak_rows_per_expert(num_rows: int, num_experts: int) -> int:
@@ -240,6 +264,8 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         cfg = GemmConfig.parse(config)
     else:
         cfg = pick_config(expected_m if expected_m is not None else max(1, M // E))
+        if cfg.TMA and not os.environ.get(CONFIG_ENV) and not _tma_ok(a, b, N):
+            cfg = MEDIUM_M_FALLBACK  # a picked TMA config never fails on operands it cannot describe
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
     # non-empty and each wastes at most BM - 1 rows of its last tile.

@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..kernels.quant import quant_act_group_kernel, quant_weight_block_kernel
+from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
-                        WEIGHT_AMAX_EPS, cdiv, is_pow2, sm_count, use_triton)
+                        WEIGHT_AMAX_EPS, cdiv, is_pow2, use_triton)
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
@@ -90,18 +90,13 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps, programs_per_sm, stages = _weight_config(bn, bk, with_transpose)
-    n_blocks = E * nb * kb
-    if programs_per_sm:
-        grid = (max(1, min(n_blocks, programs_per_sm * sm_count(w.device))),)
-    else:
-        grid = (kb, nb, E)
-    quant_weight_block_kernel[grid](
+    tchunk, warps = _weight_config(bn, bk, with_transpose)
+    quant_weight_block_kernel[(kb, nb, E)](
         w3, q3, s3, qt3, st3,
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), PERSISTENT=programs_per_sm > 0, STAGES=stages,
+        NAN_MAX=w.is_cuda and os.environ.get(NAN_MAX_ENV) != "0", BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
         num_warps=warps,
     )
     return tuple(outs)
@@ -191,22 +186,33 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         s.copy_(rs)
         return q, s
     B, M = x3.shape[0], x3.shape[1]
-    block_m, groups_per_prog, warps = _act_config(M, G, group_size)
-    grid = (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
-    quant_act_group_kernel[grid](
-        x3, q3, s3, M, K,
-        *x3.stride(), *q3.stride(), *s3.stride(),
+    numerics = dict(
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
         # the FMA-corrected division (bit-identical, cheaper) is GPU-only: the interpreter's fma rounds twice
         FMA_DIV=x.is_cuda and os.environ.get(DIV_ENV, "fma") == "fma",
-        GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps,
-    )
+        # NaN-propagating max (one op per element) on the GPU; the interpreter runs that reduction in Python
+        NAN_MAX=x.is_cuda and os.environ.get(NAN_MAX_ENV) != "0")
+    cfg = _act_config(M, G, scales_row_major=G == 1 or s3.stride(2) == 1,
+                      flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
+    if cfg[0] == "flat":
+        _, block_g, warps = cfg
+        quant_act_flat_kernel[(cdiv(B * M * G, block_g),)](
+            x3, q3, s3, B * M * G, M, G,
+            x3.stride(0), x3.stride(1), q3.stride(0), q3.stride(1), *s3.stride(),
+            **numerics, GROUP=group_size, BLOCK_G=block_g, num_warps=warps)
+    else:
+        _, block_m, groups_per_prog, warps = cfg
+        quant_act_group_kernel[(cdiv(M, block_m), cdiv(G, groups_per_prog), B)](
+            x3, q3, s3, M, K,
+            *x3.stride(), *q3.stride(), *s3.stride(),
+            **numerics, GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
     return q, s
 
 
 WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
 DIV_ENV = "FP8_DEEP_QUANT_DIV"  # "fma" (default on CUDA) or "rn" (one IEEE division per element)
 ACT_CONFIG_ENV = "FP8_DEEP_ACT_QUANT_CONFIG"
+NAN_MAX_ENV = "FP8_DEEP_QUANT_NAN_MAX"  # "0": the GPU folds NaN into Inf before a plain max, as the interpreter does
 
 
 def _pinned(env: str, n: int):
@@ -221,39 +227,56 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int, with_transpose: bool):
-    """(TCHUNK, num_warps, programs per SM, STAGES) of the weight kernel: the column slice of the transposed copy,
-    warps per block, and for a persistent grid (programs per SM > 0; experimental) its loop's pipeline depth.
+    """(TCHUNK, num_warps) of the weight kernel: the column slice of the transposed copy, and warps per block.
 
-    8 warps per 128x128 block (4 measured 27% slower on an H100, 16 no better for one layout on an H200); 64-column
-    slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8)."""
-    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)  # "TCHUNK,num_warps[,PROGRAMS_PER_SM,STAGES]"
+    8 warps per 128x128 block (4 measured 27% slower on an H100, 16 the same for one layout on an H100 and an H200);
+    64-column slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8;
+    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps"`` pins them."""
+    pinned = _pinned(WEIGHT_CONFIG_ENV, 2)
     if pinned:
-        tchunk, warps = pinned[:2]
-        per_sm = pinned[2] if len(pinned) > 2 else 0
-        stages = pinned[3] if len(pinned) > 3 else 2
-        if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16) or per_sm < 0 or stages < 1:
+        if len(pinned) != 2:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps'")
+        tchunk, warps = pinned
+        if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
-                             f"<= 16, PROGRAMS_PER_SM >= 0 and STAGES >= 1")
-        return tchunk, warps, per_sm, stages
+                             f"<= 16")
+        return tchunk, warps
     if bn * bk < 128 * 128:
-        return 32, 4, 0, 1
-    return (64, 16, 0, 1) if with_transpose else (32, 8, 0, 1)
+        return 32, 4
+    return (64, 16) if with_transpose else (32, 8)
 
 
-def _act_config(M: int, G: int, group_size: int):
-    """(BLOCK_M, GROUPS_PER_PROG, num_warps): ~16 KB of input per program keeps enough bytes in flight per SM;
-    small M shrinks the row tile so that a decode-size batch still spreads over the SMs."""
-    pinned = _pinned(ACT_CONFIG_ENV, 3)  # "BLOCK_M,GROUPS_PER_PROG,num_warps"
-    if pinned:
-        bm, gp, nw = pinned[:3]
+def _act_config(M: int, G: int, scales_row_major: bool, flat_ok: bool):
+    """``("flat", BLOCK_G, num_warps)`` or ``("tile", BLOCK_M, GROUPS_PER_PROG, num_warps)``.
+
+    flat: BLOCK_G consecutive groups per program, one contiguous run of a contiguous ``x`` (needs whole groups:
+    ``K % group_size == 0``); tile: a (BLOCK_M, GROUPS_PER_PROG * group_size) tile, any K, and contiguous stores of
+    column-major (TMA-aligned) scales. ~16 KB of input per program keeps enough bytes in flight per SM; small M
+    shrinks the tile so that a decode-size batch still spreads over the SMs. ``FP8_DEEP_ACT_QUANT_CONFIG`` pins
+    one: ``"BLOCK_M,GROUPS_PER_PROG,num_warps"`` (tile) or ``"flat,BLOCK_G,num_warps"`` (falls back to the tile
+    default where flat does not apply)."""
+    val = os.environ.get(ACT_CONFIG_ENV)
+    if val and val.startswith("flat"):
+        parts = [int(v) for v in val.split(",")[1:]]
+        if len(parts) != 2 or not is_pow2(parts[0]) or parts[1] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{ACT_CONFIG_ENV}={val!r}: expected 'flat,BLOCK_G,num_warps' with BLOCK_G a power of "
+                             f"two and num_warps in 1, 2, 4, 8, 16")
+        if flat_ok:
+            return ("flat", *parts)
+    elif val:
+        bm, gp, nw = _pinned(ACT_CONFIG_ENV, 3)[:3]
         if not (is_pow2(bm) and is_pow2(gp)):
             raise ValueError(f"{ACT_CONFIG_ENV}: BLOCK_M and GROUPS_PER_PROG must be powers of two")
-        return bm, gp, nw
+        return "tile", bm, gp, nw
+    if flat_ok:
+        # H100: 16 groups / 4 warps 1.00-1.02x torch.compile at M = 4096-32768 (row-major scales), the 32x256
+        # tile 0.86-0.95x; 0.98-1.01x vs 0.96-0.97x with TMA-aligned scales (bench/NOTES.md)
+        return "flat", 16, 4
     if M >= 1024:
-        return 32, 2, 4
+        return "tile", 32, 2, 4
     if M >= 128:
-        return 16, 2, 4
-    return 8, 1, 2
+        return "tile", 16, 2, 4
+    return "tile", 8, 1, 2
 
 
 def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:
