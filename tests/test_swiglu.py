@@ -63,6 +63,7 @@ def test_padding_rows_and_poisoned_out(device, layout):
     h = torch.randn(M, 2 * I, device=device).to(torch.bfloat16)
     m = torch.randint(0, 3, (M,), dtype=torch.int32, device=device)
     m[::4] = -1
+    m[10:20] = -1  # whole row tiles of padding: the kernel's zero-store branch
     h[m.cpu() < 0] = float("nan")  # padding rows must not be read
     G = 2
     qo = torch.full((M, I), 0x7F, dtype=torch.uint8, device=device).view(FP8_DTYPE)
@@ -124,6 +125,7 @@ def test_gpu_deepseek(scale_fmt):
     M, I = 4096 * 8 // 4, 2048
     h = (torch.randn(M, 2 * I, device="cuda") * 2).to(torch.bfloat16)
     m = torch.randint(-1, 8, (M,), dtype=torch.int32, device="cuda")
+    m[100:200] = -1  # whole row tiles of padding
     q, s = silu_mul_quantize(h, m_indices=m, scale_fmt=scale_fmt)
     _compare(q, s, h, scale_fmt, m_indices=m)
     # torch's CUDA silu as the reference: expected bit-exact (libdevice expf + IEEE division, as torch)
