@@ -126,6 +126,7 @@ def test_gpu_deepseek(scale_fmt):
     h = (torch.randn(M, 2 * I, device="cuda") * 2).to(torch.bfloat16)
     m = torch.randint(-1, 8, (M,), dtype=torch.int32, device="cuda")
     m[100:200] = -1  # whole row tiles of padding
+    h[5, :64] = -200.0  # silu underflows to -0: y = -0 must quantize to FP8 -0 (0x80)
     q, s = silu_mul_quantize(h, m_indices=m, scale_fmt=scale_fmt)
     _compare(q, s, h, scale_fmt, m_indices=m)
     # torch's CUDA silu as the reference: expected bit-exact (libdevice expf + IEEE division, as torch)

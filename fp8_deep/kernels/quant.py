@@ -135,7 +135,8 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
         # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
         r = tl.math.div_rn(1.0, se)
         q0 = x * r
-        q = tl.fma(tl.fma(-q0, se, x), r, q0)
+        # q0 == 0 keeps x's sign (-0 / s is -0, the FMA chain would give +0: FP8 0x80 vs 0x00)
+        q = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, se, x), r, q0))
     else:
         q = tl.math.div_rn(x, se)
     return q, s

@@ -100,7 +100,8 @@ def silu_mul_quant_kernel(
             # division and ~10x fewer instructions per element (this kernel is issue-bound, not memory-bound)
             r = tl.math.div_rn(1.0, s)[:, :, None]
             q0 = y * r
-            qf = tl.fma(tl.fma(-q0, s[:, :, None], y), r, q0)
+            # q0 == 0 keeps y's sign (-0 / s is -0, the FMA chain would give +0: FP8 0x80 vs 0x00)
+            qf = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, s[:, :, None], y), r, q0))
         else:
             qf = tl.math.div_rn(y, s[:, :, None])
         qf = tl.minimum(tl.maximum(qf, -FP8_MAX), FP8_MAX)
