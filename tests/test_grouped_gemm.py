@@ -243,7 +243,8 @@ def test_medium_bucket_tma_and_fallback(K, device, monkeypatch):
 
 def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
-    assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16
+    assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16 and pick_config(4).PERSISTENT
+    assert pick_config(12).SWAP_AB and pick_config(12).BLOCK_M == 16 and not pick_config(12).PERSISTENT
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
     assert pick_config(65) == pick_config(1023) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
     assert pick_config(4096) == LARGE_M_CONFIGS[0] and not pick_config(4096).SWAP_AB
