@@ -8,18 +8,13 @@ from fp8_deep.testing import calc_diff
 
 
 def make_moe(T, E, H, I, k, device, *, dtype=torch.bfloat16, routing="random", seed=0):
-    # Small cases are drawn on the CPU and moved, so the CPU (interpreter) and GPU runs check the same inputs. Large
-    # ones are drawn where they are used: at DeepSeek-V3 size (11G weights) CPU sampling took ~60 s of each GPU test.
-    # (On device-drawn small data, 2 of 41 seeds of the (6, 4, 256, 128, 2) case exceeded the 0.035 bar by 15-28%:
-    # the Hopper FP8 MMA's in-block accumulation moves a SwiGLU group's amax by one bf16 ulp, which re-scales the
-    # whole group; identical for every tile config. bench/NOTES.md.)
-    gen_dev = device if E * 3 * I * H > (1 << 26) else "cpu"
-    g = torch.Generator(device=gen_dev).manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g, device=gen_dev).to(dtype).to(device)
+    # drawn where they are used: at DeepSeek-V3 size (11G weights) CPU sampling took ~60 s of each GPU test
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g, device=device).to(dtype)
     # in the weight dtype directly, scaled in place: no float32 copies of 11G elements
-    w13 = torch.randn(E, 2 * I, H, generator=g, device=gen_dev, dtype=dtype).div_(H ** 0.5).to(device)
-    w2 = torch.randn(E, H, I, generator=g, device=gen_dev, dtype=dtype).div_(I ** 0.5).to(device)
-    logits = torch.randn(T, E, generator=g, device=gen_dev).to(device)
+    w13 = torch.randn(E, 2 * I, H, generator=g, device=device, dtype=dtype).div_(H ** 0.5)
+    w2 = torch.randn(E, H, I, generator=g, device=device, dtype=dtype).div_(I ** 0.5)
+    logits = torch.randn(T, E, generator=g, device=device)
     if routing == "one_expert":
         logits[:, 1] += 100.0
     elif routing == "skip_half":  # experts 0, 2, 4, ... get no tokens
