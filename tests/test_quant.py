@@ -16,6 +16,17 @@ def _w(shape, dtype, device, scale=1.0):
     return w.to(dtype)
 
 
+# q must come out as the positive NaN for all four (a NaN input's sign must not leak: the CPU keeps NaN signs)
+NON_FINITE = pytest.mark.parametrize("bad", ["nan", "-nan", "inf", "-inf"])
+
+
+def _put_non_finite(t, idx, bad):
+    t[idx] = float(bad.lstrip("-"))
+    if bad.startswith("-"):  # set the sign bit through the bits: assigning -nan stores +nan
+        bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[t.dtype]
+        t.view(bits)[idx] |= torch.iinfo(bits).min
+
+
 def _check_weight(w, scale_fmt="fp32", with_transpose=True):
     res = ops.quantize_weight_blockwise(w, scale_fmt=scale_fmt, with_transpose=with_transpose)
     rq, rs = reference.quantize_weight_blockwise(w.cpu(), scale_fmt=scale_fmt)
@@ -140,11 +151,11 @@ def test_weight_edge_values(device):
     assert torch.isfinite(s).all() and not q.float().isnan().any()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@NON_FINITE
 def test_weight_non_finite_policy(bad, device):
     """A block holding NaN/Inf must not come out looking healthy: scale NaN and every q of the block NaN."""
     w = _w((256, 384), torch.bfloat16, device)
-    w[130, 300] = bad
+    _put_non_finite(w, (130, 300), bad)
     q, s = _check_weight(w)[:2]
     assert torch.isnan(s[1, 2]) and torch.isnan(q[128:, 256:].float()).all()
     s_ok = s.clone()
@@ -278,10 +289,10 @@ def test_activation_clamp_and_eps(device):
     _check_act(x, eps=1e-3)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@NON_FINITE
 def test_activation_non_finite_policy(bad, device):
     x = _x((8, 384), torch.bfloat16, device)
-    x[3, 200] = bad
+    _put_non_finite(x, (3, 200), bad)
     q, s = _check_act(x)
     assert torch.isnan(s[3, 1]) and torch.isnan(q[3, 128:256].float()).all()
     assert torch.isfinite(s[3, 0]) and torch.isfinite(s[:3]).all()

@@ -68,10 +68,12 @@ def _quant_weight_one_block(
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
-    # a non-finite block gets a NaN scale, and through 1/NaN every q of it is NaN: no per-element select
-    s = tl.where(_is_bad(amax), float("nan"), s)
+    # a non-finite block: scale NaN and every q the positive NaN (a product with NaN may carry the sign of a -NaN
+    # input on the CPU, where NaN is not canonicalized)
+    bad = _is_bad(amax)
+    s = tl.where(bad, float("nan"), s)
     inv = tl.math.div_rn(1.0, s)
-    q8 = (w * inv).to(q_ptr.dtype.element_ty)
+    q8 = tl.where(bad, float("nan"), w * inv).to(q_ptr.dtype.element_ty)
 
     tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
@@ -84,7 +86,7 @@ def _quant_weight_one_block(
             c64 = offs_c.to(tl.int64)
             wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
                          mask=mask_c, other=0.0).to(tl.float32)
-            qc = tl.trans(wc * inv)  # (TCHUNK, BLOCK_N), still float32
+            qc = tl.trans(tl.where(bad, float("nan"), wc * inv))  # (TCHUNK, BLOCK_N), still float32
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
                      qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
         tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
@@ -122,13 +124,13 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
     """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).
 
     No clamp to +-FP8_MAX: with ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
-    reference's clamp never changes a finite value; a non-finite group gets a NaN scale, which makes all its q NaN
-    through the division (a clamp would have turned that NaN into +-FP8_MAX: fmax/fmin drop NaN)."""
+    reference's clamp never changes a finite value. A non-finite group gets scale NaN and all q the positive NaN."""
     amax = _amax_nan(x, AXIS, NAN_MAX)
     s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
-    s = tl.where(_is_bad(amax), float("nan"), s)
+    bad = _is_bad(amax)
+    s = tl.where(bad, float("nan"), s)
     se = tl.expand_dims(s, AXIS)
     if FMA_DIV:
         # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
@@ -139,7 +141,7 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
         q = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, se, x), r, q0))
     else:
         q = tl.math.div_rn(x, se)
-    return q, s
+    return tl.where(tl.expand_dims(bad, AXIS), float("nan"), q), s
 
 
 @triton.jit

@@ -7,15 +7,17 @@ Numerics, each step as the reference composes them (``reference.quantize_activat
   ``expf`` (what torch's CUDA silu calls) instead of Triton's ``ex2.approx``-based ``tl.exp``; under the CPU
   interpreter ``tl.exp`` is numpy's. torch's CPU silu uses its own vectorized exp, so y can differ from the reference
   by one ulp of h.dtype where the exps differ in the last bit.
-* ``amax = max(max|y|, eps)``, ``s = amax / 448`` (``div_rn``), optional UE8M0 round-up by bit arithmetic (keep the
-  exponent, add one when the mantissa is non-zero; exact, unlike ``exp2(ceil(log2 s))``),
-  ``q = fp8(clamp(y / s, -448, 448))`` with a true division, as vLLM's ``per_token_group_quant_fp8``.
+* then the activation quantizer's group math (``fp8_deep.kernels.quant._quant_groups``, bit-identical to
+  vLLM's ``per_token_group_quant_fp8``): ``amax = max(max|y|, eps)``, ``s = amax / 448``, optional UE8M0 round-up,
+  ``q = fp8(clamp(y / s, -448, 448))`` with a correctly rounded division.
 * A group holding NaN/Inf gets scale NaN and all-NaN q; padding rows (``m_indices < 0``) get q = 0 and scale 0
   without h being read.
 """
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from .quant import _quant_groups
 
 
 @triton.jit
@@ -41,8 +43,8 @@ def silu_mul_quant_kernel(
     # strides
     stride_hm, stride_hk, stride_qm, stride_qk, stride_sm, stride_sg,
     # numerics
-    EPS, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
-    FMA_DIV: tl.constexpr,
+    EPS: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+    IS_BF16: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
     # meta
     HAS_M: tl.constexpr, GROUP: tl.constexpr, GROUP_POW2: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -85,29 +87,9 @@ def silu_mul_quant_kernel(
         silu = _round_to(tl.math.div_rn(g32, 1.0 + e), IS_BF16)
         y = _round_to(silu * up.to(tl.float32), IS_BF16)  # silu(gate).to(h.dtype) * up, rounded to h.dtype as torch
 
-        a = tl.abs(y)
-        finite = a < float("inf")                                              # False for NaN and +-Inf
-        bad = tl.max(tl.where(finite, 0, 1), axis=2) > 0                       # [BM, GPP]
-        amax = tl.maximum(tl.max(tl.where(finite, a, 0.0), axis=2), EPS)
-        s = tl.math.div_rn(amax, FP8_MAX)
-        if UE8M0:
-            bits = s.to(tl.int32, bitcast=True)
-            exp = (bits >> 23) & 0xFF
-            up_exp = tl.where((bits & 0x7FFFFF) != 0, exp + 1, exp)
-            s = (up_exp << 23).to(tl.float32, bitcast=True)
-        if FMA_DIV:
-            # RN(y / s) from r = RN(1/s): one exact-residual FMA correction (Markstein), bit-identical to the IEEE
-            # division and ~10x fewer instructions per element (this kernel is issue-bound, not memory-bound)
-            r = tl.math.div_rn(1.0, s)[:, :, None]
-            q0 = y * r
-            # q0 == 0 keeps y's sign (-0 / s is -0, the FMA chain would give +0: FP8 0x80 vs 0x00)
-            qf = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, s[:, :, None], y), r, q0))
-        else:
-            qf = tl.math.div_rn(y, s[:, :, None])
-        qf = tl.minimum(tl.maximum(qf, -FP8_MAX), FP8_MAX)
-        qf = tl.where(bad[:, :, None], float("nan"), qf)
+        # the activation quantizer's group math (same bytes as quantize_activation(y)); padding rows get zeros
+        qf, s = _quant_groups(y, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
         qf = tl.where(live[:, None, None], qf, 0.0)
-        s = tl.where(bad, float("nan"), s)
         s = tl.where(live[:, None], s, 0.0)
 
         tl.store(q_ptrs, qf.to(q_ptr.dtype.element_ty), mask=st_mask)

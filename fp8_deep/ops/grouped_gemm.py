@@ -168,12 +168,19 @@ def pick_config(expected_m: int) -> GemmConfig:
     return LARGE_M_CONFIGS[0]
 
 
-def _tma_ok(a: torch.Tensor, b: torch.Tensor, N: int) -> bool:
-    """Whether the TMA kernel can take these operands here: Hopper or newer (or the interpreter), 16-byte aligned
-    bases and row strides, experts stacked without gaps."""
+def _tma_problem(a: torch.Tensor, b: torch.Tensor, N: int) -> Optional[str]:
+    """Why the TMA kernel cannot take these operands here (None when it can): it needs Hopper or newer (or the
+    interpreter), 16-byte aligned bases and row strides, and the experts of ``b`` stacked without gaps."""
     if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
-        return False
-    return (b.stride(0) == N * b.stride(1) and all(t.data_ptr() % 16 == 0 and t.stride(-2) % 16 == 0 for t in (a, b)))
+        return "config TMA=1 needs an SM90 (Hopper) or newer GPU; use a pointer-load config"
+    if b.stride(0) != N * b.stride(1):
+        return ("config TMA=1 needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
+                "pass b.contiguous() or a pointer-load config")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.data_ptr() % 16 or t.stride(-2) % 16:
+            return (f"config TMA=1 needs {name} 16-byte aligned with a row stride that is a multiple of 16 bytes "
+                    f"(got stride {t.stride(-2)}); use a pointer-load config")
+    return None
 
 
 def peak_rows_per_expert(num_rows: int, num_experts: int) -> int:
@@ -265,11 +272,12 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     if not use_triton(a):
         return _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, out)
 
-    if config is not None:
-        cfg = GemmConfig.parse(config)
+    pinned = config if config is not None else os.environ.get(CONFIG_ENV)
+    if pinned:
+        cfg = GemmConfig.parse(pinned)
     else:
         cfg = pick_config(expected_m if expected_m is not None else max(1, M // E))
-        if cfg.TMA and not os.environ.get(CONFIG_ENV) and not _tma_ok(a, b, N):
+        if cfg.TMA and _tma_problem(a, b, N):
             cfg = MEDIUM_M_FALLBACK  # a picked TMA config never fails on operands it cannot describe
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
@@ -299,13 +307,9 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
     """The TMA-descriptor kernel: host-side descriptors over ``a (M, K)`` and ``b`` viewed as ``(E * N, K)``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if b.stride(0) != N * b.stride(1):
-        raise ValueError("config TMA=1 needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
-                         "pass b.contiguous() or a pointer-load config")
-    for t, name in ((a, "a"), (b, "b")):
-        if t.data_ptr() % 16 or (t.stride(-2) % 16):
-            raise ValueError(f"config TMA=1 needs {name} 16-byte aligned with a row stride that is a multiple of 16 "
-                             f"bytes (got stride {t.stride(-2)}); use a pointer-load config")
+    problem = _tma_problem(a, b, N)
+    if problem:
+        raise ValueError(problem)
     half = cfg.BLOCK_M // 2 if cfg.SPLIT_M else cfg.BLOCK_M
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [half, BLOCK])
     b_desc = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [cfg.BLOCK_N, BLOCK])

@@ -13,7 +13,7 @@ import torch
 from .. import reference
 from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
-                        WEIGHT_AMAX_EPS, cdiv, is_pow2, use_triton)
+                        WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
@@ -96,7 +96,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=w.is_cuda and os.environ.get(NAN_MAX_ENV) != "0", BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
+        NAN_MAX=gpu_fast_paths(w)["NAN_MAX"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
         num_warps=warps,
     )
     return tuple(outs)
@@ -186,14 +186,8 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         s.copy_(rs)
         return q, s
     B, M = x3.shape[0], x3.shape[1]
-    numerics = dict(
-        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0",
-        # the FMA-corrected division (bit-identical, cheaper) is GPU-only: the interpreter's fma rounds twice
-        FMA_DIV=x.is_cuda and os.environ.get(DIV_ENV, "fma") == "fma",
-        # NaN-propagating max (one op per element) on the GPU; the interpreter runs that reduction in Python
-        NAN_MAX=x.is_cuda and os.environ.get(NAN_MAX_ENV) != "0")
-    cfg = _act_config(M, G, scales_row_major=G == 1 or s3.stride(2) == 1,
-                      flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
+    numerics = dict(FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x))
+    cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
         quant_act_flat_kernel[(cdiv(B * M * G, block_g),)](
@@ -213,6 +207,16 @@ WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
 DIV_ENV = "FP8_DEEP_QUANT_DIV"  # "fma" (default on CUDA) or "rn" (one IEEE division per element)
 ACT_CONFIG_ENV = "FP8_DEEP_ACT_QUANT_CONFIG"
 NAN_MAX_ENV = "FP8_DEEP_QUANT_NAN_MAX"  # "0": the GPU folds NaN into Inf before a plain max, as the interpreter does
+
+
+def gpu_fast_paths(t: torch.Tensor) -> dict:
+    """The quantizers' GPU-only instruction choices (bit-identical to the plain ones, which the interpreter runs):
+    ``FMA_DIV``, reciprocal + FMA-corrected division (the interpreter's fma rounds twice); ``NAN_MAX``, one
+    NaN-propagating max per element (the interpreter runs that custom reduction as a Python loop). Each can be
+    switched off for A/B runs: ``FP8_DEEP_QUANT_DIV=rn``, ``FP8_DEEP_QUANT_NAN_MAX=0``."""
+    gpu = t.is_cuda and not interpreter_active()
+    return dict(FMA_DIV=gpu and os.environ.get(DIV_ENV, "fma") == "fma",
+                NAN_MAX=gpu and os.environ.get(NAN_MAX_ENV) != "0")
 
 
 def _pinned(env: str, n: int):
@@ -246,7 +250,7 @@ def _weight_config(bn: int, bk: int, with_transpose: bool):
     return (64, 16) if with_transpose else (32, 8)
 
 
-def _act_config(M: int, G: int, scales_row_major: bool, flat_ok: bool):
+def _act_config(M: int, flat_ok: bool):
     """``("flat", BLOCK_G, num_warps)`` or ``("tile", BLOCK_M, GROUPS_PER_PROG, num_warps)``.
 
     flat: BLOCK_G consecutive groups per program, one contiguous run of a contiguous ``x`` (needs whole groups:

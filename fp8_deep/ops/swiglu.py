@@ -2,7 +2,6 @@
 feeds the second grouped GEMM (numerics in ``fp8_deep.kernels.swiglu``)."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -13,6 +12,7 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LA
                         is_pow2, use_triton)
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, scale_strides
+from .quant import gpu_fast_paths
 
 __all__ = ["silu_mul_quantize", "silu_mul_quantize_ref"]
 
@@ -85,10 +85,8 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
         h, m_indices if m_indices is not None else h, q, s,
         M, I, G,
         h.stride(0), h.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-        eps, FP8_MAX=FP8_MAX, UE8M0=scale_fmt == "ue8m0", ACCURATE_EXP=h.is_cuda and not interpreter_active(),
-        IS_BF16=h.dtype == torch.bfloat16,
-        # reciprocal + FMA-corrected division (bit-identical) on the GPU; the interpreter's fma rounds twice
-        FMA_DIV=h.is_cuda and not interpreter_active() and os.environ.get("FP8_DEEP_QUANT_DIV", "fma") == "fma",
+        EPS=eps, FP8_MAX=FP8_MAX, UE8M0=scale_fmt == "ue8m0", ACCURATE_EXP=h.is_cuda and not interpreter_active(),
+        IS_BF16=h.dtype == torch.bfloat16, **gpu_fast_paths(h),
         HAS_M=m_indices is not None, GROUP=group_size, GROUP_POW2=gp2, GROUPS_PER_PROG=groups_per_prog,
         BLOCK_M=block_m, num_warps=4,
     )
