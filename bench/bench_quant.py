@@ -40,10 +40,12 @@ VARIANTS = {
     # layout; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
-    "w_fold": ("weight", {"FP8_DEEP_QUANT_NAN_MAX": "0"}),  # NaN folded into Inf + plain max (3 ops, not 1)
+    "w_fold": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_max"}),  # NaN folded into Inf + plain max (3 ops, not 1)
+    "w_sel": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
     # activation kernel, FP8_DEEP_ACT_QUANT_CONFIG = "BLOCK_M,GROUPS_PER_PROG,num_warps" (tile) or
     # "flat,BLOCK_G,num_warps" (BLOCK_G consecutive groups per program)
-    "a_rn": ("act", {"FP8_DEEP_QUANT_DIV": "rn"}),  # IEEE division per element instead of reciprocal + FMA fix
+    "a_rn": ("act", {"FP8_DEEP_QUANT_PLAIN": "div"}),  # IEEE division per element instead of reciprocal + FMA fix
+    "a_sel": ("act", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
     "a_t32": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4"}),  # the (32 rows, 2 groups) tile, the old default
     **{f"a_f{bg}w{nw}": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": f"flat,{bg},{nw}"})
        for bg, nw in ((8, 2), (32, 4), (64, 4))},

@@ -31,6 +31,7 @@ __all__ = [
     "quantize_activation",
     "dequantize_blockwise",
     "dequantize_activation",
+    "block_scaled_matmul",
     "grouped_gemm_fp8",
     "silu_mul",
     "silu_mul_quantize",
@@ -133,6 +134,45 @@ def dequantize_blockwise(q: torch.Tensor, s: torch.Tensor, block_size=(BLOCK, BL
 def dequantize_activation(q: torch.Tensor, s: torch.Tensor, group_size: int = BLOCK) -> torch.Tensor:
     K = q.shape[-1]
     return q.float() * s.float().repeat_interleave(group_size, dim=-1)[..., :K]
+
+
+ACCUMULATE = ("fp32", "tensor_core")
+
+
+def block_scaled_matmul(a, a_scale, b, b_scale, accumulate: str = "fp32") -> torch.Tensor:
+    """``deq(a) @ deq(b).T`` in float32, ``(M, N)``: a FP8 ``(M, K)`` with 1x128 scales ``(M, ceil(K/128))``, b FP8
+    ``(N, K)`` with 128x128 scales ``(ceil(N/128), ceil(K/128))``.
+
+    ``accumulate="fp32"``: dequantize and multiply in float32 -- the recipe's math, and what the kernels compute
+    under the Triton interpreter. ``"tensor_core"`` (CUDA, SM89+): the GPU kernels' arithmetic -- each 128-wide K
+    block's raw FP8 product from the FP8 tensor cores (``torch._scaled_mm``, unit scales), which keep only ~14 bits
+    while accumulating inside the block (H100: 1.5-3e-4 of the row's magnitude off the exact product), then scaled
+    and added in float32 block after block: the FP32 promotion every 128 of K of DeepSeek-V3, DeepGEMM and ours.
+    """
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+    if accumulate == "fp32":
+        return dequantize_activation(a, a_scale) @ dequantize_blockwise(b, b_scale).t()
+    if not a.is_cuda:
+        raise ValueError("accumulate='tensor_core' models the GPU's FP8 tensor cores: it needs CUDA tensors")
+    M, K = a.shape
+    N = b.shape[0]
+    kb = cdiv(K, BLOCK)
+    # cuBLAS FP8 wants dims in multiples of 16; zero rows/columns and a zero K tail add exact zeros (as the kernels'
+    # masked loads do)
+    a_p = torch.zeros(cdiv(M, 16) * 16, kb * BLOCK, dtype=FP8_DTYPE, device=a.device)
+    b_p = torch.zeros(cdiv(N, 16) * 16, kb * BLOCK, dtype=FP8_DTYPE, device=a.device)
+    a_p[:M, :K] = a
+    b_p[:N, :K] = b
+    one = torch.ones((), device=a.device)
+    sb = b_scale.float().repeat_interleave(BLOCK, dim=0)[:N]  # (N, kb)
+    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    for k in range(kb):
+        ks = slice(k * BLOCK, (k + 1) * BLOCK)
+        part = torch._scaled_mm(a_p[:, ks].contiguous(), b_p[:, ks].contiguous().t(), scale_a=one, scale_b=one,
+                                out_dtype=torch.float32, use_fast_accum=True)[:M, :N]
+        acc = acc + part * (a_scale[:, k, None].float() * sb[None, :, k])
+    return acc
 
 
 def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16):
@@ -252,22 +292,26 @@ def moe_forward_bf16(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
 
 
 def moe_forward_fp8_emulated(hidden, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scale=None,
-                             expert_map=None, scale_fmt="fp32"):
+                             expert_map=None, scale_fmt="fp32", accumulate="fp32"):
     """The FP8 recipe with float32 math: the same quantizations as the kernels, nothing else approximated.
 
     Activations 1x128 (``scale_fmt``), weights 128x128 (quantized here when given in high precision), GEMM outputs
     rounded to the hidden dtype as the kernels store them, SwiGLU as ``silu_mul`` then re-quantized 1x128.
+    ``accumulate``: the GEMMs' arithmetic, see ``block_scaled_matmul`` (``"tensor_core"`` models the GPU's
+    in-block FP8 accumulation, which moves ``h`` by up to ~3e-4 relative and so which intermediate values cross an
+    FP8 rounding boundary in the re-quantization).
     """
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
     dt = hidden.dtype
     if w13.dtype != FP8_DTYPE:
         w13, w13_scale = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
         w2, w2_scale = quantize_weight_blockwise(w2, scale_fmt=scale_fmt)
     qx, sx = quantize_activation(hidden, scale_fmt=scale_fmt)
-    x_deq = dequantize_activation(qx, sx)
 
     def expert(e, t_idx):
-        h = (x_deq[t_idx] @ dequantize_blockwise(w13[e], w13_scale[e]).t()).to(dt)
+        h = block_scaled_matmul(qx[t_idx], sx[t_idx], w13[e], w13_scale[e], accumulate).to(dt)
         qa, sa = quantize_activation(silu_mul(h), scale_fmt=scale_fmt)
-        return (dequantize_activation(qa, sa) @ dequantize_blockwise(w2[e], w2_scale[e]).t()).to(dt)
+        return block_scaled_matmul(qa, sa, w2[e], w2_scale[e], accumulate).to(dt)
 
     return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)

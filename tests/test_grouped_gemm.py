@@ -3,6 +3,8 @@
 CPU runs go through the Triton interpreter with small shapes (each config family pinned); ``-m gpu`` runs
 DeepSeek-V3 shapes (GEMM1 N=4096 K=7168, GEMM2 N=7168 K=2048) on a CUDA device.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,6 +31,9 @@ CPU_CONFIGS = {
     "tma32x64": "BLOCK_M=32,BLOCK_N=64,GROUP_M=2,TMA=1,num_warps=4,num_stages=2",
     # the picked 65-1023-rows config itself (TMA + warp-specialized loop), on ragged N and K
     "tma128x128ws": str(MEDIUM_M_CONFIGS[0]),
+    # the accumulation options: float32 partial sums every 32 of K, and FP16 dots on the converted FP8 tiles
+    "swap16x128acc32": "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,ACC_K=32,num_warps=4,num_stages=2",
+    "plain32x64upcast": "BLOCK_M=32,BLOCK_N=64,GROUP_M=2,UPCAST=1,num_warps=4,num_stages=2",
 }
 
 
@@ -305,6 +310,43 @@ def test_every_config_gpu(cfg, device):
             pytest.xfail(f"this Triton does not compile experimental config {cfg}: {str(exc).splitlines()[0][:200]}")
         raise
     check(case, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [16, 256], ids=["swap16", "tma128"])
+def test_accumulation_precision_gpu(rows, device):
+    """The tensor cores' in-block FP8 accumulation, measured against float64: the default kernel keeps it (bounded,
+    and reproduced by the reference's tensor-core model to float32 rounding), ACC_K=32 tightens it, UPCAST=1 removes
+    it (H100: 1.5-3e-4, 5-7e-5 and 3e-7 of the row's magnitude)."""
+    case = make_case([rows, rows], N=1024, K=2048, device=device, scale_layout="tma_aligned")
+    a, sa, b, sb = case["a"], case["a_scale"], case["b"], case["b_scale"]
+    cfg = pick_config(rows)
+
+    def err(out, ref):
+        rows_ = [slice(int(o), int(o) + int(c)) for o, c in zip(case["offsets"], case["counts"])]
+        worst = 0.0
+        for e, r in enumerate(rows_):
+            exact = ref(e, r)
+            worst = max(worst, ((out[r].double() - exact).abs() / exact.abs().amax(1, keepdim=True)).max().item())
+        return worst
+
+    def exact64(e, r):
+        return reference.dequantize_activation(a[r], sa[r].contiguous()).double() @ \
+            reference.dequantize_blockwise(b[e], sb[e]).double().t()
+
+    def model(e, r):
+        return reference.block_scaled_matmul(a[r], sa[r], b[e], sb[e], "tensor_core").double()
+
+    errs = {}
+    for name, extra in (("default", {}), ("acc32", {"ACC_K": 32}), ("upcast", {"UPCAST": True})):
+        c = dataclasses.replace(cfg, **extra)
+        out = grouped_gemm_fp8(a, sa, b, sb, case["offsets"], case["counts"], out_dtype=torch.float32, config=c)
+        errs[name] = err(out, exact64)
+        if name == "default":
+            assert err(out, model) < 2e-6, "the reference's tensor-core model no longer reproduces the kernel"
+    assert errs["default"] < 1e-3, errs
+    assert errs["acc32"] < errs["default"], errs
+    assert errs["upcast"] < 2e-6, errs
 
 
 @pytest.mark.gpu

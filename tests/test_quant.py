@@ -388,7 +388,7 @@ def test_gpu_weight_deepseek_shapes(shape):
 def test_gpu_activation_large(M, scale_layout, div, config, monkeypatch):
     """Both division variants (IEEE div_rn; reciprocal + FMA correction) and both kernels (flat runs of groups,
     row x group tiles) must give the reference's bytes, NaN/Inf groups included."""
-    monkeypatch.setenv("FP8_DEEP_QUANT_DIV", div)
+    monkeypatch.setenv("FP8_DEEP_QUANT_PLAIN", "div" if div == "rn" else "")
     if config:
         monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", config)
     for K in (7168, 192):

@@ -28,6 +28,20 @@ def _load_k(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _dot_block(x, y, ACC_K: tl.constexpr, UPCAST: tl.constexpr):
+    """One 128-K block's FP8 product in float32. ``ACC_K > 0`` adds the tensor cores' partial sum into a float32
+    register every ACC_K elements of K (Triton's ``max_num_imprecise_acc``) instead of chaining all four k=32 wgmma
+    in their ~14-bit accumulator; ``UPCAST`` runs the block as an FP16 dot (E4M3 -> FP16 is exact and one
+    ``cvt.f16x2.e4m3x2`` per pair; float32 accumulation): the emulated reference's precision at half the FP8 rate."""
+    if UPCAST:
+        return tl.dot(x.to(tl.float16), y.to(tl.float16))
+    elif ACC_K > 0:
+        return tl.dot(x, y, max_num_imprecise_acc=ACC_K)
+    else:
+        return tl.dot(x, y)
+
+
+@triton.jit
 def _promote(acc, part, sa, sb, BLOCK_N: tl.constexpr):
     """FP32 promotion of one 128-K block: ``acc += part * sa[row] * sb[col]``. ``part`` is (rows, cols); ``sb`` is
     one scalar per 128-column block, so a vector only when BLOCK_N spans two of them."""
@@ -83,6 +97,8 @@ def _grouped_gemm_fp8_kernel(
     BLOCK_E: tl.constexpr,    # next power of two >= E: the per-expert tile counts live in registers
     EVEN_K: tl.constexpr,     # K % BLOCK_K == 0: no masks in the main loop
     SPLIT_M: tl.constexpr,    # two independent half-height dots per K block (not with SWAP_AB), see below
+    ACC_K: tl.constexpr,      # see _dot_block: 0 = one wgmma chain per 128-K block
+    UPCAST: tl.constexpr,     # see _dot_block: FP16 dots
 ):
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(not (SPLIT_M and SWAP_AB), "SPLIT_M applies to the plain orientation only")
@@ -147,8 +163,8 @@ def _grouped_gemm_fp8_kernel(
                 sb = tl.load(bs_ptrs + kb * stride_bsk)
                 sa_lo = tl.load(as_lo_ptrs + kb * stride_ask)
                 sa_hi = tl.load(as_hi_ptrs + kb * stride_ask)
-                acc_lo = _promote(acc_lo, tl.dot(a_lo, tl.trans(b)), sa_lo, sb, BLOCK_N)
-                acc_hi = _promote(acc_hi, tl.dot(a_hi, tl.trans(b)), sa_hi, sb, BLOCK_N)
+                acc_lo = _promote(acc_lo, _dot_block(a_lo, tl.trans(b), ACC_K, UPCAST), sa_lo, sb, BLOCK_N)
+                acc_hi = _promote(acc_hi, _dot_block(a_hi, tl.trans(b), ACC_K, UPCAST), sa_hi, sb, BLOCK_N)
                 a_lo_ptrs += BLOCK_K
                 a_hi_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
@@ -172,13 +188,13 @@ def _grouped_gemm_fp8_kernel(
                 sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
                 sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
                 if SWAP_AB:
-                    part = tl.dot(b, tl.trans(a))                 # (BLOCK_N, BLOCK_M), fp32
+                    part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)                 # (BLOCK_N, BLOCK_M), fp32
                     if BLOCK_N <= 128:
                         acc += part * (sa * sb)[None, :]
                     else:
                         acc += part * sb[:, None] * sa[None, :]
                 else:
-                    acc = _promote(acc, tl.dot(a, tl.trans(b)), sa, sb, BLOCK_N)
+                    acc = _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
 
@@ -204,6 +220,7 @@ def _grouped_gemm_fp8_tma_kernel(
     stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT_M: tl.constexpr, WS: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ACC_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """The plain-orientation kernel above with TMA tensor-descriptor loads (one program per tile): the copy engine
     moves the FP8 tiles and zero-fills past K and past the tensors' ends, which frees the warps' registers and issue
@@ -241,10 +258,10 @@ def _grouped_gemm_fp8_tma_kernel(
         b = b_desc.load([b_row0, k0])
         sb = tl.load(bs_ptrs + kb * stride_bsk)
         a_lo = a_desc.load([row0, k0])
-        acc_lo = _promote(acc_lo, tl.dot(a_lo, tl.trans(b)), tl.load(as_lo + kb * stride_ask), sb, BLOCK_N)
+        acc_lo = _promote(acc_lo, _dot_block(a_lo, tl.trans(b), ACC_K, UPCAST), tl.load(as_lo + kb * stride_ask), sb, BLOCK_N)
         if SPLIT_M:
             a_hi = a_desc.load([row0 + HALF_M, k0])
-            acc_hi = _promote(acc_hi, tl.dot(a_hi, tl.trans(b)), tl.load(as_hi + kb * stride_ask), sb, BLOCK_N)
+            acc_hi = _promote(acc_hi, _dot_block(a_hi, tl.trans(b), ACC_K, UPCAST), tl.load(as_hi + kb * stride_ask), sb, BLOCK_N)
     lo_ok = ((rows_lo - seg_start) < count) & (rows_lo < M)
     tl.store(out_ptr + rows_lo.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on,
              acc_lo.to(out_ptr.dtype.element_ty), mask=lo_ok[:, None] & col_ok[None, :])

@@ -37,6 +37,17 @@ def _amax_nan(a, axis, NAN_MAX: tl.constexpr):
 
 
 @triton.jit
+def _nan_if(bad, q, NAN_SELECT: tl.constexpr):
+    """``q`` of a group/block whose scale is NaN when ``bad``. On the GPU every product or quotient with that NaN
+    scale already is the canonical positive NaN (PTX arithmetic does not propagate payloads or signs), so the select
+    is needed only where NaN keeps its sign: the interpreter (numpy), where a -NaN input would leak into q."""
+    if NAN_SELECT:
+        return tl.where(bad, float("nan"), q)
+    else:
+        return q
+
+
+@triton.jit
 def _is_bad(amax):
     return (amax != amax) | (amax == float("inf"))
 
@@ -47,7 +58,7 @@ def _quant_weight_one_block(
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    NAN_MAX: tl.constexpr,
+    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
 ):
     """Quantize scale block ``(pid_e, pid_n, pid_k)``: amax, scale and cast from one read of HBM. The transposed
@@ -68,12 +79,11 @@ def _quant_weight_one_block(
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
-    # a non-finite block: scale NaN and every q the positive NaN (a product with NaN may carry the sign of a -NaN
-    # input on the CPU, where NaN is not canonicalized)
+    # a non-finite block: scale NaN and every q the positive NaN
     bad = _is_bad(amax)
     s = tl.where(bad, float("nan"), s)
     inv = tl.math.div_rn(1.0, s)
-    q8 = tl.where(bad, float("nan"), w * inv).to(q_ptr.dtype.element_ty)
+    q8 = _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty)
 
     tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
@@ -86,7 +96,7 @@ def _quant_weight_one_block(
             c64 = offs_c.to(tl.int64)
             wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
                          mask=mask_c, other=0.0).to(tl.float32)
-            qc = tl.trans(tl.where(bad, float("nan"), wc * inv))  # (TCHUNK, BLOCK_N), still float32
+            qc = tl.trans(_nan_if(bad, wc * inv, NAN_SELECT))  # (TCHUNK, BLOCK_N), still float32
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
                      qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
         tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
@@ -106,7 +116,7 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    NAN_MAX: tl.constexpr,
+    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K) scale block, grid (kb, nb, E). A persistent grid walking the blocks
     # in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md) and was dropped.
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
@@ -115,12 +125,12 @@ def quant_weight_block_kernel(
         w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, BLOCK_N, BLOCK_K, TCHUNK)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK)
 
 
 @triton.jit
 def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
-                  FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr):
+                  FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
     """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).
 
     No clamp to +-FP8_MAX: with ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
@@ -141,7 +151,7 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
         q = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, se, x), r, q0))
     else:
         q = tl.math.div_rn(x, se)
-    return tl.where(tl.expand_dims(bad, AXIS), float("nan"), q), s
+    return _nan_if(tl.expand_dims(bad, AXIS), q, NAN_SELECT), s
 
 
 @triton.jit
@@ -156,6 +166,7 @@ def quant_act_group_kernel(
     stride_sb, stride_sm, stride_sg,
     # numerics
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
     # meta: a program owns BLOCK_M rows x GROUPS_PER_PROG groups, loaded as one tile so that all its bytes are in
     # flight at once; writing the scales of many rows of one group keeps column-major (TMA-aligned) stores contiguous
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -172,7 +183,7 @@ def quant_act_group_kernel(
     x = tl.load(x_ptr + pid_b * stride_xb + m64[:, None] * stride_xm + k64[None, :] * stride_xk,
                 mask=mask, other=0.0).to(tl.float32)
     x3 = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROG, GROUP))
-    q, s = _quant_groups(x3, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
+    q, s = _quant_groups(x3, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
     tl.store(q_ptr + pid_b * stride_qb + m64[:, None] * stride_qm + k64[None, :] * stride_qk,
              tl.reshape(q, (BLOCK_M, WIDTH)).to(q_ptr.dtype.element_ty), mask=mask)
     g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
@@ -191,6 +202,7 @@ def quant_act_flat_kernel(
     stride_sb, stride_sm, stride_sg,
     # numerics
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
     # meta: a program owns BLOCK_G consecutive groups in (b, m, g) order -- for a contiguous x one contiguous run of
     # BLOCK_G * GROUP elements (the access pattern of a copy; the (BLOCK_M, width) tile of quant_act_group_kernel
     # reads BLOCK_M short row runs instead)
@@ -207,7 +219,7 @@ def quant_act_flat_kernel(
     j = tl.arange(0, GROUP)
     x = tl.load(x_ptr + (b * stride_xb + m * stride_xm + gi * GROUP)[:, None] + j[None, :],
                 mask=gmask[:, None], other=0.0).to(tl.float32)
-    q, s = _quant_groups(x, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
+    q, s = _quant_groups(x, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
     tl.store(q_ptr + (b * stride_qb + m * stride_qm + gi * GROUP)[:, None] + j[None, :],
              q.to(q_ptr.dtype.element_ty), mask=gmask[:, None])
     tl.store(s_ptr + b * stride_sb + m * stride_sm + gi * stride_sg, s, mask=gmask)

@@ -44,7 +44,7 @@ def silu_mul_quant_kernel(
     stride_hm, stride_hk, stride_qm, stride_qk, stride_sm, stride_sg,
     # numerics
     EPS: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ACCURATE_EXP: tl.constexpr,
-    IS_BF16: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    IS_BF16: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     # meta
     HAS_M: tl.constexpr, GROUP: tl.constexpr, GROUP_POW2: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -88,7 +88,7 @@ def silu_mul_quant_kernel(
         y = _round_to(silu * up.to(tl.float32), IS_BF16)  # silu(gate).to(h.dtype) * up, rounded to h.dtype as torch
 
         # the activation quantizer's group math (same bytes as quantize_activation(y)); padding rows get zeros
-        qf, s = _quant_groups(y, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX)
+        qf, s = _quant_groups(y, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
         qf = tl.where(live[:, None, None], qf, 0.0)
         s = tl.where(live[:, None], s, 0.0)
 

@@ -27,6 +27,7 @@ import triton
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
+from ._launch import launch
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
@@ -46,6 +47,8 @@ class GemmConfig:
     PERSISTENT: bool = False   # grid capped at 4 programs per SM looping over tiles (vs one program per tile bound)
     TMA: bool = False          # experimental: TMA tensor-descriptor loads, one program per tile (plain orientation)
     WS: bool = False           # experimental: warp-specialized K loop (needs TMA; Triton's Hopper auto-WS)
+    ACC_K: int = 0             # >0: float32 partial sums every ACC_K of K inside a 128-K block (32, 64; 0 = off)
+    UPCAST: bool = False       # FP16 dots on the exactly converted FP8 tiles (float32 accumulation throughout)
     num_warps: int = 8
     num_stages: int = 4
 
@@ -60,6 +63,10 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.SPLIT_M and (self.SWAP_AB or self.BLOCK_M < 32):
             raise ValueError("GemmConfig.SPLIT_M needs SWAP_AB=0 and BLOCK_M >= 32 (two halves of >= 16 rows)")
+        if self.ACC_K not in (0, 32, 64):
+            raise ValueError(f"GemmConfig.ACC_K must be 0, 32 or 64, got {self.ACC_K}")
+        if self.ACC_K and self.UPCAST:
+            raise ValueError("GemmConfig.ACC_K applies to FP8 dots; UPCAST=1 runs FP16 dots (set one of them)")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.WS and not self.TMA:
@@ -88,7 +95,7 @@ class GemmConfig:
         for k, v in spec.items():
             if k not in known:
                 raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
-            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS"):
+            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "UPCAST"):
                 kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
             else:
                 kwargs[k] = int(v)
@@ -288,7 +295,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound)
         return out
     grid = (max(1, min(tiles_bound, _num_programs_cap(a.device)) if cfg.PERSISTENT else tiles_bound),)
-    _grouped_gemm_fp8_kernel[grid](
+    launch(_grouped_gemm_fp8_kernel, grid,
         a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         M, N, K, E,
         a.stride(0),
@@ -298,6 +305,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         out.stride(0), out.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
         BLOCK_E=triton.next_power_of_2(E), EVEN_K=(K % BLOCK == 0), SPLIT_M=cfg.SPLIT_M,
+        ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -321,7 +329,7 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
         BLOCK_E=triton.next_power_of_2(E), SPLIT_M=cfg.SPLIT_M, WS=cfg.WS, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
+        ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps,
     )
 
 

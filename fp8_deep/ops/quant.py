@@ -17,6 +17,7 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
+from ._launch import launch
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
 
@@ -91,12 +92,13 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
     tchunk, warps = _weight_config(bn, bk, with_transpose)
-    quant_weight_block_kernel[(kb, nb, E)](
+    fast = gpu_fast_paths(w)
+    launch(quant_weight_block_kernel, (kb, nb, E),
         w3, q3, s3, qt3, st3,
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=gpu_fast_paths(w)["NAN_MAX"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
+        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
         num_warps=warps,
     )
     return tuple(outs)
@@ -190,13 +192,13 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
-        quant_act_flat_kernel[(cdiv(B * M * G, block_g),)](
+        launch(quant_act_flat_kernel, (cdiv(B * M * G, block_g),),
             x3, q3, s3, B * M * G, M, G,
             x3.stride(0), x3.stride(1), q3.stride(0), q3.stride(1), *s3.stride(),
             **numerics, GROUP=group_size, BLOCK_G=block_g, num_warps=warps)
     else:
         _, block_m, groups_per_prog, warps = cfg
-        quant_act_group_kernel[(cdiv(M, block_m), cdiv(G, groups_per_prog), B)](
+        launch(quant_act_group_kernel, (cdiv(M, block_m), cdiv(G, groups_per_prog), B),
             x3, q3, s3, M, K,
             *x3.stride(), *q3.stride(), *s3.stride(),
             **numerics, GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
@@ -204,19 +206,26 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
 
 
 WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
-DIV_ENV = "FP8_DEEP_QUANT_DIV"  # "fma" (default on CUDA) or "rn" (one IEEE division per element)
 ACT_CONFIG_ENV = "FP8_DEEP_ACT_QUANT_CONFIG"
-NAN_MAX_ENV = "FP8_DEEP_QUANT_NAN_MAX"  # "0": the GPU folds NaN into Inf before a plain max, as the interpreter does
+# A/B switch for the GPU-only instruction choices below: a comma list of the ones to turn off, e.g. "div,nan_select"
+PLAIN_ENV = "FP8_DEEP_QUANT_PLAIN"
+_FAST_PATHS = ("div", "nan_max", "nan_select")
 
 
 def gpu_fast_paths(t: torch.Tensor) -> dict:
     """The quantizers' GPU-only instruction choices (bit-identical to the plain ones, which the interpreter runs):
     ``FMA_DIV``, reciprocal + FMA-corrected division (the interpreter's fma rounds twice); ``NAN_MAX``, one
-    NaN-propagating max per element (the interpreter runs that custom reduction as a Python loop). Each can be
-    switched off for A/B runs: ``FP8_DEEP_QUANT_DIV=rn``, ``FP8_DEEP_QUANT_NAN_MAX=0``."""
+    NaN-propagating max per element (the interpreter runs that custom reduction as a Python loop); ``NAN_SELECT``
+    off, no per-element NaN select in a non-finite group (the GPU's NaN scale already makes every q the canonical
+    positive NaN; the interpreter keeps a -NaN input's sign). ``FP8_DEEP_QUANT_PLAIN="div,nan_max,nan_select"``
+    (any subset) turns them off for A/B runs. One environment read: this runs on every launch."""
     gpu = t.is_cuda and not interpreter_active()
-    return dict(FMA_DIV=gpu and os.environ.get(DIV_ENV, "fma") == "fma",
-                NAN_MAX=gpu and os.environ.get(NAN_MAX_ENV) != "0")
+    plain = os.environ.get(PLAIN_ENV)
+    off = set(filter(None, plain.split(","))) if plain else set()
+    if off - set(_FAST_PATHS):
+        raise ValueError(f"{PLAIN_ENV}: unknown entries {sorted(off - set(_FAST_PATHS))}; known: {list(_FAST_PATHS)}")
+    return dict(FMA_DIV=gpu and "div" not in off, NAN_MAX=gpu and "nan_max" not in off,
+                NAN_SELECT=not gpu or "nan_select" in off)
 
 
 def _pinned(env: str, n: int):

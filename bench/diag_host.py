@@ -1,0 +1,77 @@
+"""Host (Python) time per call of the quantization launchers next to torch.compile's: at M = 4096 the kernel takes
+~35 us, so a launcher slower than that leaves the GPU idle between calls and do_bench times the host.
+
+    python bench/diag_host.py [--profile]
+
+Each figure is the best of 5 rounds of 300 calls (the host's other load makes single rounds noisy).
+"""
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import bench_quant as BQ  # noqa: E402
+from fp8_deep import ops  # noqa: E402
+from fp8_deep.kernels.quant import quant_act_flat_kernel  # noqa: E402
+from fp8_deep.ops._launch import launch  # noqa: E402
+
+
+def host_us(fn, n=300, rounds=5):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+q = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
+s = torch.empty(4096, 56, device="cuda")
+w = torch.randn(8, 4096, 7168, device="cuda", dtype=torch.bfloat16)
+comp = torch.compile(BQ.act_ref_fast)
+NG = 4096 * 56
+kargs = (x.view(1, 4096, 7168), q.view(1, 4096, 7168), s.view(1, 4096, 56), NG, 4096, 56, x.numel(), 7168, q.numel(),
+         7168, s.numel(), 56, 1)
+kw = dict(FP8_MAX=448.0, EPS=1e-10, UE8M0=False, FMA_DIV=True, NAN_MAX=True, NAN_SELECT=False, GROUP=128, BLOCK_G=16,
+          num_warps=4)
+grid = (triton.cdiv(NG, 16),)
+compiled = quant_act_flat_kernel[grid](*kargs, **kw)
+full = list(kargs) + [kw[p.name] for p in quant_act_flat_kernel.params[len(kargs):]]
+cases = {
+    "kernel[grid] plain": lambda: quant_act_flat_kernel[grid](*kargs, **kw),
+    "launch() cached": lambda: launch(quant_act_flat_kernel, grid, *kargs, **kw),
+    "compiled[grid]": lambda: compiled[grid + (1, 1)](*full),
+    "act triton row": lambda: ops.quantize_activation(x, backend="triton"),
+    "act triton tma": lambda: ops.quantize_activation(x, backend="triton", scale_layout="tma_aligned"),
+    "act compile": lambda: comp(x),
+    "weight (8 experts)": lambda: ops.quantize_weight_blockwise(w),
+    "torch.empty x2": lambda: (torch.empty(4096, 7168, device="cuda", dtype=torch.float8_e4m3fn),
+                               torch.empty(4096, 56, device="cuda")),
+}
+for name, fn in cases.items():
+    print(f"{name:20s} host {host_us(fn):7.1f} us/call", flush=True)
+os.environ["FP8_DEEP_FAST_LAUNCH"] = "0"
+print(f"{'act row, no cache':20s} host {host_us(cases['act triton row']):7.1f} us/call", flush=True)
+os.environ.pop("FP8_DEEP_FAST_LAUNCH")
+if "--profile" in sys.argv:
+    f = cases["act triton row"]
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(500):
+        f()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(22)
