@@ -6,7 +6,6 @@
 Each figure is the best of 5 rounds of 300 calls (the host's other load makes single rounds noisy).
 """
 import cProfile
-import os
 import pstats
 import sys
 import time
@@ -20,7 +19,6 @@ import triton  # noqa: E402
 import bench_quant as BQ  # noqa: E402
 from fp8_deep import ops  # noqa: E402
 from fp8_deep.kernels.quant import quant_act_flat_kernel  # noqa: E402
-from fp8_deep.ops._launch import launch  # noqa: E402
 
 
 def host_us(fn, n=300, rounds=5):
@@ -52,7 +50,6 @@ compiled = quant_act_flat_kernel[grid](*kargs, **kw)
 full = list(kargs) + [kw[p.name] for p in quant_act_flat_kernel.params[len(kargs):]]
 cases = {
     "kernel[grid] plain": lambda: quant_act_flat_kernel[grid](*kargs, **kw),
-    "launch() cached": lambda: launch(quant_act_flat_kernel, grid, *kargs, **kw),
     "compiled[grid]": lambda: compiled[grid + (1, 1)](*full),
     "act triton row": lambda: ops.quantize_activation(x, backend="triton"),
     "act triton tma": lambda: ops.quantize_activation(x, backend="triton", scale_layout="tma_aligned"),
@@ -63,9 +60,6 @@ cases = {
 }
 for name, fn in cases.items():
     print(f"{name:20s} host {host_us(fn):7.1f} us/call", flush=True)
-os.environ["FP8_DEEP_FAST_LAUNCH"] = "0"
-print(f"{'act row, no cache':20s} host {host_us(cases['act triton row']):7.1f} us/call", flush=True)
-os.environ.pop("FP8_DEEP_FAST_LAUNCH")
 if "--profile" in sys.argv:
     f = cases["act triton row"]
     pr = cProfile.Profile()

@@ -9,7 +9,6 @@ from .. import reference
 from ..kernels.combine import moe_combine_kernel
 from ..numerics import HIGH_PRECISION_DTYPES, cdiv, use_triton
 from ._checks import check_out, check_tensor
-from ._launch import launch
 
 __all__ = ["moe_combine"]
 
@@ -50,7 +49,7 @@ def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: 
         out.copy_(reference.moe_combine(expert_out, inv_perm, topk_weights, out_dtype))
         return out
     block_h = min(1024, max(16, 1 << (H - 1).bit_length()))
-    launch(moe_combine_kernel, (T, cdiv(H, block_h)),
+    moe_combine_kernel[(T, cdiv(H, block_h))](
         expert_out, inv_perm, topk_weights, out,
         H,
         expert_out.stride(0), expert_out.stride(1), inv_perm.stride(0), inv_perm.stride(1),

@@ -27,7 +27,6 @@ import triton
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
-from ._launch import launch
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
@@ -295,7 +294,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound)
         return out
     grid = (max(1, min(tiles_bound, _num_programs_cap(a.device)) if cfg.PERSISTENT else tiles_bound),)
-    launch(_grouped_gemm_fp8_kernel, grid,
+    _grouped_gemm_fp8_kernel[grid](
         a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         M, N, K, E,
         a.stride(0),

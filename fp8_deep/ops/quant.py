@@ -17,7 +17,6 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
 from . import _registry
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
-from ._launch import launch
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
 
@@ -93,7 +92,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     E = w3.shape[0]
     tchunk, warps = _weight_config(bn, bk, with_transpose)
     fast = gpu_fast_paths(w)
-    launch(quant_weight_block_kernel, (kb, nb, E),
+    quant_weight_block_kernel[(kb, nb, E)](
         w3, q3, s3, qt3, st3,
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
@@ -192,13 +191,13 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
-        launch(quant_act_flat_kernel, (cdiv(B * M * G, block_g),),
+        quant_act_flat_kernel[(cdiv(B * M * G, block_g),)](
             x3, q3, s3, B * M * G, M, G,
             x3.stride(0), x3.stride(1), q3.stride(0), q3.stride(1), *s3.stride(),
             **numerics, GROUP=group_size, BLOCK_G=block_g, num_warps=warps)
     else:
         _, block_m, groups_per_prog, warps = cfg
-        launch(quant_act_group_kernel, (cdiv(M, block_m), cdiv(G, groups_per_prog), B),
+        quant_act_group_kernel[(cdiv(M, block_m), cdiv(G, groups_per_prog), B)](
             x3, q3, s3, M, K,
             *x3.stride(), *q3.stride(), *s3.stride(),
             **numerics, GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)

@@ -21,7 +21,6 @@ from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_tensor
 from .plan import RoutingPlan, max_padded_rows
-from ._launch import launch
 
 __all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
 
@@ -183,7 +182,7 @@ def _align_triton(topk_ids, num_experts, expert_map, block_size, bufs):
         chunk = min(_CHUNK, max(16, _next_pow2(numel)))
         tile = min(_FUSED_TILE, max(16, _next_pow2(numel)))
         grid = (max(n_blocks, cdiv(numel, chunk)),)
-        launch(align_fused_kernel, grid,
+        align_fused_kernel[grid](
             topk_ids, map_arg, *outs,
             numel, k, num_experts, num_global, rows,
             topk_ids.stride(0), topk_ids.stride(1),
@@ -198,18 +197,18 @@ def _align_triton(topk_ids, num_experts, expert_map, block_size, bufs):
     chunk_counts = torch.empty((n_chunks, e_pow2), dtype=torch.int32, device=dev)
     chunk_before = torch.empty((n_chunks, e_pow2), dtype=torch.int32, device=dev)
     totals = torch.empty(e_pow2, dtype=torch.int32, device=dev)
-    launch(align_count_kernel, (n_chunks,),
+    align_count_kernel[(n_chunks,)](
         topk_ids, map_arg, keys, chunk_counts,
         numel, k, num_experts, num_global,
         topk_ids.stride(0), topk_ids.stride(1),
         HAS_MAP=has_map, E_POW2=e_pow2, CHUNK=chunk, SUB=_SUB, num_warps=4,
     )
     per_prog = min(32, e_pow2)
-    launch(align_scan_kernel, (e_pow2 // per_prog,),
+    align_scan_kernel[(e_pow2 // per_prog,)](
         chunk_counts, chunk_before, totals, n_chunks,
         E_POW2=e_pow2, EXPERTS_PER_PROG=per_prog, CHUNK_TILE=32, num_warps=4,
     )
-    launch(align_place_kernel, (max(n_blocks, n_chunks),),
+    align_place_kernel[(max(n_blocks, n_chunks),)](
         keys, chunk_before, totals, *outs,
         numel, num_experts, rows, n_chunks,
         BLOCK_SIZE=block_size, E_POW2=e_pow2, CHUNK=chunk, num_warps=4,
@@ -227,7 +226,7 @@ def _align_vllm(topk_ids, num_experts, expert_map, block_size, bufs):
     chunk = 1024
     max_blocks = max(v_eids.numel(), n_blocks)
     grid = (max(n_blocks, cdiv(numel, chunk), num_experts),)
-    launch(align_from_sorted_kernel, grid,
+    align_from_sorted_kernel[grid](
         topk_ids, expert_map if has_map else topk_ids, v_sorted, v_eids, v_ntpp,
         bufs["sorted_token_ids"], bufs["expert_ids"], bufs["num_tokens_post_padded"], bufs["m_indices"],
         bufs["inv_perm"], bufs["expert_offsets"], bufs["expert_counts"],
@@ -288,7 +287,7 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         return q_out, s_out
     block_k = min(2048, max(16, _next_pow2(K)))
     block_m = max(1, min(16, 8192 // block_k))
-    launch(permute_rows_kernel, (cdiv(rows, block_m),),
+    permute_rows_kernel[(cdiv(rows, block_m),)](
         q, scale, plan.sorted_token_ids, q_out, s_out,
         plan.num_tokens * plan.top_k, plan.top_k, rows, K, G,
         q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),

@@ -13,7 +13,6 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LA
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
-from ._launch import launch
 
 __all__ = ["silu_mul_quantize", "silu_mul_quantize_ref"]
 
@@ -82,7 +81,7 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
     groups_per_prog = min(4, 1 << max(0, (G - 1).bit_length()))
     block_m = 4 if M >= 1024 else 2
     grid = (cdiv(M, block_m), cdiv(G, groups_per_prog))
-    launch(silu_mul_quant_kernel, grid,
+    silu_mul_quant_kernel[grid](
         h, m_indices if m_indices is not None else h, q, s,
         M, I, G,
         h.stride(0), h.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
