@@ -184,13 +184,11 @@ def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16
     """
     M, N = a.shape[0], b.shape[1]
     out = torch.zeros(M, N, dtype=torch.float32, device=a.device)
-    a_deq = dequantize_activation(a, a_scale)
     for e in torch.unique(m_indices).tolist():
         if e < 0:
             continue
         rows = (m_indices == e).nonzero().flatten()
-        w = dequantize_blockwise(b[e], b_scale[e])
-        out[rows] = a_deq[rows] @ w.t()
+        out[rows] = block_scaled_matmul(a[rows], a_scale[rows], b[e], b_scale[e])
     return out.to(out_dtype)
 
 

@@ -188,7 +188,7 @@ def _grouped_gemm_fp8_kernel(
                 sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
                 sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
                 if SWAP_AB:
-                    part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)                 # (BLOCK_N, BLOCK_M), fp32
+                    part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)  # (BLOCK_N, BLOCK_M), fp32
                     if BLOCK_N <= 128:
                         acc += part * (sa * sb)[None, :]
                     else:
@@ -258,10 +258,12 @@ def _grouped_gemm_fp8_tma_kernel(
         b = b_desc.load([b_row0, k0])
         sb = tl.load(bs_ptrs + kb * stride_bsk)
         a_lo = a_desc.load([row0, k0])
-        acc_lo = _promote(acc_lo, _dot_block(a_lo, tl.trans(b), ACC_K, UPCAST), tl.load(as_lo + kb * stride_ask), sb, BLOCK_N)
+        part_lo = _dot_block(a_lo, tl.trans(b), ACC_K, UPCAST)
+        acc_lo = _promote(acc_lo, part_lo, tl.load(as_lo + kb * stride_ask), sb, BLOCK_N)
         if SPLIT_M:
             a_hi = a_desc.load([row0 + HALF_M, k0])
-            acc_hi = _promote(acc_hi, _dot_block(a_hi, tl.trans(b), ACC_K, UPCAST), tl.load(as_hi + kb * stride_ask), sb, BLOCK_N)
+            part_hi = _dot_block(a_hi, tl.trans(b), ACC_K, UPCAST)
+            acc_hi = _promote(acc_hi, part_hi, tl.load(as_hi + kb * stride_ask), sb, BLOCK_N)
     lo_ok = ((rows_lo - seg_start) < count) & (rows_lo < M)
     tl.store(out_ptr + rows_lo.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on,
              acc_lo.to(out_ptr.dtype.element_ty), mask=lo_ok[:, None] & col_ok[None, :])
