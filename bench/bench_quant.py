@@ -36,9 +36,14 @@ ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps" (default 32,8 one
+    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K[,STREAM]]" (default 32,8 one
     # layout; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
+    "w_cs": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1,1"}),  # streaming (.cs) FP8 stores
+    "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (session 4)
+    "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default since session 5)
+    "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
+    "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
     "w_fold": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_max"}),  # NaN folded into Inf + plain max (3 ops, not 1)
     "w_sel": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
@@ -119,7 +124,7 @@ class QuantBench:
         self.providers = [p for p in PROVIDERS if p in args.providers]
         self.copy_gbps = C.copy_bandwidth()
         self.out_dir = C.results_dir()
-        self.log = C.CsvLog(self.out_dir / "quant.csv")
+        self.log = C.CsvLog(self.out_dir / ("quant_graph.csv" if args.graph else "quant.csv"))
         self.budget = C.Budget(args.time_budget)
         self.compiled = {}
         self.validated = set()
@@ -228,7 +233,7 @@ class QuantBench:
                 fn = C.copy_of_bytes(cs["nbytes"])
                 valid = "ceiling"
             C.free_cuda()
-            ms, lo, hi = C.bench(fn, rep=self.args.rep)
+            ms, lo, hi = C.bench(fn, rep=self.args.rep, graph=self.args.graph)
         except Exception as exc:
             print(f"[error] {group} {label} {provider}: {exc!r}")
             if self.args.verbose:
@@ -280,7 +285,7 @@ class QuantBench:
                 x_names, x_vals = ["M"], [s[0] for s in shapes]
             benches.append(tt.Benchmark(
                 x_names=x_names, x_vals=x_vals, line_arg="provider", line_vals=self.providers,
-                line_names=self.providers, ylabel="ms", plot_name=f"quant_{group}_ms", x_log=group.startswith("act"),
+                line_names=self.providers, ylabel="ms", plot_name=f"quant_{group}_ms{'_graph' if a.graph else ''}", x_log=group.startswith("act"),
                 args={"group": group, "shapes": shapes}))
 
         @tt.perf_report(benches)
@@ -331,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-dynamic", action="store_true",
                    help="one dynamic-shape compile per group instead of one static compile per shape (faster setup)")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep time in ms")
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; shapes left after it are skipped")
     p.add_argument("--quick", action="store_true", help="M in {4096, 32768}, first weight shape, no plain torch")
     p.add_argument("--verbose", action="store_true")

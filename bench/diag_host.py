@@ -3,6 +3,7 @@
 
     python bench/diag_host.py [--profile]
 
+"act triton row" replays a launch plan (fp8_deep.ops._launch); "act row, no plan" is the full launcher path.
 Each figure is the best of 5 rounds of 300 calls (the host's other load makes single rounds noisy).
 """
 import cProfile
@@ -19,6 +20,7 @@ import triton  # noqa: E402
 import bench_quant as BQ  # noqa: E402
 from fp8_deep import ops  # noqa: E402
 from fp8_deep.kernels.quant import quant_act_flat_kernel  # noqa: E402
+from fp8_deep.ops import quant as quant_ops  # noqa: E402
 
 
 def host_us(fn, n=300, rounds=5):
@@ -48,10 +50,21 @@ kw = dict(FP8_MAX=448.0, EPS=1e-10, UE8M0=False, FMA_DIV=True, NAN_MAX=True, NAN
 grid = (triton.cdiv(NG, 16),)
 compiled = quant_act_flat_kernel[grid](*kargs, **kw)
 full = list(kargs) + [kw[p.name] for p in quant_act_flat_kernel.params[len(kargs):]]
+
+
+def _no_plan(fn):
+    quant_ops.PLANS_ENABLED = False
+    try:
+        return fn()
+    finally:
+        quant_ops.PLANS_ENABLED = True
+
+
 cases = {
     "kernel[grid] plain": lambda: quant_act_flat_kernel[grid](*kargs, **kw),
     "compiled[grid]": lambda: compiled[grid + (1, 1)](*full),
     "act triton row": lambda: ops.quantize_activation(x, backend="triton"),
+    "act row, no plan": lambda: _no_plan(lambda: ops.quantize_activation(x, backend="triton")),
     "act triton tma": lambda: ops.quantize_activation(x, backend="triton", scale_layout="tma_aligned"),
     "act compile": lambda: comp(x),
     "weight (8 experts)": lambda: ops.quantize_weight_blockwise(w),

@@ -15,6 +15,8 @@
 #                                    order); LANES=1 = serial.
 #                                    Each benchmark owns its GPU, so its timings are its own; only the host is shared.
 #   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
+#   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection),
+#                                    "proto" (a prototype script); "diag" is bench/diag_host.py
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
 # Back in $OUT (at most 8 files): summary.txt (environment first, table last), logs.tgz (every stage's log),
@@ -158,7 +160,20 @@ run_one_stage() {
             run_stage sweep 300 sweep.log $PY bench/moe_sweep.py ${SWEEP_ARGS:-} ;;
         main)
             run_stage main 90 main.log $PY -m fp8_deep --tokens 512 ;;
-        *) echo "$1: unknown stage (tests cputests quant gemm moe moe2 breakdown sweep main)" >> "$LOGS/status" ;;
+        quantg)  # the quant bench timed as CUDA-graph replays (GPU time only, no host launch cost)
+            # shellcheck disable=SC2086
+            run_stage quantg 200 quantg.log $PY bench/bench_quant.py --graph --time-budget "$(budget_for 180)" \
+                ${QUANTG_ARGS:-} ;;
+        diag)  # host time per launcher call (launch plans vs the full path, torch.compile)
+            run_stage diag 90 diag.log $PY bench/diag_host.py ;;
+        pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
+            # shellcheck disable=SC2086
+            run_stage pytest 300 pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
+        proto)  # a prototype script, e.g. PROTO="bench/proto_gluon_gemm.py"
+            # shellcheck disable=SC2086
+            run_stage proto 240 proto.log $PY ${PROTO:-bench/proto_gluon_gemm.py} ;;
+        *) echo "$1: unknown stage (tests cputests quant quantg gemm moe moe2 breakdown sweep main diag pytest proto)" \
+               >> "$LOGS/status" ;;
     esac
 }
 
@@ -214,11 +229,11 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in quant gemm moe moe2 breakdown sweep main; do
+    for log in quant quantg gemm moe moe2 breakdown sweep main diag proto; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then
-            grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|moe|moe2|breakdown) ?//'
+            grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|quantg|moe|moe2|breakdown) ?//'
         elif grep -q '^SWEEP' "$LOGS/$log.log"; then
             grep -E '^(SWEEP|FP8_DEEP)' "$LOGS/$log.log"
         else
@@ -226,7 +241,7 @@ fi
         fi
         grep -E '^\[(error|warn)\]|MISMATCH|FAILED|Traceback|Error' "$LOGS/$log.log" | head -8
     done
-    for log in tests cputests; do
+    for log in tests cputests pytest; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         grep -E '^(FAILED|ERROR)' "$LOGS/$log.log" | head -20

@@ -59,19 +59,22 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
-# every kernel configuration a tuning sweep may pin computes the same bytes: (TCHUNK, num_warps)
-WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8"]
+# every kernel configuration a tuning sweep may pin computes the same bytes: "TCHUNK,num_warps[,BLOCKS_K[,STREAM]]"
+# (BLOCKS_K > 1, several scale blocks per program, applies to the one-layout kernel only)
+WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,8,1,1", "32,8,2", "32,8,4,1"]
 
 
 @pytest.mark.parametrize("config", WEIGHT_CONFIGS)
 def test_weight_kernel_configs_bit_exact(config, device, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", config)
-    w = _w((2, 300, 520), torch.bfloat16, device)
+    both = len(config.split(",")) < 3 or config.split(",")[2] == "1"
+    w = _w((2, 300, 520), torch.bfloat16, device)  # kb = 5: a BLOCKS_K run past the last block is masked
     w[1, 130, 300] = float("nan")  # only its own block goes NaN, in both layouts
-    q, s, qt, st = _check_weight(w)
+    q, s = _check_weight(w, with_transpose=both)[:2]
     assert torch.isnan(s[1, 1, 2]) and torch.isfinite(s[1, 1, 1]) and torch.isfinite(s[1, 1, 3])
-    _check_weight(_w((7, 129), torch.float32, device), scale_fmt="ue8m0")
-    _check_weight(_w((2, 256, 384), torch.float32, device))  # float32 input, 16-aligned: what once went wrong
+    _check_weight(_w((7, 129), torch.float32, device), scale_fmt="ue8m0", with_transpose=both)
+    # float32 input, 16-aligned: what once went wrong
+    _check_weight(_w((2, 256, 384), torch.float32, device), with_transpose=both)
 
 
 def test_pinned_config_errors(device, monkeypatch):
@@ -81,9 +84,15 @@ def test_pinned_config_errors(device, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "1")
     with pytest.raises(ValueError, match="at least 2"):
         ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,4,2")  # the dropped persistent grid's form
-    with pytest.raises(ValueError, match="expected 'TCHUNK,num_warps'"):
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,4,2")  # STREAM is 0 or 1
+    with pytest.raises(ValueError, match="STREAM 0 or 1"):
         ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,1,0,1")
+    with pytest.raises(ValueError, match="expected 'TCHUNK,num_warps"):
+        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,2")
+    with pytest.raises(ValueError, match="one-layout kernel only"):
+        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device), with_transpose=True)
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "3,1,4")
     with pytest.raises(ValueError, match="powers of two"):
@@ -401,3 +410,84 @@ def test_gpu_activation_large(M, scale_layout, div, config, monkeypatch):
             rq, rs = reference.quantize_activation(x, scale_fmt=fmt)
             assert_bitwise_equal(q, rq)
             assert_bitwise_equal(s.contiguous(), rs)
+
+
+# ---------------------------------------------------------------------------------------------- launch plans
+
+def test_plan_cache_and_bind_compiled():
+    """The plan machinery on its own (CPU): bounded cache, counters, and the relaunch argument order."""
+    from types import SimpleNamespace
+
+    from fp8_deep.ops._launch import PlanCache, bind_compiled
+
+    cache = PlanCache(maxsize=2)
+    assert cache.get("a") is None and cache.hits == 0
+    cache.put("a", 1)
+    cache.put("b", 2)
+    cache.put("none", None)  # a failed bind stores nothing
+    assert cache.get("a") == 1 and cache.hits == 1 and cache.builds == 2 and len(cache) == 2
+    cache.put("c", 3)  # full: starts over rather than growing
+    assert len(cache) == 1 and cache.get("a") is None and cache.get("c") == 3
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append((grid, args))
+
+    kernel = SimpleNamespace(params=[SimpleNamespace(name=n) for n in ("x", "q", "n", "BLOCK", "FLAG")])
+    launch = bind_compiled(kernel, Compiled(), (7,), ("x0", "q0", 5), dict(BLOCK=16, FLAG=True, num_warps=4),
+                           n_dynamic=2)
+    launch("x1", "q1")
+    assert calls == [((7, 1, 1), ("x1", "q1", 5, 16, True))]
+    # no compiled kernel (the interpreter), a parameter left to its default, no launch API: no plan
+    assert bind_compiled(kernel, None, (1,), ("x", "q", 5), {}, 2) is None
+    assert bind_compiled(kernel, Compiled(), (1,), ("x", "q", 5), dict(BLOCK=16), 2) is None
+    assert bind_compiled(kernel, object(), (1,), ("x", "q", 5), dict(BLOCK=16, FLAG=1), 2) is None
+
+
+@pytest.mark.gpu
+def test_gpu_activation_launch_plans(monkeypatch):
+    """A repeated call signature replays its plan; every signature that changes the checks, the kernel or Triton's
+    specialization gets its own (pointer alignment, layout, format, config switch), and a replay inside a CUDA graph
+    reads the live input. Every result is the reference's bytes in the requested layout."""
+    from fp8_deep.ops import quant as quant_ops
+
+    plans = quant_ops._ACT_PLANS
+    plans.clear()
+    M, K = 4096, 7168
+    buf = _x((M * K + 8,), torch.bfloat16, "cuda")
+    aligned = buf[:M * K].view(M, K)
+    unaligned = buf[1:1 + M * K].view(M, K)  # 2-byte offset: Triton specializes on 16-byte alignment
+    cases = [(aligned, "row_major", "fp32"), (unaligned, "row_major", "fp32"), (aligned, "tma_aligned", "fp32"),
+             (aligned, "row_major", "ue8m0"), (aligned.view(2, M // 2, K), "tma_aligned", "fp32"),
+             (_x((5, 192), torch.float16, "cuda"), "row_major", "fp32")]
+    for x, layout, fmt in cases:
+        rq, rs = reference.quantize_activation(x, scale_fmt=fmt)
+        builds, hits = plans.builds, plans.hits
+        for _ in range(2):
+            q, s = ops.quantize_activation(x, scale_layout=layout, scale_fmt=fmt, backend="triton")
+            assert_bitwise_equal(q, rq)
+            assert_bitwise_equal(s.contiguous(), rs)
+            if layout == "tma_aligned":
+                assert s.stride() == ops.to_tma_aligned_scales(s).stride()
+        assert (plans.builds, plans.hits) == (builds + 1, hits + 1), (x.shape, layout, fmt)
+    builds = plans.builds
+    monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "8,8,4")  # another kernel: a new plan, same bytes
+    q, s = ops.quantize_activation(aligned, backend="triton")
+    assert plans.builds == builds + 1
+    rq, rs = reference.quantize_activation(aligned)
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s, rs)
+    monkeypatch.delenv("FP8_DEEP_ACT_QUANT_CONFIG")
+
+    x = aligned.clone()
+    ops.quantize_activation(x, backend="triton")  # the plan exists before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gq, gs = ops.quantize_activation(x, backend="triton")
+    x.copy_(_x((M, K), torch.bfloat16, "cuda") * 3)
+    graph.replay()
+    rq, rs = reference.quantize_activation(x)
+    assert_bitwise_equal(gq, rq)
+    assert_bitwise_equal(gs, rs)

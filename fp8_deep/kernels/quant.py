@@ -54,28 +54,36 @@ def _is_bad(amax):
 
 @triton.jit
 def _quant_weight_one_block(
-    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, pid_k, pid_n, pid_e, N, K,
+    w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, pid_k, pid_n, pid_e, N, K, kb,
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
+    STREAM: tl.constexpr,
 ):
-    """Quantize scale block ``(pid_e, pid_n, pid_k)``: amax, scale and cast from one read of HBM. The transposed
-    copy is written in TCHUNK-column slices re-read from L2 (the block was just loaded) and transposed as float32
-    before the cast. Transposing the FP8 tile itself (one 16 KB shuffle) wrote wrong bytes on the GPU (Triton 3.6,
-    H200) for float32 inputs with 16-aligned shapes, and was slower (bench/NOTES.md)."""
+    """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
+    read of HBM. The transposed copy (BLOCKS_K == 1 only) is written in TCHUNK-column slices re-read from L2 (the
+    block was just loaded) and transposed as float32 before the cast. Transposing the FP8 tile itself (one 16 KB
+    shuffle) wrote wrong bytes on the GPU (Triton 3.6, H200) for float32 inputs with 16-aligned shapes, and was
+    slower (bench/NOTES.md). STREAM marks the FP8 stores streaming (``.cs``: written once, never re-read here)."""
     pid_e = pid_e.to(tl.int64)
+    WIDTH: tl.constexpr = BLOCK_K * BLOCKS_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = pid_k * WIDTH + tl.arange(0, WIDTH)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)
 
     w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
+    q_ptrs = q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk
     # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    amax = _amax_nan(_amax_nan(w, 1, NAN_MAX), 0, NAN_MAX)
+    if BLOCKS_K == 1:
+        amax = _amax_nan(_amax_nan(w, 1, NAN_MAX), 0, NAN_MAX)
+    else:
+        w3 = tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K))
+        amax = _amax_nan(_amax_nan(w3, 2, NAN_MAX), 0, NAN_MAX)  # (BLOCKS_K,)
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
@@ -83,11 +91,20 @@ def _quant_weight_one_block(
     bad = _is_bad(amax)
     s = tl.where(bad, float("nan"), s)
     inv = tl.math.div_rn(1.0, s)
-    q8 = _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty)
-
-    tl.store(q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk, q8, mask=mask)
-    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+    if BLOCKS_K == 1:
+        q8 = _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty)
+        tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
+    else:
+        q3 = _nan_if(bad[None, :, None], w3 * inv[None, :, None], NAN_SELECT)
+        q8 = tl.reshape(q3, (BLOCK_N, WIDTH)).to(q_ptr.dtype.element_ty)
+        kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
+        tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
+    if STREAM:
+        tl.store(q_ptrs, q8, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(q_ptrs, q8, mask=mask)
     if WITH_TRANSPOSE:
+        tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
         qt_base = qt_ptr + pid_e * stride_qte
         for c in tl.static_range(BLOCK_K // TCHUNK):
@@ -117,15 +134,15 @@ def quant_weight_block_kernel(
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
-    # meta: one program per (BLOCK_N, BLOCK_K) scale block, grid (kb, nb, E). A persistent grid walking the blocks
-    # in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md) and was dropped.
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr,
+    # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
+    # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr, STREAM: tl.constexpr,
 ):
     _quant_weight_one_block(
-        w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K,
+        w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K, kb,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K, STREAM)
 
 
 @triton.jit

@@ -15,6 +15,7 @@ from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
+from ._launch import PLANS_ENABLED, PlanCache, bind_compiled
 from ._checks import check_choice, check_out, check_tensor
 from .layout import alloc_scales, tma_aligned_scale_strides
 
@@ -90,15 +91,15 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps = _weight_config(bn, bk, with_transpose)
+    tchunk, warps, blocks_k, stream = _weight_config(bn, bk, with_transpose)
     fast = gpu_fast_paths(w)
-    quant_weight_block_kernel[(kb, nb, E)](
+    quant_weight_block_kernel[(cdiv(kb, blocks_k), nb, E)](
         w3, q3, s3, qt3, st3,
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
         NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
-        num_warps=warps,
+        BLOCKS_K=blocks_k, STREAM=stream, num_warps=warps,
     )
     return tuple(outs)
 
@@ -124,7 +125,19 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     Returns:
         ``(q, scale)``: ``q`` float8_e4m3fn, shape of ``x``; ``scale`` float32 ``(..., ceil(K/group_size))``
         dequantization scales (``x ~= q * scale`` per group). A group holding NaN/Inf gets scale NaN, all-NaN ``q``.
+
+    On CUDA a call whose signature was seen before replays a launch plan (``fp8_deep.ops._launch``): same checks
+    passed, same kernel, same bytes, without the host work (the kernel at M=4096 is shorter than that work).
     """
+    plan_key = None
+    if PLANS_ENABLED and out_q is None and out_scale is None and type(x) is torch.Tensor and x.is_cuda:
+        # everything the checks, the kernel choice and Triton's specialization below depend on
+        plan_key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, torch.cuda.current_device(),
+                    group_size, scale_fmt, scale_layout, eps, backend, os.environ.get(PLAIN_ENV),
+                    os.environ.get(ACT_CONFIG_ENV))
+        plan = _ACT_PLANS.get(plan_key)
+        if plan is not None:
+            return plan(x)
     _check_high_precision(x, "x")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
@@ -191,17 +204,37 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
-        quant_act_flat_kernel[(cdiv(B * M * G, block_g),)](
-            x3, q3, s3, B * M * G, M, G,
-            x3.stride(0), x3.stride(1), q3.stride(0), q3.stride(1), *s3.stride(),
-            **numerics, GROUP=group_size, BLOCK_G=block_g, num_warps=warps)
+        kernel, grid = quant_act_flat_kernel, (cdiv(B * M * G, block_g),)
+        args = (x3, q3, s3, B * M * G, M, G,
+                x3.stride(0), x3.stride(1), q3.stride(0), q3.stride(1), *s3.stride())
+        meta = dict(GROUP=group_size, BLOCK_G=block_g, num_warps=warps)
     else:
         _, block_m, groups_per_prog, warps = cfg
-        quant_act_group_kernel[(cdiv(M, block_m), cdiv(G, groups_per_prog), B)](
-            x3, q3, s3, M, K,
-            *x3.stride(), *q3.stride(), *s3.stride(),
-            **numerics, GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
+        kernel, grid = quant_act_group_kernel, (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
+        args = (x3, q3, s3, M, K, *x3.stride(), *q3.stride(), *s3.stride())
+        meta = dict(GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
+    kwargs = dict(numerics, **meta)
+    compiled = kernel[grid](*args, **kwargs)
+    if plan_key is not None and not interpreter_active():
+        # x3, q3, s3 are views of x, q, s (same data pointers): the plan launches on the tensors themselves
+        launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=3)
+        if launch is not None:
+            _ACT_PLANS.put(plan_key, _act_plan(launch, tuple(q.shape), tuple(s.shape), s.stride(), x.device))
     return q, s
+
+
+_ACT_PLANS = PlanCache()
+
+
+def _act_plan(launch, q_shape, s_shape, s_strides, device):
+    """A validated ``quantize_activation`` call replayed: fresh outputs in the same layout, the same kernel."""
+    def run(x):
+        q = torch.empty(q_shape, dtype=FP8_DTYPE, device=device)
+        s = torch.empty_strided(s_shape, s_strides, dtype=torch.float32, device=device)
+        launch(x, q, s)
+        return q, s
+
+    return run
 
 
 WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
@@ -239,23 +272,31 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int, with_transpose: bool):
-    """(TCHUNK, num_warps) of the weight kernel: the column slice of the transposed copy, and warps per block.
+    """(TCHUNK, num_warps, BLOCKS_K, STREAM) of the weight kernel: the column slice of the transposed copy, warps
+    per program, scale blocks per program along K (one layout only), streaming (``.cs``) FP8 stores.
 
-    8 warps per 128x128 block (4 measured 27% slower on an H100, 16 the same for one layout on an H100 and an H200);
+    8 warps per program (4 measured 27% slower on an H100, 16 the same for one layout on an H100 and an H200);
     64-column slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8;
-    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps"`` pins them."""
+    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K[,STREAM]]"`` pins them."""
     pinned = _pinned(WEIGHT_CONFIG_ENV, 2)
     if pinned:
-        if len(pinned) != 2:
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps'")
-        tchunk, warps = pinned
+        if len(pinned) > 4:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps[,BLOCKS_K[,STREAM]]'")
+        tchunk, warps, blocks_k, stream = (pinned + [1, 0])[:4]
         if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
                              f"<= 16")
-        return tchunk, warps
+        if not is_pow2(blocks_k) or blocks_k > 8 or stream not in (0, 1):
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K must be a power of two <= 8, STREAM 0 or 1")
+        if with_transpose and blocks_k != 1:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K > 1 applies to the one-layout kernel only "
+                             f"(with_transpose=False)")
+        return tchunk, warps, blocks_k, bool(stream)
     if bn * bk < 128 * 128:
-        return 32, 4
-    return (64, 16) if with_transpose else (32, 8)
+        return 32, 4, 1, False
+    # one layout: two scale blocks per program (H100: 0.914 / 0.462 / 0.137 ms vs 0.920 / 0.463 / 0.137 with one,
+    # torch.compile 0.910 / 0.458 / 0.136 on the three DeepSeek-V3 shapes; session 5, bench/NOTES.md)
+    return (64, 16, 1, False) if with_transpose else (32, 8, 2, False)
 
 
 def _act_config(M: int, flat_ok: bool):
