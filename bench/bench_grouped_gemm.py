@@ -98,6 +98,8 @@ def main():
     p.add_argument("--experts", nargs="*", type=int, default=list(EXPERTS))
     p.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
     p.add_argument("--quick", action="store_true", help="heuristic pick and BF16 only (no config sweep)")
+    p.add_argument("--family", choices=("all", "gluon"), default="all",
+                   help="gluon: the pick, the Gluon configs and the default large tiles only (a short sweep)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--rep", type=int, default=40, help="do_bench rep (ms)")
     args = p.parse_args()
@@ -108,8 +110,8 @@ def main():
     import triton
     from triton.testing import do_bench
 
-    from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, SMALL_M_CONFIGS, grouped_gemm_fp8,
-                                           pick_config)
+    from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, GLUON_CONFIGS, LARGE_M_CONFIGS, MEDIUM_M_CONFIGS,
+                                           SMALL_M_CONFIGS, grouped_gemm_fp8, pick_config)
 
     device = torch.device("cuda")
     card = card_name()
@@ -133,7 +135,10 @@ def main():
                 pick = pick_config(rows)
                 cands = [pick]
                 if not args.quick:
-                    family = SMALL_M_CONFIGS if rows <= 64 else LARGE_M_CONFIGS + EXPERIMENTAL_CONFIGS
+                    family = (SMALL_M_CONFIGS if rows <= 64 else
+                              MEDIUM_M_CONFIGS + GLUON_CONFIGS + LARGE_M_CONFIGS + EXPERIMENTAL_CONFIGS)
+                    if args.family == "gluon" and rows > 64:
+                        family = GLUON_CONFIGS + MEDIUM_M_CONFIGS + LARGE_M_CONFIGS[:1]
                     cands += [c for c in family if c != pick]
                 for cfg in cands:
                     fn = lambda: grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,  # noqa: E731

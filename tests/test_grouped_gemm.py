@@ -11,8 +11,8 @@ import torch
 from fp8_deep import reference
 from fp8_deep.numerics import BLOCK, FP8_DTYPE, align, cdiv
 from fp8_deep.ops import grouped_gemm as gg
-from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, LARGE_M_CONFIGS, MEDIUM_M_CONFIGS, SMALL_M_CONFIGS,
-                                       GemmConfig, TritonGroupedGemm, grouped_gemm_fp8, pick_config)
+from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, GLUON_CONFIGS, LARGE_M_CONFIGS, MEDIUM_M_CONFIGS,
+                                       SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm, grouped_gemm_fp8, pick_config)
 from fp8_deep.ops.plan import RoutingPlan
 from fp8_deep.testing import assert_bitwise_equal, calc_diff
 
@@ -239,7 +239,7 @@ def test_config_heuristic_and_env_pin(monkeypatch):
     assert pick_config(12).SWAP_AB and pick_config(12).BLOCK_M == 16 and not pick_config(12).PERSISTENT
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
     assert pick_config(65) == pick_config(1023) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
-    assert pick_config(4096) == LARGE_M_CONFIGS[0] and not pick_config(4096).SWAP_AB
+    assert pick_config(1024) == pick_config(4096) == GLUON_CONFIGS[0] and pick_config(4096).GLUON
     assert all(c.SWAP_AB for c in SMALL_M_CONFIGS)
     monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")
     assert pick_config(4096) == GemmConfig(BLOCK_M=64, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=4)
@@ -297,7 +297,7 @@ def test_deepseek_shapes_gpu(N, K, E, rows, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", list(SMALL_M_CONFIGS) + list(MEDIUM_M_CONFIGS) + list(LARGE_M_CONFIGS)
-                         + list(EXPERIMENTAL_CONFIGS), ids=str)
+                         + list(GLUON_CONFIGS) + list(EXPERIMENTAL_CONFIGS), ids=str)
 def test_every_config_gpu(cfg, device):
     case = make_case([100, 0, 37, 300, 1], N=7168, K=2048, device=device)
     try:
@@ -350,7 +350,7 @@ def test_accumulation_precision_gpu(rows, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("expected_m", [None, 100], ids=["default", "medium_tma_ws"])
+@pytest.mark.parametrize("expected_m", [None, 100, 2048], ids=["default", "medium_tma_ws", "gluon"])
 def test_cuda_graph_capture_gpu(expected_m, device):
     case = make_case([30, 0, 200], N=4096, K=512, device=device, scale_layout="tma_aligned")
     out = poisoned((case["M"], case["N"]), torch.bfloat16, device)
@@ -363,3 +363,50 @@ def test_cuda_graph_capture_gpu(expected_m, device):
     graph.replay()
     torch.cuda.synchronize()
     check(case, out)
+
+
+# ---------------------------------------------------------------------------------------------- Gluon kernel
+
+def test_gluon_config_rules_and_fallback(device, monkeypatch):
+    """GLUON=1 is its own kernel: exclusive options and its register budget are checked up front. Picked (>= 1024
+    rows) where it cannot run (CPU, the interpreter, operands TMA cannot describe) the portable large tiles run
+    instead; pinned explicitly there, a clear error."""
+    monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
+    with pytest.raises(ValueError, match="GLUON is its own kernel"):
+        GemmConfig.parse("GLUON=1,TMA=1")
+    with pytest.raises(ValueError, match="BLOCK_M 64 or 128"):
+        GemmConfig.parse("GLUON=1,BLOCK_M=32")
+    with pytest.raises(ValueError, match="more than 192 float32 registers"):
+        GemmConfig.parse("GLUON=1,BLOCK_M=128,BLOCK_N=256,num_warps=8")
+    assert GemmConfig.parse(str(GLUON_CONFIGS[0])) == GLUON_CONFIGS[0]
+    case = make_case([130, 0, 70], N=192, K=200, device=device, scale_layout="tma_aligned")  # K=200: no TMA
+    check(case, run(case, expected_m=4096))
+    with pytest.raises(ValueError, match="GLUON=1"):
+        run(case, config=GLUON_CONFIGS[0])
+    if device == "cpu":
+        case = make_case([130, 0, 70], N=192, K=256, device=device)
+        check(case, run(case, expected_m=4096))
+        with pytest.raises(ValueError, match="GLUON=1 runs on CUDA GPUs only"):
+            run(case, config=GLUON_CONFIGS[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(4096, 7168), (200, 320), (7168, 2048)], ids=["gemm1", "tails", "gemm2"])
+@pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
+def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
+    """The Gluon kernel runs the same per-128-K wgmma chain and promotion order as the Triton TMA kernel: the same
+    bytes, for every Gluon config, every output dtype (a strided float16 output too), ragged and empty experts."""
+    case = make_case([0, 1, 130, 300, 64], N=N, K=K, device=device, scale_layout=scale_layout)
+    tma = "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,TMA=1,WS=0,num_warps=8,num_stages=4"
+    for cfg in GLUON_CONFIGS:
+        out = run(case, config=cfg)
+        check(case, out)
+        assert_bitwise_equal(out, run(case, config=tma), f"{cfg} vs the TMA kernel")
+    args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
+    for dt in (torch.float32, torch.float16):
+        ref = grouped_gemm_fp8(*args, out_dtype=dt, config=tma)
+        full = torch.zeros(case["M"], 2 * N, dtype=dt, device=device)
+        out = grouped_gemm_fp8(*args, out=full[:, ::2], out_dtype=dt, config=GLUON_CONFIGS[0])
+        valid = case["m_indices"] >= 0
+        assert_bitwise_equal(out[valid], ref[valid], f"{dt} strided output")
+        assert (full[:, 1::2] == 0).all() and (out[~valid] == 0).all()

@@ -24,12 +24,13 @@ from typing import Optional, Union
 import torch
 import triton
 
+from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
-from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
+from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
-           "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "EXPERIMENTAL_CONFIGS"]
+           "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
@@ -48,6 +49,7 @@ class GemmConfig:
     WS: bool = False           # experimental: warp-specialized K loop (needs TMA; Triton's Hopper auto-WS)
     ACC_K: int = 0             # >0: float32 partial sums every ACC_K of K inside a 128-K block (32, 64; 0 = off)
     UPCAST: bool = False       # FP16 dots on the exactly converted FP8 tiles (float32 accumulation throughout)
+    GLUON: bool = False        # the Gluon kernel: async wgmma, block k-1 promoted while block k runs (SM90, CUDA)
     num_warps: int = 8
     num_stages: int = 4
 
@@ -73,6 +75,16 @@ class GemmConfig:
         if self.TMA and (self.SWAP_AB or self.PERSISTENT or self.BLOCK_N > 128):
             raise ValueError("GemmConfig.TMA supports the plain orientation only: SWAP_AB=0, PERSISTENT=0, "
                              "BLOCK_N <= 128")
+        if self.GLUON:
+            others = [n for n in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "ACC_K", "UPCAST") if getattr(self, n)]
+            if others:
+                raise ValueError(f"GemmConfig.GLUON is its own kernel (TMA loads, async wgmma): unset {others}")
+            if self.BLOCK_M not in (64, 128) or self.num_warps not in (4, 8) or self.num_stages < 2:
+                raise ValueError("GemmConfig.GLUON needs BLOCK_M 64 or 128, num_warps 4 or 8, num_stages >= 2")
+            # the accumulator and two partial tiles live in registers: 3 * BLOCK_M * BLOCK_N / threads floats
+            if 3 * self.BLOCK_M * self.BLOCK_N // (32 * self.num_warps) > 192:
+                raise ValueError(f"GemmConfig.GLUON: a {self.BLOCK_M}x{self.BLOCK_N} tile with {self.num_warps} warps "
+                                 f"needs more than 192 float32 registers per thread (accumulator + two partial tiles)")
 
     @classmethod
     def parse(cls, spec: Union[str, dict, "GemmConfig"]) -> "GemmConfig":
@@ -94,7 +106,7 @@ class GemmConfig:
         for k, v in spec.items():
             if k not in known:
                 raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
-            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "UPCAST"):
+            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "UPCAST", "GLUON"):
                 kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
             else:
                 kwargs[k] = int(v)
@@ -140,6 +152,18 @@ MEDIUM_M_CONFIGS = (
 )
 MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 
+# Compute-bound rows on Hopper: the Gluon kernel (``fp8_deep/kernels/grouped_gemm_gluon.py``). It issues each 128-K
+# block's wgmma asynchronously and promotes the previous block on the CUDA cores meanwhile, which plain Triton cannot
+# express (its dot must complete before the promotion reads it). Bitwise equal to the TMA kernel (same per-block
+# wgmma chain, same K order). H100, E=256, DeepSeek-V3 GEMM1 / GEMM2 at 1024 rows per expert: 893 / 770 TFLOP/s vs
+# 812 / 723 for LARGE_M_CONFIGS[0] (bench/NOTES.md). CUDA on SM90 only; elsewhere LARGE_M_CONFIGS[0] runs instead.
+GLUON_CONFIGS = (
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=8, num_stages=3),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, GLUON=True, num_warps=8, num_stages=4),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=4, num_stages=4),
+)
+
 # Not picked by default, swept by bench/bench_grouped_gemm.py. H100, GEMM1 of DeepSeek-V3 (N=4096, K=7168) at
 # 1024 / 2048 rows per expert: 128x128 WS 833 / 763 TFLOP/s, the 256x128 split default 806 / 813; TMA without WS and
 # 256-row WS tiles are slower; a 64-row WS tile with 4 warps does not compile (Triton 3.6).
@@ -148,6 +172,11 @@ EXPERIMENTAL_CONFIGS = (
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, WS=True, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, TMA=True, WS=True, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=3),
+    # one warpgroup per program, ~2 programs per SM: one program's promotion can overlap the other's wgmma
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=6),
+    GemmConfig(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
+    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, TMA=True, num_warps=4, num_stages=4),
 )
 
 
@@ -156,8 +185,9 @@ def pick_config(expected_m: int) -> GemmConfig:
 
     Up to 64 rows: swap-AB tiles as wide as that load (the weights stream once per expert; measured better than the
     128-row tiles, which pad every expert to 128 rows, up to ~49 rows); up to 1024: the 128x128 warp-specialized TMA
-    tiles (``MEDIUM_M_CONFIGS``); beyond: 256x128 tiles as two independent 128-row dots (``LARGE_M_CONFIGS``; GEMM2
-    of DeepSeek-V3 at 1024-2048 rows: 735-766 TFLOP/s vs 699-720 for the WS tiles)."""
+    tiles (``MEDIUM_M_CONFIGS``); beyond: the Gluon kernel (``GLUON_CONFIGS``), where it cannot run 256x128 tiles as
+    two independent 128-row dots (``LARGE_M_CONFIGS``; GEMM2 of DeepSeek-V3 at 1024-2048 rows: 735-766 TFLOP/s vs
+    699-720 for the WS tiles)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return GemmConfig.parse(env)
@@ -171,22 +201,34 @@ def pick_config(expected_m: int) -> GemmConfig:
         return SMALL_M_CONFIGS[2]
     if expected_m < 1024:
         return MEDIUM_M_CONFIGS[0]
-    return LARGE_M_CONFIGS[0]
+    return GLUON_CONFIGS[0]
 
 
-def _tma_problem(a: torch.Tensor, b: torch.Tensor, N: int) -> Optional[str]:
+def _tma_problem(a: torch.Tensor, b: torch.Tensor, N: int, what: str = "TMA=1") -> Optional[str]:
     """Why the TMA kernel cannot take these operands here (None when it can): it needs Hopper or newer (or the
     interpreter), 16-byte aligned bases and row strides, and the experts of ``b`` stacked without gaps."""
     if a.is_cuda and torch.cuda.get_device_capability(a.device) < (9, 0):
-        return "config TMA=1 needs an SM90 (Hopper) or newer GPU; use a pointer-load config"
+        return f"config {what} needs an SM90 (Hopper) or newer GPU; use a pointer-load config"
     if b.stride(0) != N * b.stride(1):
-        return ("config TMA=1 needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
+        return (f"config {what} needs b's experts stacked without gaps (b.stride(0) == N * b.stride(1)); "
                 "pass b.contiguous() or a pointer-load config")
     for t, name in ((a, "a"), (b, "b")):
         if t.data_ptr() % 16 or t.stride(-2) % 16:
-            return (f"config TMA=1 needs {name} 16-byte aligned with a row stride that is a multiple of 16 bytes "
+            return (f"config {what} needs {name} 16-byte aligned with a row stride that is a multiple of 16 bytes "
                     f"(got stride {t.stride(-2)}); use a pointer-load config")
     return None
+
+
+def _gluon_problem(a: torch.Tensor, b: torch.Tensor, N: int) -> Optional[str]:
+    """Why the Gluon kernel cannot run here (None when it can): Gluon in this Triton, a CUDA SM90 GPU (wgmma; not
+    the interpreter, which cannot run Gluon), and operands TMA can describe."""
+    if not _gluon.GLUON_AVAILABLE:
+        return "config GLUON=1 needs triton.experimental.gluon (Triton >= 3.6); use a Triton config"
+    if interpreter_active() or not a.is_cuda:
+        return "config GLUON=1 runs on CUDA GPUs only (the Triton interpreter cannot run Gluon); use a Triton config"
+    if torch.cuda.get_device_capability(a.device)[0] != 9:
+        return "config GLUON=1 needs an SM90 (Hopper) GPU: its kernel is built on wgmma; use a Triton config"
+    return _tma_problem(a, b, N, what="GLUON=1")
 
 
 def peak_rows_per_expert(num_rows: int, num_experts: int) -> int:
@@ -283,8 +325,11 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         cfg = GemmConfig.parse(pinned)
     else:
         cfg = pick_config(expected_m if expected_m is not None else max(1, M // E))
-        if cfg.TMA and _tma_problem(a, b, N):
-            cfg = MEDIUM_M_FALLBACK  # a picked TMA config never fails on operands it cannot describe
+        # a picked TMA / Gluon config never fails where it cannot run: the same bucket's portable tiles instead
+        if cfg.GLUON and _gluon_problem(a, b, N):
+            cfg = LARGE_M_CONFIGS[0]
+        elif cfg.TMA and _tma_problem(a, b, N):
+            cfg = MEDIUM_M_FALLBACK
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
     # non-empty and each wastes at most BM - 1 rows of its last tile.
@@ -292,6 +337,9 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     tiles_bound = m_tiles_bound * cdiv(N, bn)
     if cfg.TMA:
         _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound)
+        return out
+    if cfg.GLUON:
+        _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound)
         return out
     grid = (max(1, min(tiles_bound, _num_programs_cap(a.device)) if cfg.PERSISTENT else tiles_bound),)
     _grouped_gemm_fp8_kernel[grid](
@@ -329,6 +377,33 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
         BLOCK_E=triton.next_power_of_2(E), SPLIT_M=cfg.SPLIT_M, WS=cfg.WS, NUM_STAGES=cfg.num_stages,
         ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps,
+    )
+
+
+def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound):
+    """The Gluon kernel: host descriptors over ``a (M, K)`` and ``b`` as ``(E * N, K)`` with 128-byte swizzled
+    NVMMA shared layouts (one 128-K FP8 box row is 128 bytes), one program per tile of the bound."""
+    problem = _gluon_problem(a, b, N)
+    if problem:
+        raise ValueError(problem)
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, BLOCK],
+                              gl.NVMMASharedLayout.get_default_for([bm, BLOCK], gl.float8e4nv))
+    b_desc = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [bn, BLOCK],
+                              gl.NVMMASharedLayout.get_default_for([bn, BLOCK], gl.float8e4nv))
+    _gluon._grouped_gemm_fp8_gluon_kernel[(max(1, tiles_bound),)](
+        a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts,
+        M, N, K, E,
+        a_scale.stride(0), a_scale.stride(1),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
+        # the expert vector's blocked layout spans 32 lanes x num_warps: at least that many slots
+        BLOCK_E=max(32 * cfg.num_warps, triton.next_power_of_2(E)), NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
     )
 
 
