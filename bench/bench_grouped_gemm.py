@@ -132,7 +132,7 @@ def main():
                 a, a_scale, offsets, counts = make_acts(E, rows, K, device)
                 flops = 2.0 * E * rows * N * K
                 out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=device)
-                pick = pick_config(rows)
+                pick = pick_config(rows, K)
                 cands = [pick]
                 if not args.quick:
                     family = (SMALL_M_CONFIGS if rows <= 64 else

@@ -238,8 +238,9 @@ def test_config_heuristic_and_env_pin(monkeypatch):
     assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16 and pick_config(4).PERSISTENT
     assert pick_config(12).SWAP_AB and pick_config(12).BLOCK_M == 16 and not pick_config(12).PERSISTENT
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
-    assert pick_config(65) == pick_config(1023) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
-    assert pick_config(1024) == pick_config(4096) == GLUON_CONFIGS[0] and pick_config(4096).GLUON
+    assert pick_config(65) == pick_config(127) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
+    assert pick_config(128) == pick_config(4096, K=2048) == GLUON_CONFIGS[1] and GLUON_CONFIGS[1].PERSISTENT
+    assert pick_config(128, K=7168) == GLUON_CONFIGS[0] and GLUON_CONFIGS[0].GLUON and GLUON_CONFIGS[0].WS
     assert all(c.SWAP_AB for c in SMALL_M_CONFIGS)
     monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")
     assert pick_config(4096) == GemmConfig(BLOCK_M=64, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=4)
@@ -320,7 +321,9 @@ def test_accumulation_precision_gpu(rows, device):
     it (H100: 1.5-3e-4, 5-7e-5 and 3e-7 of the row's magnitude)."""
     case = make_case([rows, rows], N=1024, K=2048, device=device, scale_layout="tma_aligned")
     a, sa, b, sb = case["a"], case["a_scale"], case["b"], case["b_scale"]
-    cfg = pick_config(rows)
+    # ACC_K / UPCAST are options of the Triton kernels: the 256-row case pins the TMA tiles (the pick is Gluon there,
+    # whose numerics equal the TMA kernel's bit for bit: test_gluon_bitwise_equals_tma_kernel_gpu)
+    cfg = pick_config(rows) if rows <= 64 else MEDIUM_M_CONFIGS[0]
 
     def err(out, ref):
         rows_ = [slice(int(o), int(o) + int(c)) for o, c in zip(case["offsets"], case["counts"])]
@@ -368,8 +371,8 @@ def test_cuda_graph_capture_gpu(expected_m, device):
 # ---------------------------------------------------------------------------------------------- Gluon kernel
 
 def test_gluon_config_rules_and_fallback(device, monkeypatch):
-    """GLUON=1 is its own kernel: exclusive options and its register budget are checked up front. Picked (>= 1024
-    rows) where it cannot run (CPU, the interpreter, operands TMA cannot describe) the portable large tiles run
+    """GLUON=1 is its own kernel: exclusive options and its register budget are checked up front. Picked (>= 128
+    rows) where it cannot run (CPU, the interpreter, operands TMA cannot describe) the bucket's portable tiles run
     instead; pinned explicitly there, a clear error."""
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
     with pytest.raises(ValueError, match="GLUON is its own kernel"):
@@ -378,9 +381,15 @@ def test_gluon_config_rules_and_fallback(device, monkeypatch):
         GemmConfig.parse("GLUON=1,BLOCK_M=32")
     with pytest.raises(ValueError, match="more than 192 float32 registers"):
         GemmConfig.parse("GLUON=1,BLOCK_M=128,BLOCK_N=256,num_warps=8")
+    with pytest.raises(ValueError, match="WS=1 needs BLOCK_M=128"):
+        GemmConfig.parse("GLUON=1,WS=1,BLOCK_M=128,BLOCK_N=128,num_warps=8")
+    with pytest.raises(ValueError, match="PERSISTENT=1 applies to the warp-specialized"):
+        GemmConfig.parse("GLUON=1,PERSISTENT=1")
+    assert all(GemmConfig.parse(str(c)) == c for c in GLUON_CONFIGS)
     assert GemmConfig.parse(str(GLUON_CONFIGS[0])) == GLUON_CONFIGS[0]
     case = make_case([130, 0, 70], N=192, K=200, device=device, scale_layout="tma_aligned")  # K=200: no TMA
     check(case, run(case, expected_m=4096))
+    check(case, run(case, expected_m=300))
     with pytest.raises(ValueError, match="GLUON=1"):
         run(case, config=GLUON_CONFIGS[0])
     if device == "cpu":

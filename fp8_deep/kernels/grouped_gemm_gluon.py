@@ -1,5 +1,6 @@
 """FP8 block-scaled grouped GEMM in Gluon (Hopper, SM90): the TMA kernel of ``grouped_gemm.py`` with the per-128-K
-FP32 promotion overlapped with the tensor cores. Prototype, launched from ``bench/proto_gluon_gemm.py``.
+FP32 promotion overlapped with the tensor cores. Launched by ``fp8_deep.ops.grouped_gemm`` (``GemmConfig(GLUON=1)``);
+``bench/proto_gluon_gemm.py --compile-only`` compiles it for sm_90 on a CPU machine (registers, spills, PTX checks).
 
 Operands (same contract as ``_grouped_gemm_fp8_tma_kernel``):
 
@@ -37,6 +38,18 @@ step, a cost a producer-warp design with empty barriers would avoid).
 Registers: per thread the accumulator and the two partial tiles are ``3 * BLOCK_M * BLOCK_N / (32 * num_warps)``
 float32: 192 for 128x128 with 8 warps (ptxas sm_90: 255 registers, no or ~1 spill); 128x256 (384) cannot fit;
 64x256 with 8 warps (two warpgroups side by side along N) has the same 192 but spills its per-column weight scales.
+
+Warp-specialized variant (``_grouped_gemm_fp8_gluon_ws_kernel``, ``GemmConfig(GLUON=1, WS=1)``), the structure of
+DeepGEMM / CUTLASS's ``KernelTmaWarpSpecialized``: three ``gl.warp_specialize`` partitions share the TMA ring. A
+producer (1 warp) waits ``empty[stage]`` and issues the loads; two consumer warpgroups (the default partition and a
+4-warp worker, 64 rows of the tile each) wait ``ready[stage]``, run the same ping-pong per warpgroup, and arrive on
+``empty[stage]`` (count 2) once a ``wgmma.wait_group`` proves their wgmma on it complete. No CTA barrier remains in
+the consumers' K loop (only mbarriers synchronise the partitions), so the two warpgroups drift out of phase and one's
+promotion overlaps the other's wgmma. The tile loop ``range(program_id, tiles, num_programs)`` serves one tile per
+program and a persistent grid (``PERSISTENT=1``: #SMs programs; the ring's counters run on across tiles, so the
+producer loads the next tile while the consumers store the current one). Registers: 4 + 4 + 1 warps pad to three
+warpgroups (168 per thread at launch); ``setmaxnreg`` gives the producer 40 and each consumer 232 (no spills,
+Triton 3.6 and 3.9). Same numerics, bit for bit.
 """
 try:  # Gluon is experimental: importing this module must not fail on a Triton without it.
     from triton.experimental import gluon
@@ -72,6 +85,32 @@ if GLUON_AVAILABLE:
     def _add_i32(x, y):
         return x + y
 
+    # ---- tile map (every partition computes it; layouts sized to the partition's warps) -------------------------
+    @gluon.jit
+    def _tile_table(counts_ptr, E, BLOCK_M: gl.constexpr, BLOCK_E: gl.constexpr, e_layout: gl.constexpr):
+        """Per-expert m-tile counts and their inclusive prefix sum (``BLOCK_E`` lanes in ``e_layout``)."""
+        offs_e = gl.arange(0, BLOCK_E, layout=e_layout)
+        counts = gl.maximum(gl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), 0)
+        m_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        cum_tiles = gl.associative_scan(m_tiles, 0, _add_i32)  # inclusive prefix sum (no gl.cumsum in Triton 3.6)
+        return offs_e, counts, m_tiles, cum_tiles, gl.sum(m_tiles, 0)
+
+    @gluon.jit
+    def _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n, offsets_ptr,
+                GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr):
+        """Tile ``tile_id`` of the flat grouped order -> (expert, first row, n-tile, segment start, segment rows)."""
+        tiles_per_group = GROUP_M * num_n
+        first_m = (tile_id // tiles_per_group) * GROUP_M
+        group_rows = gl.minimum(total_m - first_m, GROUP_M)
+        tm = first_m + (tile_id % tiles_per_group) % group_rows
+        tn = (tile_id % tiles_per_group) // group_rows
+        e = gl.sum((cum_tiles <= tm).to(gl.int32), 0)
+        tiles_before = gl.sum(gl.where(offs_e < e, m_tiles, 0), 0)
+        count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
+        seg_start = gl.load(offsets_ptr + e)
+        row0 = seg_start + (tm - tiles_before) * BLOCK_M
+        return e, row0, tn, seg_start, count
+
     @gluon.jit
     def _load_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk):
         """Scales of K block ``kb``: a per-row vector and a scalar (or a per-column vector when BLOCK_N > 128)."""
@@ -86,6 +125,20 @@ if GLUON_AVAILABLE:
         else:
             res = acc + part * gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0)
         return res
+
+    @gluon.jit
+    def _store_rows(acc, out_ptr, row0, tn, seg_start, count, M, N, stride_om, stride_on, ROWS: gl.constexpr,
+                    BLOCK_N: gl.constexpr, out_layout: gl.constexpr):
+        """Round ``acc`` (ROWS x BLOCK_N from row ``row0``, n-tile ``tn``) once and store the rows of the segment
+        ``[seg_start, seg_start + count)`` only, through ``out_layout`` (16-byte vectors per thread)."""
+        res = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
+        out_rows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, out_layout))
+        out_cols = tn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
+        row_ok = ((out_rows - seg_start) < count) & (out_rows < M)
+        col_ok = out_cols < N
+        o_ptrs = (out_ptr + gl.expand_dims(out_rows.to(gl.int64) * stride_om, 1)
+                  + gl.expand_dims(out_cols.to(gl.int64) * stride_on, 0))
+        gl.store(o_ptrs, res, mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(col_ok, 0))
 
     @gluon.jit
     def _issue_loads(a_desc, b_desc, a_smem, b_smem, bars, stage, kb, row0, b_row0, nk,
@@ -146,26 +199,13 @@ if GLUON_AVAILABLE:
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [num_warps, 1], [1, 0])
 
         # ---- tile -> (expert, m-tile, n-tile), as _locate_tile in grouped_gemm.py -------------------------------
-        offs_e = gl.arange(0, BLOCK_E, layout=e_layout)
-        counts = gl.maximum(gl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), 0)
-        m_tiles = (counts + BLOCK_M - 1) // BLOCK_M
-        cum_tiles = gl.associative_scan(m_tiles, 0, _add_i32)  # inclusive prefix sum (no gl.cumsum in Triton 3.6)
-        total_m = gl.sum(m_tiles, 0)
+        offs_e, counts, m_tiles, cum_tiles, total_m = _tile_table(counts_ptr, E, BLOCK_M, BLOCK_E, e_layout)
         num_n = gl.cdiv(N, BLOCK_N)
         tile_id = gl.program_id(0)
         if tile_id >= total_m * num_n:
             return
-        tiles_per_group = GROUP_M * num_n
-        first_m = (tile_id // tiles_per_group) * GROUP_M
-        group_rows = gl.minimum(total_m - first_m, GROUP_M)
-        tm = first_m + (tile_id % tiles_per_group) % group_rows
-        tn = (tile_id % tiles_per_group) // group_rows
-        e = gl.sum((cum_tiles <= tm).to(gl.int32), 0)
-        tiles_before = gl.sum(gl.where(offs_e < e, m_tiles, 0), 0)
-        count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
-        seg_start = gl.load(offsets_ptr + e)
-
-        row0 = seg_start + (tm - tiles_before) * BLOCK_M
+        e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
+                                                offsets_ptr, GROUP_M, BLOCK_M)
         b_row0 = e * N + tn * BLOCK_N
         nk = gl.cdiv(K, BLOCK_K)
 
@@ -230,11 +270,176 @@ if GLUON_AVAILABLE:
             mbarrier.invalidate(bars.index(i))
 
         # ---- epilogue: round once, store the segment's rows only -------------------------------------------------
-        res = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), out_layout)
-        out_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-        out_cols = tn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, out_layout))
-        row_ok = ((out_rows - seg_start) < count) & (out_rows < M)
-        col_ok = out_cols < N
-        o_ptrs = (out_ptr + gl.expand_dims(out_rows.to(gl.int64) * stride_om, 1)
-                  + gl.expand_dims(out_cols.to(gl.int64) * stride_on, 0))
-        gl.store(o_ptrs, res, mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(col_ok, 0))
+        _store_rows(acc, out_ptr, row0, tn, seg_start, count, M, N, stride_om, stride_on, BLOCK_M, BLOCK_N,
+                    out_layout)
+
+    CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup per consumer partition of the warp-specialized kernel
+    CONSUMER_ROWS = gl.constexpr(64)  # rows of its tile per consumer warpgroup (one m64 wgmma)
+
+    # ---- producer partition: 1 warp, TMA only -------------------------------------------------------------------
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_smem, b_smem, ready, empty, offsets_ptr, counts_ptr, N, K, E,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                  BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr):
+        e_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        offs_e, counts, m_tiles, cum_tiles, total_m = _tile_table(counts_ptr, E, BLOCK_M, BLOCK_E, e_layout)
+        num_n = gl.cdiv(N, BLOCK_N)
+        nk = gl.cdiv(K, BLOCK_K)
+        TILE_BYTES: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # FP8: one byte per element; OOB boxes count too
+        it = 0  # K blocks loaded so far (all tiles): stage = it % NUM_STAGES, ring pass = it // NUM_STAGES
+        for tile_id in range(gl.program_id(0), total_m * num_n, gl.num_programs(0)):
+            e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
+                                                    offsets_ptr, GROUP_M, BLOCK_M)
+            b_row0 = e * N + tn * BLOCK_N
+            for kb in range(nk):
+                s = it % NUM_STAGES
+                # Pass p of the ring waits for the consumers' release of pass p - 1; a fresh mbarrier counts as
+                # having completed the phase before its first, so pass 0 waits on parity 1 and goes through.
+                mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, TILE_BYTES)
+                _tma_load(a_desc, [row0, kb * BLOCK_K], bar, a_smem.index(s))
+                _tma_load(b_desc, [b_row0, kb * BLOCK_K], bar, b_smem.index(s))
+                it += 1
+
+    # ---- consumer partitions: one warpgroup each, wgmma + promotion + epilogue ---------------------------------
+    @gluon.jit
+    def _mma(a_smem, b_smem, ready, it, zero, HALF: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Wait for the stage of global K block ``it`` and issue this warpgroup's wgmma chain on its 64-row slice of
+        ``a`` asynchronously (fresh accumulator: ``use_acc=False``; ``zero`` only names the result's registers)."""
+        s = it % NUM_STAGES
+        mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+        a_view = a_smem.index(s).slice(HALF * CONSUMER_ROWS, CONSUMER_ROWS)
+        return warpgroup_mma(a_view, b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _issue_ws(a_smem, b_smem, ready, it, zero, as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk,
+               HALF: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """``_mma`` of global block ``it`` (the tile's block ``kb``), then its scales: they are used one step later,
+        so their global-load latency hides behind the wgmma."""
+        part = _mma(a_smem, b_smem, ready, it, zero, HALF, NUM_STAGES)
+        sa, sb = _load_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk)
+        return part, sa, sb
+
+    @gluon.jit
+    def _release(empty, it, NUM_STAGES: gl.constexpr):
+        """This warpgroup's wgmma on the stage of global K block ``it`` is complete: one arrival (thread 0 of the
+        partition) of the two the producer waits for."""
+        mbarrier.arrive(empty.index(it % NUM_STAGES), count=1)
+
+    @gluon.jit
+    def _consumer(a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
+                  stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
+                  HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                  GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                             instr_shape=[16, BLOCK_N, 32])
+        row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        e_layout: gl.constexpr = gl.BlockedLayout([1], [32], [CONSUMER_WARPS], [0])
+        # Stores from the wgmma layout write 2 columns (4 bytes) per thread and row; a blocked layout with 8
+        # consecutive columns per thread writes 16-byte vectors (one layout conversion per tile).
+        TPW_N: gl.constexpr = BLOCK_N // 8
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [CONSUMER_WARPS, 1], [1, 0])
+
+        offs_e, counts, m_tiles, cum_tiles, total_m = _tile_table(counts_ptr, E, BLOCK_M, BLOCK_E, e_layout)
+        num_n = gl.cdiv(N, BLOCK_N)
+        nk = gl.cdiv(K, BLOCK_K)
+        zero = gl.zeros([CONSUMER_ROWS, BLOCK_N], gl.float32, mma_layout)
+        it = 0  # K blocks consumed so far (all tiles), in step with the producer's counter
+        for tile_id in range(gl.program_id(0), total_m * num_n, gl.num_programs(0)):
+            e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
+                                                    offsets_ptr, GROUP_M, BLOCK_M)
+            row0 = row0 + HALF * CONSUMER_ROWS
+            # Rows past the segment are computed but never stored: their scale loads are only clamped to [0, M).
+            rows = row0 + gl.arange(0, CONSUMER_ROWS, layout=row_layout)
+            as_ptrs = as_ptr + gl.minimum(gl.maximum(rows, 0), M - 1).to(gl.int64) * stride_asm
+            bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + ((tn * BLOCK_N) // 128) * stride_bsn
+
+            acc = gl.zeros([CONSUMER_ROWS, BLOCK_N], gl.float32, mma_layout)
+            if PINGPONG:
+                # Block k's wgmma runs while block k-1 is promoted; pairs (k, k+1) so that no wgmma result is in
+                # flight across a basic-block boundary (see the one-partition kernel).
+                p_0, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, ready, it, zero, as_ptrs, bs_ptrs, 0, stride_ask,
+                                               stride_bsk, HALF, NUM_STAGES)
+                d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_0])
+                _release(empty, it, NUM_STAGES)
+                for k in range(1, nk - 1, 2):
+                    p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, ready, it + k, zero, as_ptrs, bs_ptrs, k, stride_ask,
+                                             stride_bsk, HALF, NUM_STAGES)
+                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)             # block k-1 under block k
+                    p_y, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, ready, it + k + 1, zero, as_ptrs, bs_ptrs, k + 1,
+                                                   stride_ask, stride_bsk, HALF, NUM_STAGES)
+                    d_x = warpgroup_mma_wait(num_outstanding=1, deps=[p_x])   # block k done, k+1 still running
+                    _release(empty, it + k, NUM_STAGES)
+                    acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)                      # block k under block k+1
+                    d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_y])
+                    _release(empty, it + k + 1, NUM_STAGES)
+                # d_prev is block nk-1 (nk odd) or nk-2 (nk even, block nk-1 left).
+                if nk % 2 == 0:
+                    p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, ready, it + nk - 1, zero, as_ptrs, bs_ptrs, nk - 1,
+                                             stride_ask, stride_bsk, HALF, NUM_STAGES)
+                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
+                    d_x = warpgroup_mma_wait(num_outstanding=0, deps=[p_x])
+                    _release(empty, it + nk - 1, NUM_STAGES)
+                    acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)
+                else:
+                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
+            else:
+                # DeepGEMM's schedule: wait for each block right away, release its stage, promote; the other
+                # consumer warpgroup's wgmma keeps the tensor cores busy meanwhile. The scales are loaded one block
+                # ahead (the wgmma alone may be shorter than a global load).
+                sa_n, sb_n = _load_scales(as_ptrs, bs_ptrs, 0, stride_ask, stride_bsk)
+                for k in range(nk):
+                    p = _mma(a_smem, b_smem, ready, it + k, zero, HALF, NUM_STAGES)
+                    sa, sb = sa_n, sb_n
+                    sa_n, sb_n = _load_scales(as_ptrs, bs_ptrs, gl.minimum(k + 1, nk - 1), stride_ask, stride_bsk)
+                    d = warpgroup_mma_wait(num_outstanding=0, deps=[p])
+                    _release(empty, it + k, NUM_STAGES)
+                    acc = _promote(acc, d, sa, sb, BLOCK_N)
+            it += nk
+
+            # Epilogue: round once, store this warpgroup's rows of the segment only.
+            _store_rows(acc, out_ptr, row0, tn, seg_start, count, M, N, stride_om, stride_on, CONSUMER_ROWS, BLOCK_N,
+                        out_layout)
+
+    @gluon.jit
+    def _grouped_gemm_fp8_gluon_ws_kernel(
+        # the operands of _grouped_gemm_fp8_gluon_kernel, in the same order
+        a_desc, as_ptr, b_desc, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
+        stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
+        BLOCK_M: gl.constexpr,        # must be 128: two consumer warpgroups of 64 rows
+        BLOCK_N: gl.constexpr,        # divides 128 (one weight scale per tile and K block), multiple of 8
+        BLOCK_K: gl.constexpr,        # must be 128: one promotion per scale block
+        GROUP_M: gl.constexpr,        # m-tiles sharing one sweep of n-tiles (L2 reuse of the weight tiles)
+        BLOCK_E: gl.constexpr,        # power of two >= max(E, 128) (per-expert tile counts live in registers)
+        NUM_STAGES: gl.constexpr,     # TMA ring depth
+        num_warps: gl.constexpr,      # must be 4: the default partition is consumer warpgroup 0
+        PINGPONG: gl.constexpr = True,      # consumer schedule (see the module docstring)
+        PRODUCER_REGS: gl.constexpr = 40,   # setmaxnreg of the producer's warpgroup
+        CONSUMER_REGS: gl.constexpr = 232,  # setmaxnreg of consumer warpgroup 1 (warpgroup 0 gets the rest)
+    ):
+        gl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+        gl.static_assert(BLOCK_M == 2 * CONSUMER_ROWS, "BLOCK_M must be 128: two consumer warpgroups of 64 rows")
+        gl.static_assert(num_warps == CONSUMER_WARPS, "num_warps must be 4: the default partition is one warpgroup")
+        gl.static_assert(BLOCK_N <= 128 and 128 % BLOCK_N == 0, "BLOCK_N must divide 128")
+        gl.static_assert(NUM_STAGES >= 2, "at least two stages")
+
+        a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)   # the producer's expect (+ the TMA bytes)
+            mbarrier.init(empty.index(i), count=2)   # one arrival per consumer warpgroup
+        fence_async_shared()  # barrier initialisation visible to the async proxy (TMA) before its first use
+
+        gl.warp_specialize([
+            (_consumer, (a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
+                         stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
+                         0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, PINGPONG)),
+            (_consumer, (a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
+                         stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
+                         1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, PINGPONG)),
+            (_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, offsets_ptr, counts_ptr, N, K, E,
+                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES)),
+        ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -10,9 +10,12 @@ be captured in a CUDA graph.
 
 Tile configurations come from a bucket of the expected rows per expert (a host-side hint; the real counts live on the
 device): few rows (<= 64) -> weight-bandwidth bound, persistent swap-AB tiles (weight rows fill the MMA's 64-wide M
-side, tokens the narrow N side); 65-1023 rows -> 128x128 tiles with TMA loads and a warp-specialized K loop (Hopper);
-more -> compute bound, 256x128 tiles computed as two independent 128x128 dots. ``FP8_DEEP_GEMM_CONFIG`` (e.g.
-``"BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1"``) pins one configuration for every call.
+side, tokens the narrow N side); 65-127 rows -> 128x128 Triton tiles with TMA loads and a warp-specialized K loop
+(Hopper); from 128 rows -> compute bound, the Gluon kernels on SM90 (``fp8_deep.kernels.grouped_gemm_gluon``: async
+wgmma, the promotion of one K block overlapped with the next block's MMA, a TMA producer warp), with the portable
+Triton tiles wherever Gluon cannot run (CPU / interpreter, other GPUs, operands TMA cannot describe).
+``FP8_DEEP_GEMM_CONFIG`` (e.g. ``"BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1"``) pins one
+configuration for every call.
 """
 from __future__ import annotations
 
@@ -70,19 +73,27 @@ class GemmConfig:
             raise ValueError("GemmConfig.ACC_K applies to FP8 dots; UPCAST=1 runs FP16 dots (set one of them)")
         if self.num_stages < 1:
             raise ValueError(f"GemmConfig.num_stages must be >= 1, got {self.num_stages}")
-        if self.WS and not self.TMA:
-            raise ValueError("GemmConfig.WS needs TMA=1 (the warp-specialized loop is built on descriptor loads)")
+        if self.WS and not (self.TMA or self.GLUON):
+            raise ValueError("GemmConfig.WS needs TMA=1 or GLUON=1 (the warp-specialized loop is built on descriptor "
+                             "loads)")
         if self.TMA and (self.SWAP_AB or self.PERSISTENT or self.BLOCK_N > 128):
             raise ValueError("GemmConfig.TMA supports the plain orientation only: SWAP_AB=0, PERSISTENT=0, "
                              "BLOCK_N <= 128")
         if self.GLUON:
-            others = [n for n in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "ACC_K", "UPCAST") if getattr(self, n)]
+            others = [n for n in ("SWAP_AB", "SPLIT_M", "TMA", "ACC_K", "UPCAST") if getattr(self, n)]
             if others:
                 raise ValueError(f"GemmConfig.GLUON is its own kernel (TMA loads, async wgmma): unset {others}")
-            if self.BLOCK_M not in (64, 128) or self.num_warps not in (4, 8) or self.num_stages < 2:
-                raise ValueError("GemmConfig.GLUON needs BLOCK_M 64 or 128, num_warps 4 or 8, num_stages >= 2")
+            if self.PERSISTENT and not self.WS:
+                raise ValueError("GemmConfig.GLUON: PERSISTENT=1 applies to the warp-specialized kernel (WS=1)")
+            if self.num_stages < 2:
+                raise ValueError("GemmConfig.GLUON needs num_stages >= 2")
+            if self.WS and (self.BLOCK_M != 128 or self.BLOCK_N > 128 or self.num_warps != 4):
+                raise ValueError("GemmConfig.GLUON with WS=1 needs BLOCK_M=128 (two consumer warpgroups of 64 rows), "
+                                 "BLOCK_N <= 128 and num_warps=4 (the default partition is one consumer warpgroup)")
+            if not self.WS and (self.BLOCK_M not in (64, 128) or self.num_warps not in (4, 8)):
+                raise ValueError("GemmConfig.GLUON needs BLOCK_M 64 or 128 and num_warps 4 or 8")
             # the accumulator and two partial tiles live in registers: 3 * BLOCK_M * BLOCK_N / threads floats
-            if 3 * self.BLOCK_M * self.BLOCK_N // (32 * self.num_warps) > 192:
+            if not self.WS and 3 * self.BLOCK_M * self.BLOCK_N // (32 * self.num_warps) > 192:
                 raise ValueError(f"GemmConfig.GLUON: a {self.BLOCK_M}x{self.BLOCK_N} tile with {self.num_warps} warps "
                                  f"needs more than 192 float32 registers per thread (accumulator + two partial tiles)")
 
@@ -152,16 +163,30 @@ MEDIUM_M_CONFIGS = (
 )
 MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 
-# Compute-bound rows on Hopper: the Gluon kernel (``fp8_deep/kernels/grouped_gemm_gluon.py``). It issues each 128-K
-# block's wgmma asynchronously and promotes the previous block on the CUDA cores meanwhile, which plain Triton cannot
-# express (its dot must complete before the promotion reads it). Bitwise equal to the TMA kernel (same per-block
-# wgmma chain, same K order). H100, E=256, DeepSeek-V3 GEMM1 / GEMM2 at 1024 rows per expert: 893 / 770 TFLOP/s vs
-# 812 / 723 for LARGE_M_CONFIGS[0] (bench/NOTES.md). CUDA on SM90 only; elsewhere LARGE_M_CONFIGS[0] runs instead.
+# From 128 rows per expert on Hopper: the Gluon kernels (``fp8_deep/kernels/grouped_gemm_gluon.py``). They issue
+# each 128-K block's wgmma asynchronously and promote the previous block on the CUDA cores meanwhile, which plain
+# Triton cannot express (its dot must complete before the promotion reads it). Bitwise equal to the TMA kernel (same
+# per-block wgmma chain, same K order). H100, E=256, TFLOP/s at 256 / 1024 / 2048 rows per expert (bench/NOTES.md,
+# session 5, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
+# 800 / 921 / 913, the 256x128 split Triton tiles 722 / 805 / 768; GEMM2 (K=2048) WS persistent 814 / 899 / 831,
+# WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. CUDA on SM90 only; elsewhere the
+# bucket's portable tiles run instead.
 GLUON_CONFIGS = (
+    # warp-specialized: a TMA producer warp and two consumer warpgroups synchronised by mbarriers only; one tile per
+    # program (long K), or persistent (short K: the next tile's loads overlap the epilogue, which K=2048 exposes)
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, WS=True, num_warps=4, num_stages=4),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, WS=True, PERSISTENT=True, num_warps=4,
+               num_stages=4),
+    # one partition, 8 warps (the consumers also issue the loads: CTA barriers keep the warpgroups in step)
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=8, num_stages=5),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=8, num_stages=4),
-    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=8, num_stages=3),
-    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, GLUON=True, num_warps=8, num_stages=4),
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=4, num_stages=4),
+    # deeper rings and wider m-groups for the persistent kernel (swept, not picked)
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, WS=True, PERSISTENT=True, num_warps=4,
+               num_stages=5),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, GLUON=True, WS=True, PERSISTENT=True, num_warps=4,
+               num_stages=6),
+    GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, GLUON=True, WS=True, PERSISTENT=True, num_warps=4,
+               num_stages=4),
 )
 
 # Not picked by default, swept by bench/bench_grouped_gemm.py. H100, GEMM1 of DeepSeek-V3 (N=4096, K=7168) at
@@ -180,14 +205,15 @@ EXPERIMENTAL_CONFIGS = (
 )
 
 
-def pick_config(expected_m: int) -> GemmConfig:
+def pick_config(expected_m: int, K: Optional[int] = None) -> GemmConfig:
     """The configuration for the rows of the most loaded experts (``FP8_DEEP_GEMM_CONFIG`` overrides).
 
     Up to 64 rows: swap-AB tiles as wide as that load (the weights stream once per expert; measured better than the
-    128-row tiles, which pad every expert to 128 rows, up to ~49 rows); up to 1024: the 128x128 warp-specialized TMA
-    tiles (``MEDIUM_M_CONFIGS``); beyond: the Gluon kernel (``GLUON_CONFIGS``), where it cannot run 256x128 tiles as
-    two independent 128-row dots (``LARGE_M_CONFIGS``; GEMM2 of DeepSeek-V3 at 1024-2048 rows: 735-766 TFLOP/s vs
-    699-720 for the WS tiles)."""
+    128-row tiles, which pad every expert to 128 rows, up to ~49 rows); 65-127: the 128x128 warp-specialized TMA
+    tiles (``MEDIUM_M_CONFIGS``, measured at MoE T=2048); from 128: the warp-specialized Gluon kernel, one tile per
+    program when ``K`` (the reduction length, when given) exceeds 4096, persistent otherwise (``GLUON_CONFIGS``).
+    Where Gluon cannot run, the bucket's portable tiles: the TMA WS tiles below 1024 rows, 256x128 tiles as two
+    independent 128-row dots above (``LARGE_M_CONFIGS``)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return GemmConfig.parse(env)
@@ -199,9 +225,9 @@ def pick_config(expected_m: int) -> GemmConfig:
         return SMALL_M_CONFIGS[1]
     if expected_m <= 64:
         return SMALL_M_CONFIGS[2]
-    if expected_m < 1024:
+    if expected_m < 128:
         return MEDIUM_M_CONFIGS[0]
-    return GLUON_CONFIGS[0]
+    return GLUON_CONFIGS[0] if K is not None and K > 4096 else GLUON_CONFIGS[1]
 
 
 def _tma_problem(a: torch.Tensor, b: torch.Tensor, N: int, what: str = "TMA=1") -> Optional[str]:
@@ -324,11 +350,11 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     if pinned:
         cfg = GemmConfig.parse(pinned)
     else:
-        cfg = pick_config(expected_m if expected_m is not None else max(1, M // E))
+        cfg = pick_config(expected_m if expected_m is not None else max(1, M // E), K)
         # a picked TMA / Gluon config never fails where it cannot run: the same bucket's portable tiles instead
         if cfg.GLUON and _gluon_problem(a, b, N):
-            cfg = LARGE_M_CONFIGS[0]
-        elif cfg.TMA and _tma_problem(a, b, N):
+            cfg = MEDIUM_M_CONFIGS[0] if (expected_m or M // E) < 1024 else LARGE_M_CONFIGS[0]
+        if cfg.TMA and _tma_problem(a, b, N):
             cfg = MEDIUM_M_FALLBACK
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
@@ -358,6 +384,13 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     return out
 
 
+def _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E):
+    """The positional arguments the descriptor-based kernels (Triton TMA, Gluon) share, in their order."""
+    return (a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E,
+            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
+            out.stride(0), out.stride(1))
+
+
 def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound):
     """The TMA-descriptor kernel: host-side descriptors over ``a (M, K)`` and ``b`` viewed as ``(E * N, K)``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -369,11 +402,7 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [half, BLOCK])
     b_desc = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [cfg.BLOCK_N, BLOCK])
     _grouped_gemm_fp8_tma_kernel[(max(1, tiles_bound),)](
-        a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts,
-        M, N, K, E,
-        a_scale.stride(0), a_scale.stride(1),
-        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
-        out.stride(0), out.stride(1),
+        *_descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
         BLOCK_E=triton.next_power_of_2(E), SPLIT_M=cfg.SPLIT_M, WS=cfg.WS, NUM_STAGES=cfg.num_stages,
         ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps,
@@ -394,15 +423,19 @@ def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_count
                               gl.NVMMASharedLayout.get_default_for([bm, BLOCK], gl.float8e4nv))
     b_desc = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [bn, BLOCK],
                               gl.NVMMASharedLayout.get_default_for([bn, BLOCK], gl.float8e4nv))
-    _gluon._grouped_gemm_fp8_gluon_kernel[(max(1, tiles_bound),)](
-        a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts,
-        M, N, K, E,
-        a_scale.stride(0), a_scale.stride(1),
-        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
+    if cfg.WS:
+        kernel = _gluon._grouped_gemm_fp8_gluon_ws_kernel
+        # the consumers' expert vector spans 4 warps x 32 lanes
+        block_e = max(128, triton.next_power_of_2(E))
+        grid = min(tiles_bound, sm_count(a.device)) if cfg.PERSISTENT else tiles_bound
+    else:
+        kernel = _gluon._grouped_gemm_fp8_gluon_kernel
         # the expert vector's blocked layout spans 32 lanes x num_warps: at least that many slots
-        BLOCK_E=max(32 * cfg.num_warps, triton.next_power_of_2(E)), NUM_STAGES=cfg.num_stages,
+        block_e = max(32 * cfg.num_warps, triton.next_power_of_2(E))
+        grid = tiles_bound
+    kernel[(max(1, grid),)](
+        *_descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, BLOCK_E=block_e, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
     )
 
