@@ -36,10 +36,9 @@ ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K[,STREAM]]" (default 32,8 one
+    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (default 32,8 one
     # layout; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
-    "w_cs": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1,1"}),  # streaming (.cs) FP8 stores
     "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (session 4)
     "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default since session 5)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),

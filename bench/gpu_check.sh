@@ -169,9 +169,9 @@ run_one_stage() {
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
             # shellcheck disable=SC2086
             run_stage pytest 300 pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
-        proto)  # a prototype script, e.g. PROTO="bench/proto_gluon_gemm.py"
+        proto)  # a prototype or diagnostic script, e.g. PROTO="bench/gluon_compile_check.py"
             # shellcheck disable=SC2086
-            run_stage proto 240 proto.log $PY ${PROTO:-bench/proto_gluon_gemm.py} ;;
+            run_stage proto 240 proto.log $PY ${PROTO:-bench/diag_accum.py} ;;
         *) echo "$1: unknown stage (tests cputests quant quantg gemm moe moe2 breakdown sweep main diag pytest proto)" \
                >> "$LOGS/status" ;;
     esac

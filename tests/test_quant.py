@@ -59,9 +59,9 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
-# every kernel configuration a tuning sweep may pin computes the same bytes: "TCHUNK,num_warps[,BLOCKS_K[,STREAM]]"
+# every kernel configuration a tuning sweep may pin computes the same bytes: "TCHUNK,num_warps[,BLOCKS_K]"
 # (BLOCKS_K > 1, several scale blocks per program, applies to the one-layout kernel only)
-WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,8,1,1", "32,8,2", "32,8,4,1"]
+WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,8,1", "32,8,2", "32,8,4"]
 
 
 @pytest.mark.parametrize("config", WEIGHT_CONFIGS)
@@ -78,21 +78,14 @@ def test_weight_kernel_configs_bit_exact(config, device, monkeypatch):
 
 
 def test_pinned_config_errors(device, monkeypatch):
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "24,8")
-    with pytest.raises(ValueError, match="TCHUNK"):
-        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "1")
-    with pytest.raises(ValueError, match="at least 2"):
-        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,4,2")  # STREAM is 0 or 1
-    with pytest.raises(ValueError, match="STREAM 0 or 1"):
-        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,1,0,1")
-    with pytest.raises(ValueError, match="expected 'TCHUNK,num_warps"):
-        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device))
-    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,2")
-    with pytest.raises(ValueError, match="one-layout kernel only"):
-        ops.quantize_weight_blockwise(torch.randn(128, 128, device=device), with_transpose=True)
+    w = torch.randn(128, 128, device=device)
+    for config, match, both in [("24,8", "TCHUNK", False), ("1", "at least 2", False),
+                                ("32,8,3", "BLOCKS_K must be a power of two", False),
+                                ("32,8,1,0", "expected 'TCHUNK,num_warps", False),
+                                ("32,8,2", "one-layout kernel only", True)]:
+        monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", config)
+        with pytest.raises(ValueError, match=match):
+            ops.quantize_weight_blockwise(w, with_transpose=both)
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "3,1,4")
     with pytest.raises(ValueError, match="powers of two"):

@@ -1,6 +1,6 @@
 """FP8 block-scaled grouped GEMM in Gluon (Hopper, SM90): the TMA kernel of ``grouped_gemm.py`` with the per-128-K
 FP32 promotion overlapped with the tensor cores. Launched by ``fp8_deep.ops.grouped_gemm`` (``GemmConfig(GLUON=1)``);
-``bench/proto_gluon_gemm.py --compile-only`` compiles it for sm_90 on a CPU machine (registers, spills, PTX checks).
+``bench/gluon_compile_check.py`` compiles every configuration for sm_90 on a CPU machine (registers, spills, PTX).
 
 Operands (same contract as ``_grouped_gemm_fp8_tma_kernel``):
 

@@ -60,13 +60,12 @@ def _quant_weight_one_block(
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
-    STREAM: tl.constexpr,
 ):
     """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
     read of HBM. The transposed copy (BLOCKS_K == 1 only) is written in TCHUNK-column slices re-read from L2 (the
     block was just loaded) and transposed as float32 before the cast. Transposing the FP8 tile itself (one 16 KB
     shuffle) wrote wrong bytes on the GPU (Triton 3.6, H200) for float32 inputs with 16-aligned shapes, and was
-    slower (bench/NOTES.md). STREAM marks the FP8 stores streaming (``.cs``: written once, never re-read here)."""
+    slower (bench/NOTES.md)."""
     pid_e = pid_e.to(tl.int64)
     WIDTH: tl.constexpr = BLOCK_K * BLOCKS_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,10 +98,7 @@ def _quant_weight_one_block(
         q8 = tl.reshape(q3, (BLOCK_N, WIDTH)).to(q_ptr.dtype.element_ty)
         kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
         tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
-    if STREAM:
-        tl.store(q_ptrs, q8, mask=mask, cache_modifier=".cs")
-    else:
-        tl.store(q_ptrs, q8, mask=mask)
+    tl.store(q_ptrs, q8, mask=mask)
     if WITH_TRANSPOSE:
         tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
@@ -136,13 +132,13 @@ def quant_weight_block_kernel(
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
     # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr, STREAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     _quant_weight_one_block(
         w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K, kb,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K, STREAM)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
 
 
 @triton.jit

@@ -191,17 +191,13 @@ GLUON_CONFIGS = (
 
 # Not picked by default, swept by bench/bench_grouped_gemm.py. H100, GEMM1 of DeepSeek-V3 (N=4096, K=7168) at
 # 1024 / 2048 rows per expert: 128x128 WS 833 / 763 TFLOP/s, the 256x128 split default 806 / 813; TMA without WS and
-# 256-row WS tiles are slower; a 64-row WS tile with 4 warps does not compile (Triton 3.6).
+# 256-row WS tiles are slower; a 64-row WS tile with 4 warps does not compile (Triton 3.6); one-warpgroup tiles for
+# two programs per SM (64x128 / 128x64, 4 warps) measured 599-680 on GEMM2 (session 5) and were dropped.
 EXPERIMENTAL_CONFIGS = (
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, WS=True, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=16, TMA=True, WS=True, num_warps=8, num_stages=4),
     GemmConfig(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, TMA=True, WS=True, num_warps=8, num_stages=3),
-    # one warpgroup per program, ~2 programs per SM: one program's promotion can overlap the other's wgmma
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4),
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=6),
-    GemmConfig(BLOCK_M=128, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4),
-    GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, TMA=True, num_warps=4, num_stages=4),
 )
 
 
@@ -410,14 +406,23 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
 
 
 def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, M, N, K, E, tiles_bound):
-    """The Gluon kernel: host descriptors over ``a (M, K)`` and ``b`` as ``(E * N, K)`` with 128-byte swizzled
-    NVMMA shared layouts (one 128-K FP8 box row is 128 bytes), one program per tile of the bound."""
+    """Launch the Gluon kernel of ``cfg`` where it can run (else a ValueError naming why)."""
     problem = _gluon_problem(a, b, N)
     if problem:
         raise ValueError(problem)
+    kernel, grid, args, kwargs = gluon_launch_args(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
+                                                   tiles_bound)
+    kernel[grid](*args, **kwargs)
+
+
+def gluon_launch_args(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, tiles_bound):
+    """``(kernel, grid, args, kwargs)`` of the Gluon kernel of ``cfg`` (no checks, no launch: ``bench/
+    gluon_compile_check.py`` compiles from it on a CPU machine). Host descriptors over ``a (M, K)`` and ``b`` as
+    ``(E * N, K)`` with 128-byte swizzled NVMMA shared layouts (one 128-K FP8 box row is 128 bytes)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    (M, K), (E, N, _) = a.shape, b.shape
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, BLOCK],
                               gl.NVMMASharedLayout.get_default_for([bm, BLOCK], gl.float8e4nv))
@@ -433,11 +438,10 @@ def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_count
         # the expert vector's blocked layout spans 32 lanes x num_warps: at least that many slots
         block_e = max(32 * cfg.num_warps, triton.next_power_of_2(E))
         grid = tiles_bound
-    kernel[(max(1, grid),)](
-        *_descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, BLOCK_E=block_e, NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps,
-    )
+    args = _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E)
+    kwargs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, BLOCK_E=block_e,
+                  NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    return kernel, (max(1, grid),), args, kwargs
 
 
 class TritonGroupedGemm:

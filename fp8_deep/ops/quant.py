@@ -91,7 +91,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps, blocks_k, stream = _weight_config(bn, bk, with_transpose)
+    tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose)
     fast = gpu_fast_paths(w)
     quant_weight_block_kernel[(cdiv(kb, blocks_k), nb, E)](
         w3, q3, s3, qt3, st3,
@@ -99,7 +99,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
         NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
-        BLOCKS_K=blocks_k, STREAM=stream, num_warps=warps,
+        BLOCKS_K=blocks_k, num_warps=warps,
     )
     return tuple(outs)
 
@@ -272,31 +272,32 @@ def _pinned(env: str, n: int):
 
 
 def _weight_config(bn: int, bk: int, with_transpose: bool):
-    """(TCHUNK, num_warps, BLOCKS_K, STREAM) of the weight kernel: the column slice of the transposed copy, warps
-    per program, scale blocks per program along K (one layout only), streaming (``.cs``) FP8 stores.
+    """(TCHUNK, num_warps, BLOCKS_K) of the weight kernel: the column slice of the transposed copy, warps per
+    program, scale blocks per program along K (one layout only).
 
     8 warps per program (4 measured 27% slower on an H100, 16 the same for one layout on an H100 and an H200);
     64-column slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8;
-    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K[,STREAM]]"`` pins them."""
+    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K]"`` pins them. (Streaming ``.cs``
+    FP8 stores measured no gain, session 5.)"""
     pinned = _pinned(WEIGHT_CONFIG_ENV, 2)
     if pinned:
-        if len(pinned) > 4:
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps[,BLOCKS_K[,STREAM]]'")
-        tchunk, warps, blocks_k, stream = (pinned + [1, 0])[:4]
+        if len(pinned) > 3:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps[,BLOCKS_K]'")
+        tchunk, warps, blocks_k = (pinned + [1])[:3]
         if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
                              f"<= 16")
-        if not is_pow2(blocks_k) or blocks_k > 8 or stream not in (0, 1):
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K must be a power of two <= 8, STREAM 0 or 1")
+        if not is_pow2(blocks_k) or blocks_k > 8:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K must be a power of two <= 8")
         if with_transpose and blocks_k != 1:
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K > 1 applies to the one-layout kernel only "
                              f"(with_transpose=False)")
-        return tchunk, warps, blocks_k, bool(stream)
+        return tchunk, warps, blocks_k
     if bn * bk < 128 * 128:
-        return 32, 4, 1, False
+        return 32, 4, 1
     # one layout: two scale blocks per program (H100: 0.914 / 0.462 / 0.137 ms vs 0.920 / 0.463 / 0.137 with one,
     # torch.compile 0.910 / 0.458 / 0.136 on the three DeepSeek-V3 shapes; session 5, bench/NOTES.md)
-    return (64, 16, 1, False) if with_transpose else (32, 8, 2, False)
+    return (64, 16, 1) if with_transpose else (32, 8, 2)
 
 
 def _act_config(M: int, flat_ok: bool):
