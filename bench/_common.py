@@ -330,3 +330,41 @@ def free_cuda() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+
+
+class ClockSampler:
+    """``nvidia-smi`` sampling SM clock and power every ``period_ms`` in the background, so that a timing can be
+    reported with the clock it ran at (an H100 at its 700 W cap moves its clock by +-10% under a GEMM: timings of
+    power-bound kernels are only comparable together with it). ``window(t0, t1)`` -> (mean MHz, mean W, samples)
+    over host times ``[t0, t1]`` (``time.time()``); NaN when nvidia-smi is missing or no sample fell inside."""
+
+    def __init__(self, period_ms: int = 50):
+        self.samples = []  # (host time, MHz, W)
+        self._proc = None
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 f"-lms={period_ms}", "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        except (OSError, ValueError):
+            return
+        import threading
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self._proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                self.samples.append((time.time(), float(parts[0]), float(parts[1])))
+            except (ValueError, IndexError):
+                continue
+
+    def window(self, t0: float, t1: float):
+        inside = [(mhz, w) for t, mhz, w in list(self.samples) if t0 <= t <= t1]
+        if not inside:
+            return float("nan"), float("nan"), 0
+        return (sum(m for m, _ in inside) / len(inside), sum(w for _, w in inside) / len(inside), len(inside))
+
+    def close(self):
+        if self._proc is not None:
+            self._proc.terminate()

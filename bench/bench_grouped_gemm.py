@@ -8,6 +8,12 @@ GB/s is the FP8 weight bytes (+ scales) of the experts read, the figure that mat
     python bench/bench_grouped_gemm.py                 # full sweep (~1-2 min on an H100)
     python bench/bench_grouped_gemm.py --quick         # heuristic pick + BF16 only
     python bench/bench_grouped_gemm.py --gemm gemm2 --experts 256 --rows 16 1024
+    python bench/bench_grouped_gemm.py --ab FP8_DEEP_GLUON_OVERLAP=0,1 --deepgemm --rounds 5 --rows 1024 2048
+
+``--ab VAR=v1,v2`` times the pick once per value of an environment switch, interleaved over ``--rounds`` rounds
+(A B A B ...), with the SM clock and power sampled during each timing: at the H100's 700 W cap the clock moves by
++-10% between runs, so variants are compared round by round and as TFLOP/s per GHz, never across processes.
+``--deepgemm`` adds DeepGEMM's contiguous grouped GEMM on the same operands (when ``deep_gemm`` imports).
 
 Writes ``bench/results/<card>/grouped_gemm.csv``.
 """
@@ -92,6 +98,99 @@ def bf16_grouped_mm(E, rows, N, K, device):
         return None, f"torch._grouped_mm failed: {str(exc).splitlines()[0][:80]}"
 
 
+def deepgemm_fn(a, a_scale, b, b_scale, rows, out):
+    """DeepGEMM's contiguous grouped GEMM over ``make_acts``' layout (128-aligned segments), or (None, why)."""
+    try:
+        from types import SimpleNamespace
+
+        from fp8_deep.integrations.deep_gemm import load_backend
+        backend = load_backend()
+    except Exception as exc:  # noqa: BLE001 - not installed / not loadable: reported, not fatal
+        return None, f"deep_gemm unavailable: {str(exc).splitlines()[0][:80]}"
+    E, M = b.shape[0], a.shape[0]
+    seg = M // E
+    idx = torch.arange(M, device=a.device, dtype=torch.int32)
+    m_indices = torch.where(idx % seg < rows, idx // seg, -1).to(torch.int32)
+    plan = SimpleNamespace(num_rows=M, m_indices=m_indices, block_size=128)
+    return (lambda: backend.gemm(a, a_scale, b, b_scale, plan, out=out)), ""
+
+
+def ab_main(args, device, bench):
+    """Interleaved timings of the pick under each value of the ``--ab`` switches (and DeepGEMM), clocks sampled."""
+    import itertools
+    import statistics
+
+    from _common import ClockSampler
+
+    from fp8_deep.ops.grouped_gemm import grouped_gemm_fp8, pick_config
+    specs = []
+    for spec in args.ab:
+        var, _, vals = spec.partition("=")
+        specs.append([(var, v) for v in vals.split(",")])
+    variants = [dict(c) for c in itertools.product(*specs)] if specs else [{}]
+    sampler = ClockSampler()
+    try:
+        for gname in args.gemm:
+            N, K = GEMMS[gname]
+            for E in args.experts:
+                b, b_scale = make_weights(E, N, K, device)
+                for rows in args.rows:
+                    a, a_scale, offsets, counts = make_acts(E, rows, K, device)
+                    flops = 2.0 * E * rows * N * K
+                    out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=device)
+                    cfg = pick_config(rows, K)
+                    fns = []
+                    for env in variants:
+                        def fn(env=env):
+                            os.environ.update(env)
+                            return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out, config=cfg)
+                        fns.append((",".join(f"{k}={v}" for k, v in env.items()) or "pick", fn))
+                    if args.deepgemm:
+                        dg, why = deepgemm_fn(a, a_scale, b, b_scale, rows, out)
+                        if dg is not None:
+                            fns.append(("deepgemm", dg))
+                        else:
+                            print(f"  {why}")
+                    first = None
+                    for name, fn in fns:  # correctness of every variant before any timing
+                        out.fill_(float("nan"))
+                        fn()
+                        validate(out, a, a_scale, b, b_scale, offsets, rows, f"{gname} rows={rows} {name}")
+                        valid = torch.cat([out[int(o):int(o) + rows] for o in offsets.tolist()])
+                        if first is None:
+                            first = (name, valid)
+                        elif name != "deepgemm":  # our variants compute the same bits
+                            print(f"{gname} rows={rows} {name}: bitwise equal to {first[0]}: "
+                                  f"{torch.equal(valid.view(torch.int16), first[1].view(torch.int16))}", flush=True)
+                    del first, valid
+                    res = {name: [] for name, _ in fns}
+                    for r in range(args.rounds):
+                        line = []
+                        for name, fn in fns:
+                            fn()
+                            t0 = time.time()
+                            ms = bench(fn)
+                            mhz, watt, n = sampler.window(t0, time.time())
+                            res[name].append((ms, mhz, watt))
+                            line.append(f"{name} {flops / ms * 1e-9:6.1f} TF/s @ {mhz:5.0f} MHz {watt:4.0f} W")
+                        print(f"{gname} E={E} rows={rows} round {r}: " + " | ".join(line), flush=True)
+                    print(f"{gname} E={E} rows={rows} cfg={cfg}: median over {args.rounds} rounds")
+                    for name, v in res.items():
+                        ms = statistics.median(x[0] for x in v)
+                        mhz = statistics.median(x[1] for x in v)
+                        print(f"SUMMARY {gname} rows={rows} {name:32s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s  "
+                              f"{mhz:6.0f} MHz  "
+                              f"{flops / ms * 1e-9 / (mhz / 1000):7.1f} TFLOP/s per GHz  "
+                              f"(rounds: {' '.join(f'{flops / x[0] * 1e-9:.0f}' for x in v)})", flush=True)
+                    del a, a_scale, out, fns
+                    torch.cuda.empty_cache()
+                del b, b_scale
+                torch.cuda.empty_cache()
+    finally:
+        sampler.close()
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gemm", nargs="*", default=list(GEMMS), choices=list(GEMMS))
@@ -102,6 +201,10 @@ def main():
                    help="gluon: the pick, the Gluon configs and the default large tiles only (a short sweep)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--rep", type=int, default=40, help="do_bench rep (ms)")
+    p.add_argument("--ab", action="append", default=[], metavar="VAR=v1,v2",
+                   help="time the pick per value of an environment switch, interleaved (see the module docstring)")
+    p.add_argument("--rounds", type=int, default=5, help="--ab rounds")
+    p.add_argument("--deepgemm", action="store_true", help="also time DeepGEMM's contiguous grouped GEMM")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_grouped_gemm: needs a CUDA GPU; nothing to do")
@@ -122,6 +225,8 @@ def main():
     records = []
     bench = lambda fn: do_bench(fn, warmup=10, rep=args.rep, return_mode="median")  # noqa: E731
     print(f"card {card}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.ab or args.deepgemm and args.quick:
+        return ab_main(args, device, bench)
 
     for gname in args.gemm:
         N, K = GEMMS[gname]

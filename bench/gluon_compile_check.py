@@ -25,10 +25,11 @@ from fp8_deep.kernels import grouped_gemm_gluon as gk  # noqa: E402
 from fp8_deep.numerics import FP8_DTYPE, align, cdiv  # noqa: E402
 from fp8_deep.ops import grouped_gemm as gg  # noqa: E402
 
-SHAPES = ((4096, 7168), (200, 320))  # DeepSeek-V3 GEMM1; ragged N and K (TMA zero-fill, masked stores)
+# DeepSeek-V3 GEMM1; ragged N and K (TMA zero-fill, masked stores) with row-major scales (global loads)
+SHAPES = ((4096, 7168, "tma_aligned"), (200, 320, "row_major"))
 
 
-def compile_sm90(cfg, N, K, E=4, rows=256):
+def compile_sm90(cfg, N, K, E=4, rows=256, scale_layout="tma_aligned"):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -36,7 +37,10 @@ def compile_sm90(cfg, N, K, E=4, rows=256):
 
     M = E * align(rows, 128)
     a = torch.zeros(M, K, dtype=FP8_DTYPE)
-    a_scale = torch.empty_strided((M, cdiv(K, 128)), (1, align(M, 4)), dtype=torch.float32)
+    G = cdiv(K, 128)
+    # MN-major scales go through the warp-specialized kernel's TMA ring, row-major ones through global loads
+    a_scale = (torch.empty_strided((M, G), (1, align(M, 4)), dtype=torch.float32) if scale_layout == "tma_aligned"
+               else torch.empty(M, G, dtype=torch.float32))
     b = torch.zeros(E, N, K, dtype=FP8_DTYPE)
     b_scale = torch.zeros(E, cdiv(N, 128), cdiv(K, 128), dtype=torch.float32)
     seg = torch.zeros(E, dtype=torch.int32)
@@ -79,11 +83,11 @@ def main():
         return 1
     status = 0
     for i, cfg in enumerate(gg.GLUON_CONFIGS):
-        for N, K in SHAPES:
-            tag = f"GLUON_CONFIGS[{i}] N={N} K={K}"
+        for N, K, layout in SHAPES:
+            tag = f"GLUON_CONFIGS[{i}] N={N} K={K} {layout} scales"
             try:
                 t0 = time.time()
-                ck = compile_sm90(cfg, N, K)
+                ck = compile_sm90(cfg, N, K, scale_layout=layout)
                 usage, sass, advis = inspect(ck)
                 wait1 = len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", ck.asm["ptx"]))
                 print(f"{tag}: ok {time.time() - t0:.1f}s REG/STACK/SHARED/LOCAL={usage} smem={ck.metadata.shared} "

@@ -404,7 +404,9 @@ def test_gluon_config_rules_and_fallback(device, monkeypatch):
 @pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
 def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
     """The Gluon kernel runs the same per-128-K wgmma chain and promotion order as the Triton TMA kernel: the same
-    bytes, for every Gluon config, every output dtype (a strided float16 output too), ragged and empty experts."""
+    bytes, for every Gluon config, every output dtype (a strided float16 output too), ragged and empty experts, row
+    scales read through the TMA ring (MN-major) or from global memory (row-major, or MN-major at a base TMA cannot
+    take)."""
     case = make_case([0, 1, 130, 300, 64], N=N, K=K, device=device, scale_layout=scale_layout)
     tma = "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,TMA=1,WS=0,num_warps=8,num_stages=4"
     for cfg in GLUON_CONFIGS:
@@ -412,6 +414,16 @@ def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
         check(case, out)
         assert_bitwise_equal(out, run(case, config=tma), f"{cfg} vs the TMA kernel")
     args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
+    if scale_layout == "tma_aligned":
+        # MN-major scales at a base TMA cannot take (4-byte offset): the consumers load them from global memory
+        big = torch.empty_strided((case["M"] + 1, case["a_scale"].shape[1]), (1, case["a_scale"].stride(1) + 4),
+                                  dtype=torch.float32, device=device)
+        shifted = big[1:]
+        shifted.copy_(case["a_scale"])
+        assert shifted.data_ptr() % 16 and not gg._scales_tma_ok(shifted, case["M"])
+        assert gg._scales_tma_ok(case["a_scale"], case["M"])
+        out = grouped_gemm_fp8(case["a"], shifted, *args[2:], config=GLUON_CONFIGS[1])
+        assert_bitwise_equal(out, run(case, config=tma), "misaligned MN-major scales vs the TMA kernel")
     for dt in (torch.float32, torch.float16):
         ref = grouped_gemm_fp8(*args, out_dtype=dt, config=tma)
         full = torch.zeros(case["M"], 2 * N, dtype=dt, device=device)

@@ -229,6 +229,22 @@ def test_gpu_deepseek_v3_shapes(T, I, E, backend):
     check_moe(hidden, w13, w2, w, ids, backend=backend, prequantized=True, fp32_elementwise=True)
 
 
+@pytest.mark.gpu
+def test_gpu_moe_row_scales_take_the_tma_ring():
+    """Both GEMMs of the MoE get their row scales in the layout the Gluon kernel loads through its TMA ring
+    (MN-major, 16-byte aligned); anything else would silently take the slower global-load path."""
+    import functools
+
+    from fp8_deep.moe.forward import moe_forward_impl
+    from fp8_deep.ops import grouped_gemm as gg
+    from fp8_deep.ops.backend import select_grouped_gemm
+    hidden, w13, w2, w, ids = make_moe(300, 8, 256, 192, 2, "cuda")
+    out, st = moe_forward_impl(hidden, w13, w2, w, ids, return_stages=True,
+                               select_gemm=functools.partial(select_grouped_gemm, "triton"))
+    for a, sa in ((st["a1"], st["sa1"]), (st["a2"], st["sa2"])):
+        assert gg._scales_tma_ok(sa, a.shape[0]), (tuple(sa.stride()), sa.data_ptr() % 16)
+
+
 def _has_deep_gemm():
     try:
         from fp8_deep.ops import _registry

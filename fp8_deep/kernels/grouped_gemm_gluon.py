@@ -50,6 +50,12 @@ program and a persistent grid (``PERSISTENT=1``: #SMs programs; the ring's count
 producer loads the next tile while the consumers store the current one). Registers: 4 + 4 + 1 warps pad to three
 warpgroups (168 per thread at launch); ``setmaxnreg`` gives the producer 40 and each consumer 232 (no spills,
 Triton 3.6 and 3.9). Same numerics, bit for bit.
+
+Row scales through the ring (``SCALES_TMA``, chosen by the launcher when ``as`` is MN-major with a 16-byte aligned
+base, the layout the MoE hands over): the producer's TMA also loads the tile's 128 row scales of each K block into
+the stage (a 1-D box over the flat scale run), so a consumer reads them from shared memory, NUM_STAGES blocks after
+they were requested, instead of waiting on a global load issued one wgmma earlier (H100: +4-7% on both DeepSeek-V3
+GEMMs, bench/NOTES.md session 6). Otherwise (row-major scales) the consumers load them from global memory.
 """
 try:  # Gluon is experimental: importing this module must not fail on a Triton without it.
     from triton.experimental import gluon
@@ -96,15 +102,17 @@ if GLUON_AVAILABLE:
         return offs_e, counts, m_tiles, cum_tiles, gl.sum(m_tiles, 0)
 
     @gluon.jit
-    def _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n, offsets_ptr,
+    def _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n, offsets_ptr, E,
                 GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr):
-        """Tile ``tile_id`` of the flat grouped order -> (expert, first row, n-tile, segment start, segment rows)."""
+        """Tile ``tile_id`` of the flat grouped order -> (expert, first row, n-tile, segment start, segment rows).
+        Total (in-bounds loads, no division by zero) for any ``tile_id``, also with no tiles at all; the result is
+        meaningful for ``tile_id < total_m * num_n`` only."""
         tiles_per_group = GROUP_M * num_n
         first_m = (tile_id // tiles_per_group) * GROUP_M
-        group_rows = gl.minimum(total_m - first_m, GROUP_M)
+        group_rows = gl.maximum(gl.minimum(total_m - first_m, GROUP_M), 1)
         tm = first_m + (tile_id % tiles_per_group) % group_rows
         tn = (tile_id % tiles_per_group) // group_rows
-        e = gl.sum((cum_tiles <= tm).to(gl.int32), 0)
+        e = gl.minimum(gl.sum((cum_tiles <= tm).to(gl.int32), 0), E - 1)
         tiles_before = gl.sum(gl.where(offs_e < e, m_tiles, 0), 0)
         count = gl.sum(gl.where(offs_e == e, counts, 0), 0)
         seg_start = gl.load(offsets_ptr + e)
@@ -205,7 +213,7 @@ if GLUON_AVAILABLE:
         if tile_id >= total_m * num_n:
             return
         e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
-                                                offsets_ptr, GROUP_M, BLOCK_M)
+                                                offsets_ptr, E, GROUP_M, BLOCK_M)
         b_row0 = e * N + tn * BLOCK_N
         nk = gl.cdiv(K, BLOCK_K)
 
@@ -279,17 +287,19 @@ if GLUON_AVAILABLE:
     # ---- producer partition: 1 warp, TMA only -------------------------------------------------------------------
     @gluon.jit
     def _producer(a_desc, b_desc, a_smem, b_smem, ready, empty, offsets_ptr, counts_ptr, N, K, E,
+                  as_desc, as_smem, stride_ask,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                  BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):
         e_layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         offs_e, counts, m_tiles, cum_tiles, total_m = _tile_table(counts_ptr, E, BLOCK_M, BLOCK_E, e_layout)
         num_n = gl.cdiv(N, BLOCK_N)
         nk = gl.cdiv(K, BLOCK_K)
-        TILE_BYTES: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K  # FP8: one byte per element; OOB boxes count too
+        # FP8: one byte per element (+ the BLOCK_M float32 row scales with SCALES_TMA); OOB boxes count too
+        TILE_BYTES: gl.constexpr = (BLOCK_M + BLOCK_N) * BLOCK_K + (4 * BLOCK_M if SCALES_TMA else 0)
         it = 0  # K blocks loaded so far (all tiles): stage = it % NUM_STAGES, ring pass = it // NUM_STAGES
         for tile_id in range(gl.program_id(0), total_m * num_n, gl.num_programs(0)):
             e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
-                                                    offsets_ptr, GROUP_M, BLOCK_M)
+                                                    offsets_ptr, E, GROUP_M, BLOCK_M)
             b_row0 = e * N + tn * BLOCK_N
             for kb in range(nk):
                 s = it % NUM_STAGES
@@ -300,6 +310,8 @@ if GLUON_AVAILABLE:
                 mbarrier.expect(bar, TILE_BYTES)
                 _tma_load(a_desc, [row0, kb * BLOCK_K], bar, a_smem.index(s))
                 _tma_load(b_desc, [b_row0, kb * BLOCK_K], bar, b_smem.index(s))
+                if SCALES_TMA:  # the flat MN-major scales: K block kb's rows start at kb * stride_ask
+                    _tma_load(as_desc, [kb * stride_ask + row0], bar, as_smem.index(s))
                 it += 1
 
     # ---- consumer partitions: one warpgroup each, wgmma + promotion + epilogue ---------------------------------
@@ -313,12 +325,18 @@ if GLUON_AVAILABLE:
         return warpgroup_mma(a_view, b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _issue_ws(a_smem, b_smem, ready, it, zero, as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk,
-               HALF: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """``_mma`` of global block ``it`` (the tile's block ``kb``), then its scales: they are used one step later,
-        so their global-load latency hides behind the wgmma."""
+    def _issue_ws(a_smem, b_smem, as_smem, ready, it, zero, as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk,
+                  HALF: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr, row_layout: gl.constexpr):
+        """``_mma`` of global block ``it`` (the tile's block ``kb``), then its scales, used one step later: the row
+        scales from the same stage (SCALES_TMA: the producer's TMA brought them with the tiles, and they are read
+        before the stage is released) or from global memory, the weight scale from global memory (its latency hides
+        behind the wgmma)."""
         part = _mma(a_smem, b_smem, ready, it, zero, HALF, NUM_STAGES)
-        sa, sb = _load_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk)
+        if SCALES_TMA:
+            sa = as_smem.index(it % NUM_STAGES).slice(HALF * CONSUMER_ROWS, CONSUMER_ROWS).load(row_layout)
+            sb = gl.load(bs_ptrs + kb * stride_bsk)
+        else:
+            sa, sb = _load_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk)
         return part, sa, sb
 
     @gluon.jit
@@ -331,7 +349,8 @@ if GLUON_AVAILABLE:
     def _consumer(a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
                   stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
                   HALF: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                  GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                  GROUP_M: gl.constexpr, BLOCK_E: gl.constexpr, NUM_STAGES: gl.constexpr, as_smem,
+                  SCALES_TMA: gl.constexpr):
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
                                                              instr_shape=[16, BLOCK_N, 32])
         row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
@@ -348,7 +367,7 @@ if GLUON_AVAILABLE:
         it = 0  # K blocks consumed so far (all tiles), in step with the producer's counter
         for tile_id in range(gl.program_id(0), total_m * num_n, gl.num_programs(0)):
             e, row0, tn, seg_start, count = _locate(tile_id, offs_e, counts, m_tiles, cum_tiles, total_m, num_n,
-                                                    offsets_ptr, GROUP_M, BLOCK_M)
+                                                    offsets_ptr, E, GROUP_M, BLOCK_M)
             row0 = row0 + HALF * CONSUMER_ROWS
             # Rows past the segment are computed but never stored: their scale loads are only clamped to [0, M).
             rows = row0 + gl.arange(0, CONSUMER_ROWS, layout=row_layout)
@@ -356,46 +375,34 @@ if GLUON_AVAILABLE:
             bs_ptrs = bs_ptr + e.to(gl.int64) * stride_bse + ((tn * BLOCK_N) // 128) * stride_bsn
 
             acc = gl.zeros([CONSUMER_ROWS, BLOCK_N], gl.float32, mma_layout)
-            if PINGPONG:
-                # Block k's wgmma runs while block k-1 is promoted; pairs (k, k+1) so that no wgmma result is in
-                # flight across a basic-block boundary (see the one-partition kernel).
-                p_0, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, ready, it, zero, as_ptrs, bs_ptrs, 0, stride_ask,
-                                               stride_bsk, HALF, NUM_STAGES)
-                d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_0])
-                _release(empty, it, NUM_STAGES)
-                for k in range(1, nk - 1, 2):
-                    p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, ready, it + k, zero, as_ptrs, bs_ptrs, k, stride_ask,
-                                             stride_bsk, HALF, NUM_STAGES)
-                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)             # block k-1 under block k
-                    p_y, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, ready, it + k + 1, zero, as_ptrs, bs_ptrs, k + 1,
-                                                   stride_ask, stride_bsk, HALF, NUM_STAGES)
-                    d_x = warpgroup_mma_wait(num_outstanding=1, deps=[p_x])   # block k done, k+1 still running
-                    _release(empty, it + k, NUM_STAGES)
-                    acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)                      # block k under block k+1
-                    d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_y])
-                    _release(empty, it + k + 1, NUM_STAGES)
-                # d_prev is block nk-1 (nk odd) or nk-2 (nk even, block nk-1 left).
-                if nk % 2 == 0:
-                    p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, ready, it + nk - 1, zero, as_ptrs, bs_ptrs, nk - 1,
-                                             stride_ask, stride_bsk, HALF, NUM_STAGES)
-                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
-                    d_x = warpgroup_mma_wait(num_outstanding=0, deps=[p_x])
-                    _release(empty, it + nk - 1, NUM_STAGES)
-                    acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)
-                else:
-                    acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
+            # Block k's wgmma runs while block k-1 is promoted; pairs (k, k+1) so that no wgmma result is in flight
+            # across a basic-block boundary (see the one-partition kernel).
+            p_0, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, as_smem, ready, it, zero, as_ptrs, bs_ptrs, 0,
+                                              stride_ask, stride_bsk, HALF, NUM_STAGES, SCALES_TMA, row_layout)
+            d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_0])
+            _release(empty, it, NUM_STAGES)
+            for k in range(1, nk - 1, 2):
+                p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, as_smem, ready, it + k, zero, as_ptrs, bs_ptrs, k,
+                                            stride_ask, stride_bsk, HALF, NUM_STAGES, SCALES_TMA, row_layout)
+                acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)             # block k-1 under block k
+                p_y, sa_prev, sb_prev = _issue_ws(a_smem, b_smem, as_smem, ready, it + k + 1, zero, as_ptrs, bs_ptrs,
+                                                  k + 1, stride_ask, stride_bsk, HALF, NUM_STAGES, SCALES_TMA,
+                                                  row_layout)
+                d_x = warpgroup_mma_wait(num_outstanding=1, deps=[p_x])   # block k done, k+1 still running
+                _release(empty, it + k, NUM_STAGES)
+                acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)                      # block k under block k+1
+                d_prev = warpgroup_mma_wait(num_outstanding=0, deps=[p_y])
+                _release(empty, it + k + 1, NUM_STAGES)
+            # d_prev is block nk-1 (nk odd) or nk-2 (nk even, block nk-1 left).
+            if nk % 2 == 0:
+                p_x, sa_x, sb_x = _issue_ws(a_smem, b_smem, as_smem, ready, it + nk - 1, zero, as_ptrs, bs_ptrs,
+                                            nk - 1, stride_ask, stride_bsk, HALF, NUM_STAGES, SCALES_TMA, row_layout)
+                acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
+                d_x = warpgroup_mma_wait(num_outstanding=0, deps=[p_x])
+                _release(empty, it + nk - 1, NUM_STAGES)
+                acc = _promote(acc, d_x, sa_x, sb_x, BLOCK_N)
             else:
-                # DeepGEMM's schedule: wait for each block right away, release its stage, promote; the other
-                # consumer warpgroup's wgmma keeps the tensor cores busy meanwhile. The scales are loaded one block
-                # ahead (the wgmma alone may be shorter than a global load).
-                sa_n, sb_n = _load_scales(as_ptrs, bs_ptrs, 0, stride_ask, stride_bsk)
-                for k in range(nk):
-                    p = _mma(a_smem, b_smem, ready, it + k, zero, HALF, NUM_STAGES)
-                    sa, sb = sa_n, sb_n
-                    sa_n, sb_n = _load_scales(as_ptrs, bs_ptrs, gl.minimum(k + 1, nk - 1), stride_ask, stride_bsk)
-                    d = warpgroup_mma_wait(num_outstanding=0, deps=[p])
-                    _release(empty, it + k, NUM_STAGES)
-                    acc = _promote(acc, d, sa, sb, BLOCK_N)
+                acc = _promote(acc, d_prev, sa_prev, sb_prev, BLOCK_N)
             it += nk
 
             # Epilogue: round once, store this warpgroup's rows of the segment only.
@@ -414,7 +421,8 @@ if GLUON_AVAILABLE:
         BLOCK_E: gl.constexpr,        # power of two >= max(E, 128) (per-expert tile counts live in registers)
         NUM_STAGES: gl.constexpr,     # TMA ring depth
         num_warps: gl.constexpr,      # must be 4: the default partition is consumer warpgroup 0
-        PINGPONG: gl.constexpr = True,      # consumer schedule (see the module docstring)
+        as_desc=None,                       # SCALES_TMA: 1-D descriptor over the MN-major row scales, block BLOCK_M
+        SCALES_TMA: gl.constexpr = False,   # row scales through the TMA ring (MN-major, 16-byte aligned)
         PRODUCER_REGS: gl.constexpr = 40,   # setmaxnreg of the producer's warpgroup
         CONSUMER_REGS: gl.constexpr = 232,  # setmaxnreg of consumer warpgroup 1 (warpgroup 0 gets the rest)
     ):
@@ -426,6 +434,10 @@ if GLUON_AVAILABLE:
 
         a_smem = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
         b_smem = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        if SCALES_TMA:
+            as_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], as_desc.layout)
+        else:  # a placeholder the partitions never touch
+            as_smem = gl.allocate_shared_memory(gl.float32, [1, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
@@ -436,10 +448,11 @@ if GLUON_AVAILABLE:
         gl.warp_specialize([
             (_consumer, (a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
                          stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
-                         0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, PINGPONG)),
+                         0, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, as_smem, SCALES_TMA)),
             (_consumer, (a_smem, b_smem, ready, empty, as_ptr, bs_ptr, out_ptr, offsets_ptr, counts_ptr, M, N, K, E,
                          stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, stride_on,
-                         1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, PINGPONG)),
+                         1, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES, as_smem, SCALES_TMA)),
             (_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, offsets_ptr, counts_ptr, N, K, E,
-                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES)),
+                         as_desc, as_smem, stride_ask, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, BLOCK_E, NUM_STAGES,
+                         SCALES_TMA)),
         ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])

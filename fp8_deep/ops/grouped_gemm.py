@@ -415,6 +415,13 @@ def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_count
     kernel[grid](*args, **kwargs)
 
 
+def _scales_tma_ok(a_scale: torch.Tensor, M: int) -> bool:
+    """Whether TMA can load ``a_scale``'s rows per 128-K block: MN-major (unit row stride, the ``tma_aligned``
+    layout), 16-byte aligned base and block stride, blocks not overlapping."""
+    return (a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0 and a_scale.stride(1) >= M
+            and a_scale.data_ptr() % 16 == 0)
+
+
 def gluon_launch_args(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts, tiles_bound):
     """``(kernel, grid, args, kwargs)`` of the Gluon kernel of ``cfg`` (no checks, no launch: ``bench/
     gluon_compile_check.py`` compiles from it on a CPU machine). Host descriptors over ``a (M, K)`` and ``b`` as
@@ -441,6 +448,15 @@ def gluon_launch_args(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_c
     args = _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E)
     kwargs = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, BLOCK_E=block_e,
                   NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps)
+    if cfg.WS and _scales_tma_ok(a_scale, M):
+        # the MN-major row scales as one flat run (K block kb's rows start at kb * stride(1)), loaded by the
+        # producer's TMA into the ring with the tiles: a box's rows past M read the alignment padding or the next
+        # block's first rows, which only feed rows that are never stored
+        G, Mp = a_scale.shape[1], a_scale.stride(1)
+        flat = torch.as_strided(a_scale, ((G - 1) * Mp + M,), (1,))
+        kwargs["as_desc"] = TensorDescriptor(flat, [flat.shape[0]], [1], [bm],
+                                             gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1))
+        kwargs["SCALES_TMA"] = True
     return kernel, (max(1, grid),), args, kwargs
 
 
