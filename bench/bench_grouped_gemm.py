@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-GEMMS = {"gemm1": (4096, 7168), "gemm2": (7168, 2048)}
+# (N, K): DeepSeek-V3's two expert GEMMs, and the same on a tensor-parallel shard (TP=8: I = 256)
+GEMMS = {"gemm1": (4096, 7168), "gemm2": (7168, 2048), "gemm1_tp8": (512, 7168), "gemm2_tp8": (7168, 256)}
 ROWS = (4, 16, 64, 256, 512, 1024, 2048)
 EXPERTS = (256, 8)
 
@@ -125,9 +126,10 @@ def ab_main(args, device, bench):
     from fp8_deep.ops.grouped_gemm import grouped_gemm_fp8, pick_config
     specs = []
     for spec in args.ab:
-        var, _, vals = spec.partition("=")
-        specs.append([(var, v) for v in vals.split(",")])
+        var, _, vals = spec.partition("=")  # values split on "|" when given so (a config string has commas)
+        specs.append([(var, v) for v in vals.split("|" if "|" in vals else ",")])
     variants = [dict(c) for c in itertools.product(*specs)] if specs else [{}]
+    records = []
     sampler = ClockSampler()
     try:
         for gname in args.gemm:
@@ -142,8 +144,9 @@ def ab_main(args, device, bench):
                     fns = []
                     for env in variants:
                         def fn(env=env):
-                            os.environ.update(env)
-                            return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out, config=cfg)
+                            os.environ.update(env)  # may pin the config itself (FP8_DEEP_GEMM_CONFIG)
+                            return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,
+                                                    config=pick_config(rows, K))
                         fns.append((",".join(f"{k}={v}" for k, v in env.items()) or "pick", fn))
                     if args.deepgemm:
                         dg, why = deepgemm_fn(a, a_scale, b, b_scale, rows, out)
@@ -178,6 +181,11 @@ def ab_main(args, device, bench):
                     for name, v in res.items():
                         ms = statistics.median(x[0] for x in v)
                         mhz = statistics.median(x[1] for x in v)
+                        records.append(dict(card=card_name(), gemm=gname, N=N, K=K, E=E, rows_per_expert=rows,
+                                            variant=name, config=str(cfg) if name != "deepgemm" else "",
+                                            ms=ms, tflops=flops / ms * 1e-9, mhz=mhz,
+                                            rounds_tflops=" ".join(f"{flops / x[0] * 1e-9:.1f}" for x in v),
+                                            rounds_mhz=" ".join(f"{x[1]:.0f}" for x in v)))
                         print(f"SUMMARY {gname} rows={rows} {name:32s} {ms:8.3f} ms {flops / ms * 1e-9:7.1f} TFLOP/s  "
                               f"{mhz:6.0f} MHz  "
                               f"{flops / ms * 1e-9 / (mhz / 1000):7.1f} TFLOP/s per GHz  "
@@ -188,12 +196,21 @@ def ab_main(args, device, bench):
                 torch.cuda.empty_cache()
     finally:
         sampler.close()
+    if records:
+        out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", card_name())
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "grouped_gemm_ab.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(records[0]))
+            w.writeheader()
+            w.writerows(records)
+        print(f"wrote {path}")
     return 0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gemm", nargs="*", default=list(GEMMS), choices=list(GEMMS))
+    p.add_argument("--gemm", nargs="*", default=["gemm1", "gemm2"], choices=list(GEMMS))
     p.add_argument("--experts", nargs="*", type=int, default=list(EXPERTS))
     p.add_argument("--rows", nargs="*", type=int, default=list(ROWS))
     p.add_argument("--quick", action="store_true", help="heuristic pick and BF16 only (no config sweep)")
@@ -201,7 +218,7 @@ def main():
                    help="gluon: the pick, the Gluon configs and the default large tiles only (a short sweep)")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--rep", type=int, default=40, help="do_bench rep (ms)")
-    p.add_argument("--ab", action="append", default=[], metavar="VAR=v1,v2",
+    p.add_argument("--ab", action="append", default=[], metavar="VAR=v1,v2 (or v1|v2)",
                    help="time the pick per value of an environment switch, interleaved (see the module docstring)")
     p.add_argument("--rounds", type=int, default=5, help="--ab rounds")
     p.add_argument("--deepgemm", action="store_true", help="also time DeepGEMM's contiguous grouped GEMM")

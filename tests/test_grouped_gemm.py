@@ -237,6 +237,9 @@ def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
     assert pick_config(4).SWAP_AB and pick_config(4).BLOCK_M == 16 and pick_config(4).PERSISTENT
     assert pick_config(12).SWAP_AB and pick_config(12).BLOCK_M == 16 and not pick_config(12).PERSISTENT
+    assert pick_config(12, K=7168) == pick_config(12) and not pick_config(12, K=2048).PERSISTENT
+    # one or two K blocks per tile: persistent with the flattened loop
+    assert pick_config(12, K=256) == SMALL_M_CONFIGS[0] and gg._flatten(pick_config(12, K=256), 256)
     assert pick_config(64).SWAP_AB and pick_config(64).BLOCK_M == 64
     assert pick_config(65) == pick_config(127) == MEDIUM_M_CONFIGS[0] and MEDIUM_M_CONFIGS[0].WS
     assert pick_config(128) == pick_config(4096, K=2048) == GLUON_CONFIGS[1] and GLUON_CONFIGS[1].PERSISTENT
@@ -397,6 +400,22 @@ def test_gluon_config_rules_and_fallback(device, monkeypatch):
         check(case, run(case, expected_m=4096))
         with pytest.raises(ValueError, match="GLUON=1 runs on CUDA GPUs only"):
             run(case, config=GLUON_CONFIGS[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [256, 200, 128])
+def test_flattened_persistent_loop_bitwise_gpu(K, device):
+    """Short-K persistent tiles run with the tile loop flattened into the K loop (loads prefetched across tiles):
+    the same bytes as one program per tile with the same tile shape."""
+    case = make_case([1, 0, 5, 33, 16, 7], N=7168 // 8, K=K, device=device, scale_layout="tma_aligned")
+    for cfg in SMALL_M_CONFIGS:
+        if not gg._flatten(cfg, K):
+            continue
+        single = dataclasses.replace(cfg, PERSISTENT=False)
+        out = run(case, config=cfg)
+        check(case, out)
+        assert_bitwise_equal(out, run(case, config=single), f"{cfg} flattened vs one tile per program")
+    assert any(gg._flatten(c, K) for c in SMALL_M_CONFIGS) and not gg._flatten(SMALL_M_CONFIGS[0], 2048)
 
 
 @pytest.mark.gpu

@@ -99,6 +99,7 @@ def _grouped_gemm_fp8_kernel(
     SPLIT_M: tl.constexpr,    # two independent half-height dots per K block (not with SWAP_AB), see below
     ACC_K: tl.constexpr,      # see _dot_block: 0 = one wgmma chain per 128-K block
     UPCAST: tl.constexpr,     # see _dot_block: FP16 dots
+    FLATTEN: tl.constexpr = False,  # persistent tile loop flattened with the K loop (loads prefetched across tiles)
 ):
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(not (SPLIT_M and SWAP_AB), "SPLIT_M applies to the plain orientation only")
@@ -117,7 +118,7 @@ def _grouped_gemm_fp8_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
-    for tile_id in range(tl.program_id(0), total_tiles, tl.num_programs(0)):
+    for tile_id in tl.range(tl.program_id(0), total_tiles, tl.num_programs(0), flatten=FLATTEN):
         e, tiles_before, tn, count, seg_start, tm = _locate_tile(tile_id, total_m, num_n, cum_tiles, m_tiles, counts,
                                                                  offs_e, offsets_ptr, GROUP_M)
         e64 = e.to(tl.int64)
