@@ -93,6 +93,35 @@ def bench(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, graph: 
     return list(tt.do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES))
 
 
+def host_us(fn: Callable[[], object], n: int = 300, rounds: int = 5) -> float:
+    """Host time per call in microseconds: the best of ``rounds`` rounds of ``n`` back-to-back calls with no
+    synchronisation inside a round (when the host is slower than the GPU, this is what a call costs)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+        torch.cuda.synchronize()
+    return best
+
+
+def profile_calls(fn: Callable[[], object], n: int, sort: str = "cumulative", top: int = 40) -> None:
+    """cProfile ``n`` calls of ``fn`` and print the ``top`` entries by ``sort`` (where a launcher's host time goes)."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats(sort).print_stats(top)
+
+
 _COPY_CACHE: Dict[int, float] = {}
 
 

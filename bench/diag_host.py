@@ -6,10 +6,7 @@
 "act triton row" replays a launch plan (fp8_deep.ops._launch); "act row, no plan" is the full launcher path.
 Each figure is the best of 5 rounds of 300 calls (the host's other load makes single rounds noisy).
 """
-import cProfile
-import pstats
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,23 +15,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import bench_quant as BQ  # noqa: E402
+from _common import host_us, profile_calls  # noqa: E402
 from fp8_deep import ops  # noqa: E402
 from fp8_deep.kernels.quant import quant_act_flat_kernel  # noqa: E402
 from fp8_deep.ops import quant as quant_ops  # noqa: E402
-
-
-def host_us(fn, n=300, rounds=5):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-        torch.cuda.synchronize()
-    return best
 
 
 x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
@@ -74,11 +58,4 @@ cases = {
 for name, fn in cases.items():
     print(f"{name:20s} host {host_us(fn):7.1f} us/call", flush=True)
 if "--profile" in sys.argv:
-    f = cases["act triton row"]
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(500):
-        f()
-    pr.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+    profile_calls(cases["act triton row"], 500, sort="tottime", top=22)

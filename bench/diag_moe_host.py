@@ -7,11 +7,8 @@ Host time: best of 5 rounds of N back-to-back calls (no synchronisation inside a
 than the GPU this is the call's cost). GPU time: CUDA-graph replays of the same call (``_common.bench(graph=True)``).
 """
 import argparse
-import cProfile
 import functools
-import pstats
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,20 +23,6 @@ from fp8_deep.ops.combine import moe_combine  # noqa: E402
 from fp8_deep.ops.routing import align_routing, permute_rows  # noqa: E402
 from fp8_deep.ops.swiglu import silu_mul_quantize  # noqa: E402
 from fp8_deep.testing.baselines import bf16_moe_grouped_mm  # noqa: E402
-
-
-def host_us(fn, n=200, rounds=5):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n * 1e6)
-        torch.cuda.synchronize()
-    return best
 
 
 def main():
@@ -84,15 +67,10 @@ def main():
                 gpu = C.bench(fn, rep=50, graph=True)[0] * 1e3
             except Exception as exc:  # noqa: BLE001 - a stage that cannot be captured still gets its host time
                 gpu, name = float("nan"), f"{name} (graph: {type(exc).__name__})"
-            print(f"SUMMARY host I={I} T={T} {name:36s} host {host_us(fn):8.1f} us   GPU {gpu:8.1f} us", flush=True)
+            print(f"SUMMARY host I={I} T={T} {name:36s} host {C.host_us(fn, n=200):8.1f} us   GPU {gpu:8.1f} us",
+                  flush=True)
         if a.profile:
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(200):
-                moe()
-            pr.disable()
-            torch.cuda.synchronize()
-            pstats.Stats(pr).sort_stats("cumulative").print_stats(40)
+            C.profile_calls(moe, 200)
     return 0
 
 

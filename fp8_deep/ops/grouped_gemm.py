@@ -169,8 +169,10 @@ MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 # per-block wgmma chain, same K order). H100, E=256, TFLOP/s at 256 / 1024 / 2048 rows per expert (bench/NOTES.md,
 # session 5, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
 # 800 / 921 / 913, the 256x128 split Triton tiles 722 / 805 / 768; GEMM2 (K=2048) WS persistent 814 / 899 / 831,
-# WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. CUDA on SM90 only; elsewhere the
-# bucket's portable tiles run instead.
+# WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. Session 6: the warp-specialized kernel
+# takes MN-major row scales through its TMA ring (+4-7%); the picks then reach GEMM1 1024 / 992 and GEMM2 1023 / 1005
+# TFLOP/s at 1024 / 2048 rows (DeepGEMM in the same run 1160-1227). CUDA on SM90 only; elsewhere the bucket's portable
+# tiles run instead.
 GLUON_CONFIGS = (
     # warp-specialized: a TMA producer warp and two consumer warpgroups synchronised by mbarriers only; one tile per
     # program (long K), or persistent (short K: the next tile's loads overlap the epilogue, which K=2048 exposes)
