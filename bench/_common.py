@@ -372,7 +372,7 @@ class ClockSampler:
         self._proc = None
         try:
             self._proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
                  f"-lms={period_ms}", "-i", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         except (OSError, ValueError):
@@ -381,10 +381,13 @@ class ClockSampler:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
+        from datetime import datetime
         for line in self._proc.stdout:
             parts = [p.strip() for p in line.split(",")]
             try:
-                self.samples.append((time.time(), float(parts[0]), float(parts[1])))
+                # the sample's own time stamp (local time, as time.time() reads it): the pipe may deliver late
+                t = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((t, float(parts[1]), float(parts[2])))
             except (ValueError, IndexError):
                 continue
 

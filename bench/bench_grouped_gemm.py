@@ -8,12 +8,14 @@ GB/s is the FP8 weight bytes (+ scales) of the experts read, the figure that mat
     python bench/bench_grouped_gemm.py                 # full sweep (~1-2 min on an H100)
     python bench/bench_grouped_gemm.py --quick         # heuristic pick + BF16 only
     python bench/bench_grouped_gemm.py --gemm gemm2 --experts 256 --rows 16 1024
-    python bench/bench_grouped_gemm.py --ab FP8_DEEP_GLUON_OVERLAP=0,1 --deepgemm --rounds 5 --rows 1024 2048
+    python bench/bench_grouped_gemm.py --quick --deepgemm --rounds 5 --rows 1024 2048
+    python bench/bench_grouped_gemm.py --gemm gemm2_tp8 --rows 8 --ab "FP8_DEEP_GEMM_CONFIG=<config>|<config>"
 
 ``--ab VAR=v1,v2`` times the pick once per value of an environment switch, interleaved over ``--rounds`` rounds
 (A B A B ...), with the SM clock and power sampled during each timing: at the H100's 700 W cap the clock moves by
 +-10% between runs, so variants are compared round by round and as TFLOP/s per GHz, never across processes.
-``--deepgemm`` adds DeepGEMM's contiguous grouped GEMM on the same operands (when ``deep_gemm`` imports).
+``--deepgemm`` adds DeepGEMM's contiguous grouped GEMM on the same operands (when ``deep_gemm`` imports). This mode
+writes ``bench/results/<card>/grouped_gemm_ab.csv``.
 
 Writes ``bench/results/<card>/grouped_gemm.csv``.
 """
@@ -116,6 +118,24 @@ def deepgemm_fn(a, a_scale, b, b_scale, rows, out):
     return (lambda: backend.gemm(a, a_scale, b, b_scale, plan, out=out)), ""
 
 
+class _environ:
+    """Set environment variables for a ``with`` block, then restore them."""
+
+    def __init__(self, env):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def ab_main(args, device, bench):
     """Interleaved timings of the pick under each value of the ``--ab`` switches (and DeepGEMM), clocks sampled."""
     import itertools
@@ -140,14 +160,17 @@ def ab_main(args, device, bench):
                     a, a_scale, offsets, counts = make_acts(E, rows, K, device)
                     flops = 2.0 * E * rows * N * K
                     out = torch.empty(a.shape[0], N, dtype=torch.bfloat16, device=device)
-                    cfg = pick_config(rows, K)
-                    fns = []
+                    fns, cfgs = [], {}
                     for env in variants:
+                        name = ",".join(f"{k}={v}" for k, v in env.items()) or "pick"
+                        with _environ(env):  # a variant may pin the config itself (FP8_DEEP_GEMM_CONFIG)
+                            cfgs[name] = pick_config(rows, K)
+
                         def fn(env=env):
-                            os.environ.update(env)  # may pin the config itself (FP8_DEEP_GEMM_CONFIG)
-                            return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,
-                                                    config=pick_config(rows, K))
-                        fns.append((",".join(f"{k}={v}" for k, v in env.items()) or "pick", fn))
+                            with _environ(env):
+                                return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,
+                                                        config=pick_config(rows, K))
+                        fns.append((name, fn))
                     if args.deepgemm:
                         dg, why = deepgemm_fn(a, a_scale, b, b_scale, rows, out)
                         if dg is not None:
@@ -162,9 +185,10 @@ def ab_main(args, device, bench):
                         valid = torch.cat([out[int(o):int(o) + rows] for o in offsets.tolist()])
                         if first is None:
                             first = (name, valid)
-                        elif name != "deepgemm":  # our variants compute the same bits
-                            print(f"{gname} rows={rows} {name}: bitwise equal to {first[0]}: "
-                                  f"{torch.equal(valid.view(torch.int16), first[1].view(torch.int16))}", flush=True)
+                        elif name != "deepgemm":  # our variants should compute the same bits
+                            same = torch.equal(valid.view(torch.int16), first[1].view(torch.int16))
+                            print(f"{gname} rows={rows} {name}: bitwise equal to {first[0]}: {same}"
+                                  f"{'' if same else '  <-- NOT BITWISE EQUAL'}", flush=True)
                     del first, valid
                     res = {name: [] for name, _ in fns}
                     for r in range(args.rounds):
@@ -177,12 +201,13 @@ def ab_main(args, device, bench):
                             res[name].append((ms, mhz, watt))
                             line.append(f"{name} {flops / ms * 1e-9:6.1f} TF/s @ {mhz:5.0f} MHz {watt:4.0f} W")
                         print(f"{gname} E={E} rows={rows} round {r}: " + " | ".join(line), flush=True)
-                    print(f"{gname} E={E} rows={rows} cfg={cfg}: median over {args.rounds} rounds")
+                    print(f"{gname} E={E} rows={rows}: median over {args.rounds} rounds")
                     for name, v in res.items():
                         ms = statistics.median(x[0] for x in v)
-                        mhz = statistics.median(x[1] for x in v)
+                        clocks = [x[1] for x in v if x[1] == x[1]]  # rounds with clock samples
+                        mhz = statistics.median(clocks) if clocks else float("nan")
                         records.append(dict(card=card_name(), gemm=gname, N=N, K=K, E=E, rows_per_expert=rows,
-                                            variant=name, config=str(cfg) if name != "deepgemm" else "",
+                                            variant=name, config=str(cfgs.get(name, "")),
                                             ms=ms, tflops=flops / ms * 1e-9, mhz=mhz,
                                             rounds_tflops=" ".join(f"{flops / x[0] * 1e-9:.1f}" for x in v),
                                             rounds_mhz=" ".join(f"{x[1]:.0f}" for x in v)))
@@ -242,7 +267,7 @@ def main():
     records = []
     bench = lambda fn: do_bench(fn, warmup=10, rep=args.rep, return_mode="median")  # noqa: E731
     print(f"card {card}, torch {torch.__version__}, triton {triton.__version__}")
-    if args.ab or args.deepgemm and args.quick:
+    if args.ab or args.deepgemm:
         return ab_main(args, device, bench)
 
     for gname in args.gemm:

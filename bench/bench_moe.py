@@ -30,6 +30,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py when run as a script
 
@@ -279,6 +280,8 @@ class MoEBench:
             plan = kind[1]
             ctx = self.get_ctx(I, T)
             rows = (plan.m_indices >= 0).nonzero().flatten()
+            if not _finite_rows(out, rows):  # every valid row, before the sample below
+                return "NON-FINITE output"
             rows = rows[::max(1, rows.numel() // VALIDATE_ROWS)]  # a spread sample: calc_diff is a global ratio
             choice = plan.sorted_token_ids[rows].long()
             # bf16_gemm's row i holds choice order[i]; map choice -> row of the BF16 output
@@ -288,6 +291,8 @@ class MoEBench:
             out = out[rows]
         else:
             ref = self.reference_out(I, T, kind)
+            if not _finite_rows(out):
+                return "NON-FINITE output"
             step = max(1, out.shape[0] // VALIDATE_ROWS)
             out, ref = out[::step], ref[::step]
         if not torch.isfinite(out.float()).all():
@@ -485,6 +490,16 @@ class MoEBench:
             print(f"  I={I:5d} T={T:6d} {r['stage']:18s} {r['ms']:8.3f} ms  {r.get('rate', float('nan')):8.1f} "
                   f"{r.get('unit', '')}  {r['status']}", flush=True)
         return out
+
+
+def _finite_rows(out: torch.Tensor, rows: Optional[torch.Tensor] = None, chunk: int = 8192) -> bool:
+    """Whether ``out[rows]`` (all rows when None) is finite, checked in row chunks (no full-size temporaries)."""
+    n = out.shape[0] if rows is None else rows.numel()
+    for i in range(0, n, chunk):
+        part = out[i:i + chunk] if rows is None else out[rows[i:i + chunk]]
+        if not torch.isfinite(part).all():
+            return False
+    return True
 
 
 def _ints(s):

@@ -419,7 +419,8 @@ def test_flattened_persistent_loop_bitwise_gpu(K, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,K", [(4096, 7168), (200, 320), (7168, 2048)], ids=["gemm1", "tails", "gemm2"])
+@pytest.mark.parametrize("N,K", [(4096, 7168), (200, 320), (7168, 2048), (256, 128)],
+                         ids=["gemm1", "tails", "gemm2", "one_k_block"])
 @pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
 def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
     """The Gluon kernel runs the same per-128-K wgmma chain and promotion order as the Triton TMA kernel: the same
@@ -434,15 +435,20 @@ def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
         assert_bitwise_equal(out, run(case, config=tma), f"{cfg} vs the TMA kernel")
     args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
     if scale_layout == "tma_aligned":
-        # MN-major scales at a base TMA cannot take (4-byte offset): the consumers load them from global memory
-        big = torch.empty_strided((case["M"] + 1, case["a_scale"].shape[1]), (1, case["a_scale"].stride(1) + 4),
-                                  dtype=torch.float32, device=device)
-        shifted = big[1:]
-        shifted.copy_(case["a_scale"])
-        assert shifted.data_ptr() % 16 and not gg._scales_tma_ok(shifted, case["M"])
         assert gg._scales_tma_ok(case["a_scale"], case["M"])
-        out = grouped_gemm_fp8(case["a"], shifted, *args[2:], config=GLUON_CONFIGS[1])
-        assert_bitwise_equal(out, run(case, config=tma), "misaligned MN-major scales vs the TMA kernel")
+        ref = run(case, config=tma)
+        # MN-major views with a storage offset: 4 rows in (16-byte aligned, the TMA ring reads them) and 1 row in
+        # (4-byte offset: the consumers load them from global memory)
+        for skip, tma_ok in ((4, True), (1, False)):
+            big = torch.empty_strided((case["M"] + skip, case["a_scale"].shape[1]),
+                                      (1, case["a_scale"].stride(1) + 4), dtype=torch.float32, device=device)
+            view = big[skip:]
+            view.copy_(case["a_scale"])
+            assert gg._scales_tma_ok(view, case["M"]) == tma_ok
+            out = poisoned((case["M"], N), torch.bfloat16, device)
+            grouped_gemm_fp8(case["a"], view, *args[2:], out=out, config=GLUON_CONFIGS[1])
+            check(case, out)
+            assert_bitwise_equal(out, ref, f"MN-major scales {skip} rows into their buffer vs the TMA kernel")
     for dt in (torch.float32, torch.float16):
         ref = grouped_gemm_fp8(*args, out_dtype=dt, config=tma)
         full = torch.zeros(case["M"], 2 * N, dtype=dt, device=device)

@@ -238,11 +238,15 @@ def test_gpu_moe_row_scales_take_the_tma_ring():
     from fp8_deep.moe.forward import moe_forward_impl
     from fp8_deep.ops import grouped_gemm as gg
     from fp8_deep.ops.backend import select_grouped_gemm
-    hidden, w13, w2, w, ids = make_moe(300, 8, 256, 192, 2, "cuda")
+    T, E, k = 1024, 8, 2  # ~256 rows per expert: both GEMMs pick the warp-specialized Gluon kernel
+    hidden, w13, w2, w, ids = make_moe(T, E, 256, 192, k, "cuda")
     out, st = moe_forward_impl(hidden, w13, w2, w, ids, return_stages=True,
                                select_gemm=functools.partial(select_grouped_gemm, "triton"))
-    for a, sa in ((st["a1"], st["sa1"]), (st["a2"], st["sa2"])):
+    for a, sa, K in ((st["a1"], st["sa1"], 256), (st["a2"], st["sa2"], 192)):
+        cfg = gg.pick_config(gg.peak_rows_per_expert(T * k, E), K)
+        assert cfg.GLUON and cfg.WS
         assert gg._scales_tma_ok(sa, a.shape[0]), (tuple(sa.stride()), sa.data_ptr() % 16)
+    assert torch.isfinite(out.float()).all()
 
 
 def _has_deep_gemm():

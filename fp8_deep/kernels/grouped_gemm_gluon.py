@@ -54,7 +54,7 @@ Triton 3.6 and 3.9). Same numerics, bit for bit.
 Row scales through the ring (``SCALES_TMA``, chosen by the launcher when ``as`` is MN-major with a 16-byte aligned
 base, the layout the MoE hands over): the producer's TMA also loads the tile's 128 row scales of each K block into
 the stage (a 1-D box over the flat scale run), so a consumer reads them from shared memory, NUM_STAGES blocks after
-they were requested, instead of waiting on a global load issued one wgmma earlier (H100: +4-7% on both DeepSeek-V3
+they were requested, instead of waiting on a global load issued one wgmma earlier (H100: +3.6-7.2% on both DeepSeek-V3
 GEMMs, bench/NOTES.md session 6). Otherwise (row-major scales) the consumers load them from global memory.
 """
 try:  # Gluon is experimental: importing this module must not fail on a Triton without it.

@@ -137,8 +137,9 @@ SMALL_M_CONFIGS = (
     GemmConfig(BLOCK_M=32, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=5),
     GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=4),
     GemmConfig(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=8),
-    # 9-16 rows per expert (e.g. T=128 at E=256, top-8): nearly every expert is live and the tile bound is tight, so
-    # one program per tile beats the persistent loop (H100, MoE T=128: 3.906 ms vs 3.964; T=16 1.666 vs 1.671)
+    # 9-16 rows per expert (e.g. T=128 at E=256, top-8) with a long K loop: nearly every expert is live and the tile
+    # bound is tight, so one program per tile beats the persistent loop (H100, MoE T=128: 3.906 ms vs 3.964; T=16
+    # 1.666 vs 1.671); with K <= 256 pick_config takes the persistent [0] instead (_flatten)
     GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, PERSISTENT=False, num_warps=4, num_stages=6),
 )
 # Compute-bound regime: the per-128-K promotion (wait for the dot, then FMA) is the bottleneck (H100, Triton 3.6,
@@ -170,7 +171,7 @@ MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 # session 5, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
 # 800 / 921 / 913, the 256x128 split Triton tiles 722 / 805 / 768; GEMM2 (K=2048) WS persistent 814 / 899 / 831,
 # WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. Session 6: the warp-specialized kernel
-# takes MN-major row scales through its TMA ring (+4-7%); the picks then reach GEMM1 1024 / 992 and GEMM2 1023 / 1005
+# takes MN-major row scales through its TMA ring (+3.6-7.2%); the picks then reach GEMM1 1024 / 992 and GEMM2 1023 / 1005
 # TFLOP/s at 1024 / 2048 rows (DeepGEMM in the same run 1160-1227). CUDA on SM90 only; elsewhere the bucket's portable
 # tiles run instead.
 GLUON_CONFIGS = (
@@ -270,7 +271,7 @@ def _flatten(cfg: GemmConfig, K: int) -> bool:
     while the current one finishes: worth it when a tile is only one or two 128-K blocks (a tensor-parallel shard's
     GEMM2, K = 256: H100 0.240 -> 0.197 ms at 4 rows per expert, 0.270 -> 0.228 at 32), a loss with long K loops
     (K = 2048 / 7168: 1-6% slower) and for 64-row tiles (the flattened loop spills: 1.5-1.9x slower)."""
-    return cfg.PERSISTENT and cfg.BLOCK_M <= 32 and cdiv(K, BLOCK) <= 2
+    return cfg.PERSISTENT and cfg.SWAP_AB and not cfg.SPLIT_M and cfg.BLOCK_M <= 32 and cdiv(K, BLOCK) <= 2
 
 
 def _num_programs_cap(device: torch.device) -> int:
@@ -431,7 +432,8 @@ def _launch_gluon(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_count
 
 def _scales_tma_ok(a_scale: torch.Tensor, M: int) -> bool:
     """Whether TMA can load ``a_scale``'s rows per 128-K block: MN-major (unit row stride, the ``tma_aligned``
-    layout), 16-byte aligned base and block stride, blocks not overlapping."""
+    layout), 16-byte aligned base, blocks not overlapping. The block stride is kept a multiple of 4 (16-byte aligned
+    block starts), the layout measured; TMA itself would take any start coordinate."""
     return (a_scale.stride(0) == 1 and a_scale.stride(1) % 4 == 0 and a_scale.stride(1) >= M
             and a_scale.data_ptr() % 16 == 0)
 
