@@ -6,6 +6,7 @@ ratios only against baselines measured in the same run (shared/docs/ANCHORS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -91,6 +92,21 @@ def bench(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, graph: 
     if graph:
         return list(tt.do_bench_cudagraph(fn, rep=rep, quantiles=QUANTILES))
     return list(tt.do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES))
+
+
+@contextlib.contextmanager
+def environ(env: Dict[str, str]):
+    """Set environment variables for a ``with`` block (a variant's switches), then restore them."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def host_us(fn: Callable[[], object], n: int = 300, rounds: int = 5) -> float:

@@ -118,30 +118,12 @@ def deepgemm_fn(a, a_scale, b, b_scale, rows, out):
     return (lambda: backend.gemm(a, a_scale, b, b_scale, plan, out=out)), ""
 
 
-class _environ:
-    """Set environment variables for a ``with`` block, then restore them."""
-
-    def __init__(self, env):
-        self.env, self.saved = env, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def ab_main(args, device, bench):
     """Interleaved timings of the pick under each value of the ``--ab`` switches (and DeepGEMM), clocks sampled."""
     import itertools
     import statistics
 
-    from _common import ClockSampler
+    from _common import ClockSampler, environ
 
     from fp8_deep.ops.grouped_gemm import grouped_gemm_fp8, pick_config
     specs = []
@@ -163,11 +145,11 @@ def ab_main(args, device, bench):
                     fns, cfgs = [], {}
                     for env in variants:
                         name = ",".join(f"{k}={v}" for k, v in env.items()) or "pick"
-                        with _environ(env):  # a variant may pin the config itself (FP8_DEEP_GEMM_CONFIG)
+                        with environ(env):  # a variant may pin the config itself (FP8_DEEP_GEMM_CONFIG)
                             cfgs[name] = pick_config(rows, K)
 
                         def fn(env=env):
-                            with _environ(env):
+                            with environ(env):
                                 return grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, out=out,
                                                         config=pick_config(rows, K))
                         fns.append((name, fn))

@@ -19,7 +19,6 @@ Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write o
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -194,7 +193,6 @@ class QuantBench:
                     comp=lambda: comp(x), scale_strides=strides)
 
     def run_one(self, group, shape, provider):
-        key = (group, shape)
         label = "x".join(map(str, shape))
         if self.budget.spent(reserve=5):
             print(f"[skip] {group} {label} {provider}: time budget spent")
@@ -205,48 +203,42 @@ class QuantBench:
             return float("nan"), float("nan"), float("nan")
         cs = self.case(group, shape)
         valid = ""
-        saved_env = {k: os.environ.get(k) for k in VARIANT_ENV.get(provider, {})}
-        os.environ.update(VARIANT_ENV.get(provider, {}))
-        try:
-            if provider in ("fp8_deep", *VARIANT_ENV):
-                if cs["ours"] is None:
-                    return float("nan"), float("nan"), float("nan")
-                fn = cs["ours"]
-                ref = cs["plain"]()
-                valid = compare(fn(), ref, cs["scale_strides"])
-                # the compact reference (what gets compiled) must compute the same bytes as ours
-                fast_check = compare(cs["fast"](cs["x"]), ref, cs["scale_strides"])
-                if fast_check != "bit-exact":
-                    print(f"[warn] compact torch reference differs from fp8_deep.reference on {group} {label}: "
-                          f"{fast_check}")
-                del ref
-            elif provider == "torch":
-                fn = cs["plain"]
-                valid = "reference"
-            elif provider == "compile":
-                fn = cs["comp"]
-                ref = cs["plain"]()
-                valid = compare(fn(), ref, cs["scale_strides"])
-                del ref
-            else:
-                fn = C.copy_of_bytes(cs["nbytes"])
-                valid = "ceiling"
-            C.free_cuda()
-            ms, lo, hi = C.bench(fn, rep=self.args.rep, graph=self.args.graph)
-        except Exception as exc:
-            print(f"[error] {group} {label} {provider}: {exc!r}")
-            if self.args.verbose:
-                traceback.print_exc()
-            self.log.add(group=group, shape=label, provider=provider, status=f"error: {type(exc).__name__}")
-            return float("nan"), float("nan"), float("nan")
-        finally:
-            for k, v in saved_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
+        with C.environ(VARIANT_ENV.get(provider, {})):
+            try:
+                if provider in ("fp8_deep", *VARIANT_ENV):
+                    if cs["ours"] is None:
+                        return float("nan"), float("nan"), float("nan")
+                    fn = cs["ours"]
+                    ref = cs["plain"]()
+                    valid = compare(fn(), ref, cs["scale_strides"])
+                    # the compact reference (what gets compiled) must compute the same bytes as ours
+                    fast_check = compare(cs["fast"](cs["x"]), ref, cs["scale_strides"])
+                    if fast_check != "bit-exact":
+                        print(f"[warn] compact torch reference differs from fp8_deep.reference on {group} {label}: "
+                              f"{fast_check}")
+                    del ref
+                elif provider == "torch":
+                    fn = cs["plain"]
+                    valid = "reference"
+                elif provider == "compile":
+                    fn = cs["comp"]
+                    ref = cs["plain"]()
+                    valid = compare(fn(), ref, cs["scale_strides"])
+                    del ref
                 else:
-                    os.environ[k] = v
-            del cs
-            C.free_cuda()
+                    fn = C.copy_of_bytes(cs["nbytes"])
+                    valid = "ceiling"
+                C.free_cuda()
+                ms, lo, hi = C.bench(fn, rep=self.args.rep, graph=self.args.graph)
+            except Exception as exc:
+                print(f"[error] {group} {label} {provider}: {exc!r}")
+                if self.args.verbose:
+                    traceback.print_exc()
+                self.log.add(group=group, shape=label, provider=provider, status=f"error: {type(exc).__name__}")
+                return float("nan"), float("nan"), float("nan")
+            finally:
+                del cs
+                C.free_cuda()
         g = C.gbps(self._nbytes(group, shape), ms)
         self.log.add(group=group, shape=label, provider=provider, ms=ms, ms_p20=lo, ms_p80=hi, gbps=g,
                      pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid)

@@ -90,6 +90,13 @@ def is_poison(t):
     return t.contiguous().view(view) == bits
 
 
+def _assert_config_errors(table):
+    """Each ``(spec, message)``: ``GemmConfig.parse(spec)`` raises ValueError matching the message."""
+    for spec, match in table:
+        with pytest.raises(ValueError, match=match):
+            GemmConfig.parse(spec)
+
+
 def run(case, poison=True, **kw):
     out = poisoned((case["M"], case["N"]), torch.bfloat16, case["a"].device) if poison else None
     return grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
@@ -248,12 +255,8 @@ def test_config_heuristic_and_env_pin(monkeypatch):
     monkeypatch.setenv(gg.CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=4,SWAP_AB=1")
     assert pick_config(4096) == GemmConfig(BLOCK_M=64, BLOCK_N=128, SWAP_AB=True, num_warps=4, num_stages=4)
     assert GemmConfig.parse(str(LARGE_M_CONFIGS[2])) == LARGE_M_CONFIGS[2]
-    with pytest.raises(ValueError, match="unknown config key"):
-        GemmConfig.parse("BLOCK_Q=3")
-    with pytest.raises(ValueError, match="BLOCK_N"):
-        GemmConfig.parse("BLOCK_N=96")
-    with pytest.raises(ValueError, match="SPLIT_M"):
-        GemmConfig.parse("SPLIT_M=1,SWAP_AB=1")
+    _assert_config_errors([("BLOCK_Q=3", "unknown config key"), ("BLOCK_N=96", "BLOCK_N"),
+                           ("SPLIT_M=1,SWAP_AB=1", "SPLIT_M")])
 
 
 def test_bad_inputs(device):
@@ -378,16 +381,13 @@ def test_gluon_config_rules_and_fallback(device, monkeypatch):
     rows) where it cannot run (CPU, the interpreter, operands TMA cannot describe) the bucket's portable tiles run
     instead; pinned explicitly there, a clear error."""
     monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
-    with pytest.raises(ValueError, match="GLUON is its own kernel"):
-        GemmConfig.parse("GLUON=1,TMA=1")
-    with pytest.raises(ValueError, match="BLOCK_M 64 or 128"):
-        GemmConfig.parse("GLUON=1,BLOCK_M=32")
-    with pytest.raises(ValueError, match="more than 192 float32 registers"):
-        GemmConfig.parse("GLUON=1,BLOCK_M=128,BLOCK_N=256,num_warps=8")
-    with pytest.raises(ValueError, match="WS=1 needs BLOCK_M=128"):
-        GemmConfig.parse("GLUON=1,WS=1,BLOCK_M=128,BLOCK_N=128,num_warps=8")
-    with pytest.raises(ValueError, match="PERSISTENT=1 applies to the warp-specialized"):
-        GemmConfig.parse("GLUON=1,PERSISTENT=1")
+    _assert_config_errors([
+        ("GLUON=1,TMA=1", "GLUON is its own kernel"),
+        ("GLUON=1,BLOCK_M=32", "BLOCK_M 64 or 128"),
+        ("GLUON=1,BLOCK_M=128,BLOCK_N=256,num_warps=8", "more than 192 float32 registers"),
+        ("GLUON=1,WS=1,BLOCK_M=128,BLOCK_N=128,num_warps=8", "WS=1 needs BLOCK_M=128"),
+        ("GLUON=1,PERSISTENT=1", "PERSISTENT=1 applies to the warp-specialized"),
+    ])
     assert all(GemmConfig.parse(str(c)) == c for c in GLUON_CONFIGS)
     assert GemmConfig.parse(str(GLUON_CONFIGS[0])) == GLUON_CONFIGS[0]
     case = make_case([130, 0, 70], N=192, K=200, device=device, scale_layout="tma_aligned")  # K=200: no TMA

@@ -171,9 +171,9 @@ MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 # session 5, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
 # 800 / 921 / 913, the 256x128 split Triton tiles 722 / 805 / 768; GEMM2 (K=2048) WS persistent 814 / 899 / 831,
 # WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. Session 6: the warp-specialized kernel
-# takes MN-major row scales through its TMA ring (+3.6-7.2%); the picks then reach GEMM1 1024 / 992 and GEMM2 1023 / 1005
-# TFLOP/s at 1024 / 2048 rows (DeepGEMM in the same run 1160-1227). CUDA on SM90 only; elsewhere the bucket's portable
-# tiles run instead.
+# takes MN-major row scales through its TMA ring (+3.6-7.2%); the picks then reach GEMM1 1024 / 992 and GEMM2
+# 1023 / 1005 TFLOP/s at 1024 / 2048 rows (DeepGEMM in the same run 1160-1227). CUDA on SM90 only; elsewhere the
+# bucket's portable tiles run instead.
 GLUON_CONFIGS = (
     # warp-specialized: a TMA producer warp and two consumer warpgroups synchronised by mbarriers only; one tile per
     # program (long K), or persistent (short K: the next tile's loads overlap the epilogue, which K=2048 exposes)
@@ -209,9 +209,9 @@ def pick_config(expected_m: int, K: Optional[int] = None) -> GemmConfig:
 
     Up to 64 rows: swap-AB tiles as wide as that load (the weights stream once per expert; measured better than the
     128-row tiles, which pad every expert to 128 rows, up to ~49 rows), persistent except at 9-16 rows with a long
-    K loop; 65-127: the 128x128 warp-specialized TMA
-    tiles (``MEDIUM_M_CONFIGS``, measured at MoE T=2048); from 128: the warp-specialized Gluon kernel, one tile per
-    program when ``K`` (the reduction length, when given) exceeds 4096, persistent otherwise (``GLUON_CONFIGS``).
+    K loop; 65-127: the 128x128 warp-specialized TMA tiles (``MEDIUM_M_CONFIGS``, measured at MoE T=2048); from
+    128: the warp-specialized Gluon kernel, one tile per program when ``K`` (the reduction length, when given)
+    exceeds 4096, persistent otherwise (``GLUON_CONFIGS``).
     Where Gluon cannot run, the bucket's portable tiles: the TMA WS tiles below 1024 rows, 256x128 tiles as two
     independent 128-row dots above (``LARGE_M_CONFIGS``)."""
     env = os.environ.get(CONFIG_ENV)
