@@ -23,3 +23,16 @@ for name, comp, ours, t in cases:
     mc = tt.do_bench(lambda: comp(t), rep=200)
     mo = tt.do_bench(ours, rep=200)
     print(f"### {name}: compile {mc:.4f} ms, ours {mo:.4f} ms, ours/compile speed {mc / mo:.3f}", flush=True)
+
+# the launch configuration inductor's autotuner kept for each kernel above (Triton's cache metadata)
+import glob  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+cache = os.environ.get("TRITON_CACHE_DIR", os.path.expanduser("~/.triton/cache"))
+for path in sorted(glob.glob(os.path.join(cache, "*", "triton_*.json"))):
+    meta = json.load(open(path))
+    keep = {k: meta.get(k) for k in ("name", "num_warps", "num_stages", "shared", "constants") if k in meta}
+    print("### inductor kernel:", keep, flush=True)
+for path in glob.glob("/tmp/torchinductor_*/**/*.best_config", recursive=True):
+    print("### best_config", path, open(path).read(), flush=True)

@@ -49,6 +49,7 @@ WEIGHT_SHAPES = [
     ((7, 129), "smaller than a block in N, one column over in K"),
     ((3, 300, 520), "E=3 stacked experts, ragged: blocks never straddle experts"),
     ((2, 256, 192), "K=192 (tensor-parallel shard)"),
+    ((2, 256, 512), "K a multiple of two blocks: no partial two-block run"),
 ]
 
 

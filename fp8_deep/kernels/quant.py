@@ -53,6 +53,25 @@ def _is_bad(amax):
 
 
 @triton.jit
+def _weight_blocks(w, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr,
+                   NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCKS_K: tl.constexpr):
+    """float32 ``w`` (BLOCK_N, BLOCK_K * BLOCKS_K), BLOCKS_K scale blocks side by side -> (q ``out_ty``, s, 1/s,
+    non-finite flag), the last three (BLOCKS_K,). Lanes outside the tensor must hold 0, which never raises the amax:
+    an edge block's amax covers only its real elements. A non-finite block: scale NaN and every q the positive NaN."""
+    w3 = tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K))
+    amax = _amax_nan(_amax_nan(w3, 2, NAN_MAX), 0, NAN_MAX)
+    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
+    if UE8M0:
+        s = _round_up_pow2(s)
+    bad = _is_bad(amax)
+    s = tl.where(bad, float("nan"), s)
+    inv = tl.math.div_rn(1.0, s)
+    q3 = _nan_if(bad[None, :, None], w3 * inv[None, :, None], NAN_SELECT)
+    return tl.reshape(q3, (BLOCK_N, BLOCK_K * BLOCKS_K)).to(out_ty), s, inv, bad
+
+
+@triton.jit
 def _quant_weight_one_block(
     w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, pid_k, pid_n, pid_e, N, K, kb,
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
@@ -77,27 +96,10 @@ def _quant_weight_one_block(
     w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
                 mask=mask, other=0.0).to(tl.float32)
     q_ptrs = q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk
-    # masked lanes read 0, which never raises the amax: an edge block's amax covers only its real elements
-    if BLOCKS_K == 1:
-        amax = _amax_nan(_amax_nan(w, 1, NAN_MAX), 0, NAN_MAX)
-    else:
-        w3 = tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K))
-        amax = _amax_nan(_amax_nan(w3, 2, NAN_MAX), 0, NAN_MAX)  # (BLOCKS_K,)
-    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
-    if UE8M0:
-        s = _round_up_pow2(s)
-    # a non-finite block: scale NaN and every q the positive NaN
-    bad = _is_bad(amax)
-    s = tl.where(bad, float("nan"), s)
-    inv = tl.math.div_rn(1.0, s)
-    if BLOCKS_K == 1:
-        q8 = _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty)
-        tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
-    else:
-        q3 = _nan_if(bad[None, :, None], w3 * inv[None, :, None], NAN_SELECT)
-        q8 = tl.reshape(q3, (BLOCK_N, WIDTH)).to(q_ptr.dtype.element_ty)
-        kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
-        tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
+    q8, s, inv, bad = _weight_blocks(w, q_ptr.dtype.element_ty, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, NAN_SELECT,
+                                     BLOCK_N, BLOCK_K, BLOCKS_K)
+    kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
+    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
     tl.store(q_ptrs, q8, mask=mask)
     if WITH_TRANSPOSE:
         tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
@@ -109,10 +111,10 @@ def _quant_weight_one_block(
             c64 = offs_c.to(tl.int64)
             wc = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + c64[None, :] * stride_wk,
                          mask=mask_c, other=0.0).to(tl.float32)
-            qc = tl.trans(_nan_if(bad, wc * inv, NAN_SELECT))  # (TCHUNK, BLOCK_N), still float32
+            qc = tl.trans(_nan_if(bad[None, :], wc * inv[None, :], NAN_SELECT))  # (TCHUNK, BLOCK_N), float32
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
                      qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c))
-        tl.store(st_ptr + pid_e * stride_ste + pid_k * stride_stk + pid_n * stride_stn, s)
+        tl.store(st_ptr + pid_e * stride_ste + kbs * stride_stk + pid_n * stride_stn, s)
 
 
 @triton.jit
