@@ -15,6 +15,7 @@ Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write o
 
     python bench/bench_quant.py                 # everything (~2 min on an H100)
     python bench/bench_quant.py --only act --act-m 4096,32768 --no-torch
+    python bench/bench_quant.py --rounds 5 --no-torch   # interleaved rounds: medians and paired x compile ranges
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ VARIANTS = {
     "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default since session 5)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
+    **{f"w_{h}": ("weight", {"FP8_DEEP_WEIGHT_QUANT_LOAD": h}) for h in ("cg", "evict_last", "cg_evict_last")},
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
     "w_fold": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_max"}),  # NaN folded into Inf + plain max (3 ops, not 1)
     "w_sel": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
@@ -122,7 +124,8 @@ class QuantBench:
         self.providers = [p for p in PROVIDERS if p in args.providers]
         self.copy_gbps = C.copy_bandwidth()
         self.out_dir = C.results_dir()
-        self.log = C.CsvLog(self.out_dir / ("quant_graph.csv" if args.graph else "quant.csv"))
+        self.log = C.CsvLog(self.out_dir / (f"quant{'_graph' if args.graph else ''}"
+                                            f"{'_rounds' if args.rounds > 1 else ''}.csv"))
         self.budget = C.Budget(args.time_budget)
         self.compiled = {}
         self.validated = set()
@@ -197,37 +200,14 @@ class QuantBench:
         if self.budget.spent(reserve=5):
             print(f"[skip] {group} {label} {provider}: time budget spent")
             return float("nan"), float("nan"), float("nan")
-        if provider in VARIANTS and not group.startswith(VARIANTS[provider][0]):
-            return float("nan"), float("nan"), float("nan")
-        if provider == "torch" and not self.args.torch_all and shape not in self.torch_shapes[group]:
+        if not self._applies(group, shape, provider):
             return float("nan"), float("nan"), float("nan")
         cs = self.case(group, shape)
-        valid = ""
         with C.environ(VARIANT_ENV.get(provider, {})):
             try:
-                if provider in ("fp8_deep", *VARIANT_ENV):
-                    if cs["ours"] is None:
-                        return float("nan"), float("nan"), float("nan")
-                    fn = cs["ours"]
-                    ref = cs["plain"]()
-                    valid = compare(fn(), ref, cs["scale_strides"])
-                    # the compact reference (what gets compiled) must compute the same bytes as ours
-                    fast_check = compare(cs["fast"](cs["x"]), ref, cs["scale_strides"])
-                    if fast_check != "bit-exact":
-                        print(f"[warn] compact torch reference differs from fp8_deep.reference on {group} {label}: "
-                              f"{fast_check}")
-                    del ref
-                elif provider == "torch":
-                    fn = cs["plain"]
-                    valid = "reference"
-                elif provider == "compile":
-                    fn = cs["comp"]
-                    ref = cs["plain"]()
-                    valid = compare(fn(), ref, cs["scale_strides"])
-                    del ref
-                else:
-                    fn = C.copy_of_bytes(cs["nbytes"])
-                    valid = "ceiling"
+                fn, valid = self._provider_fn(cs, group, label, provider)
+                if fn is None:
+                    return float("nan"), float("nan"), float("nan")
                 C.free_cuda()
                 ms, lo, hi = C.bench(fn, rep=self.args.rep, graph=self.args.graph)
             except Exception as exc:
@@ -246,6 +226,74 @@ class QuantBench:
               f"of copy  [{valid}]", flush=True)
         return ms, lo, hi
 
+    def _applies(self, group, shape, provider):
+        if provider in VARIANTS and not group.startswith(VARIANTS[provider][0]):
+            return False
+        return provider != "torch" or self.args.torch_all or shape in self.torch_shapes[group]
+
+    def _provider_fn(self, cs, group, label, provider):
+        """(callable, validation status) of one provider on one case; run inside the provider's environment."""
+        if provider in ("fp8_deep", *VARIANT_ENV):
+            if cs["ours"] is None:
+                return None, ""
+            ref = cs["plain"]()
+            valid = compare(cs["ours"](), ref, cs["scale_strides"])
+            # the compact reference (what gets compiled) must compute the same bytes as ours
+            fast_check = compare(cs["fast"](cs["x"]), ref, cs["scale_strides"])
+            if fast_check != "bit-exact":
+                print(f"[warn] compact torch reference differs from fp8_deep.reference on {group} {label}: "
+                      f"{fast_check}")
+            return cs["ours"], valid
+        if provider == "torch":
+            return cs["plain"], "reference"
+        if provider == "compile":
+            return cs["comp"], compare(cs["comp"](), cs["plain"](), cs["scale_strides"])
+        return C.copy_of_bytes(cs["nbytes"]), "ceiling"
+
+    def run_rounds(self, groups):
+        """``--rounds R``: per case, every provider timed once per round, the rounds interleaved (provider order
+        fixed), so drift in clocks or memory temperature hits all providers alike. Reports the median time and the
+        median / min / max over rounds of the paired ratio compile_r / provider_r."""
+        R = self.args.rounds
+        for group, shapes in groups:
+            for shape in shapes:
+                label = "x".join(map(str, shape))
+                if self.budget.spent(reserve=5):
+                    print(f"[skip] {group} {label}: time budget spent")
+                    continue
+                cs = self.case(group, shape)
+                fns, times = {}, {}
+                for p in (p for p in self.providers if self._applies(group, shape, p)):
+                    with C.environ(VARIANT_ENV.get(p, {})):
+                        try:
+                            fn, valid = self._provider_fn(cs, group, label, p)
+                        except Exception as exc:
+                            print(f"[error] {group} {label} {p}: {exc!r}")
+                            continue
+                    if fn is not None:
+                        fns[p], times[p] = (fn, valid), []
+                for _ in range(R):
+                    for p, (fn, _) in fns.items():
+                        with C.environ(VARIANT_ENV.get(p, {})):
+                            C.free_cuda()
+                            times[p].append(C.bench(fn, rep=self.args.rep, graph=self.args.graph)[0])
+                comp = times.get("compile")
+                nbytes = self._nbytes(group, shape)
+                for p, (fn, valid) in fns.items():
+                    ts = sorted(times[p])
+                    ms = ts[len(ts) // 2]
+                    ratios = sorted(c / t for c, t in zip(comp, times[p])) if comp else [float("nan")]
+                    g = C.gbps(nbytes, ms)
+                    self.log.add(group=group, shape=label, provider=p, ms=ms, ms_p20=ts[0], ms_p80=ts[-1], gbps=g,
+                                 pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid,
+                                 x_compile_paired=ratios[len(ratios) // 2], x_compile_min=ratios[0],
+                                 x_compile_max=ratios[-1], rounds=R)
+                    print(f"  {group:12s} {label:>16s} {p:9s} {ms:8.4f} ms (rounds {ts[0]:.4f}-{ts[-1]:.4f}) "
+                          f"{100 * g / self.copy_gbps:5.1f}% of copy, x compile paired {ratios[len(ratios) // 2]:.3f} "
+                          f"[{ratios[0]:.3f}, {ratios[-1]:.3f}]  [{valid}]", flush=True)
+                del cs, fns
+                C.free_cuda()
+
     def _nbytes(self, group, shape):
         numel = 1
         for d in (shape if group.startswith("weight") else (shape[0], ACT_K)):
@@ -256,8 +304,7 @@ class QuantBench:
         return numel * 3 + numel // 128 * 4
 
     # ---- perf_report wiring
-    def marks(self):
-        import triton.testing as tt
+    def groups_of(self):
         a = self.args
         groups = []
         if "weight" in a.only:
@@ -268,6 +315,13 @@ class QuantBench:
         # plain torch is slow: by default only the first shape of each group (and the largest activation)
         self.torch_shapes = {g: {shapes[0], shapes[-1]} if g.startswith("act") else {shapes[0]}
                              for g, shapes in groups}
+        self.groups = groups
+        return groups
+
+    def marks(self):
+        import triton.testing as tt
+        a = self.args
+        groups = self.groups_of()
         benches = []
         for group, shapes in groups:
             if group.startswith("weight"):
@@ -284,7 +338,6 @@ class QuantBench:
             shape = shapes[case] if case is not None else (M,)
             return self.run_one(group, shape, provider)
 
-        self.groups = groups
         return run
 
     def finish(self):
@@ -305,11 +358,15 @@ class QuantBench:
             C.plot(self.out_dir / f"quant_{group}_gbps.png", series, xs, xlabel="M" if group.startswith("act") else
                    "shape", ylabel="GB/s (minimal traffic)", title=f"{group}: copy ceiling {self.copy_gbps:.0f} GB/s",
                    logx=group.startswith("act"), xticklabels=None if group.startswith("act") else labels)
+        paired = self.args.rounds > 1
         table = [dict(group=r["group"], shape=r["shape"], provider=r["provider"], ms=r["ms"], gbps=r["gbps"],
-                      pct_copy=r["pct_copy"], x_compile=r["x_compile"], check=r.get("status", ""))
+                      pct_copy=r["pct_copy"], x_compile=r["x_compile"], check=r.get("status", ""),
+                      **({"x_paired": r["x_compile_paired"],
+                          "paired_range": f"{r['x_compile_min']:.3f}-{r['x_compile_max']:.3f}"} if paired else {}))
                  for r in rows]
         print()
-        C.print_table(table, ["group", "shape", "provider", "ms", "gbps", "pct_copy", "x_compile", "check"],
+        cols = ["group", "shape", "provider", "ms", "gbps", "pct_copy", "x_compile"]
+        C.print_table(table, cols + (["x_paired", "paired_range"] if paired else []) + ["check"],
                       title=f"quant ({C.card_name()}, copy {self.copy_gbps:.0f} GB/s; x_compile > 1 = faster than "
                             f"torch.compile)", prefix="SUMMARY quant")
         print(f"[done] {len(rows)} timings in {self.budget.elapsed():.0f} s -> {self.log.path}")
@@ -327,6 +384,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-dynamic", action="store_true",
                    help="one dynamic-shape compile per group instead of one static compile per shape (faster setup)")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep time in ms")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="> 1: time every provider once per round, rounds interleaved; report medians and the paired "
+                        "ratio to torch.compile (no perf_report plots)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; shapes left after it are skipped")
@@ -364,6 +424,12 @@ def main(argv=None):
     print(C.env_line())
     qb = QuantBench(args)
     print(f"copy bandwidth (2 GiB bf16, read+write): {qb.copy_gbps:.0f} GB/s")
+    if args.rounds > 1:
+        try:
+            qb.run_rounds(qb.groups_of())
+        finally:
+            qb.finish()
+        return 0
     return C.run_bench(qb)
 
 

@@ -77,7 +77,7 @@ def _quant_weight_one_block(
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
+    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, LOAD_CM: tl.constexpr, LOAD_EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
@@ -94,7 +94,7 @@ def _quant_weight_one_block(
     k64 = offs_k.to(tl.int64)
 
     w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0, cache_modifier=LOAD_CM, eviction_policy=LOAD_EVICT).to(tl.float32)
     q_ptrs = q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk
     q8, s, inv, bad = _weight_blocks(w, q_ptr.dtype.element_ty, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, NAN_SELECT,
                                      BLOCK_N, BLOCK_K, BLOCKS_K)
@@ -131,7 +131,7 @@ def quant_weight_block_kernel(
     stride_ste, stride_stk, stride_stn,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
-    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
+    NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, LOAD_CM: tl.constexpr, LOAD_EVICT: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
     # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
@@ -140,7 +140,8 @@ def quant_weight_block_kernel(
         w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K, kb,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_CM, LOAD_EVICT, BLOCK_N, BLOCK_K, TCHUNK,
+        BLOCKS_K)
 
 
 @triton.jit

@@ -98,7 +98,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk),
+        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_load_hints(), BLOCK_N=bn, BLOCK_K=bk,
+        TCHUNK=min(tchunk, bk),
         BLOCKS_K=blocks_k, num_warps=warps,
     )
     return tuple(outs)
@@ -258,6 +259,20 @@ def gpu_fast_paths(t: torch.Tensor) -> dict:
         raise ValueError(f"{PLAIN_ENV}: unknown entries {sorted(off - set(_FAST_PATHS))}; known: {list(_FAST_PATHS)}")
     return dict(FMA_DIV=gpu and "div" not in off, NAN_MAX=gpu and "nan_max" not in off,
                 NAN_SELECT=not gpu or "nan_select" in off)
+
+
+WEIGHT_LOAD_ENV = "FP8_DEEP_WEIGHT_QUANT_LOAD"
+_LOAD_HINTS = {"": ("", ""), "cg": (".cg", ""), "evict_last": ("", "evict_last"), "cg_evict_last": (".cg", "evict_last")}
+
+
+def _load_hints() -> dict:
+    """Cache hints of the weight kernel's load, ``FP8_DEEP_WEIGHT_QUANT_LOAD`` one of ``cg``, ``evict_last``,
+    ``cg_evict_last`` (A/B runs; none by default)."""
+    val = os.environ.get(WEIGHT_LOAD_ENV, "")
+    if val not in _LOAD_HINTS:
+        raise ValueError(f"{WEIGHT_LOAD_ENV}={val!r}: expected one of {sorted(_LOAD_HINTS)}")
+    cm, ev = _LOAD_HINTS[val]
+    return dict(LOAD_CM=cm, LOAD_EVICT=ev)
 
 
 def _pinned(env: str, n: int):
