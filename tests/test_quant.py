@@ -385,6 +385,23 @@ def test_gpu_weight_deepseek_shapes(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hints", ["el", "el_ap", "el_sf", "el_rf"])
+@pytest.mark.parametrize("shape", [(32, 4096, 7168), (3, 300, 528)])  # ragged edges, 16-element rows (L2 reset)
+def test_gpu_weight_cache_hints(shape, hints, monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_HINTS", hints)
+    w = _w(shape, torch.bfloat16, "cuda")
+    for both in (False, True):
+        res = ops.quantize_weight_blockwise(w, with_transpose=both)
+        rq, rs = reference.quantize_weight_blockwise(w)
+        assert_bitwise_equal(res[0], rq)
+        assert_bitwise_equal(res[1], rs)
+        if both:
+            assert_bitwise_equal(res[2], rq.transpose(-1, -2).contiguous())
+        del res, rq, rs
+    _check_weight(_w((300, 520), torch.float32, "cuda")[:, 3:], with_transpose=False)  # unaligned rows: no reset
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("div,config", [("rn", None), ("fma", None), ("fma", "flat,64,8"), ("fma", "8,8,4")])
 @pytest.mark.parametrize("M", [1, 4096, 32768])
 @pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])

@@ -98,7 +98,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_load_hints(), BLOCK_N=bn, BLOCK_K=bk,
+        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"],
+        **_weight_hints(gpu=fast["NAN_MAX"] and w3.stride(-1) == 1 and w3.stride(-2) % 16 == 0), BLOCK_N=bn, BLOCK_K=bk,
         TCHUNK=min(tchunk, bk),
         BLOCKS_K=blocks_k, num_warps=warps,
     )
@@ -261,18 +262,27 @@ def gpu_fast_paths(t: torch.Tensor) -> dict:
                 NAN_SELECT=not gpu or "nan_select" in off)
 
 
-WEIGHT_LOAD_ENV = "FP8_DEEP_WEIGHT_QUANT_LOAD"
-_LOAD_HINTS = {"": ("", ""), "cg": (".cg", ""), "evict_last": ("", "evict_last"), "cg_evict_last": (".cg", "evict_last")}
+WEIGHT_HINTS_ENV = "FP8_DEEP_WEIGHT_QUANT_HINTS"
+# named sets of (LOAD_EVICT, STORE_EVICT, STORE_CM, RELOAD_EVICT)
+_WEIGHT_HINTS = {
+    "none": ("", "", "", ""),
+    "el": ("evict_last", "", "", ""),
+    "el_sf": ("evict_last", "evict_first", "", ""),
+    "el_sl": ("evict_last", "evict_last", "", ""),
+    "el_cs": ("evict_last", "", ".cs", ""),
+    "el_rf": ("evict_last", "", "", "evict_first"),
+    "sf": ("", "evict_first", "", ""),
+    "el_ap": ("evict_last", "", "", ""),  # + the block's lines reset to evict_normal after use (RESET_L2)
+}
 
 
-def _load_hints() -> dict:
-    """Cache hints of the weight kernel's load, ``FP8_DEEP_WEIGHT_QUANT_LOAD`` one of ``cg``, ``evict_last``,
-    ``cg_evict_last`` (A/B runs; none by default)."""
-    val = os.environ.get(WEIGHT_LOAD_ENV, "")
-    if val not in _LOAD_HINTS:
-        raise ValueError(f"{WEIGHT_LOAD_ENV}={val!r}: expected one of {sorted(_LOAD_HINTS)}")
-    cm, ev = _LOAD_HINTS[val]
-    return dict(LOAD_CM=cm, LOAD_EVICT=ev)
+def _weight_hints(gpu: bool) -> dict:
+    """L2 cache policies of the weight kernel, ``FP8_DEEP_WEIGHT_QUANT_HINTS`` one of ``_WEIGHT_HINTS`` (A/B runs)."""
+    val = os.environ.get(WEIGHT_HINTS_ENV, "none")
+    if val not in _WEIGHT_HINTS:
+        raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
+    return dict(zip(("LOAD_EVICT", "STORE_EVICT", "STORE_CM", "RELOAD_EVICT"), _WEIGHT_HINTS[val]),
+                RESET_L2=gpu and val == "el_ap")
 
 
 def _pinned(env: str, n: int):

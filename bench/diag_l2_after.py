@@ -1,0 +1,56 @@
+"""What a weight-quantizer L2 policy costs the next kernel: ``quantize_weight_blockwise`` followed by an
+L2-reusing matmul, timed as one CUDA graph per ``FP8_DEEP_WEIGHT_QUANT_HINTS`` preset; the matmul's share is the
+pair's time minus the quantizer's alone. A block loaded ``evict_last`` and left so would keep its lines ahead of the
+matmul's own in L2.
+
+    python bench/diag_l2_after.py          # on the GPU machine (gpu_check.sh stage proto, PROTO=bench/diag_l2_after.py)
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+import triton.testing as tt  # noqa: E402
+
+from fp8_deep import ops  # noqa: E402
+
+PRESETS = ("none", "el", "el_ap")
+
+
+def main():
+    torch.manual_seed(0)
+    w = torch.randn(32, 4096, 7168, device="cuda", dtype=torch.bfloat16) * 0.02
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)  # 32 MB: L2-resident when re-read at once
+
+    def mm():
+        torch.mm(a, b)
+
+    def reread():
+        x.sum()
+    rows = []
+    for _ in range(3):  # rounds, presets interleaved
+        for preset in PRESETS:
+            os.environ["FP8_DEEP_WEIGHT_QUANT_HINTS"] = preset
+
+            def quant():
+                ops.quantize_weight_blockwise(w)
+            quant()
+            tq = tt.do_bench_cudagraph(quant, rep=200)
+            tqm = tt.do_bench_cudagraph(lambda: (quant(), mm()), rep=200)
+            tqr = tt.do_bench_cudagraph(lambda: (reread(), quant(), reread()), rep=200)
+            rows.append((preset, tq, tqm - tq, tqr - tq))
+    tm = tt.do_bench_cudagraph(mm, rep=200)
+    tr = tt.do_bench_cudagraph(reread, rep=200)
+    print(f"alone: mm 4096^3 bf16 {tm * 1e3:.1f} us, 32 MB sum {tr * 1e3:.1f} us")
+    for preset in PRESETS:
+        rs = [r for r in rows if r[0] == preset]
+        med = [sorted(r[i] for r in rs)[1] for i in (1, 2, 3)]
+        print(f"### preset {preset:6s}: quant {med[0] * 1e3:8.1f} us | mm after it {med[1] * 1e3:6.1f} us | "
+              f"two 32 MB sums around it {med[2] * 1e3:6.1f} us (medians of 3 rounds)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
