@@ -43,10 +43,10 @@ VARIANTS = {
     "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default since session 5)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
-    # L2 policies of the weight kernel's load / stores / transposed re-read, FP8_DEEP_WEIGHT_QUANT_HINTS (a preset name)
-    **{f"w_{h}": ("weight", {"FP8_DEEP_WEIGHT_QUANT_HINTS": h}) for h in ("el", "el_sf", "el_sl", "el_cs", "sf", "el_ap")},
-    "w_el_rf": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_HINTS": "el_rf"}),
-    "w_el_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_HINTS": "el", "FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),
+    # L2 policies of the weight kernel's load / stores / transposed re-read, FP8_DEEP_WEIGHT_QUANT_HINTS (a preset
+    # name; default el_rf with the transposed copy, none without)
+    **{f"w_{h}": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_HINTS": h}) for h in ("el", "el_sf")},
+    "w_none": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_HINTS": "none"}),
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
     "w_fold": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_max"}),  # NaN folded into Inf + plain max (3 ops, not 1)
     "w_sel": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)

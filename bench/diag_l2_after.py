@@ -15,7 +15,8 @@ import triton.testing as tt  # noqa: E402
 
 from fp8_deep import ops  # noqa: E402
 
-PRESETS = ("none", "el", "el_ap")
+# (FP8_DEEP_WEIGHT_QUANT_HINTS preset, with_transpose)
+PRESETS = (("none", False), ("el", False), ("none", True), ("el_rf", True))
 
 
 def main():
@@ -33,10 +34,10 @@ def main():
     rows = []
     for _ in range(3):  # rounds, presets interleaved
         for preset in PRESETS:
-            os.environ["FP8_DEEP_WEIGHT_QUANT_HINTS"] = preset
+            os.environ["FP8_DEEP_WEIGHT_QUANT_HINTS"] = preset[0]
 
             def quant():
-                ops.quantize_weight_blockwise(w)
+                ops.quantize_weight_blockwise(w, with_transpose=preset[1])
             quant()
             tq = tt.do_bench_cudagraph(quant, rep=200)
             tqm = tt.do_bench_cudagraph(lambda: (quant(), mm()), rep=200)
@@ -48,7 +49,7 @@ def main():
     for preset in PRESETS:
         rs = [r for r in rows if r[0] == preset]
         med = [sorted(r[i] for r in rs)[1] for i in (1, 2, 3)]
-        print(f"### preset {preset:6s}: quant {med[0] * 1e3:8.1f} us | mm after it {med[1] * 1e3:6.1f} us | "
+        print(f"### preset {preset[0]:6s} with_transpose={preset[1]!s:5s}: quant {med[0] * 1e3:8.1f} us | mm after it {med[1] * 1e3:6.1f} us | "
               f"two 32 MB sums around it {med[2] * 1e3:6.1f} us (medians of 3 rounds)", flush=True)
 
 

@@ -385,8 +385,8 @@ def test_gpu_weight_deepseek_shapes(shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hints", ["el", "el_ap", "el_sf", "el_rf"])
-@pytest.mark.parametrize("shape", [(32, 4096, 7168), (3, 300, 528)])  # ragged edges, 16-element rows (L2 reset)
+@pytest.mark.parametrize("hints", ["none", "el", "el_sf", "el_rf"])
+@pytest.mark.parametrize("shape", [(32, 4096, 7168), (3, 300, 520)])
 def test_gpu_weight_cache_hints(shape, hints, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_HINTS", hints)
     w = _w(shape, torch.bfloat16, "cuda")
@@ -398,7 +398,7 @@ def test_gpu_weight_cache_hints(shape, hints, monkeypatch):
         if both:
             assert_bitwise_equal(res[2], rq.transpose(-1, -2).contiguous())
         del res, rq, rs
-    _check_weight(_w((300, 520), torch.float32, "cuda")[:, 3:], with_transpose=False)  # unaligned rows: no reset
+    _check_weight(_w((300, 520), torch.float32, "cuda")[:, 3:])  # float32, a strided view
 
 
 @pytest.mark.gpu

@@ -72,29 +72,13 @@ def _weight_blocks(w, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_EPS: tl.
 
 
 @triton.jit
-def _l2_evict_normal(row_base, offs_n, k0, N, K, stride_wn, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``applypriority.global.L2::evict_normal`` on every 128-byte line of rows ``offs_n``, columns [k0, k0 + WIDTH)
-    (unit K stride): a block loaded ``evict_last`` must not keep that priority after it is used, or the stale lines
-    would outlive the next kernel's own data in L2. Lines past the tensor's edge are left alone."""
-    ES: tl.constexpr = row_base.dtype.element_ty.primitive_bitwidth // 8
-    PER: tl.constexpr = 128 // ES
-    LINES: tl.constexpr = WIDTH // PER
-    c = k0 + tl.arange(0, LINES) * PER
-    ok = (offs_n[:, None] < N) & (c[None, :] < K)
-    ptrs = row_base + offs_n.to(tl.int64)[:, None] * stride_wn + c[None, :]
-    ptrs = tl.where(ok, ptrs, row_base)
-    tl.inline_asm_elementwise("applypriority.global.L2::evict_normal [$1], 128;\n mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _quant_weight_one_block(
     w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, pid_k, pid_n, pid_e, N, K, kb,
     stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
-    STORE_CM: tl.constexpr, RELOAD_EVICT: tl.constexpr, RESET_L2: tl.constexpr,
+    STORE_CM: tl.constexpr, RELOAD_EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
@@ -118,8 +102,6 @@ def _quant_weight_one_block(
     kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
     tl.store(q_ptrs, q8, mask=mask, cache_modifier=STORE_CM, eviction_policy=STORE_EVICT)
-    if RESET_L2:
-        _l2_evict_normal(w_ptr + pid_e * stride_we, offs_n, pid_k * WIDTH, N, K, stride_wn, WIDTH, BLOCK_N)
     if WITH_TRANSPOSE:
         tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
@@ -154,8 +136,6 @@ def quant_weight_block_kernel(
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     # L2 policies: of the block's load, of the FP8 stores (and their cache modifier), of the transposed copy's re-read
     LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr, STORE_CM: tl.constexpr, RELOAD_EVICT: tl.constexpr,
-    # RESET_L2 (GPU, unit K stride): the block's lines get back normal L2 priority once it is read
-    RESET_L2: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
     # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
@@ -165,7 +145,7 @@ def quant_weight_block_kernel(
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
         FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, STORE_CM, RELOAD_EVICT,
-        RESET_L2, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
+        BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
 
 
 @triton.jit
