@@ -98,10 +98,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"],
-        **_weight_hints(with_transpose), BLOCK_N=bn, BLOCK_K=bk,
-        TCHUNK=min(tchunk, bk),
-        BLOCKS_K=blocks_k, num_warps=warps,
+        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(with_transpose),
+        BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps,
     )
     return tuple(outs)
 
@@ -273,12 +271,16 @@ _WEIGHT_HINTS = {
 
 
 def _weight_hints(with_transpose: bool) -> dict:
-    """L2 policies of the weight kernel. With the transposed copy, ``el_rf``: the block is loaded ``evict_last`` so
-    that the copy's column slices re-read it from L2, and re-read ``evict_first`` so that no line keeps the raised
-    priority after the program (H100: both layouts 1.34-1.35x torch.compile instead of 1.32-1.33x). One layout:
-    none. ``evict_last`` alone made it 0.5% faster (parity with torch.compile) but left the block's lines ahead of
-    the next kernel's in L2: a 32 MB read right after it took 26.5 instead of 20.3 us (bench/diag_l2_after.py);
-    resetting them with ``applypriority`` cost 16-20%. ``FP8_DEEP_WEIGHT_QUANT_HINTS`` names a preset (A/B runs)."""
+    """L2 policies of the weight kernel (H100 measurements, bench/NOTES.md session 7).
+
+    With the transposed copy, ``el_rf``: the block is loaded ``evict_last`` so that the copy's column slices find it
+    in L2, and re-read ``evict_first`` so that the lines lose the raised priority again. Both layouts then run at
+    1.35x torch.compile instead of 1.32-1.33x: 28 us saved at 32x4096x7168, while a 32 MB read right after the call
+    takes 4.9 us longer (bench/diag_l2_after.py).
+
+    One layout: no hint. ``evict_last`` alone made the call 3 us (0.5%) faster, level with torch.compile, but the
+    32 MB read after it took 6.3 us longer (26.5 vs 20.3 us): a net loss. Resetting the lines with ``applypriority``
+    cost 16-20%. ``FP8_DEEP_WEIGHT_QUANT_HINTS`` names a preset (A/B runs)."""
     val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "none")
     if val not in _WEIGHT_HINTS:
         raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
