@@ -206,6 +206,7 @@ class QuantBench:
         if not self._applies(group, shape, provider):
             return float("nan"), float("nan"), float("nan")
         cs = self.case(group, shape)
+        nbytes = cs["nbytes"]
         with C.environ(VARIANT_ENV.get(provider, {})):
             try:
                 fn, valid = self._provider_fn(cs, group, label, provider)
@@ -222,7 +223,7 @@ class QuantBench:
             finally:
                 del cs
                 C.free_cuda()
-        g = C.gbps(self._nbytes(group, shape), ms)
+        g = C.gbps(nbytes, ms)
         self.log.add(group=group, shape=label, provider=provider, ms=ms, ms_p20=lo, ms_p80=hi, gbps=g,
                      pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid)
         print(f"  {group:12s} {label:>16s} {provider:9s} {ms:8.4f} ms {g:7.0f} GB/s {100 * g / self.copy_gbps:5.1f}% "
@@ -281,7 +282,7 @@ class QuantBench:
                             C.free_cuda()
                             times[p].append(C.bench(fn, rep=self.args.rep, graph=self.args.graph)[0])
                 comp = times.get("compile")
-                nbytes = self._nbytes(group, shape)
+                nbytes = cs["nbytes"]
                 for p, (fn, valid) in fns.items():
                     ts = sorted(times[p])
                     ms = ts[len(ts) // 2]
@@ -296,15 +297,6 @@ class QuantBench:
                           f"[{ratios[0]:.3f}, {ratios[-1]:.3f}]  [{valid}]", flush=True)
                 del cs, fns
                 C.free_cuda()
-
-    def _nbytes(self, group, shape):
-        numel = 1
-        for d in (shape if group.startswith("weight") else (shape[0], ACT_K)):
-            numel *= d
-        if group.startswith("weight"):
-            both = group == "weight_both"
-            return numel * 2 + numel * (2 if both else 1) + numel // (128 * 128) * 4 * (2 if both else 1)
-        return numel * 3 + numel // 128 * 4
 
     # ---- perf_report wiring
     def groups_of(self):

@@ -88,6 +88,10 @@ def test_pinned_config_errors(device, monkeypatch):
         with pytest.raises(ValueError, match=match):
             ops.quantize_weight_blockwise(w, with_transpose=both)
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_HINTS", "evict_last")
+    with pytest.raises(ValueError, match="FP8_DEEP_WEIGHT_QUANT_HINTS='evict_last': expected one of"):
+        ops.quantize_weight_blockwise(w)
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_HINTS")
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "3,1,4")
     with pytest.raises(ValueError, match="powers of two"):
         ops.quantize_activation(torch.randn(4, 128, device=device), backend="triton")

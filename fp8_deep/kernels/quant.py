@@ -78,7 +78,7 @@ def _quant_weight_one_block(
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
-    STORE_CM: tl.constexpr, RELOAD_EVICT: tl.constexpr,
+    RELOAD_EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
@@ -101,7 +101,7 @@ def _quant_weight_one_block(
                                      BLOCK_N, BLOCK_K, BLOCKS_K)
     kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
-    tl.store(q_ptrs, q8, mask=mask, cache_modifier=STORE_CM, eviction_policy=STORE_EVICT)
+    tl.store(q_ptrs, q8, mask=mask, eviction_policy=STORE_EVICT)
     if WITH_TRANSPOSE:
         tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
@@ -114,8 +114,7 @@ def _quant_weight_one_block(
                          mask=mask_c, other=0.0, eviction_policy=RELOAD_EVICT).to(tl.float32)
             qc = tl.trans(_nan_if(bad[None, :], wc * inv[None, :], NAN_SELECT))  # (TCHUNK, BLOCK_N), float32
             tl.store(qt_base + c64[:, None] * stride_qtk + n64[None, :] * stride_qtn,
-                     qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c), cache_modifier=STORE_CM,
-                     eviction_policy=STORE_EVICT)
+                     qc.to(qt_ptr.dtype.element_ty), mask=tl.trans(mask_c), eviction_policy=STORE_EVICT)
         tl.store(st_ptr + pid_e * stride_ste + kbs * stride_stk + pid_n * stride_stn, s)
 
 
@@ -134,8 +133,8 @@ def quant_weight_block_kernel(
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
-    # L2 policies: of the block's load, of the FP8 stores (and their cache modifier), of the transposed copy's re-read
-    LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr, STORE_CM: tl.constexpr, RELOAD_EVICT: tl.constexpr,
+    # L2 eviction policies: of the block's load, of the FP8 stores, of the transposed copy's re-read
+    LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr, RELOAD_EVICT: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
     # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
@@ -144,8 +143,8 @@ def quant_weight_block_kernel(
         w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K, kb,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, STORE_CM, RELOAD_EVICT,
-        BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, RELOAD_EVICT, BLOCK_N,
+        BLOCK_K, TCHUNK, BLOCKS_K)
 
 
 @triton.jit

@@ -261,12 +261,12 @@ def gpu_fast_paths(t: torch.Tensor) -> dict:
 
 
 WEIGHT_HINTS_ENV = "FP8_DEEP_WEIGHT_QUANT_HINTS"
-# L2 eviction policies of the weight kernel, (LOAD_EVICT, STORE_EVICT, STORE_CM, RELOAD_EVICT) by name
+# L2 eviction policies of the weight kernel, (LOAD_EVICT, STORE_EVICT, RELOAD_EVICT) by name
 _WEIGHT_HINTS = {
-    "none": ("", "", "", ""),
-    "el": ("evict_last", "", "", ""),
-    "el_sf": ("evict_last", "evict_first", "", ""),
-    "el_rf": ("evict_last", "", "", "evict_first"),
+    "none": ("", "", ""),
+    "el": ("evict_last", "", ""),
+    "el_sf": ("evict_last", "evict_first", ""),
+    "el_rf": ("evict_last", "", "evict_first"),
 }
 
 
@@ -284,7 +284,7 @@ def _weight_hints(with_transpose: bool) -> dict:
     val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "none")
     if val not in _WEIGHT_HINTS:
         raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
-    return dict(zip(("LOAD_EVICT", "STORE_EVICT", "STORE_CM", "RELOAD_EVICT"), _WEIGHT_HINTS[val]))
+    return dict(zip(("LOAD_EVICT", "STORE_EVICT", "RELOAD_EVICT"), _WEIGHT_HINTS[val]))
 
 
 def _pinned(env: str, n: int):
