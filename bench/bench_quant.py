@@ -11,7 +11,9 @@ Providers (each validated once before it is timed):
   copy      a device copy moving the same bytes (read + write): the ceiling.
 
 Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write outputs once), % of the measured
-2 GiB copy bandwidth, and speed ratio to ``compile`` (>1 = faster than torch.compile).
+2 GiB copy bandwidth (pct_copy), % of the ``copy`` provider's rate on the same bytes timed the same way
+(pct_same_copy: below ~100 MB a copy itself falls short of the 2 GiB rate after do_bench's L2 flush), and speed
+ratio to ``compile`` (>1 = faster than torch.compile).
 
     python bench/bench_quant.py                 # everything (~2 min on an H100)
     python bench/bench_quant.py --only act --act-m 4096,32768 --no-torch
@@ -45,7 +47,7 @@ VARIANTS = {
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
     # L2 policies of the weight kernel's load / stores / transposed re-read, FP8_DEEP_WEIGHT_QUANT_HINTS (a preset
     # name; default el_rf with the transposed copy, none without)
-    **{f"w_{h}": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_HINTS": h}) for h in ("el", "el_sf")},
+    **{f"w_{h}": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_HINTS": h}) for h in ("el", "el_sf", "ef", "sf", "el_tf", "el_rr", "el_trr", "el_trl")},
     "w_none": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_HINTS": "none"}),
     "w_c64": ("weight_both", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "64,8"}),
     "w_fold": ("weight", {"FP8_DEEP_QUANT_PLAIN": "nan_max"}),  # NaN folded into Inf + plain max (3 ops, not 1)
@@ -338,9 +340,13 @@ class QuantBench:
     def finish(self):
         rows = [r for r in self.log.rows if "ms" in r]
         comp = {(r["group"], r["shape"]): r["ms"] for r in rows if r["provider"] == "compile"}
+        copy = {(r["group"], r["shape"]): r["ms"] for r in rows if r["provider"] == "copy"}
         for r in rows:
             c = comp.get((r["group"], r["shape"]))
             r["x_compile"] = (c / r["ms"]) if c else float("nan")
+            # against a copy of the same bytes timed the same way (same L2 state, launch cost and size regime)
+            c = copy.get((r["group"], r["shape"]))
+            r["pct_same_copy"] = (100 * c / r["ms"]) if c else float("nan")
         self.log.flush()
         # plots: GB/s per provider, one PNG per group
         for group, shapes in self.groups:
@@ -355,12 +361,12 @@ class QuantBench:
                    logx=group.startswith("act"), xticklabels=None if group.startswith("act") else labels)
         paired = self.args.rounds > 1
         table = [dict(group=r["group"], shape=r["shape"], provider=r["provider"], ms=r["ms"], gbps=r["gbps"],
-                      pct_copy=r["pct_copy"], x_compile=r["x_compile"], check=r.get("status", ""),
+                      pct_copy=r["pct_copy"], pct_same_copy=r["pct_same_copy"], x_compile=r["x_compile"], check=r.get("status", ""),
                       **({"x_paired": r["x_compile_paired"],
                           "paired_range": f"{r['x_compile_min']:.3f}-{r['x_compile_max']:.3f}"} if paired else {}))
                  for r in rows]
         print()
-        cols = ["group", "shape", "provider", "ms", "gbps", "pct_copy", "x_compile"]
+        cols = ["group", "shape", "provider", "ms", "gbps", "pct_copy", "pct_same_copy", "x_compile"]
         C.print_table(table, cols + (["x_paired", "paired_range"] if paired else []) + ["check"],
                       title=f"quant ({C.card_name()}, copy {self.copy_gbps:.0f} GB/s; x_compile > 1 = faster than "
                             f"torch.compile)", prefix="SUMMARY quant")

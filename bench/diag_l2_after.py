@@ -15,8 +15,11 @@ import triton.testing as tt  # noqa: E402
 
 from fp8_deep import ops  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant import weight_ref_fast, weight_ref_fast_both  # noqa: E402
+
 # (FP8_DEEP_WEIGHT_QUANT_HINTS preset, with_transpose)
-PRESETS = (("none", False), ("el", False), ("none", True), ("el_rf", True))
+PRESETS = (("none", False), ("el", False), ("compile", False), ("none", True), ("el_rf", True), ("compile", True))
 
 
 def main():
@@ -31,13 +34,20 @@ def main():
 
     def reread():
         x.sum()
+    compiled = {False: torch.compile(weight_ref_fast), True: torch.compile(weight_ref_fast_both)}
     rows = []
     for _ in range(3):  # rounds, presets interleaved
         for preset in PRESETS:
-            os.environ["FP8_DEEP_WEIGHT_QUANT_HINTS"] = preset[0]
+            if preset[0] == "compile":  # torch.compile's kernel: what its own L2 policy costs the next kernel
+                os.environ.pop("FP8_DEEP_WEIGHT_QUANT_HINTS", None)
 
-            def quant():
-                ops.quantize_weight_blockwise(w, with_transpose=preset[1])
+                def quant():
+                    compiled[preset[1]](w)
+            else:
+                os.environ["FP8_DEEP_WEIGHT_QUANT_HINTS"] = preset[0]
+
+                def quant():
+                    ops.quantize_weight_blockwise(w, with_transpose=preset[1])
             quant()
             tq = tt.do_bench_cudagraph(quant, rep=200)
             tqm = tt.do_bench_cudagraph(lambda: (quant(), mm()), rep=200)

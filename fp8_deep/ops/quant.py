@@ -271,17 +271,20 @@ _WEIGHT_HINTS = {
 
 
 def _weight_hints(with_transpose: bool) -> dict:
-    """L2 policies of the weight kernel (H100 measurements, bench/NOTES.md session 7).
+    """L2 policies of the weight kernel (H100 measurements, bench/NOTES.md sessions 7 and 8).
 
-    With the transposed copy, ``el_rf``: the block is loaded ``evict_last`` so that the copy's column slices find it
-    in L2, and re-read ``evict_first`` so that the lines lose the raised priority again. Both layouts then run at
-    1.35x torch.compile instead of 1.32-1.33x: 28 us saved at 32x4096x7168, while a 32 MB read right after the call
-    takes 4.9 us longer (bench/diag_l2_after.py).
+    The block is loaded ``evict_last``, torch.compile's (inductor's) own policy for this reduction. One layout: the
+    call runs level with torch.compile (0.999-1.007x) instead of 0.991-0.995x. With the transposed copy (``el_rf``)
+    the copy's column slices find the block in L2 and re-read it ``evict_first``: 1.35x torch.compile instead of
+    1.32-1.33x.
 
-    One layout: no hint. ``evict_last`` alone made the call 3 us (0.5%) faster, level with torch.compile, but the
-    32 MB read after it took 6.3 us longer (26.5 vs 20.3 us): a net loss. Resetting the lines with ``applypriority``
-    cost 16-20%. ``FP8_DEEP_WEIGHT_QUANT_HINTS`` names a preset (A/B runs)."""
-    val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "none")
+    The cost lands on the next kernel, and torch.compile's kernel leaves the same (bench/diag_l2_after.py,
+    32x4096x7168): a 32 MB buffer re-read around the call takes 39.6 us with ``el``, 39.4 us after torch.compile's
+    kernel, 33.2 us with no hint. A 4096^3 matmul after it: 169.6 / 174.1 / 170.2 us. Neither re-reading the lines
+    ``evict_first`` (all blocks, or only the last 64 MB, whole blocks or one element per line), nor ``evict_first``
+    loads for the last 64 MB, nor ``applypriority`` (16-20% slower) gave that back. ``FP8_DEEP_WEIGHT_QUANT_HINTS``
+    names a preset (``none`` for no hint)."""
+    val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "el")
     if val not in _WEIGHT_HINTS:
         raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
     return dict(zip(("LOAD_EVICT", "STORE_EVICT", "RELOAD_EVICT"), _WEIGHT_HINTS[val]))
