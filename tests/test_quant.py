@@ -97,6 +97,17 @@ def test_pinned_config_errors(device, monkeypatch):
         ops.quantize_activation(torch.randn(4, 128, device=device), backend="triton")
 
 
+def test_weight_hint_defaults(monkeypatch):
+    """The weight kernel's L2 policies: torch.compile's own ``evict_last`` load by default (both layouts re-read the
+    block ``evict_first`` for the transposed copy); ``FP8_DEEP_WEIGHT_QUANT_HINTS=none`` turns every hint off."""
+    from fp8_deep.ops.quant import _weight_hints
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_HINTS", raising=False)
+    assert _weight_hints(False) == dict(LOAD_EVICT="evict_last", STORE_EVICT="", RELOAD_EVICT="")
+    assert _weight_hints(True) == dict(LOAD_EVICT="evict_last", STORE_EVICT="", RELOAD_EVICT="evict_first")
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_HINTS", "none")
+    assert _weight_hints(False) == _weight_hints(True) == dict(LOAD_EVICT="", STORE_EVICT="", RELOAD_EVICT="")
+
+
 def test_weight_scale_is_dequant_scale(device):
     w = _w((2, 256, 384), torch.bfloat16, device)
     q, s = ops.quantize_weight_blockwise(w)
