@@ -1,7 +1,8 @@
-"""What a weight-quantizer L2 policy costs the next kernel: ``quantize_weight_blockwise`` followed by an
-L2-reusing matmul, timed as one CUDA graph per ``FP8_DEEP_WEIGHT_QUANT_HINTS`` preset; the matmul's share is the
-pair's time minus the quantizer's alone. A block loaded ``evict_last`` and left so would keep its lines ahead of the
-matmul's own in L2.
+"""What a weight-quantizer L2 policy costs the next kernel: ``quantize_weight_blockwise`` (per
+``FP8_DEEP_WEIGHT_QUANT_HINTS`` preset) or torch.compile's kernel, followed by an L2-reusing matmul, or between two
+sums of one 32 MB buffer (the second finds it in L2 only if the quantizer left room), each pattern timed as one CUDA
+graph; the neighbours' share is the pattern's time minus the quantizer's alone. A block loaded ``evict_last`` keeps
+its lines ahead of the next kernel's own in L2.
 
     python bench/diag_l2_after.py          # on the GPU machine (gpu_check.sh stage proto, PROTO=bench/diag_l2_after.py)
 """
@@ -18,7 +19,8 @@ from fp8_deep import ops  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import weight_ref_fast, weight_ref_fast_both  # noqa: E402
 
-# (FP8_DEEP_WEIGHT_QUANT_HINTS preset, with_transpose)
+ROUNDS = 3
+# (FP8_DEEP_WEIGHT_QUANT_HINTS preset or "compile" for torch.compile's kernel, with_transpose)
 PRESETS = (("none", False), ("el", False), ("compile", False), ("none", True), ("el_rf", True), ("compile", True))
 
 
@@ -36,7 +38,7 @@ def main():
         x.sum()
     compiled = {False: torch.compile(weight_ref_fast), True: torch.compile(weight_ref_fast_both)}
     rows = []
-    for _ in range(3):  # rounds, presets interleaved
+    for _ in range(ROUNDS):  # presets interleaved
         for preset in PRESETS:
             if preset[0] == "compile":  # torch.compile's kernel: what its own L2 policy costs the next kernel
                 os.environ.pop("FP8_DEEP_WEIGHT_QUANT_HINTS", None)
@@ -58,9 +60,10 @@ def main():
     print(f"alone: mm 4096^3 bf16 {tm * 1e3:.1f} us, 32 MB sum {tr * 1e3:.1f} us")
     for preset in PRESETS:
         rs = [r for r in rows if r[0] == preset]
-        med = [sorted(r[i] for r in rs)[1] for i in (1, 2, 3)]
-        print(f"### preset {preset[0]:6s} with_transpose={preset[1]!s:5s}: quant {med[0] * 1e3:8.1f} us | mm after it {med[1] * 1e3:6.1f} us | "
-              f"two 32 MB sums around it {med[2] * 1e3:6.1f} us (medians of 3 rounds)", flush=True)
+        med = [sorted(r[i] for r in rs)[ROUNDS // 2] for i in (1, 2, 3)]
+        print(f"### preset {preset[0]:6s} with_transpose={preset[1]!s:5s}: quant {med[0] * 1e3:8.1f} us | "
+              f"mm after it {med[1] * 1e3:6.1f} us | two 32 MB sums around it {med[2] * 1e3:6.1f} us "
+              f"(medians of {ROUNDS} rounds)", flush=True)
 
 
 if __name__ == "__main__":

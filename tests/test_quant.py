@@ -27,9 +27,11 @@ def _put_non_finite(t, idx, bad):
         t.view(bits)[idx] |= torch.iinfo(bits).min
 
 
-def _check_weight(w, scale_fmt="fp32", with_transpose=True):
+def _check_weight(w, scale_fmt="fp32", with_transpose=True, ref_on_cpu=True):
+    """Our outputs against the reference, bit for bit. ``ref_on_cpu=False`` runs the reference where ``w`` is
+    (torch on the GPU, same math: the DeepSeek-V3 shapes would take minutes on the CPU)."""
     res = ops.quantize_weight_blockwise(w, scale_fmt=scale_fmt, with_transpose=with_transpose)
-    rq, rs = reference.quantize_weight_blockwise(w.cpu(), scale_fmt=scale_fmt)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu() if ref_on_cpu else w, scale_fmt=scale_fmt)
     q, s = res[0], res[1]
     assert q.is_contiguous() and s.is_contiguous()
     assert_bitwise_equal(q, rq, "q")
@@ -386,17 +388,8 @@ def test_to_tma_aligned_scales():
 @pytest.mark.parametrize("shape", [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432), (3, 300, 520), (7, 129)])
 def test_gpu_weight_deepseek_shapes(shape):
     w = _w(shape, torch.bfloat16, "cuda")
-    res = ops.quantize_weight_blockwise(w, with_transpose=True)
-    rq, rs = reference.quantize_weight_blockwise(w)  # torch on the GPU, same math
-    assert_bitwise_equal(res[0], rq)
-    assert_bitwise_equal(res[1], rs)
-    assert_bitwise_equal(res[2], rq.transpose(-1, -2).contiguous())
-    assert_bitwise_equal(res[3], rs.transpose(-1, -2).contiguous())
-    del res, rq, rs
-    q8, s8 = ops.quantize_weight_blockwise(w, scale_fmt="ue8m0")
-    rq, rs = reference.quantize_weight_blockwise(w, scale_fmt="ue8m0")
-    assert_bitwise_equal(q8, rq)
-    assert_bitwise_equal(s8, rs)
+    _check_weight(w, ref_on_cpu=False)
+    _check_weight(w, "ue8m0", with_transpose=False, ref_on_cpu=False)
 
 
 @pytest.mark.gpu
@@ -406,13 +399,7 @@ def test_gpu_weight_cache_hints(shape, hints, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_HINTS", hints)
     w = _w(shape, torch.bfloat16, "cuda")
     for both in (False, True):
-        res = ops.quantize_weight_blockwise(w, with_transpose=both)
-        rq, rs = reference.quantize_weight_blockwise(w)
-        assert_bitwise_equal(res[0], rq)
-        assert_bitwise_equal(res[1], rs)
-        if both:
-            assert_bitwise_equal(res[2], rq.transpose(-1, -2).contiguous())
-        del res, rq, rs
+        _check_weight(w, with_transpose=both, ref_on_cpu=False)
     _check_weight(_w((300, 520), torch.float32, "cuda")[:, 3:])  # float32, a strided view
 
 
