@@ -166,9 +166,17 @@ def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else float("nan")
 
 
-def copy_of_bytes(nbytes: int) -> Callable[[], object]:
-    """A device copy that reads ``nbytes/2`` and writes ``nbytes/2`` bytes: the ceiling for an op moving ``nbytes``."""
+def copy_of_bytes(nbytes: int, sm_kernel: bool = False) -> Callable[[], object]:
+    """A device copy that reads ``nbytes/2`` and writes ``nbytes/2`` bytes: the ceiling for an op moving ``nbytes``.
+
+    ``sm_kernel``: negate bf16 elements instead (the same bytes through an SM elementwise kernel). For CUDA-graph
+    timings: a captured same-dtype ``copy_`` is a memcpy node, which ran at ~80% of the copy rate on an H100 for
+    GB-size buffers (session 9), below the rate a kernel gets; a ceiling must be the faster of the two."""
     half = max(16, int(nbytes // 2) // 16 * 16)
+    if sm_kernel:
+        src = torch.randn(half // 2, dtype=torch.bfloat16, device=device())
+        dst = torch.empty_like(src)
+        return lambda: torch.neg(src, out=dst)
     src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=device())
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)

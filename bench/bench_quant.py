@@ -9,15 +9,21 @@ Providers (each validated once before it is timed):
             against ours first; the compiled output is checked too (a mismatch is reported, not fatal: inductor may
             lower a division differently).
   copy      a device copy moving the same bytes (read + write): the ceiling.
+  copy_sm   the same bytes through an SM kernel (bf16 negation): the ceiling in CUDA-graph timings (--graph,
+            --rotate), where a captured ``copy_`` becomes a memcpy node that ran at ~80% of the copy rate.
+  compile_aa  the same compiled baseline timed again at the head of each round (not in the default list): an A/A
+            control, the ratio a provider identical to compile gets, i.e. the resolution of the paired ratios.
 
 Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write outputs once), % of the measured
-2 GiB copy bandwidth (pct_copy), % of the ``copy`` provider's rate on the same bytes timed the same way
-(pct_same_copy: below ~100 MB a copy itself falls short of the 2 GiB rate after do_bench's L2 flush), and speed
-ratio to ``compile`` (>1 = faster than torch.compile).
+2 GiB copy bandwidth (pct_copy), % of the rate of a copy of the same bytes timed the same way (pct_same_copy: the
+faster of ``copy`` and ``copy_sm`` when both ran; below ~100 MB a copy itself falls short of the 2 GiB rate after
+do_bench's L2 flush), and speed ratio to ``compile`` (>1 = faster than torch.compile).
 
     python bench/bench_quant.py                 # everything (~2 min on an H100)
     python bench/bench_quant.py --only act --act-m 4096,32768 --no-torch
-    python bench/bench_quant.py --rounds 5 --no-torch   # interleaved rounds: medians and paired x compile ranges
+    python bench/bench_quant.py --rounds 6 --no-torch   # interleaved rounds: medians and paired x compile ranges
+    python bench/bench_quant.py --rounds 6 --rotate --providers fp8_deep,compile,compile_aa,copy
+        # --rotate: CUDA-graph replays cycling through input sets that together overflow L2 (cold inputs, no flush)
 """
 from __future__ import annotations
 
@@ -32,18 +38,21 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
+# the DeepSeek-V3 expert stacks and a dense weight (issue 2), then one expert matrix and an 8-expert shard: the
+# one-layout kernel's config changes between 8 and 32 experts (ops.quant.SMALL_WEIGHT_BLOCKS)
+WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432), (4096, 7168), (8, 4096, 7168)]
 ACT_M = [128, 512, 2048, 4096, 8192, 16384, 32768]
 ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (default 32,8 one
-    # layout; 64,16 with the transposed copy)
+    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (default one layout 32,8,2 from
+    # 16384 scale blocks on, 32,16,1 below; 64,16 with the transposed copy)
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
     "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (session 4)
-    "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default since session 5)
+    "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default from 16384 blocks on)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
+    "w_k1w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,1"}),  # the default below 16384 blocks
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
     # L2 policies of the weight kernel's load / stores / transposed re-read, FP8_DEEP_WEIGHT_QUANT_HINTS (a preset
     # name; default el with one layout, el_rf with the transposed copy)
@@ -61,7 +70,9 @@ VARIANTS = {
        for bg, nw in ((8, 2), (32, 4), (64, 4))},
 }
 VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}
-PROVIDERS = ["fp8_deep", *VARIANTS, "torch", "compile", "copy"]
+PROVIDERS = ["compile_aa", "fp8_deep", *VARIANTS, "torch", "compile", "copy", "copy_sm"]
+DEFAULT_PROVIDERS = [p for p in PROVIDERS if p != "compile_aa"]
+L2_BYTES = 50 * 2**20  # H100 (H200 the same): inputs are cold once 4x this much other traffic has passed
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
@@ -122,6 +133,14 @@ def compare(outs, refs, strides=None) -> str:
     return "bit-exact" if not bad else "MISMATCH " + ", ".join(bad)
 
 
+def paired_ratios(base, times):
+    """Sorted ratios base_r / times_r, rounds (2j, 2j+1) combined by their geometric mean: round 2j ran the providers
+    in forward order and round 2j+1 in reverse, so a bias of position cancels. An odd last round stands alone."""
+    r = [b / t for b, t in zip(base, times)]
+    pairs = [(r[i] * r[i + 1]) ** 0.5 for i in range(0, len(r) - 1, 2)]
+    return sorted(pairs + ([r[-1]] if len(r) % 2 else []))
+
+
 # --------------------------------------------------------------------------------- the benchmark
 class QuantBench:
     def __init__(self, args):
@@ -129,8 +148,9 @@ class QuantBench:
         self.providers = [p for p in PROVIDERS if p in args.providers]
         self.copy_gbps = C.copy_bandwidth()
         self.out_dir = C.results_dir()
-        self.log = C.CsvLog(self.out_dir / (f"quant{'_graph' if args.graph else ''}"
-                                            f"{'_rounds' if args.rounds > 1 else ''}.csv"))
+        # how the timings were taken, in every file name: do_bench (L2 flushed), graph replays, rotated input sets
+        self.mode = "_rotate" if args.rotate else "_graph" if args.graph else ""
+        self.log = C.CsvLog(self.out_dir / f"quant{self.mode}{'_rounds' if args.rounds > 1 else ''}.csv")
         self.budget = C.Budget(args.time_budget)
         self.compiled = {}
         self.validated = set()
@@ -152,11 +172,20 @@ class QuantBench:
             self.compiled[key] = torch.compile(fn, dynamic=self.args.compile_dynamic)
         return self.compiled[key]
 
-    def case(self, group, shape):
+    def cases(self, group, shape):
+        """The case, or with ``--rotate`` as many independent input sets as keep every set's input out of L2 by the
+        time it comes round again (4x L2 of other traffic in between)."""
+        first = self.case(group, shape)
+        if not self.args.rotate:
+            return [first]
+        n = min(16, 1 + -(-4 * L2_BYTES // first["nbytes"]))
+        return [first] + [self.case(group, shape, index=i) for i in range(1, n)]
+
+    def case(self, group, shape, index=0):
         a = self.args
         if group.startswith("weight"):
             both = group == "weight_both"
-            w = C.randn(shape, seed=1, std=0.02)
+            w = C.randn(shape, seed=1 + 100 * index, std=0.02)
             numel = w.numel()
             nblk = numel // (128 * 128)
             nbytes = numel * 2 + numel * (2 if both else 1) + nblk * 4 * (2 if both else 1)
@@ -177,7 +206,7 @@ class QuantBench:
                         comp=lambda: comp(w), scale_strides=None)
         tma = group == "act_tma"
         M = shape[0]
-        x = C.randn((M, ACT_K), seed=2)
+        x = C.randn((M, ACT_K), seed=2 + 100 * index)
         numel = x.numel()
         nbytes = numel * 3 + (numel // 128) * 4
         ops = self.ops
@@ -207,15 +236,15 @@ class QuantBench:
             return float("nan"), float("nan"), float("nan")
         if not self._applies(group, shape, provider):
             return float("nan"), float("nan"), float("nan")
-        cs = self.case(group, shape)
-        nbytes = cs["nbytes"]
+        cases = self.cases(group, shape)
+        nbytes = cases[0]["nbytes"]
         with C.environ(VARIANT_ENV.get(provider, {})):
             try:
-                fn, valid = self._provider_fn(cs, group, label, provider)
+                fn, valid = self._timed_fn(cases, group, label, provider)
                 if fn is None:
                     return float("nan"), float("nan"), float("nan")
                 C.free_cuda()
-                ms, lo, hi = C.bench(fn, rep=self.args.rep, graph=self.args.graph)
+                ms, lo, hi = self._time(fn, len(cases))
             except Exception as exc:
                 print(f"[error] {group} {label} {provider}: {exc!r}")
                 if self.args.verbose:
@@ -223,7 +252,7 @@ class QuantBench:
                 self.log.add(group=group, shape=label, provider=provider, status=f"error: {type(exc).__name__}")
                 return float("nan"), float("nan"), float("nan")
             finally:
-                del cs
+                del cases
                 C.free_cuda()
         g = C.gbps(nbytes, ms)
         self.log.add(group=group, shape=label, provider=provider, ms=ms, ms_p20=lo, ms_p80=hi, gbps=g,
@@ -232,16 +261,32 @@ class QuantBench:
               f"of copy  [{valid}]", flush=True)
         return ms, lo, hi
 
+    def _time(self, fn, n_sets):
+        """[median, p20, p80] ms per call; ``--rotate``: graph replays of one call per input set, divided by them."""
+        a = self.args
+        return [t / n_sets for t in C.bench(fn, rep=a.rep, graph=a.graph or a.rotate)]
+
+    def _timed_fn(self, cases, group, label, provider):
+        """(callable, validation status): the provider on one case, or on every input set in turn (validated on
+        the first)."""
+        fn, valid = self._provider_fn(cases[0], group, label, provider)
+        if fn is None or len(cases) == 1:
+            return fn, valid
+        fns = [fn] + [self._provider_fn(cs, group, label, provider, check=False)[0] for cs in cases[1:]]
+        return (lambda: [f() for f in fns]), valid
+
     def _applies(self, group, shape, provider):
         if provider in VARIANTS and not group.startswith(VARIANTS[provider][0]):
             return False
         return provider != "torch" or self.args.torch_all or shape in self.torch_shapes[group]
 
-    def _provider_fn(self, cs, group, label, provider):
+    def _provider_fn(self, cs, group, label, provider, check=True):
         """(callable, validation status) of one provider on one case; run inside the provider's environment."""
         if provider in ("fp8_deep", *VARIANT_ENV):
             if cs["ours"] is None:
                 return None, ""
+            if not check:
+                return cs["ours"], ""
             ref = cs["plain"]()
             valid = compare(cs["ours"](), ref, cs["scale_strides"])
             # the compact reference (what gets compiled) must compute the same bytes as ours
@@ -252,14 +297,20 @@ class QuantBench:
             return cs["ours"], valid
         if provider == "torch":
             return cs["plain"], "reference"
-        if provider == "compile":
+        if provider in ("compile", "compile_aa"):
+            if not check:
+                return cs["comp"], ""
             return cs["comp"], compare(cs["comp"](), cs["plain"](), cs["scale_strides"])
+        if provider == "copy_sm":
+            return C.copy_of_bytes(cs["nbytes"], sm_kernel=True), "ceiling (SM kernel)"
         return C.copy_of_bytes(cs["nbytes"]), "ceiling"
 
     def run_rounds(self, groups):
-        """``--rounds R``: per case, every provider timed once per round, the rounds interleaved (provider order
-        fixed), so drift in clocks or memory temperature hits all providers alike. Reports the median time and the
-        median / min / max over rounds of the paired ratio compile_r / provider_r."""
+        """``--rounds R``: per case, every provider timed once per round, the rounds interleaved, the provider
+        order reversed every other round, so that drift in clocks or memory temperature and the position in a round
+        hit all providers alike. Reports the median time and the paired ratio to torch.compile: each round's
+        compile_r / provider_r, a forward round and the reversed one after it combined by their geometric mean
+        (which cancels a bias of position), median [min, max] over those pairs."""
         R = self.args.rounds
         for group, shapes in groups:
             for shape in shapes:
@@ -267,37 +318,38 @@ class QuantBench:
                 if self.budget.spent(reserve=5):
                     print(f"[skip] {group} {label}: time budget spent")
                     continue
-                cs = self.case(group, shape)
+                cases = self.cases(group, shape)
                 fns, times = {}, {}
                 for p in (p for p in self.providers if self._applies(group, shape, p)):
                     with C.environ(VARIANT_ENV.get(p, {})):
                         try:
-                            fn, valid = self._provider_fn(cs, group, label, p)
+                            fn, valid = self._timed_fn(cases, group, label, p)
                         except Exception as exc:
                             print(f"[error] {group} {label} {p}: {exc!r}")
                             continue
                     if fn is not None:
                         fns[p], times[p] = (fn, valid), []
-                for _ in range(R):
-                    for p, (fn, _) in fns.items():
+                for r in range(R):
+                    order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+                    for p in order:
                         with C.environ(VARIANT_ENV.get(p, {})):
                             C.free_cuda()
-                            times[p].append(C.bench(fn, rep=self.args.rep, graph=self.args.graph)[0])
+                            times[p].append(self._time(fns[p][0], len(cases))[0])
                 comp = times.get("compile")
-                nbytes = cs["nbytes"]
+                nbytes = cases[0]["nbytes"]
                 for p, (fn, valid) in fns.items():
                     ts = sorted(times[p])
                     ms = ts[len(ts) // 2]
-                    ratios = sorted(c / t for c, t in zip(comp, times[p])) if comp else [float("nan")]
+                    ratios = paired_ratios(comp, times[p]) if comp else [float("nan")]
                     g = C.gbps(nbytes, ms)
                     self.log.add(group=group, shape=label, provider=p, ms=ms, ms_p20=ts[0], ms_p80=ts[-1], gbps=g,
                                  pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid,
                                  x_compile_paired=ratios[len(ratios) // 2], x_compile_min=ratios[0],
-                                 x_compile_max=ratios[-1], rounds=R)
-                    print(f"  {group:12s} {label:>16s} {p:9s} {ms:8.4f} ms (rounds {ts[0]:.4f}-{ts[-1]:.4f}) "
-                          f"{100 * g / self.copy_gbps:5.1f}% of copy, x compile paired {ratios[len(ratios) // 2]:.3f} "
-                          f"[{ratios[0]:.3f}, {ratios[-1]:.3f}]  [{valid}]", flush=True)
-                del cs, fns
+                                 x_compile_max=ratios[-1], rounds=R, input_sets=len(cases))
+                    print(f"  {group:12s} {label:>16s} {p:10s} {ms:8.4f} ms (rounds {ts[0]:.4f}-{ts[-1]:.4f}) "
+                          f"{100 * g / self.copy_gbps:5.1f}% of copy, x compile paired {ratios[len(ratios) // 2]:.4f} "
+                          f"[{ratios[0]:.4f}, {ratios[-1]:.4f}]  [{valid}]", flush=True)
+                del cases, fns
                 C.free_cuda()
 
     # ---- perf_report wiring
@@ -327,7 +379,7 @@ class QuantBench:
                 x_names, x_vals = ["M"], [s[0] for s in shapes]
             benches.append(tt.Benchmark(
                 x_names=x_names, x_vals=x_vals, line_arg="provider", line_vals=self.providers,
-                line_names=self.providers, ylabel="ms", plot_name=f"quant_{group}_ms{'_graph' if a.graph else ''}",
+                line_names=self.providers, ylabel="ms", plot_name=f"quant_{group}_ms{self.mode}",
                 x_log=group.startswith("act"),
                 args={"group": group, "shapes": shapes}))
 
@@ -341,7 +393,11 @@ class QuantBench:
     def finish(self):
         rows = [r for r in self.log.rows if "ms" in r]
         comp = {(r["group"], r["shape"]): r["ms"] for r in rows if r["provider"] == "compile"}
-        copy = {(r["group"], r["shape"]): r["ms"] for r in rows if r["provider"] == "copy"}
+        copy = {}  # the faster of the two copies of the same bytes (memcpy, SM kernel) when both ran
+        for r in rows:
+            if r["provider"] in ("copy", "copy_sm"):
+                key = (r["group"], r["shape"])
+                copy[key] = min(copy.get(key, float("inf")), r["ms"])
         for r in rows:
             c = comp.get((r["group"], r["shape"]))
             r["x_compile"] = (c / r["ms"]) if c else float("nan")
@@ -357,7 +413,7 @@ class QuantBench:
                 by = {r["shape"]: r["gbps"] for r in rows if r["group"] == group and r["provider"] == p}
                 series[p] = [by.get(l, float("nan")) for l in labels]
             xs = [s[0] for s in shapes] if group.startswith("act") else list(range(len(shapes)))
-            C.plot(self.out_dir / f"quant_{group}_gbps.png", series, xs, xlabel="M" if group.startswith("act") else
+            C.plot(self.out_dir / f"quant_{group}_gbps{self.mode}.png", series, xs, xlabel="M" if group.startswith("act") else
                    "shape", ylabel="GB/s (minimal traffic)", title=f"{group}: copy ceiling {self.copy_gbps:.0f} GB/s",
                    logx=group.startswith("act"), xticklabels=None if group.startswith("act") else labels)
         paired = self.args.rounds > 1
@@ -378,7 +434,7 @@ class QuantBench:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="weight,act", help="comma list of groups: weight, act (default both)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {PROVIDERS}")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma list of {PROVIDERS}")
     p.add_argument("--act-m", default=",".join(map(str, ACT_M)), help="activation rows M (K=7168)")
     p.add_argument("--weight-shapes", default=";".join("x".join(map(str, s)) for s in WEIGHT_SHAPES),
                    help="';'-separated weight shapes, e.g. '32x4096x7168;7168x18432'")
@@ -392,6 +448,10 @@ def parse_args(argv=None):
                         "ratio to torch.compile (no perf_report plots)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
+    p.add_argument("--rotate", action="store_true",
+                   help="CUDA-graph replays of one call per input set, as many sets as push 4x L2 of traffic between "
+                        "two uses of one set: cold inputs without do_bench's L2 flush (whose dirty lines the timed "
+                        "call has to write back)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; shapes left after it are skipped")
     p.add_argument("--quick", action="store_true", help="M in {4096, 32768}, first weight shape, no plain torch")
     p.add_argument("--verbose", action="store_true")

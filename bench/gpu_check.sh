@@ -17,6 +17,7 @@
 #   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
 #   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection),
 #                                    "proto" (a prototype script); "diag" is bench/diag_host.py
+#   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant and for quantg
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
 # Back in $OUT (at most 8 files): summary.txt (environment first, table last), logs.tgz (every stage's log),
@@ -26,6 +27,7 @@ START=$SECONDS
 TOTAL_BUDGET=${TOTAL_BUDGET:-570}
 STAGES=${STAGES:-"tests quant gemm moe"}
 PYTEST_ARGS=${PYTEST_ARGS-"-m gpu"}
+QT=${QUANT_TIMEOUT:-200}  # seconds for each of the stages quant and quantg
 OUT=${OUT:-$PWD/.out}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)  # stage logs and status lines; packed into logs.tgz (only 8 files come back from $OUT)
@@ -141,7 +143,8 @@ run_one_stage() {
             run_stage cputests 420 cputests.log $PY -m pytest -m "not gpu" -q -p no:cacheprovider tests/ ;;
         quant)
             # shellcheck disable=SC2086
-            run_stage quant 200 quant.log $PY bench/bench_quant.py --time-budget "$(budget_for 180)" ${QUANT_ARGS:-} ;;
+            run_stage quant "$QT" quant.log $PY bench/bench_quant.py --time-budget "$(budget_for $((QT - 20)))" \
+                ${QUANT_ARGS:-} ;;
         gemm)
             # shellcheck disable=SC2086
             run_stage gemm 150 gemm.log $PY bench/bench_grouped_gemm.py ${GEMM_ARGS:-} ;;
@@ -162,7 +165,7 @@ run_one_stage() {
             run_stage main 90 main.log $PY -m fp8_deep --tokens 512 ;;
         quantg)  # the quant bench timed as CUDA-graph replays (GPU time only, no host launch cost)
             # shellcheck disable=SC2086
-            run_stage quantg 200 quantg.log $PY bench/bench_quant.py --graph --time-budget "$(budget_for 180)" \
+            run_stage quantg "$QT" quantg.log $PY bench/bench_quant.py --graph --time-budget "$(budget_for $((QT - 20)))" \
                 ${QUANTG_ARGS:-} ;;
         diag)  # host time per launcher call (launch plans vs the full path, torch.compile)
             run_stage diag 90 diag.log $PY bench/diag_host.py ;;
@@ -171,7 +174,7 @@ run_one_stage() {
             run_stage pytest 300 pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/gluon_compile_check.py"
             # shellcheck disable=SC2086
-            run_stage proto 240 proto.log $PY ${PROTO:-bench/diag_accum.py} ;;
+            run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag_accum.py} ;;
         *) echo "$1: unknown stage (tests cputests quant quantg gemm moe moe2 breakdown sweep main diag pytest proto)" \
                >> "$LOGS/status" ;;
     esac

@@ -1,0 +1,167 @@
+"""Where the one-layout weight quantizer's last 0.1% against torch.compile goes: occupancy and the last wave.
+
+Hypothesis (session 9): both kernels stream HBM at the same rate, and ours loses its ~0.8 us in the last, partial
+wave of programs. Ours runs 128x256 tiles, one program per SM (registers), so a launch of P programs ends with
+P mod 132 programs on an otherwise idle chip. Two checks, CUDA-graph replays over two input sets (cold inputs),
+providers interleaved, order reversed every other round, paired ratio to torch.compile per round pair:
+
+1. the compiled kernels' registers, spills and programs per SM (ours per config, inductor's);
+2. the ratio on expert counts E whose program count fills the last wave (E=33: 29568 = 224 x 132) against E=32
+   (28672: 217 waves + 28 programs), and configs with other wave shapes (register caps via ``maxnreg``).
+
+    python bench/diag_weight_tail.py   # GPU machine (gpu_check.sh stage proto, PROTO=bench/diag_weight_tail.py)
+"""
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from fp8_deep.kernels.quant import quant_weight_block_kernel  # noqa: E402
+from fp8_deep.numerics import FP8_DTYPE, FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
+from fp8_deep.ops.quant import _weight_hints, gpu_fast_paths  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quant import weight_ref_fast  # noqa: E402
+
+ROUNDS = 6
+SETS = 2
+REPS = 8  # calls per set in one graph
+# name: (num_warps, BLOCKS_K, maxnreg or None)
+# (registers from ptxas for sm_90, Triton 3.6: k2w8 172 -> 1 program per SM, k1w8 96 -> 2, k2w16 93 -> 1,
+# k1w16 58 -> 2, k1w32 41 -> 1, k1w32r32 31 -> 2 (inductor's own kernel: one block, 32 warps, 31 registers),
+# k2w32 55 -> 1. Measured in call 2 and dropped: k1w4 168 -> 3 and k1w8r80 (80, 8 bytes of spill) -> 3, 1.2-1.5%
+# slower than k2w8.)
+CONFIGS = {"k2w8": (8, 2, None), "k2w16": (16, 2, None), "k1w8": (8, 1, None), "k1w16": (16, 1, None),
+           "k1w32": (32, 1, None), "k1w32r32": (32, 1, 32), "k2w32": (32, 2, None)}
+SHAPES = [(32, 4096, 7168), (33, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
+
+
+def launch(w, q, s, warps, blocks_k, maxnreg):
+    w3, q3, s3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (w, q, s))
+    E, N, K = w3.shape
+    nb, kb = N // 128, K // 128
+    fast = gpu_fast_paths(w)
+    extra = {"maxnreg": maxnreg} if maxnreg else {}
+    return quant_weight_block_kernel[(math.ceil(kb / blocks_k), nb, E)](
+        w3, q3, s3, q3, s3, N, K, E, nb, kb, *w3.stride(), *q3.stride(), *s3.stride(), *q3.stride(), *s3.stride(),
+        FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=False, WITH_TRANSPOSE=False, NAN_MAX=fast["NAN_MAX"],
+        NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(False), BLOCK_N=128, BLOCK_K=128, TCHUNK=32,
+        BLOCKS_K=blocks_k, num_warps=warps, **extra)
+
+
+def per_sm(n_regs, warps, shared):
+    """Programs per SM on sm_90: 64K registers (allocated per warp in units of 256), 2048 threads, 228 KB smem."""
+    regs_warp = math.ceil(max(n_regs, 1) * 32 / 256) * 256
+    by_regs = 65536 // (regs_warp * warps)
+    by_threads = 2048 // (32 * warps)
+    by_smem = (233472 // shared) if shared else 32
+    return min(by_regs, by_threads, by_smem, 32)
+
+
+def graph_ms(fns):
+    """ms per call: one graph of REPS calls on each input set in turn, replayed 5 times, median."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for _ in range(REPS):
+            for f in fns:
+                f()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / (REPS * len(fns)))
+    del g
+    return statistics.median(ts)
+
+
+def inductor_launchers():
+    """(name, n_regs, n_spills, num_warps, shared, config) of every Triton kernel inductor has loaded."""
+    out = []
+    try:
+        from torch._inductor.codecache import PyCodeCache
+        mods = list(getattr(PyCodeCache, "modules", []) or getattr(PyCodeCache, "cache", {}).values())
+    except Exception as exc:  # noqa: BLE001
+        print(f"[inductor] cannot list modules: {exc!r}")
+        return out
+    for mod in mods:
+        for name, obj in vars(mod).items():
+            for ln in getattr(obj, "launchers", []) or []:
+                cfg = getattr(ln, "config", None)
+                out.append((name, getattr(ln, "n_regs", None), getattr(ln, "n_spills", None),
+                            getattr(cfg, "num_warps", None), getattr(ln, "shared", None),
+                            getattr(cfg, "kwargs", None)))
+    return out
+
+
+def main():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}  SMs {sms}  torch {torch.__version__}")
+    summary = []
+    for shape in SHAPES:
+        sets = []
+        for i in range(SETS):
+            g = torch.Generator(device="cuda")
+            g.manual_seed(1 + 100 * i)
+            w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+            q = torch.empty(shape, dtype=FP8_DTYPE, device="cuda")
+            s = torch.empty(*shape[:-2], shape[-2] // 128, shape[-1] // 128, dtype=torch.float32, device="cuda")
+            sets.append((w, q, s))
+        # a static compile per shape, as bench_quant: one compile over several shapes turns dynamic (call 2: 3.9 ms
+        # instead of 0.46 on the second shape)
+        comp = torch.compile(weight_ref_fast, dynamic=False)
+        ref = comp(sets[0][0])
+        torch.cuda.synchronize()
+        fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
+        lead = shape[0] if len(shape) == 3 else 1
+        blocks = lead * (shape[-2] // 128) * (shape[-1] // 128)
+        for name, (warps, bk, reg) in CONFIGS.items():
+            ck = launch(*sets[0], warps, bk, reg)
+            torch.cuda.synchronize()
+            # ours is bit-exact to the contract; torch.compile's baseline is not (amax * (1/448), approximate
+            # reciprocal): count differing bytes against the baseline only as a sanity line
+            nreg, nspill = getattr(ck, "n_regs", -1), getattr(ck, "n_spills", -1)
+            shared = getattr(ck.metadata, "shared", 0)
+            k = per_sm(nreg, warps, shared)
+            progs = blocks // bk
+            wave = k * sms
+            print(f"{'x'.join(map(str, shape)):>14s} {name:9s} regs {nreg:3d} spills {nspill:3d} shared {shared:6d} "
+                  f"-> {k} per SM; {progs} programs = {progs // wave} waves of {wave} + {progs % wave} "
+                  f"(q differs from compile's in {int((sets[0][1].view(torch.uint8) != ref[0].view(torch.uint8)).sum())})")
+            fns[name] = [lambda t=t, a=(warps, bk, reg): launch(*t, *a) for t in sets]
+        times = {p: [] for p in fns}
+        for r in range(ROUNDS):
+            for p in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                times[p].append(graph_ms(fns[p]))
+        for p, ts in times.items():
+            rr = [c / t for c, t in zip(times["compile"], ts)]
+            pairs = sorted(math.sqrt(rr[i] * rr[i + 1]) for i in range(0, len(rr) - 1, 2))
+            med = statistics.median(ts)
+            line = (f"{'x'.join(map(str, shape)):>14s} {p:9s} {med * 1e3:8.1f} us  x compile {statistics.median(pairs):.4f} "
+                    f"[{pairs[0]:.4f}, {pairs[-1]:.4f}]")
+            print(line)
+            summary.append(line)
+        del sets, fns, ref
+        torch.cuda.empty_cache()
+    for row in inductor_launchers():
+        print("[inductor]", *row)
+    print("\nSUMMARY (CUDA graph, 2 input sets, 6 rounds alternating order, paired x compile median [range])")
+    for line in summary:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
