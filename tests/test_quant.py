@@ -99,6 +99,21 @@ def test_pinned_config_errors(device, monkeypatch):
         ops.quantize_activation(torch.randn(4, 128, device=device), backend="triton")
 
 
+def test_weight_config_defaults(monkeypatch):
+    """One layout: one scale block per program (16 warps) below SMALL_WEIGHT_BLOCKS blocks, two (8 warps) from
+    there on; the transposed copy always one block per program, 64-column slices, 16 warps."""
+    from fp8_deep.ops.quant import SMALL_WEIGHT_BLOCKS, _weight_config
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
+    assert _weight_config(128, 128, False, 32 * 32 * 56) == (32, 8, 2)  # 32x4096x7168
+    assert _weight_config(128, 128, False, SMALL_WEIGHT_BLOCKS) == (32, 8, 2)
+    assert _weight_config(128, 128, False, SMALL_WEIGHT_BLOCKS - 1) == (32, 16, 1)
+    assert _weight_config(128, 128, False, 56 * 144) == (32, 16, 1)  # 7168x18432
+    assert _weight_config(128, 128, True, 32 * 32 * 56) == _weight_config(128, 128, True, 1) == (64, 16, 1)
+    assert _weight_config(64, 64, False, 10 ** 6) == (32, 4, 1)  # small blocks
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,2")
+    assert _weight_config(128, 128, False, 1) == (32, 8, 2)
+
+
 def test_weight_hint_defaults(monkeypatch):
     """The weight kernel's L2 policies: torch.compile's own ``evict_last`` load by default (both layouts re-read the
     block ``evict_first`` for the transposed copy); ``FP8_DEEP_WEIGHT_QUANT_HINTS=none`` turns every hint off."""

@@ -91,7 +91,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose)
+    tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
     fast = gpu_fast_paths(w)
     quant_weight_block_kernel[(cdiv(kb, blocks_k), nb, E)](
         w3, q3, s3, qt3, st3,
@@ -238,6 +238,9 @@ def _act_plan(launch, q_shape, s_shape, s_strides, device):
 
 
 WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
+# one-layout weight tensors with fewer scale blocks than this run one block per program (_weight_config); the
+# crossover lies between 14336 blocks (8x4096x7168: one per program faster) and 28672 (32x7168x2048: two)
+SMALL_WEIGHT_BLOCKS = 16384
 ACT_CONFIG_ENV = "FP8_DEEP_ACT_QUANT_CONFIG"
 # A/B switch for the GPU-only instruction choices below: a comma list of the ones to turn off, e.g. "div,nan_select"
 PLAIN_ENV = "FP8_DEEP_QUANT_PLAIN"
@@ -301,14 +304,18 @@ def _pinned(env: str, n: int):
     return parts
 
 
-def _weight_config(bn: int, bk: int, with_transpose: bool):
+def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
     """(TCHUNK, num_warps, BLOCKS_K) of the weight kernel: the column slice of the transposed copy, warps per
-    program, scale blocks per program along K (one layout only).
+    program, scale blocks per program along K (one layout only), for a tensor of ``n_blocks`` scale blocks.
 
-    8 warps per program (4 measured 27% slower on an H100, 16 the same for one layout on an H100 and an H200);
-    64-column slices and 16 warps for the transposed copy (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with 32 / 8;
-    H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K]"`` pins them. (Streaming ``.cs``
-    FP8 stores measured no gain, session 5.)"""
+    One layout: two blocks per program and 8 warps (172 registers, one program per SM) from SMALL_WEIGHT_BLOCKS
+    blocks on; below, one block per program and 16 warps (58 registers, two per SM), whose smaller programs finish
+    the last wave sooner. H100, CUDA-graph replays on cold inputs, x torch.compile (session 9, bench/NOTES.md):
+    4096x7168 1.037 vs 0.972, 7168x18432 1.009 vs 0.999, 8x4096x7168 1.006 vs 1.004; 32x7168x2048 0.999 vs 1.000,
+    32x4096x7168 0.998 vs 1.000. (4 warps measured 27% slower; 16 warps with two blocks the same as 8.)
+    With the transposed copy: 64-column slices and 16 warps (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with
+    32 / 8; H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K]"`` pins them.
+    (Streaming ``.cs`` FP8 stores measured no gain, session 5.)"""
     pinned = _pinned(WEIGHT_CONFIG_ENV, 2)
     if pinned:
         if len(pinned) > 3:
@@ -325,9 +332,9 @@ def _weight_config(bn: int, bk: int, with_transpose: bool):
         return tchunk, warps, blocks_k
     if bn * bk < 128 * 128:
         return 32, 4, 1
-    # one layout: two scale blocks per program (H100: 0.914 / 0.462 / 0.137 ms vs 0.920 / 0.463 / 0.137 with one,
-    # torch.compile 0.910 / 0.458 / 0.136 on the three DeepSeek-V3 shapes; session 5, bench/NOTES.md)
-    return (64, 16, 1) if with_transpose else (32, 8, 2)
+    if with_transpose:
+        return 64, 16, 1
+    return (32, 8, 2) if n_blocks >= SMALL_WEIGHT_BLOCKS else (32, 16, 1)
 
 
 def _act_config(M: int, flat_ok: bool):
