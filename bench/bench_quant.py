@@ -11,8 +11,9 @@ Providers (each validated once before it is timed):
   copy      a device copy moving the same bytes (read + write): the ceiling.
   copy_sm   the same bytes through an SM kernel (bf16 negation): the ceiling in CUDA-graph timings (--graph,
             --rotate), where a captured ``copy_`` becomes a memcpy node that ran at ~80% of the copy rate.
-  compile_aa  the same compiled baseline timed again at the head of each round (not in the default list): an A/A
-            control, the ratio a provider identical to compile gets, i.e. the resolution of the paired ratios.
+  compile_aa  the same compiled baseline timed a second time, first in forward rounds and last in reversed ones (not
+            in the default list): an A/A control, the ratio a provider identical to compile gets, i.e. the
+            resolution of the paired ratios.
 
 Metrics: ms (median), GB/s of the op's minimal traffic (read input once, write outputs once), % of the measured
 2 GiB copy bandwidth (pct_copy), % of the rate of a copy of the same bytes timed the same way (pct_same_copy: the
@@ -22,12 +23,13 @@ do_bench's L2 flush), and speed ratio to ``compile`` (>1 = faster than torch.com
     python bench/bench_quant.py                 # everything (~2 min on an H100)
     python bench/bench_quant.py --only act --act-m 4096,32768 --no-torch
     python bench/bench_quant.py --rounds 6 --no-torch   # interleaved rounds: medians and paired x compile ranges
-    python bench/bench_quant.py --rounds 6 --rotate --providers fp8_deep,compile,compile_aa,copy
+    python bench/bench_quant.py --rounds 6 --rotate --providers fp8_deep,compile,compile_aa,copy_sm
         # --rotate: CUDA-graph replays cycling through input sets that together overflow L2 (cold inputs, no flush)
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -72,7 +74,8 @@ VARIANTS = {
 VARIANT_ENV = {name: env for name, (_, env) in VARIANTS.items()}
 PROVIDERS = ["compile_aa", "fp8_deep", *VARIANTS, "torch", "compile", "copy", "copy_sm"]
 DEFAULT_PROVIDERS = [p for p in PROVIDERS if p != "compile_aa"]
-L2_BYTES = 50 * 2**20  # H100 (H200 the same): inputs are cold once 4x this much other traffic has passed
+COLD_L2_MULTIPLE = 4  # --rotate: a set's input is cold once this many L2s of other traffic have passed since its use
+MAX_ROTATE_SETS = 512
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 
@@ -135,10 +138,9 @@ def compare(outs, refs, strides=None) -> str:
 
 def paired_ratios(base, times):
     """Sorted ratios base_r / times_r, rounds (2j, 2j+1) combined by their geometric mean: round 2j ran the providers
-    in forward order and round 2j+1 in reverse, so a bias of position cancels. An odd last round stands alone."""
+    in forward order and round 2j+1 in reverse, so a bias of position linear in it cancels (--rounds is even)."""
     r = [b / t for b, t in zip(base, times)]
-    pairs = [(r[i] * r[i + 1]) ** 0.5 for i in range(0, len(r) - 1, 2)]
-    return sorted(pairs + ([r[-1]] if len(r) % 2 else []))
+    return sorted((r[i] * r[i + 1]) ** 0.5 for i in range(0, len(r) - 1, 2))
 
 
 # --------------------------------------------------------------------------------- the benchmark
@@ -150,7 +152,8 @@ class QuantBench:
         self.out_dir = C.results_dir()
         # how the timings were taken, in every file name: do_bench (L2 flushed), graph replays, rotated input sets
         self.mode = "_rotate" if args.rotate else "_graph" if args.graph else ""
-        self.log = C.CsvLog(self.out_dir / f"quant{self.mode}{'_rounds' if args.rounds > 1 else ''}.csv")
+        self.mode += "_rounds" if args.rounds > 1 else ""
+        self.log = C.CsvLog(self.out_dir / f"quant{self.mode}.csv")
         self.budget = C.Budget(args.time_budget)
         self.compiled = {}
         self.validated = set()
@@ -173,12 +176,19 @@ class QuantBench:
         return self.compiled[key]
 
     def cases(self, group, shape):
-        """The case, or with ``--rotate`` as many independent input sets as keep every set's input out of L2 by the
-        time it comes round again (4x L2 of other traffic in between)."""
+        """The case, or with ``--rotate`` as many independent input sets as push COLD_L2_MULTIPLE x L2 of other
+        traffic between two uses of one set (a warning says when MAX_ROTATE_SETS falls short of that)."""
         first = self.case(group, shape)
         if not self.args.rotate:
             return [first]
-        n = min(16, 1 + -(-4 * L2_BYTES // first["nbytes"]))
+        if not torch.cuda.is_available():  # --cpu-smoke: two sets exercise the plumbing
+            return [first, self.case(group, shape, index=1)]
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        want = 1 + -(-COLD_L2_MULTIPLE * l2 // first["nbytes"])
+        n = min(MAX_ROTATE_SETS, want)
+        if n < want:
+            print(f"[warn] --rotate {group} {shape}: {n} input sets push {(n - 1) * first['nbytes'] / l2:.1f} L2s "
+                  f"between uses, not {COLD_L2_MULTIPLE}")
         return [first] + [self.case(group, shape, index=i) for i in range(1, n)]
 
     def case(self, group, shape, index=0):
@@ -257,7 +267,7 @@ class QuantBench:
         g = C.gbps(nbytes, ms)
         self.log.add(group=group, shape=label, provider=provider, ms=ms, ms_p20=lo, ms_p80=hi, gbps=g,
                      pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid)
-        print(f"  {group:12s} {label:>16s} {provider:9s} {ms:8.4f} ms {g:7.0f} GB/s {100 * g / self.copy_gbps:5.1f}% "
+        print(f"  {group:12s} {label:>16s} {provider:10s} {ms:8.4f} ms {g:7.0f} GB/s {100 * g / self.copy_gbps:5.1f}% "
               f"of copy  [{valid}]", flush=True)
         return ms, lo, hi
 
@@ -341,13 +351,14 @@ class QuantBench:
                     ts = sorted(times[p])
                     ms = ts[len(ts) // 2]
                     ratios = paired_ratios(comp, times[p]) if comp else [float("nan")]
+                    x_med = statistics.median(ratios)
                     g = C.gbps(nbytes, ms)
                     self.log.add(group=group, shape=label, provider=p, ms=ms, ms_p20=ts[0], ms_p80=ts[-1], gbps=g,
                                  pct_copy=100 * g / self.copy_gbps, copy_gbps=self.copy_gbps, status=valid,
-                                 x_compile_paired=ratios[len(ratios) // 2], x_compile_min=ratios[0],
+                                 x_compile_paired=x_med, x_compile_min=ratios[0],
                                  x_compile_max=ratios[-1], rounds=R, input_sets=len(cases))
                     print(f"  {group:12s} {label:>16s} {p:10s} {ms:8.4f} ms (rounds {ts[0]:.4f}-{ts[-1]:.4f}) "
-                          f"{100 * g / self.copy_gbps:5.1f}% of copy, x compile paired {ratios[len(ratios) // 2]:.4f} "
+                          f"{100 * g / self.copy_gbps:5.1f}% of copy, x compile paired {x_med:.4f} "
                           f"[{ratios[0]:.4f}, {ratios[-1]:.4f}]  [{valid}]", flush=True)
                 del cases, fns
                 C.free_cuda()
@@ -413,8 +424,9 @@ class QuantBench:
                 by = {r["shape"]: r["gbps"] for r in rows if r["group"] == group and r["provider"] == p}
                 series[p] = [by.get(l, float("nan")) for l in labels]
             xs = [s[0] for s in shapes] if group.startswith("act") else list(range(len(shapes)))
-            C.plot(self.out_dir / f"quant_{group}_gbps{self.mode}.png", series, xs, xlabel="M" if group.startswith("act") else
-                   "shape", ylabel="GB/s (minimal traffic)", title=f"{group}: copy ceiling {self.copy_gbps:.0f} GB/s",
+            C.plot(self.out_dir / f"quant_{group}_gbps{self.mode}.png", series, xs,
+                   xlabel="M" if group.startswith("act") else "shape", ylabel="GB/s (minimal traffic)",
+                   title=f"{group}: copy ceiling {self.copy_gbps:.0f} GB/s",
                    logx=group.startswith("act"), xticklabels=None if group.startswith("act") else labels)
         paired = self.args.rounds > 1
         table = [dict(group=r["group"], shape=r["shape"], provider=r["provider"], ms=r["ms"], gbps=r["gbps"],
@@ -444,8 +456,8 @@ def parse_args(argv=None):
                    help="one dynamic-shape compile per group instead of one static compile per shape (faster setup)")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep time in ms")
     p.add_argument("--rounds", type=int, default=1,
-                   help="> 1: time every provider once per round, rounds interleaved; report medians and the paired "
-                        "ratio to torch.compile (no perf_report plots)")
+                   help="even, > 1: time every provider once per round, rounds interleaved, the order reversed every "
+                        "other round; report medians and the paired ratio to torch.compile (no perf_report plots)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
     p.add_argument("--rotate", action="store_true",
@@ -471,6 +483,8 @@ def parse_args(argv=None):
         patch_interpreter_fp8_cast()  # the interpreter's float32 -> FP8 cast misrounds (tests/conftest.py)
         a.act_m = [8, 64]
         a.weight_shapes = [(2, 256, 384), (256, 128)]
+    if a.rounds > 1 and a.rounds % 2:
+        p.error(f"--rounds {a.rounds}: use an even count (a forward and a reversed round make one paired ratio)")
     if a.no_torch and "torch" in a.providers:
         a.providers.remove("torch")
     for s in a.weight_shapes:

@@ -5,6 +5,11 @@ Triton does not expose: a fractional L2 policy (``createpolicy.fractional`` with
 package kernel's (bit-exact: checked against ``ops.quantize_weight_blockwise`` on every shape before timing).
 Full 128x128 blocks, contiguous bfloat16 only.
 
+Outcome (H100, session 9, call 4; bench/NOTES.md): every PTX variant ran 8-9% behind torch.compile where its bytes
+were right (32x7168x2048, 7168x18432: 0.91-0.92x), the fractional policy (0.5) exactly as fast as the full one, the
+256-byte L2 prefetch 0.4% slower, the ``.nc`` path 1% slower; on the N=4096, K=7168 shapes its FP8 bytes differed
+from the package kernel's in 6% of the elements (not debugged: the approach was dropped). Kept as the record.
+
     python bench/proto_weight_asm.py   # GPU machine (gpu_check.sh stage proto, PROTO=bench/proto_weight_asm.py)
 """
 import math
@@ -155,7 +160,7 @@ def main():
             print(summary[-1], flush=True)
         del sets, fns
         torch.cuda.empty_cache()
-    print("\nSUMMARY (CUDA graph, 2 input sets, 6 rounds alternating order, paired x compile median [range])")
+    print(f"\nSUMMARY (CUDA graph, 2 input sets, {ROUNDS} rounds alternating order, paired x compile median [range])")
     for line in summary:
         print(line)
 

@@ -62,6 +62,20 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
     _check_weight(_w(shape, dtype, device), scale_fmt)
 
 
+@pytest.mark.parametrize("shape", [s for s, _ in WEIGHT_SHAPES], ids=[d for _, d in WEIGHT_SHAPES])
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("per_program", ["one_block", "two_blocks"])
+def test_weight_one_layout_defaults_bit_exact(shape, dtype, per_program, device, monkeypatch):
+    """The one-layout kernel's two default shapes (ops.quant._weight_config: one block per program below
+    SMALL_WEIGHT_BLOCKS blocks, two from there on), each forced on the small shapes by moving the threshold."""
+    import fp8_deep.ops.quant as quant_ops
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
+    monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 2 ** 62 if per_program == "one_block" else 0)
+    w = _w(shape, dtype, device)
+    _check_weight(w, with_transpose=False)
+    _check_weight(w, scale_fmt="ue8m0", with_transpose=False)
+
+
 # every kernel configuration a tuning sweep may pin computes the same bytes: "TCHUNK,num_warps[,BLOCKS_K]"
 # (BLOCKS_K > 1, several scale blocks per program, applies to the one-layout kernel only)
 WEIGHT_CONFIGS = ["16,4", "32,16", "64,8", "128,8", "32,8,1", "32,8,2", "32,8,4"]

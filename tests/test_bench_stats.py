@@ -1,0 +1,42 @@
+"""The benchmark's paired ratio (bench/bench_quant.py): what the quantizer figures in README.md rest on."""
+import importlib
+import pathlib
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_quant():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("bench_quant")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_paired_ratio_cancels_a_bias_of_position(bench_quant):
+    # provider B is truly 1% faster than the baseline A; whoever runs second in a round gets 0.5% longer times.
+    # Forward rounds run A then B, reversed rounds B then A: per-round ratios alternate 1.01/1.005 and 1.01*1.005.
+    true, bias, rounds = 1.01, 1.005, 6
+    base, other = [], []
+    for r in range(rounds):
+        a, b = 1.0, 1.0 / true
+        if r % 2 == 0:
+            b *= bias
+        else:
+            a *= bias
+        base.append(a)
+        other.append(b)
+    ratios = bench_quant.paired_ratios(base, other)
+    assert len(ratios) == rounds // 2
+    assert all(r == pytest.approx(true, rel=1e-12) for r in ratios)
+    # unpaired, the bias shows: half the rounds say 1.005, half 1.015
+    assert min(a / b for a, b in zip(base, other)) == pytest.approx(true / bias)
+
+
+def test_odd_rounds_rejected(bench_quant):
+    with pytest.raises(SystemExit):
+        bench_quant.parse_args(["--rounds", "5"])
