@@ -380,7 +380,6 @@ class QuantBench:
 
     def marks(self):
         import triton.testing as tt
-        a = self.args
         groups = self.groups_of()
         benches = []
         for group, shapes in groups:

@@ -31,7 +31,7 @@ from fp8_deep.numerics import FP8_DTYPE, FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import _weight_hints, gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import weight_ref_fast  # noqa: E402
+from bench_quant import paired_ratios, weight_ref_fast  # noqa: E402
 
 ROUNDS = 6
 SETS = 2
@@ -95,6 +95,41 @@ def graph_ms(fns):
     return statistics.median(ts)
 
 
+def input_sets(shape, n=SETS):
+    """``n`` independent (bf16 input, FP8 output, scale output) triples of one weight shape (cold-input rotation)."""
+    sets = []
+    for i in range(n):
+        g = torch.Generator(device="cuda")
+        g.manual_seed(1 + 100 * i)
+        w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+        q = torch.empty(shape, dtype=FP8_DTYPE, device="cuda")
+        s = torch.empty(*shape[:-2], shape[-2] // 128, shape[-1] // 128, dtype=torch.float32, device="cuda")
+        sets.append((w, q, s))
+    return sets
+
+
+def n_differing(q, s, q_ref, s_ref):
+    """Elements of (q, s) whose bits differ from the reference outputs."""
+    return int((q.view(torch.uint8) != q_ref.view(torch.uint8)).sum()) + int(
+        (s.view(torch.int32) != s_ref.view(torch.int32)).sum())
+
+
+def time_interleaved(fns, label):
+    """{provider: [callable per input set]} with a "compile" entry -> one summary line per provider: median us and
+    the paired ratio to compile over ROUNDS rounds, the order reversed every other round (bench_quant's method)."""
+    times = {p: [] for p in fns}
+    for r in range(ROUNDS):
+        for p in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[p].append(graph_ms(fns[p]))
+    lines = []
+    for p, ts in times.items():
+        pairs = paired_ratios(times["compile"], ts)
+        lines.append(f"{label:>14s} {p:11s} {statistics.median(ts) * 1e3:8.1f} us  "
+                     f"x compile {statistics.median(pairs):.4f} [{pairs[0]:.4f}, {pairs[-1]:.4f}]")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def inductor_launchers():
     """(name, n_regs, n_spills, num_warps, shared, config) of every Triton kernel inductor has loaded."""
     out = []
@@ -119,14 +154,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}  SMs {sms}  torch {torch.__version__}")
     summary = []
     for shape in SHAPES:
-        sets = []
-        for i in range(SETS):
-            g = torch.Generator(device="cuda")
-            g.manual_seed(1 + 100 * i)
-            w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-            q = torch.empty(shape, dtype=FP8_DTYPE, device="cuda")
-            s = torch.empty(*shape[:-2], shape[-2] // 128, shape[-1] // 128, dtype=torch.float32, device="cuda")
-            sets.append((w, q, s))
+        label = "x".join(map(str, shape))
+        sets = input_sets(shape)
         # a static compile per shape, as bench_quant: one compile over several shapes turns dynamic (call 2: 3.9 ms
         # instead of 0.46 on the second shape)
         comp = torch.compile(weight_ref_fast, dynamic=False)
@@ -140,31 +169,19 @@ def main():
             ck = launch(*sets[0], warps, bk, reg)
             torch.cuda.synchronize()
             # every config must write the package kernel's bytes (a register cap could change nothing but speed)
-            bad = int((sets[0][1].view(torch.uint8) != q_ref.view(torch.uint8)).sum()) + int(
-                (sets[0][2].view(torch.int32) != s_ref.view(torch.int32)).sum())
+            bad = n_differing(*sets[0][1:], q_ref, s_ref)
             nreg, nspill = getattr(ck, "n_regs", -1), getattr(ck, "n_spills", -1)
             shared = getattr(ck.metadata, "shared", 0)
             k = per_sm(nreg, warps, shared)
             progs = blocks // bk
             wave = k * sms
-            print(f"{'x'.join(map(str, shape)):>14s} {name:9s} regs {nreg:3d} spills {nspill:3d} shared {shared:6d} "
+            print(f"{label:>14s} {name:9s} regs {nreg:3d} spills {nspill:3d} shared {shared:6d} "
                   f"-> {k} per SM; {progs} programs = {progs // wave} waves of {wave} + {progs % wave}; "
                   f"{'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}")
             if bad:
                 continue
             fns[name] = [lambda t=t, a=(warps, bk, reg): launch(*t, *a) for t in sets]
-        times = {p: [] for p in fns}
-        for r in range(ROUNDS):
-            for p in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                times[p].append(graph_ms(fns[p]))
-        for p, ts in times.items():
-            rr = [c / t for c, t in zip(times["compile"], ts)]
-            pairs = sorted(math.sqrt(rr[i] * rr[i + 1]) for i in range(0, len(rr) - 1, 2))
-            med = statistics.median(ts)
-            line = (f"{'x'.join(map(str, shape)):>14s} {p:9s} {med * 1e3:8.1f} us  "
-                    f"x compile {statistics.median(pairs):.4f} [{pairs[0]:.4f}, {pairs[-1]:.4f}]")
-            print(line)
-            summary.append(line)
+        summary += time_interleaved(fns, label)
         del sets, fns, q_ref, s_ref
         torch.cuda.empty_cache()
     for row in inductor_launchers():

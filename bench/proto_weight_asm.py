@@ -12,8 +12,6 @@ from the package kernel's in 6% of the elements (not debugged: the approach was 
 
     python bench/proto_weight_asm.py   # GPU machine (gpu_check.sh stage proto, PROTO=bench/proto_weight_asm.py)
 """
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,13 +21,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fp8_deep import ops  # noqa: E402
-from fp8_deep.numerics import FP8_DTYPE, FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
+from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import weight_ref_fast  # noqa: E402
-from diag_weight_tail import graph_ms, launch  # noqa: E402
-
-ROUNDS = 6
+from diag_weight_tail import ROUNDS, SETS, input_sets, launch, n_differing, time_interleaved  # noqa: E402
 
 
 def _ld(policy: str, qual: str) -> str:
@@ -122,14 +118,8 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     summary = []
     for shape in SHAPES:
-        sets = []
-        for i in range(2):
-            g = torch.Generator(device="cuda")
-            g.manual_seed(1 + 100 * i)
-            w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
-            q = torch.empty(shape, dtype=FP8_DTYPE, device="cuda")
-            s = torch.empty(*shape[:-2], shape[-2] // 128, shape[-1] // 128, dtype=torch.float32, device="cuda")
-            sets.append((w, q, s))
+        label = "x".join(map(str, shape))
+        sets = input_sets(shape)
         q_ref, s_ref = ops.quantize_weight_blockwise(sets[0][0])
         comp = torch.compile(weight_ref_fast, dynamic=False)
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
@@ -142,25 +132,16 @@ def main():
             except Exception as exc:  # noqa: BLE001 -- report and go on with the others
                 print(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:800]}")
                 continue
-            nq = int((sets[0][1].view(torch.uint8) != q_ref.view(torch.uint8)).sum())
-            ns = int((sets[0][2].view(torch.int32) != s_ref.view(torch.int32)).sum())
-            print(f"{'x'.join(map(str, shape)):>14s} {name:11s} q bytes differing {nq}, scales {ns}")
-            if nq or ns:
+            bad = n_differing(*sets[0][1:], q_ref, s_ref)
+            print(f"{label:>14s} {name:11s} elements differing from the package kernel's: {bad}")
+            if bad:
                 continue
             fns[name] = [lambda t=t, a=asm: launch_asm(*t, a) for t in sets]
-        times = {p: [] for p in fns}
-        for r in range(ROUNDS):
-            for p in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-                times[p].append(graph_ms(fns[p]))
-        for p, ts in times.items():
-            rr = [c / t for c, t in zip(times["compile"], ts)]
-            pairs = sorted(math.sqrt(rr[i] * rr[i + 1]) for i in range(0, len(rr) - 1, 2))
-            summary.append(f"{'x'.join(map(str, shape)):>14s} {p:11s} {statistics.median(ts) * 1e3:8.1f} us  "
-                           f"x compile {statistics.median(pairs):.4f} [{pairs[0]:.4f}, {pairs[-1]:.4f}]")
-            print(summary[-1], flush=True)
+        summary += time_interleaved(fns, label)
         del sets, fns
         torch.cuda.empty_cache()
-    print(f"\nSUMMARY (CUDA graph, 2 input sets, {ROUNDS} rounds alternating order, paired x compile median [range])")
+    print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
+          f"[range])")
     for line in summary:
         print(line)
 

@@ -309,8 +309,8 @@ def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
     program, scale blocks per program along K (one layout only), for a tensor of ``n_blocks`` scale blocks.
 
     One layout: two blocks per program and 8 warps (172 registers, one program per SM) from SMALL_WEIGHT_BLOCKS
-    blocks on; below, one block per program and 16 warps (58 registers, two per SM), whose smaller programs finish
-    the last wave sooner. H100, CUDA-graph replays on cold inputs, x torch.compile (session 9, bench/NOTES.md):
+    blocks on; below, one block per program and 16 warps (58 registers, two per SM): measured faster on tensors of
+    few waves, not explained by the last wave alone (bench/diag_weight_tail.py). H100, CUDA-graph replays on cold inputs, x torch.compile (session 9, bench/NOTES.md):
     4096x7168 1.037 vs 0.972, 7168x18432 1.009 vs 0.999, 8x4096x7168 1.006 vs 1.004; 32x7168x2048 0.999 vs 1.000,
     32x4096x7168 0.998 vs 1.000. (4 warps measured 27% slower; 16 warps with two blocks the same as 8.)
     With the transposed copy: 64-column slices and 16 warps (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with
