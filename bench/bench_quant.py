@@ -151,7 +151,7 @@ class QuantBench:
         self.copy_gbps = C.copy_bandwidth()
         self.out_dir = C.results_dir()
         # how the timings were taken, in every file name: do_bench (L2 flushed), graph replays, rotated input sets
-        self.mode = "_rotate" if args.rotate else "_graph" if args.graph else ""
+        self.mode = "_rotate" if args.rotate else "_graph" if args.graph else "_cleanflush" if args.clean_flush else ""
         self.mode += "_rounds" if args.rounds > 1 else ""
         self.log = C.CsvLog(self.out_dir / f"quant{self.mode}.csv")
         self.budget = C.Budget(args.time_budget)
@@ -274,7 +274,7 @@ class QuantBench:
     def _time(self, fn, n_sets):
         """[median, p20, p80] ms per call; ``--rotate``: graph replays of one call per input set, divided by them."""
         a = self.args
-        return [t / n_sets for t in C.bench(fn, rep=a.rep, graph=a.graph or a.rotate)]
+        return [t / n_sets for t in C.bench(fn, rep=a.rep, graph=a.graph or a.rotate, clean_flush=a.clean_flush)]
 
     def _timed_fn(self, cases, group, label, provider):
         """(callable, validation status): the provider on one case, or on every input set in turn (validated on
@@ -437,7 +437,7 @@ class QuantBench:
         print()
         cols = ["group", "shape", "provider", "ms", "gbps", "pct_copy", "pct_same_copy", "x_compile"]
         C.print_table(table, cols + (["x_paired", "paired_range"] if paired else []) + ["check"],
-                      title=f"quant ({C.card_name()}, copy {self.copy_gbps:.0f} GB/s; x_compile > 1 = faster than "
+                      title=f"quant{self.mode} ({C.card_name()}, copy {self.copy_gbps:.0f} GB/s; x_compile > 1 = faster than "
                             f"torch.compile)", prefix="SUMMARY quant")
         print(f"[done] {len(rows)} timings in {self.budget.elapsed():.0f} s -> {self.log.path}")
 
@@ -459,6 +459,9 @@ def parse_args(argv=None):
                         "other round; report medians and the paired ratio to torch.compile (no perf_report plots)")
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
+    p.add_argument("--clean-flush", action="store_true",
+                   help="do_bench's loop, host launch included, with an L2 flush that reads 256 MB instead of zeroing "
+                        "it (no dirty lines for the timed call to write back; inputs still cold)")
     p.add_argument("--rotate", action="store_true",
                    help="CUDA-graph replays of one call per input set, as many sets as push 4x L2 of traffic between "
                         "two uses of one set: cold inputs without do_bench's L2 flush (whose dirty lines the timed "
@@ -482,6 +485,8 @@ def parse_args(argv=None):
         patch_interpreter_fp8_cast()  # the interpreter's float32 -> FP8 cast misrounds (tests/conftest.py)
         a.act_m = [8, 64]
         a.weight_shapes = [(2, 256, 384), (256, 128)]
+    if a.clean_flush and (a.graph or a.rotate):
+        p.error("--clean-flush times do_bench's loop: not with --graph / --rotate (graph replays have no flush)")
     if a.rounds > 1 and a.rounds % 2:
         p.error(f"--rounds {a.rounds}: use an even count (a forward and a reversed round make one paired ratio)")
     if a.no_torch and "torch" in a.providers:

@@ -16,8 +16,9 @@
 #                                    Each benchmark owns its GPU, so its timings are its own; only the host is shared.
 #   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
 #   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection),
+#   QUANTC_ARGS                      stage "quantc": the quant bench in do_bench's loop with a reading L2 flush
 #                                    "proto" (a prototype script); "diag" is bench/diag_host.py
-#   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant and for quantg
+#   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
 # Back in $OUT (at most 8 files): summary.txt (environment first, table last), logs.tgz (every stage's log),
@@ -167,6 +168,10 @@ run_one_stage() {
             # shellcheck disable=SC2086
             run_stage quantg "$QT" quantg.log $PY bench/bench_quant.py --graph --time-budget "$(budget_for $((QT - 20)))" \
                 ${QUANTG_ARGS:-} ;;
+        quantc)  # the quant bench in do_bench's loop with a clean (reading) L2 flush, e.g. next to "quant"
+            # shellcheck disable=SC2086
+            run_stage quantc "$QT" quantc.log $PY bench/bench_quant.py --clean-flush \
+                --time-budget "$(budget_for $((QT - 20)))" ${QUANTC_ARGS:-} ;;
         diag)  # host time per launcher call (launch plans vs the full path, torch.compile)
             run_stage diag 90 diag.log $PY bench/diag_host.py ;;
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
@@ -175,7 +180,7 @@ run_one_stage() {
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg gemm moe moe2 breakdown sweep main diag pytest proto)" \
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto)" \
                >> "$LOGS/status" ;;
     esac
 }
@@ -232,11 +237,11 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in quant quantg gemm moe moe2 breakdown sweep main diag proto; do
+    for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag proto; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then
-            grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|quantg|moe|moe2|breakdown) ?//'
+            grep '^SUMMARY' "$LOGS/$log.log" | sed -E 's/^SUMMARY (quant|quantg|quantc|moe|moe2|breakdown) ?//'
         elif grep -q '^SWEEP' "$LOGS/$log.log"; then
             grep -E '^(SWEEP|FP8_DEEP)' "$LOGS/$log.log"
         else

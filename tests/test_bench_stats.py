@@ -40,3 +40,23 @@ def test_paired_ratio_cancels_a_bias_of_position(bench_quant):
 def test_odd_rounds_rejected(bench_quant):
     with pytest.raises(SystemExit):
         bench_quant.parse_args(["--rounds", "5"])
+
+
+def test_clean_flush_not_with_graph_timings(bench_quant):
+    for mode in ("--graph", "--rotate"):
+        with pytest.raises(SystemExit):
+            bench_quant.parse_args(["--clean-flush", mode])
+    assert bench_quant.parse_args(["--clean-flush"]).clean_flush
+
+
+@pytest.mark.gpu
+def test_clean_flush_timing_gpu(bench_quant):
+    """do_bench's loop with a reading flush: median and band ordered, and the flush leaves the timed call's
+    result intact (it only reads)."""
+    import torch
+    import _common as C
+    x = torch.randn(1 << 22, device="cuda")
+    y = torch.empty_like(x)
+    med, lo, hi = C.bench(lambda: torch.neg(x, out=y), rep=20, clean_flush=True)
+    assert 0 < lo <= med <= hi
+    assert torch.equal(y, -x)
