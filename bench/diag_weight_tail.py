@@ -16,9 +16,10 @@ configs did show: one block per program with 16 warps is 1% faster on 7168x18432
 since (ops.quant.SMALL_WEIGHT_BLOCKS).
 
 Session 10 (calls 1-3): inductor's structure in our kernel (``rr_*``: the cast re-loads the tile from L2 instead
-of holding it, 30-64 registers, full occupancy), the same without masks (``*_even``), and our FP8 output written at
-other addresses (``DIAG_QOFFSETS``): none moves the 32-expert stacks past 0.998-1.000x (rr_k1w32 0.9980-0.9984 /
-0.9998-1.0000, k2w16_even 0.9997 / 0.9998, output offsets 0.9982-0.9993 / 0.9988-0.9997).
+of holding it, 30-64 registers, full occupancy; a kernel switch of commit e37b8e2), the same without masks
+(``*_even``, same commit), and our FP8 output written at other addresses (``DIAG_QOFFSETS``): none moves the
+32-expert stacks past 0.998-1.000x (rr_k1w32 0.9980-0.9984 / 0.9998-1.0000, k2w16_even 0.9997 / 0.9998, output
+offsets 0.9982-0.9993 / 0.9988-0.9997).
 
     python bench/diag_weight_tail.py   # GPU machine (gpu_check.sh stage proto, PROTO=bench/diag_weight_tail.py)
 """
@@ -42,22 +43,14 @@ from bench_quant import paired_ratios, weight_ref_fast  # noqa: E402
 ROUNDS = 6
 SETS = 2
 REPS = 8  # calls per set in one graph
-# name: (num_warps, BLOCKS_K, maxnreg or None, reread, even): reread = inductor's structure (the amax from one load of
-# the tile, the cast from a second load that hits L2, evict_first), so that no register holds the tile across the
-# reduction
+# name: (num_warps, BLOCKS_K, maxnreg or None)
 # (registers from ptxas for sm_90, Triton 3.6: k2w8 172 -> 1 program per SM, k1w8 96 -> 2, k2w16 93 -> 1,
 # k1w16 58 -> 2, k1w32 41 -> 1, k1w32r32 31 -> 2 (inductor's own kernel: one block, 32 warps, 31 registers),
 # k2w32 55 -> 1. Measured in call 2 and dropped: k1w4 168 -> 3 and k1w8r80 (80, 8 bytes of spill) -> 3, 1.2-1.5%
-# slower than k2w8.)
-CONFIGS = {"k2w8": (8, 2, None, False), "k2w16": (16, 2, None, False), "k1w8": (8, 1, None, False),
-           "k1w16": (16, 1, None, False), "k1w32": (32, 1, None, False), "k1w32r32": (32, 1, 32, False),
-           "k2w32": (32, 2, None, False),
-           # session 10: the re-read structure
-           "rr_k1w32r32": (32, 1, 32, True), "rr_k1w32": (32, 1, None, True), "rr_k1w16": (16, 1, None, True),
-           "rr_k1w8": (8, 1, None, True), "rr_k2w16": (16, 2, None, True), "rr_k2w32": (32, 2, None, True)}
-# session 10: "<name>_even" = the same without masks (EVEN: the shapes here divide by the tiles)
-CONFIGS.update({f"{k}_even": v + (True,) for k, v in list(CONFIGS.items())})
-CONFIGS = {k: v if len(v) == 5 else v + (False,) for k, v in CONFIGS.items()}
+# slower than k2w8.) Session 10's re-read (rr_*) and unmasked (*_even) variants ran with the kernel switches of
+# commit e37b8e2, removed after.
+CONFIGS = {"k2w8": (8, 2, None), "k2w16": (16, 2, None), "k1w8": (8, 1, None), "k1w16": (16, 1, None),
+           "k1w32": (32, 1, None), "k1w32r32": (32, 1, 32), "k2w32": (32, 2, None)}
 # DIAG_CONFIGS / DIAG_SHAPES (comma / ";" lists, "32x4096x7168") select a subset
 CONFIGS = {k: v for k, v in CONFIGS.items() if k in os.environ.get("DIAG_CONFIGS", ",".join(CONFIGS)).split(",")}
 SHAPES = [(32, 4096, 7168), (33, 4096, 7168), (32, 7168, 2048), (7168, 18432)]
@@ -65,17 +58,16 @@ if os.environ.get("DIAG_SHAPES"):
     SHAPES = [tuple(int(d) for d in sh.split("x")) for sh in os.environ["DIAG_SHAPES"].split(";")]
 
 
-def launch(w, q, s, warps, blocks_k, maxnreg, reread=False, even=False):
+def launch(w, q, s, warps, blocks_k, maxnreg):
     w3, q3, s3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (w, q, s))
     E, N, K = w3.shape
     nb, kb = N // 128, K // 128
     fast = gpu_fast_paths(w)
     extra = {"maxnreg": maxnreg} if maxnreg else {}
-    hints = dict(_weight_hints(False), **({"RELOAD_EVICT": "evict_first"} if reread else {}))
     return quant_weight_block_kernel[(math.ceil(kb / blocks_k), nb, E)](
         w3, q3, s3, q3, s3, N, K, E, nb, kb, *w3.stride(), *q3.stride(), *s3.stride(), *q3.stride(), *s3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=False, WITH_TRANSPOSE=False, NAN_MAX=fast["NAN_MAX"],
-        NAN_SELECT=fast["NAN_SELECT"], **hints, REREAD=reread, EVEN=even, BLOCK_N=128, BLOCK_K=128, TCHUNK=32,
+        NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(False), BLOCK_N=128, BLOCK_K=128, TCHUNK=32,
         BLOCKS_K=blocks_k, num_warps=warps, **extra)
 
 
@@ -185,8 +177,8 @@ def main():
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
         lead = shape[0] if len(shape) == 3 else 1
         blocks = lead * (shape[-2] // 128) * (shape[-1] // 128)
-        for name, (warps, bk, reg, rr, ev) in CONFIGS.items():
-            ck = launch(*sets[0], warps, bk, reg, rr, ev)
+        for name, (warps, bk, reg) in CONFIGS.items():
+            ck = launch(*sets[0], warps, bk, reg)
             torch.cuda.synchronize()
             # every config must write the package kernel's bytes (a register cap could change nothing but speed)
             bad = n_differing(*sets[0][1:], q_ref, s_ref)
@@ -200,7 +192,7 @@ def main():
                   f"{'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}")
             if bad:
                 continue
-            fns[name] = [lambda t=t, a=(warps, bk, reg, rr, ev): launch(*t, *a) for t in sets]
+            fns[name] = [lambda t=t, a=(warps, bk, reg): launch(*t, *a) for t in sets]
         # session 10: the same kernel writing its FP8 output at other addresses (byte offsets into a larger buffer):
         # does the placement of the write stream against the read stream move the ratio?
         first = next(iter(CONFIGS))

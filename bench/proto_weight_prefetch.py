@@ -19,8 +19,8 @@ p_k2w8x1 0.940 / 0.943 / 0.945 on 32x4096x7168 / 32x7168x2048 / 7168x18432, the 
 run), level on 4096x7168 (0.998). Like the pipelined persistent kernel of session 4, a persistent grid loses to one
 program per tile here. Kept as the record.
 
-    python bench/proto_weight_prefetch.py   # GPU machine (gpu_check.sh stage proto, PROTO=bench/proto_weight_prefetch.py)
-    PREFETCH_CONFIGS="p_k1w8x1,p_k1w8x2" PREFETCH_SHAPES="32x4096x7168" python bench/proto_weight_prefetch.py
+    python bench/proto_weight_prefetch.py   # GPU machine (gpu_check.sh: PROTO=bench/proto_weight_prefetch.py)
+    PREFETCH_CONFIGS="p_k1w8x1,p_k2w8x1" PREFETCH_SHAPES="32x4096x7168" python bench/proto_weight_prefetch.py
 """
 import os
 import sys
@@ -127,7 +127,8 @@ def main():
             ck = launch_prefetch(*sets[0], *cfg)
             torch.cuda.synchronize()
             bad = n_differing(*sets[0][1:], q_ref, s_ref)
-            print(f"{label:>14s} {name:10s} regs {getattr(ck, 'n_regs', -1):3d} spills {getattr(ck, 'n_spills', -1):3d} "
+            regs, spills = getattr(ck, "n_regs", -1), getattr(ck, "n_spills", -1)
+            print(f"{label:>14s} {name:10s} regs {regs:3d} spills {spills:3d} "
                   f"{'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}", flush=True)
             if not bad:
                 fns[name] = [lambda t=t, c=cfg: launch_prefetch(*t, *c) for t in sets]

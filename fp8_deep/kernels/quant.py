@@ -59,39 +59,16 @@ def _weight_blocks(w, out_ty: tl.constexpr, FP8_MAX: tl.constexpr, AMAX_EPS: tl.
     """float32 ``w`` (BLOCK_N, BLOCK_K * BLOCKS_K), BLOCKS_K scale blocks side by side -> (q ``out_ty``, s, 1/s,
     non-finite flag), the last three (BLOCKS_K,). Lanes outside the tensor must hold 0, which never raises the amax:
     an edge block's amax covers only its real elements. A non-finite block: scale NaN and every q the positive NaN."""
-    s, inv, bad = _weight_scales(w, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, BLOCK_N, BLOCK_K, BLOCKS_K)
-    return _weight_cast(w, inv, bad, out_ty, NAN_SELECT, BLOCK_N, BLOCK_K, BLOCKS_K), s, inv, bad
-
-
-@triton.jit
-def _weight_scales(w, FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, NAN_MAX: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKS_K: tl.constexpr):
-    """float32 ``w`` (BLOCK_N, BLOCK_K * BLOCKS_K) -> (s, 1/s, non-finite flag), each (BLOCKS_K,)."""
-    amax = _amax_nan(_amax_nan(tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K)), 2, NAN_MAX), 0, NAN_MAX)
+    w3 = tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K))
+    amax = _amax_nan(_amax_nan(w3, 2, NAN_MAX), 0, NAN_MAX)
     s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
     if UE8M0:
         s = _round_up_pow2(s)
     bad = _is_bad(amax)
     s = tl.where(bad, float("nan"), s)
-    return s, tl.math.div_rn(1.0, s), bad
-
-
-@triton.jit
-def _weight_cast(w, inv, bad, out_ty: tl.constexpr, NAN_SELECT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCKS_K: tl.constexpr):
-    """float32 ``w`` (BLOCK_N, BLOCK_K * BLOCKS_K) times its block's ``inv`` (BLOCKS_K,) -> ``out_ty``."""
-    w3 = tl.reshape(w, (BLOCK_N, BLOCKS_K, BLOCK_K))
+    inv = tl.math.div_rn(1.0, s)
     q3 = _nan_if(bad[None, :, None], w3 * inv[None, :, None], NAN_SELECT)
-    return tl.reshape(q3, (BLOCK_N, BLOCK_K * BLOCKS_K)).to(out_ty)
-
-
-@triton.jit
-def _load_tile(ptrs, mask, EVEN: tl.constexpr, EVICT: tl.constexpr):
-    """float32 tile; EVEN (every lane inside the tensor): no mask."""
-    if EVEN:
-        return tl.load(ptrs, eviction_policy=EVICT).to(tl.float32)
-    else:
-        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    return tl.reshape(q3, (BLOCK_N, BLOCK_K * BLOCKS_K)).to(out_ty), s, inv, bad
 
 
 @triton.jit
@@ -101,7 +78,7 @@ def _quant_weight_one_block(
     stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, WITH_TRANSPOSE: tl.constexpr,
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
-    RELOAD_EVICT: tl.constexpr, REREAD: tl.constexpr, EVEN: tl.constexpr,
+    RELOAD_EVICT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     """Quantize scale blocks ``(pid_e, pid_n, pid_k * BLOCKS_K + j)``, j < BLOCKS_K: amax, scale and cast from one
@@ -117,24 +94,14 @@ def _quant_weight_one_block(
     n64 = offs_n.to(tl.int64)
     k64 = offs_k.to(tl.int64)
 
-    w_ptrs = w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk
-    w = _load_tile(w_ptrs, mask, EVEN, LOAD_EVICT)
+    w = tl.load(w_ptr + pid_e * stride_we + n64[:, None] * stride_wn + k64[None, :] * stride_wk,
+                mask=mask, other=0.0, eviction_policy=LOAD_EVICT).to(tl.float32)
     q_ptrs = q_ptr + pid_e * stride_qe + n64[:, None] * stride_qn + k64[None, :] * stride_qk
-    if REREAD:
-        # inductor's structure: the amax from the first load, the cast from a second one (an L2 hit), so that no
-        # register holds the tile across the reduction (few registers, full occupancy)
-        s, inv, bad = _weight_scales(w, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, BLOCK_N, BLOCK_K, BLOCKS_K)
-        w = _load_tile(w_ptrs, mask, EVEN, RELOAD_EVICT)
-        q8 = _weight_cast(w, inv, bad, q_ptr.dtype.element_ty, NAN_SELECT, BLOCK_N, BLOCK_K, BLOCKS_K)
-    else:
-        q8, s, inv, bad = _weight_blocks(w, q_ptr.dtype.element_ty, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, NAN_SELECT,
-                                         BLOCK_N, BLOCK_K, BLOCKS_K)
+    q8, s, inv, bad = _weight_blocks(w, q_ptr.dtype.element_ty, FP8_MAX, AMAX_EPS, UE8M0, NAN_MAX, NAN_SELECT,
+                                     BLOCK_N, BLOCK_K, BLOCKS_K)
     kbs = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
     tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + kbs * stride_sk, s, mask=kbs < kb)
-    if EVEN:
-        tl.store(q_ptrs, q8, eviction_policy=STORE_EVICT)
-    else:
-        tl.store(q_ptrs, q8, mask=mask, eviction_policy=STORE_EVICT)
+    tl.store(q_ptrs, q8, mask=mask, eviction_policy=STORE_EVICT)
     if WITH_TRANSPOSE:
         tl.static_assert(BLOCKS_K == 1, "the transposed copy is written per block")
         # a square block's transpose quantizes to the transposed block: same scale, same bytes
@@ -168,10 +135,6 @@ def quant_weight_block_kernel(
     NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
     # L2 eviction policies: of the block's load, of the FP8 stores, of the transposed copy's re-read
     LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr, RELOAD_EVICT: tl.constexpr,
-    # REREAD: the cast re-loads the tile (RELOAD_EVICT) instead of keeping it in registers across the amax
-    REREAD: tl.constexpr,
-    # EVEN: N and K divide by the program's tile (no masks)
-    EVEN: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
     # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
@@ -180,8 +143,8 @@ def quant_weight_block_kernel(
         w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), N, K, kb,
         stride_we, stride_wn, stride_wk, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk,
         stride_qte, stride_qtk, stride_qtn, stride_ste, stride_stk, stride_stn,
-        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, RELOAD_EVICT, REREAD,
-        EVEN, BLOCK_N, BLOCK_K, TCHUNK, BLOCKS_K)
+        FP8_MAX, AMAX_EPS, UE8M0, WITH_TRANSPOSE, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, RELOAD_EVICT, BLOCK_N,
+        BLOCK_K, TCHUNK, BLOCKS_K)
 
 
 @triton.jit

@@ -98,7 +98,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         N, K, E, nb, kb,
         *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride(),
         FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(with_transpose), REREAD=False, EVEN=False,
+        NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(with_transpose),
         BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps,
     )
     return tuple(outs)
