@@ -3,7 +3,8 @@
 
     python bench/diag_host.py [--profile]
 
-"act triton row" replays a launch plan (fp8_deep.ops._launch); "act row, no plan" is the full launcher path.
+"act triton row" and "weight (8 experts)" replay launch plans (fp8_deep.ops._launch); "..., no plan" is the full
+launcher path.
 Each figure is the best of 5 rounds of 300 calls (the host's other load makes single rounds noisy).
 """
 import sys
@@ -26,6 +27,8 @@ q = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
 s = torch.empty(4096, 56, device="cuda")
 w = torch.randn(8, 4096, 7168, device="cuda", dtype=torch.bfloat16)
 comp = torch.compile(BQ.act_ref_fast)
+wcomp = torch.compile(BQ.weight_ref_fast, dynamic=False)
+wout = (torch.empty(w.shape, device="cuda", dtype=torch.float8_e4m3fn), torch.empty(8, 32, 56, device="cuda"))
 NG = 4096 * 56
 kargs = (x.view(1, 4096, 7168), q.view(1, 4096, 7168), s.view(1, 4096, 56), NG, 4096, 56, x.numel(), 7168, q.numel(),
          7168, s.numel(), 56, 1)
@@ -52,6 +55,9 @@ cases = {
     "act triton tma": lambda: ops.quantize_activation(x, backend="triton", scale_layout="tma_aligned"),
     "act compile": lambda: comp(x),
     "weight (8 experts)": lambda: ops.quantize_weight_blockwise(w),
+    "weight, no plan": lambda: _no_plan(lambda: ops.quantize_weight_blockwise(w)),
+    "weight, out=": lambda: ops.quantize_weight_blockwise(w, out=wout),
+    "weight compile": lambda: wcomp(w),
     "torch.empty x2": lambda: (torch.empty(4096, 7168, device="cuda", dtype=torch.float8_e4m3fn),
                                torch.empty(4096, 56, device="cuda")),
 }

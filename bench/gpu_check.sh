@@ -70,7 +70,9 @@ echo "[gpu_check] ===== environment"
     $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'triton', triton.__version__, 'device', torch.cuda.get_device_name())"
     nvcc --version 2>/dev/null | tail -1
-    git -C "$REPO" log --oneline -1 2>/dev/null
+    # the device's checkout carries the working tree, not always its git history: name the code by its content
+    # (bash tools/tree_hash.sh here gives the same hash for the same files)
+    echo "tree $(bash "$REPO/tools/tree_hash.sh")"
 } 2>&1 | tee "$ENV_TXT"
 
 # ---------------------------------------------------------------------------------------------- DeepGEMM (optional)

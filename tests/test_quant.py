@@ -533,3 +533,88 @@ def test_gpu_activation_launch_plans(monkeypatch):
     rq, rs = reference.quantize_activation(x)
     assert_bitwise_equal(gq, rq)
     assert_bitwise_equal(gs, rs)
+
+
+def test_weight_plan_key_and_replay():
+    """CPU: which calls get a weight launch-plan key (plain CUDA tensors and parameters, arguments of the expected
+    types), and the argument order of a replay, with and without the transposed copy and with ``out``."""
+    from fp8_deep.ops import quant as quant_ops
+
+    w = torch.zeros(4, 4)
+    assert quant_ops._weight_plan_key(w, (128, 128), "fp32", False, None) is None  # CPU: the full path
+    calls = []
+    shapes = [(2, 3), (1, 1), (3, 2), (1, 1)]
+    dtypes = [FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32]
+    run = quant_ops._weight_plan(lambda *a: calls.append(a), shapes[:2], dtypes[:2], "cpu")
+    q, s = run("w", None)
+    assert q.shape == (2, 3) and q.dtype == FP8_DTYPE and s.shape == (1, 1)
+    assert calls[-1] == ("w", q, s, q, s)  # no transposed copy: (q_t, scale_t) are (q, scale) again
+    bufs = tuple(torch.empty(sh, dtype=d) for sh, d in zip(shapes, dtypes))
+    run4 = quant_ops._weight_plan(lambda *a: calls.append(a), shapes, dtypes, "cpu")
+    assert run4("w", bufs) == bufs and calls[-1] == ("w", *bufs)
+
+
+@pytest.mark.gpu
+def test_gpu_weight_launch_plans(monkeypatch):
+    """A repeated weight call signature replays its plan, every signature that changes the checks, the kernel or
+    Triton's specialization gets its own (alignment, strides, format, transposed copy, out buffers' layout, a config
+    switch), ``out`` buffers of a known layout are written in place by the replay, a parameter plans like a tensor,
+    bad input still raises, and a replay inside a CUDA graph reads the live weight. Every result is the reference's
+    bytes."""
+    from fp8_deep.ops import quant as quant_ops
+
+    plans = quant_ops._WEIGHT_PLANS
+    plans.clear()
+    E, N, K = 2, 384, 640
+    buf = _x((E * N * K + 8,), torch.bfloat16, "cuda")
+    aligned = buf[:E * N * K].view(E, N, K)
+    unaligned = buf[1:1 + E * N * K].view(E, N, K)  # 2-byte offset: Triton specializes on 16-byte alignment
+    cases = [(aligned, "fp32", False), (unaligned, "fp32", False), (aligned, "ue8m0", False), (aligned, "fp32", True),
+             (aligned[0], "fp32", True), (aligned.transpose(-1, -2), "fp32", False),
+             (torch.nn.Parameter(_x((300, 520), torch.float16, "cuda"), requires_grad=False), "fp32", True)]
+    for w, fmt, wt in cases:
+        builds, hits = plans.builds, plans.hits
+        for _ in range(2):
+            _check_weight(w, scale_fmt=fmt, with_transpose=wt, ref_on_cpu=False)
+        assert (plans.builds, plans.hits) == (builds + 1, hits + 1), (tuple(w.shape), w.stride(), fmt, wt)
+
+    # out= buffers: the first call of a layout builds, a second call with other buffers of that layout replays into
+    # them; a buffer of another layout is another plan, and a mismatched buffer still raises
+    rq, rs = reference.quantize_weight_blockwise(aligned)
+    for layout in ("contiguous", "strided"):
+        builds, hits = plans.builds, plans.hits
+        for _ in range(2):
+            q = torch.empty(E, N, K, dtype=FP8_DTYPE, device="cuda")
+            if layout == "strided":
+                q = torch.empty(E, N, K + 16, dtype=FP8_DTYPE, device="cuda")[..., :K]
+            s = torch.empty(E, N // 128, K // 128, device="cuda")
+            res = ops.quantize_weight_blockwise(aligned, out=(q, s))
+            assert res[0] is q and res[1] is s
+            assert_bitwise_equal(q, rq)
+            assert_bitwise_equal(s, rs)
+        assert (plans.builds, plans.hits) == (builds + 1, hits + 1), layout
+    with pytest.raises(ValueError, match="out\\[1\\]"):
+        ops.quantize_weight_blockwise(aligned, out=(q, torch.empty(E, N // 128, K // 128 + 1, device="cuda")))
+    with pytest.raises(TypeError, match="w must be bfloat16"):
+        ops.quantize_weight_blockwise(aligned.to(torch.int32))
+
+    builds = plans.builds
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,4,1")  # another kernel: a new plan, same bytes
+    q, s = ops.quantize_weight_blockwise(aligned)
+    assert plans.builds == builds + 1
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s, rs)
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
+
+    w = aligned.clone()
+    ops.quantize_weight_blockwise(w, with_transpose=True)  # the plan exists before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gq, gs, gqt, gst = ops.quantize_weight_blockwise(w, with_transpose=True)
+    w.copy_(_x((E, N, K), torch.bfloat16, "cuda") * 3)
+    graph.replay()
+    rq, rs = reference.quantize_weight_blockwise(w)
+    assert_bitwise_equal(gq, rq)
+    assert_bitwise_equal(gs, rs)
+    assert_bitwise_equal(gqt, rq.transpose(-1, -2).contiguous())
+    assert_bitwise_equal(gst, rs.transpose(-1, -2).contiguous())
