@@ -92,6 +92,8 @@ def bench(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, graph: 
         return [times[1], times[0], times[2]]
     import triton.testing as tt
     if clean_flush:
+        if graph:
+            raise ValueError("clean_flush times do_bench's loop: not with graph=True (graph replays have no flush)")
         return bench_clean_flush(fn, warmup=warmup, rep=rep)
     if graph:
         return list(tt.do_bench_cudagraph(fn, rep=rep, quantiles=QUANTILES))
@@ -101,8 +103,8 @@ def bench(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, graph: 
 def bench_clean_flush(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100,
                       flush_bytes: int = 256 * 2 ** 20) -> List[float]:
     """``[median, p20, p80]`` ms of ``triton.testing.do_bench``'s loop (flush, start event, one call, end event;
-    host launch time included alike) with one difference: the flush *reads* ``flush_bytes`` instead of zeroing
-    them. do_bench's zeroing leaves up to one L2 of dirty lines that the timed call has to write back to HBM as it
+    as there, host launch time counts only where it outlasts the ~85 us flush queued ahead of the start event) with
+    one difference: the flush *reads* ``flush_bytes`` instead of zeroing them. do_bench's zeroing leaves up to one L2 of dirty lines that the timed call has to write back to HBM as it
     evicts them: at 30-90 MB a call pays that on top of its own traffic (a copy of 88 MB reaches ~85% of the
     2 GiB copy rate there). After a read the lines are clean and the inputs still cold: the call's own traffic."""
     cache = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
@@ -127,8 +129,8 @@ def bench_clean_flush(fn: Callable[[], object], *, warmup: int = 25, rep: int = 
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    times = torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)])
-    return torch.quantile(times, torch.tensor(QUANTILES)).tolist()
+    times = torch.tensor([a.elapsed_time(b) for a, b in zip(starts, ends)], dtype=torch.float64)
+    return torch.quantile(times, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
 
 
 @contextlib.contextmanager

@@ -460,8 +460,8 @@ def parse_args(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="time CUDA-graph replays (GPU time only, no host launch cost; every provider alike)")
     p.add_argument("--clean-flush", action="store_true",
-                   help="do_bench's loop, host launch included, with an L2 flush that reads 256 MB instead of zeroing "
-                        "it (no dirty lines for the timed call to write back; inputs still cold)")
+                   help="do_bench's loop with an L2 flush that reads 256 MB instead of zeroing it (no dirty lines for "
+                        "the timed call to write back; inputs still cold; host time counts as in do_bench)")
     p.add_argument("--rotate", action="store_true",
                    help="CUDA-graph replays of one call per input set, as many sets as push 4x L2 of traffic between "
                         "two uses of one set: cold inputs without do_bench's L2 flush (whose dirty lines the timed "

@@ -120,6 +120,19 @@ def input_sets(shape, n=SETS):
     return sets
 
 
+def prepared(shape):
+    """(label, input sets, torch.compile of the reference compiled for this shape, the package kernel's (q, scale) on
+    set 0: the contract's bytes, bit-exact in the GPU tests)."""
+    sets = input_sets(shape)
+    # a static compile per shape, as bench_quant: one compile over several shapes turns dynamic (call 2: 3.9 ms
+    # instead of 0.46 on the second shape)
+    comp = torch.compile(weight_ref_fast, dynamic=False)
+    comp(sets[0][0])
+    q_ref, s_ref = ops.quantize_weight_blockwise(sets[0][0])
+    torch.cuda.synchronize()
+    return "x".join(map(str, shape)), sets, comp, q_ref, s_ref
+
+
 def n_differing(q, s, q_ref, s_ref):
     """Elements of (q, s) whose bits differ from the reference outputs."""
     return int((q.view(torch.uint8) != q_ref.view(torch.uint8)).sum()) + int(
@@ -166,14 +179,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  SMs {sms}  torch {torch.__version__}")
     summary = []
     for shape in SHAPES:
-        label = "x".join(map(str, shape))
-        sets = input_sets(shape)
-        # a static compile per shape, as bench_quant: one compile over several shapes turns dynamic (call 2: 3.9 ms
-        # instead of 0.46 on the second shape)
-        comp = torch.compile(weight_ref_fast, dynamic=False)
-        comp(sets[0][0])
-        q_ref, s_ref = ops.quantize_weight_blockwise(sets[0][0])  # bit-exact to the contract (GPU tests)
-        torch.cuda.synchronize()
+        label, sets, comp, q_ref, s_ref = prepared(shape)
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
         lead = shape[0] if len(shape) == 3 else 1
         blocks = lead * (shape[-2] // 128) * (shape[-1] // 128)

@@ -20,12 +20,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fp8_deep import ops  # noqa: E402
 from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import weight_ref_fast  # noqa: E402
-from diag_weight_tail import ROUNDS, SETS, input_sets, launch, n_differing, time_interleaved  # noqa: E402
+from diag_weight_tail import ROUNDS, SETS, launch, n_differing, prepared, time_interleaved  # noqa: E402
 
 
 def _ld(policy: str, qual: str) -> str:
@@ -118,10 +116,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     summary = []
     for shape in SHAPES:
-        label = "x".join(map(str, shape))
-        sets = input_sets(shape)
-        q_ref, s_ref = ops.quantize_weight_blockwise(sets[0][0])
-        comp = torch.compile(weight_ref_fast, dynamic=False)
+        label, sets, comp, q_ref, s_ref = prepared(shape)
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
         for name, cfg in PKG.items():
             fns[name] = [lambda t=t, c=cfg: launch(*t, *c) for t in sets]

@@ -31,14 +31,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fp8_deep import ops  # noqa: E402
 from fp8_deep.kernels.quant import _weight_blocks  # noqa: E402
 from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import weight_ref_fast  # noqa: E402
-from diag_weight_tail import input_sets, launch, n_differing, time_interleaved  # noqa: E402
+from diag_weight_tail import launch, n_differing, prepared, time_interleaved  # noqa: E402
 
 
 @triton.jit
@@ -115,12 +113,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     summary = []
     for shape in SHAPES:
-        label = "x".join(map(str, shape))
-        sets = input_sets(shape)
-        comp = torch.compile(weight_ref_fast, dynamic=False)
-        comp(sets[0][0])
-        q_ref, s_ref = ops.quantize_weight_blockwise(sets[0][0])
-        torch.cuda.synchronize()
+        label, sets, comp, q_ref, s_ref = prepared(shape)
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets],
                "k2w8": [lambda t=t: launch(*t, 8, 2, None) for t in sets]}
         for name, cfg in CONFIGS.items():

@@ -51,8 +51,8 @@ def test_clean_flush_not_with_graph_timings(bench_quant):
 
 @pytest.mark.gpu
 def test_clean_flush_timing_gpu(bench_quant):
-    """do_bench's loop with a reading flush: median and band ordered, and the flush leaves the timed call's
-    result intact (it only reads)."""
+    """do_bench's loop with a reading flush: median and band ordered, the timed call's result intact, and no
+    combination with graph replays."""
     import torch
     import _common as C
     x = torch.randn(1 << 22, device="cuda")
@@ -60,3 +60,5 @@ def test_clean_flush_timing_gpu(bench_quant):
     med, lo, hi = C.bench(lambda: torch.neg(x, out=y), rep=20, clean_flush=True)
     assert 0 < lo <= med <= hi
     assert torch.equal(y, -x)
+    with pytest.raises(ValueError, match="graph"):
+        C.bench(lambda: None, graph=True, clean_flush=True)

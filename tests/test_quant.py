@@ -536,8 +536,8 @@ def test_gpu_activation_launch_plans(monkeypatch):
 
 
 def test_weight_plan_key_and_replay():
-    """CPU: which calls get a weight launch-plan key (plain CUDA tensors and parameters, arguments of the expected
-    types), and the argument order of a replay, with and without the transposed copy and with ``out``."""
+    """CPU: a CPU tensor gets no weight launch-plan key (the full path), and the argument order of a replay, with
+    and without the transposed copy and with ``out`` (which CUDA calls get a key: test_gpu_weight_launch_plans)."""
     from fp8_deep.ops import quant as quant_ops
 
     w = torch.zeros(4, 4)
@@ -557,10 +557,11 @@ def test_weight_plan_key_and_replay():
 @pytest.mark.gpu
 def test_gpu_weight_launch_plans(monkeypatch):
     """A repeated weight call signature replays its plan, every signature that changes the checks, the kernel or
-    Triton's specialization gets its own (alignment, strides, format, transposed copy, out buffers' layout, a config
-    switch), ``out`` buffers of a known layout are written in place by the replay, a parameter plans like a tensor,
-    bad input still raises, and a replay inside a CUDA graph reads the live weight. Every result is the reference's
-    bytes."""
+    Triton's specialization gets its own key (alignment, strides, format, transposed copy, out buffers' layout and
+    alignment, environment switches, the config threshold), ``out`` buffers are written in place by the replay, a
+    parameter plans like a tensor, calls of unexpected types take the full path, bad input still raises, and a replay
+    inside a CUDA graph reads the live weight. Every replay runs on a changed weight (same signature), into outputs
+    poisoned first, so that stale bytes cannot pass for its result."""
     from fp8_deep.ops import quant as quant_ops
 
     plans = quant_ops._WEIGHT_PLANS
@@ -574,20 +575,30 @@ def test_gpu_weight_launch_plans(monkeypatch):
              (torch.nn.Parameter(_x((300, 520), torch.float16, "cuda"), requires_grad=False), "fp32", True)]
     for w, fmt, wt in cases:
         builds, hits = plans.builds, plans.hits
-        for _ in range(2):
+        for i in range(2):
+            if i:
+                w.data.mul_(-1.5)  # the replay must quantize this weight, not return the first call's bytes
             _check_weight(w, scale_fmt=fmt, with_transpose=wt, ref_on_cpu=False)
         assert (plans.builds, plans.hits) == (builds + 1, hits + 1), (tuple(w.shape), w.stride(), fmt, wt)
 
+    def poisoned(q, s):
+        q.view(torch.uint8).fill_(0x7F)  # FP8 NaN
+        s.fill_(float("nan"))
+        return q, s
+
     # out= buffers: the first call of a layout builds, a second call with other buffers of that layout replays into
-    # them; a buffer of another layout is another plan, and a mismatched buffer still raises
-    rq, rs = reference.quantize_weight_blockwise(aligned)
-    for layout in ("contiguous", "strided"):
+    # them; another layout or alignment is another plan, and a mismatched buffer still raises
+    for layout in ("contiguous", "strided", "unaligned"):
         builds, hits = plans.builds, plans.hits
-        for _ in range(2):
+        for i in range(2):
+            aligned.mul_(-1.5)
+            rq, rs = reference.quantize_weight_blockwise(aligned)
             q = torch.empty(E, N, K, dtype=FP8_DTYPE, device="cuda")
             if layout == "strided":
                 q = torch.empty(E, N, K + 16, dtype=FP8_DTYPE, device="cuda")[..., :K]
-            s = torch.empty(E, N // 128, K // 128, device="cuda")
+            elif layout == "unaligned":
+                q = torch.empty(E * N * K + 1, dtype=FP8_DTYPE, device="cuda")[1:].view(E, N, K)
+            q, s = poisoned(q, torch.empty(E, N // 128, K // 128, device="cuda"))
             res = ops.quantize_weight_blockwise(aligned, out=(q, s))
             assert res[0] is q and res[1] is s
             assert_bitwise_equal(q, rq)
@@ -598,8 +609,29 @@ def test_gpu_weight_launch_plans(monkeypatch):
     with pytest.raises(TypeError, match="w must be bfloat16"):
         ops.quantize_weight_blockwise(aligned.to(torch.int32))
 
+    # what a key distinguishes without running the kernel: each switch the full path reads, and the types it accepts
+    key = quant_ops._weight_plan_key
+    base = key(aligned, (128, 128), "fp32", False, None)
+    assert base is not None and key(torch.nn.Parameter(aligned), [128, 128], "fp32", False, None) == base
+    for env, val in (("FP8_DEEP_QUANT_PLAIN", "div"), ("FP8_DEEP_WEIGHT_QUANT_HINTS", "none"),
+                     ("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,4,1")):
+        monkeypatch.setenv(env, val)
+        assert key(aligned, (128, 128), "fp32", False, None) != base, env
+        monkeypatch.delenv(env)
+    monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 1)
+    assert key(aligned, (128, 128), "fp32", False, None) != base
+    monkeypatch.undo()
+    assert key(aligned, (128, 128), "fp32", False, None) == base
+    for odd in [dict(block_size=(128.0, 128.0)), dict(block_size=128), dict(block_size=(128, 128, 1)),
+                dict(scale_fmt=["fp32"]), dict(with_transpose=1), dict(out=[q, "not a tensor"]), dict(out=q)]:
+        args = {**dict(block_size=(128, 128), scale_fmt="fp32", with_transpose=False, out=None), **odd}
+        assert key(aligned, **args) is None, odd
+    with pytest.raises((TypeError, ValueError)):
+        ops.quantize_weight_blockwise(aligned, block_size=(128.0, 128.0))  # never a replay of the int plan
+
     builds = plans.builds
     monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,4,1")  # another kernel: a new plan, same bytes
+    rq, rs = reference.quantize_weight_blockwise(aligned)
     q, s = ops.quantize_weight_blockwise(aligned)
     assert plans.builds == builds + 1
     assert_bitwise_equal(q, rq)

@@ -15,7 +15,8 @@ kernel argument's specialization, tried in session 4, cost 34-40 us per launch: 
 
 Plans are built only for CUDA tensors outside the interpreter, and only when the compiled kernel exposes the launch
 interface (Triton 3.6 and 3.9 do); anything else keeps the plain path. ``FP8_DEEP_LAUNCH_PLANS=0`` (read at import)
-disables them, for A/B runs.
+disables them, for A/B runs, and when Triton's own per-launch machinery must run on every call (launch hooks,
+debug knobs set after the first call): a replay bypasses ``JITFunction.run``.
 """
 from __future__ import annotations
 
