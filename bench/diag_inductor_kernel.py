@@ -58,7 +58,8 @@ def main():
                   f"stages {getattr(cfg, 'num_stages', None)}")
         print(getattr(fn, "src", "<no src>"))
     if "--launch" in sys.argv:
-        time_launched(comp, w)
+        del w, q, s  # time_launched makes its own input sets
+        time_launched(comp)
 
 
 def rebuilt(name, src):
@@ -109,7 +110,7 @@ VARIANTS = {"inductor_here": [], "ind_exact": [exact_math], "ind_exact_rt": [exa
             "ind_exact_rts": [exact_math, runtime_numel, runtime_strides]}
 
 
-def time_launched(comp, w0):
+def time_launched(comp):
     """compile (inductor's wrapper: allocations + launcher), its JIT function launched here on preallocated
     buffers, and ours (diag_weight_tail's k2w8, the default), interleaved graph replays over two input sets."""
     import diag_weight_tail as D
@@ -140,13 +141,10 @@ def time_launched(comp, w0):
         print(f"{vname}: vs torch.compile's output {D.n_differing(q, s, qc, sc)} elements differ, vs ours "
               f"(the contract) {D.n_differing(q, s, q_ref, s_ref)}")
         fns[vname] = [lambda t=t, f=theirs: f(*t) for t in sets]
-    del w0, qc, sc, q_ref, s_ref
+    del qc, sc, q_ref, s_ref
     fns["compile_aa"] = fns["compile"][:]
     fns["ours"] = [lambda w=w, q=q, s=s: ops.quantize_weight_blockwise(w, out=(q, s)) for w, q, s in sets]
-    lines = D.time_interleaved(fns, "x".join(map(str, SHAPE)))
-    print("\nSUMMARY (CUDA graph, 2 input sets, 6 rounds alternating order, paired x compile median [range])")
-    for line in lines:
-        print(line)
+    D.print_summary(D.time_interleaved(fns, "x".join(map(str, SHAPE))))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,14 @@ def time_interleaved(fns, label):
     return lines
 
 
+def print_summary(lines):
+    """The closing table of time_interleaved's lines (gpu_check.sh shows what follows SUMMARY)."""
+    print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
+          f"[range])")
+    for line in lines:
+        print(line)
+
+
 def inductor_launchers():
     """(name, n_regs, n_spills, num_warps, shared, config) of every Triton kernel inductor has loaded."""
     out = []
@@ -221,10 +229,7 @@ def main():
         torch.cuda.empty_cache()
     for row in inductor_launchers():
         print("[inductor]", *row)
-    print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
-          f"[range])")
-    for line in summary:
-        print(line)
+    print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diag_weight_tail import ROUNDS, SETS, launch, n_differing, prepared, time_interleaved  # noqa: E402
+from diag_weight_tail import launch, n_differing, prepared, print_summary, time_interleaved  # noqa: E402
 
 
 def _ld(policy: str, qual: str) -> str:
@@ -135,10 +135,7 @@ def main():
         summary += time_interleaved(fns, label)
         del sets, fns
         torch.cuda.empty_cache()
-    print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
-          f"[range])")
-    for line in summary:
-        print(line)
+    print_summary(summary)
 
 
 if __name__ == "__main__":

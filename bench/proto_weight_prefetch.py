@@ -36,7 +36,7 @@ from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diag_weight_tail import launch, n_differing, prepared, time_interleaved  # noqa: E402
+from diag_weight_tail import launch, n_differing, prepared, print_summary, time_interleaved  # noqa: E402
 
 
 @triton.jit
@@ -128,9 +128,7 @@ def main():
         summary += time_interleaved(fns, label)
         del sets, fns, q_ref, s_ref
         torch.cuda.empty_cache()
-    print("\nSUMMARY (CUDA graph, 2 input sets, 6 rounds alternating order, paired x compile median [range])")
-    for line in summary:
-        print(line)
+    print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -189,9 +189,8 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     plan_key = None
     if PLANS_ENABLED and out_q is None and out_scale is None and type(x) is torch.Tensor and x.is_cuda:
         # everything the checks, the kernel choice and Triton's specialization below depend on
-        plan_key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, torch.cuda.current_device(),
-                    group_size, scale_fmt, scale_layout, eps, backend, os.environ.get(PLAIN_ENV),
-                    os.environ.get(ACT_CONFIG_ENV), interpreter_active())
+        plan_key = (_tensor_signature(x), torch.cuda.current_device(), group_size, scale_fmt, scale_layout, eps,
+                    backend, os.environ.get(PLAIN_ENV), os.environ.get(ACT_CONFIG_ENV), interpreter_active())
         plan = _ACT_PLANS.get(plan_key)
         if plan is not None:
             return plan(x)
