@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from diag_weight_tail import n_differing, prepared, print_summary, time_interleaved  # noqa: E402
+from diag_weight_tail import add_if_exact, prepared, print_summary, time_interleaved  # noqa: E402
 from fp8_deep.kernels.quant import _quant_weight_one_block  # noqa: E402
 from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import _weight_hints, gpu_fast_paths  # noqa: E402
@@ -104,12 +104,7 @@ def main():
                 continue
             for t in sets:
                 t[1].zero_()
-            launch(*sets[0], order)
-            torch.cuda.synchronize()
-            bad = n_differing(*sets[0][1:], q_ref, s_ref)
-            print(f"{label:>14s} {name:6s} {'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}")
-            if not bad:
-                fns[name] = [lambda t=t, o=order: launch(*t, o) for t in sets]
+            add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, o=order: launch(w, q, s, o))
         summary += time_interleaved(fns, label)
         del sets, fns, q_ref, s_ref
         torch.cuda.empty_cache()

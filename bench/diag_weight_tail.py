@@ -139,6 +139,18 @@ def n_differing(q, s, q_ref, s_ref):
         (s.view(torch.int32) != s_ref.view(torch.int32)).sum())
 
 
+def add_if_exact(fns, label, name, sets, q_ref, s_ref, launch, describe=None):
+    """Run ``launch(w, q, s)`` once on input set 0 and add it to ``fns`` (the providers timed) only if it wrote the
+    package kernel's bytes; ``describe(compiled)`` adds to the printed line (registers, spills)."""
+    ck = launch(*sets[0])
+    torch.cuda.synchronize()
+    bad = n_differing(*sets[0][1:], q_ref, s_ref)
+    print(f"{label:>14s} {name:10s} {describe(ck) + ' ' if describe else ''}"
+          f"{'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}", flush=True)
+    if not bad:
+        fns[name] = [lambda t=t: launch(*t) for t in sets]
+
+
 def time_interleaved(fns, label):
     """{provider: [callable per input set]} with a "compile" entry -> one summary line per provider: median us and
     the paired ratio to compile over ROUNDS rounds, the order reversed every other round (bench_quant's method)."""

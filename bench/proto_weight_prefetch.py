@@ -36,7 +36,7 @@ from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diag_weight_tail import launch, n_differing, prepared, print_summary, time_interleaved  # noqa: E402
+from diag_weight_tail import add_if_exact, launch, prepared, print_summary, time_interleaved  # noqa: E402
 
 
 @triton.jit
@@ -117,14 +117,8 @@ def main():
         fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets],
                "k2w8": [lambda t=t: launch(*t, 8, 2, None) for t in sets]}
         for name, cfg in CONFIGS.items():
-            ck = launch_prefetch(*sets[0], *cfg)
-            torch.cuda.synchronize()
-            bad = n_differing(*sets[0][1:], q_ref, s_ref)
-            regs, spills = getattr(ck, "n_regs", -1), getattr(ck, "n_spills", -1)
-            print(f"{label:>14s} {name:10s} regs {regs:3d} spills {spills:3d} "
-                  f"{'bit-exact' if not bad else f'{bad} elements DIFFER: not timed'}", flush=True)
-            if not bad:
-                fns[name] = [lambda t=t, c=cfg: launch_prefetch(*t, *c) for t in sets]
+            add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, c=cfg: launch_prefetch(w, q, s, *c),
+                         lambda ck: f"regs {getattr(ck, 'n_regs', -1):3d} spills {getattr(ck, 'n_spills', -1):3d}")
         summary += time_interleaved(fns, label)
         del sets, fns, q_ref, s_ref
         torch.cuda.empty_cache()

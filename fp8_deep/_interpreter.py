@@ -1,11 +1,17 @@
-"""Correct the Triton CPU interpreter's float -> FP8 cast so interpreter runs are bit-exact.
+"""Correct the Triton CPU interpreter's float -> FP8 (and float32 -> bfloat16) casts so interpreter runs are bit-exact.
 
 The interpreter (Triton 3.x, ``triton.runtime.interpreter._convert_float``) narrows a float to FP8 by truncating the
 mantissa and adding one when the first dropped bit is set: it rounds half *up* instead of to even, ignores the
 sticky bits, and drops the carry out of the mantissa (1.9375 * 2^e rounds to 1.0 * 2^e instead of 2^(e+1)), so about
 3% of values come out wrong, some by 2x. The GPU's ``cvt.rn.satfinite`` and torch's cast round to nearest even.
-The float32 -> bfloat16 cast truncates (the GPU rounds to nearest even). We route both narrowings through torch's cast, which on the CPU is round-to-nearest-even and saturating
-(the same as ``satfinite`` on the GPU); every other conversion keeps the interpreter's own code.
+The float32 -> bfloat16 cast truncates (the GPU rounds to nearest even). We route both narrowings through torch's
+cast, which on the CPU is round-to-nearest-even and saturating (the same as ``satfinite`` on the GPU); every other
+conversion keeps the interpreter's own code.
+
+The library installs the fix itself before it runs a kernel through the interpreter (``numerics.use_triton``): a
+user who sets ``TRITON_INTERPRET=1`` gets the reference's bytes, not only our test suite. It patches a private
+function of Triton's interpreter module, process-wide, so other Triton code run through the interpreter in the same
+process gets torch's rounding for these casts too (the GPU's).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import torch
 
 from .moe.forward import moe_forward_impl
 from .ops.backend import select_grouped_gemm
+from .ops._launch import on_input_device
 
 __all__ = ["moe_forward", "last_backend"]
 
@@ -18,6 +19,7 @@ def last_backend() -> Optional[str]:
     return _LAST_BACKEND
 
 
+@on_input_device
 def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
                 w2_scale: Optional[torch.Tensor] = None, activation: str = "silu",

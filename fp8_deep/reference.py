@@ -9,8 +9,8 @@ Numerics (see ``shared/docs/CONTRACTS.md``):
   here is IEEE round-to-nearest (torch's CUDA division by a Python scalar is not: see ``_ieee_div``). No clamp is needed:
   ``|w| * (1/s) <= 448 * (1 + 2^-23)`` which rounds to 448.
 * Activations, 1x``group_size`` groups, vLLM's ``per_token_group_quant_fp8``: ``amax = max(max|x|, eps)``,
-  ``s = amax / 448`` (optionally UE8M0), ``q = fp8(clamp(x / s, -448, 448))`` -- a true division and an explicit
-  clamp, as vLLM does.
+  ``s = amax / 448`` (optionally UE8M0: ``max(s, 1e-10)`` rounded up, the floor vLLM's CUDA op applies),
+  ``q = fp8(clamp(x / s, -448, 448))`` -- a true division and an explicit clamp, as vLLM does.
 * UE8M0 rounding is exact bit arithmetic (keep the exponent, add one when the mantissa is non-zero), not
   ``exp2(ceil(log2(s)))``, whose approximate ``log2`` can miss at exact powers of two.
 * Non-finite policy: a weight block or an activation group holding any NaN or +-Inf gets scale NaN and every one of
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .numerics import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, WEIGHT_AMAX_EPS, cdiv
+from .numerics import ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, UE8M0_ACT_SCALE_FLOOR, WEIGHT_AMAX_EPS, cdiv
 
 __all__ = [
     "round_up_ue8m0",
@@ -60,9 +60,9 @@ def _ieee_div(a: torch.Tensor, b) -> torch.Tensor:
     return a / torch.as_tensor(b, dtype=a.dtype, device=a.device).expand_as(a).contiguous()
 
 
-def _scale_from_amax(amax: torch.Tensor, scale_fmt: str) -> torch.Tensor:
+def _scale_from_amax(amax: torch.Tensor, scale_fmt: str, ue8m0_floor: float = 0.0) -> torch.Tensor:
     s = _ieee_div(amax, FP8_MAX)
-    return round_up_ue8m0(s) if scale_fmt == "ue8m0" else s
+    return round_up_ue8m0(s.clamp(min=ue8m0_floor)) if scale_fmt == "ue8m0" else s
 
 
 def quantize_weight_blockwise(w: torch.Tensor, block_size=(BLOCK, BLOCK), scale_fmt: str = "fp32"):
@@ -112,7 +112,7 @@ def quantize_activation(x: torch.Tensor, group_size: int = BLOCK, scale_fmt: str
     a = g.abs()
     bad = ~torch.isfinite(a).all(dim=2)
     amax = a.nan_to_num(0.0, 0.0, 0.0).amax(dim=2).clamp(min=eps)
-    s = _scale_from_amax(amax, scale_fmt)
+    s = _scale_from_amax(amax, scale_fmt, UE8M0_ACT_SCALE_FLOOR)
     s = torch.where(bad, torch.full_like(s, float("nan")), s)
     qf = (g / s[:, :, None]).clamp(-FP8_MAX, FP8_MAX)
     qf = torch.where(bad[:, :, None], torch.full_like(qf, float("nan")), qf)

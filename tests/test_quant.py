@@ -1,4 +1,6 @@
 """Weight (128x128) and activation (1x128) quantization: bit-exact against fp8_deep.reference, layouts by strides."""
+import os
+
 import pytest
 import torch
 
@@ -27,12 +29,16 @@ def _put_non_finite(t, idx, bad):
         t.view(bits)[idx] |= torch.iinfo(bits).min
 
 
-def _check_weight(w, scale_fmt="fp32", with_transpose=True, ref_on_cpu=True):
+def _check_weight(w, scale_fmt="fp32", with_transpose=True, ref_on_cpu=True, block_size=(128, 128)):
     """Our outputs against the reference, bit for bit. ``ref_on_cpu=False`` runs the reference where ``w`` is
     (torch on the GPU, same math: the DeepSeek-V3 shapes would take minutes on the CPU)."""
-    res = ops.quantize_weight_blockwise(w, scale_fmt=scale_fmt, with_transpose=with_transpose)
-    rq, rs = reference.quantize_weight_blockwise(w.cpu() if ref_on_cpu else w, scale_fmt=scale_fmt)
+    res = ops.quantize_weight_blockwise(w, block_size=block_size, scale_fmt=scale_fmt, with_transpose=with_transpose)
+    assert len(res) == (4 if with_transpose else 2)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu() if ref_on_cpu else w, block_size=block_size,
+                                                 scale_fmt=scale_fmt)
     q, s = res[0], res[1]
+    *lead, N, K = w.shape
+    assert s.shape == (*lead, -(-N // block_size[0]), -(-K // block_size[1]))
     assert q.is_contiguous() and s.is_contiguous()
     assert_bitwise_equal(q, rq, "q")
     assert_bitwise_equal(s, rs, "scale")
@@ -172,6 +178,7 @@ def test_weight_out_buffers_in_place(device):
     assert_bitwise_equal(q, rq)
     assert_bitwise_equal(s, rs)
     assert_bitwise_equal(qt, rq.transpose(-1, -2).contiguous())
+    assert_bitwise_equal(st, rs.transpose(-1, -2).contiguous())
     # a strided destination (a slice of a larger parameter, as a fused rollout weight would be)
     big = torch.zeros(2, 300, 300, dtype=FP8_DTYPE, device=device)
     ops.quantize_weight_blockwise(w, out=(big[:, :, :260], s))
@@ -188,6 +195,37 @@ def test_weight_out_buffer_mismatch_raises(device):
         ops.quantize_weight_blockwise(w, out=(torch.empty(256, 256, device=device), torch.empty(2, 2, device=device)))
     with pytest.raises(ValueError, match="tuple of 4"):
         ops.quantize_weight_blockwise(w, with_transpose=True, out=(good_q, torch.empty(2, 2, device=device)))
+
+
+def _shared(a, b):
+    """The overlap message names the two tensors in address order."""
+    return rf"({a} and {b}|{b} and {a}) share memory"
+
+
+def test_weight_out_buffers_must_not_overlap(device):
+    """Overlapping outputs would race (programs writing the same bytes) or overwrite input not yet read. Each bad
+    call follows a good one with the same buffer layouts, so on CUDA it also meets that call's launch plan: the
+    replay must check the addresses too."""
+    w = _w((256, 256), torch.float32, device)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu())
+    q = torch.empty(256, 256, dtype=FP8_DTYPE, device=device)
+    s = torch.empty(2, 2, device=device)
+    with pytest.raises(ValueError, match=r"out\[0\] \(q\) has elements that share memory"):
+        ops.quantize_weight_blockwise(w, out=(torch.empty(1, 256, dtype=FP8_DTYPE, device=device).expand(256, 256), s))
+    ops.quantize_weight_blockwise(w, out=(q, s))
+    with pytest.raises(ValueError, match=_shared("w", r"out\[1\] \(scale\)")):
+        ops.quantize_weight_blockwise(w, out=(q, w[0, :4].view(2, 2)))  # a float32 scale buffer inside w
+    # disjoint slices of one buffer are fine
+    both = torch.empty(2, 256, 256, dtype=FP8_DTYPE, device=device)
+    st = torch.empty(2, 2, device=device)
+    ops.quantize_weight_blockwise(w, with_transpose=True, out=(both[0], s, both[1], st))
+    assert_bitwise_equal(both[0], rq)
+    assert_bitwise_equal(both[1], rq.t().contiguous())
+    flat = torch.empty(256 * 256 + 16, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=_shared(r"out\[0\] \(q\)", r"out\[2\] \(q_t\)")):
+        ops.quantize_weight_blockwise(w, with_transpose=True,
+                                      out=(flat[:65536].view(FP8_DTYPE).view(256, 256), s,
+                                           flat[16:].view(FP8_DTYPE).view(256, 256), st))
 
 
 def test_weight_edge_values(device):
@@ -238,6 +276,17 @@ def test_weight_bad_input(device):
         ops.quantize_weight_blockwise(torch.zeros(128, 128, device=device), block_size=(128, 64), with_transpose=True)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         ops.quantize_weight_blockwise([[1.0]])
+    w = torch.zeros(128, 128, device=device)
+    for bad in [(128.0, 128.0), 128, (128,), (True, 128), "128"]:
+        with pytest.raises(TypeError, match="block_size must be a tuple of two ints"):
+            ops.quantize_weight_blockwise(w, block_size=bad)
+    for bad in [(8, 128), (96, 128), (2048, 16), (512, 256)]:
+        with pytest.raises(ValueError, match="block_size must be two powers of two in"):
+            ops.quantize_weight_blockwise(w, block_size=bad)
+    # CUDA's grid limit on the expert and block-row axes: a clear error instead of an invalid launch
+    with pytest.raises(ValueError, match="at most 65535 experts and 65535 block rows"):
+        ops.quantize_weight_blockwise(torch.zeros(65536, 16, 16, dtype=torch.bfloat16, device=device),
+                                      block_size=(16, 16))
 
 
 def test_reference_path_without_interpreter(monkeypatch):
@@ -250,6 +299,38 @@ def test_reference_path_without_interpreter(monkeypatch):
     rq, rs = reference.quantize_activation(x)
     assert_bitwise_equal(q, rq)
     assert_bitwise_equal(s.contiguous(), rs)
+
+
+_INTERPRETER_SCRIPT = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from fp8_deep import _interpreter, ops, reference
+assert not _interpreter._PATCHED, "nothing may patch the interpreter before the first launch"
+torch.manual_seed(0)
+w = (torch.randn(256, 384) * torch.logspace(-3, 2, 384)).to(torch.bfloat16)
+x = (torch.randn(64, 512) * torch.logspace(-2, 2, 512)).to(torch.bfloat16)
+bad = 0
+for got, want in zip(ops.quantize_weight_blockwise(w), reference.quantize_weight_blockwise(w)):
+    bad += int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+for got, want in zip(ops.quantize_activation(x, backend="triton"), reference.quantize_activation(x)):
+    bad += int((got.view(torch.uint8) != want.view(torch.uint8)).sum())
+assert _interpreter._PATCHED, "the library must fix the interpreter's cast before it launches through it"
+print("DIFFERING", bad)
+"""
+
+
+def test_library_fixes_interpreter_cast_itself():
+    """A user's ``TRITON_INTERPRET=1`` run (a fresh process: no conftest, no test fixture) gets the reference's bytes:
+    the library installs the interpreter's FP8-cast fix before its first launch (unfixed, ~3% of q bytes differ)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "DIFFERING 0" in res.stdout, res.stdout
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -338,6 +419,27 @@ def test_activation_clamp_and_eps(device):
     _check_act(x, eps=1e-3)
 
 
+@pytest.mark.parametrize("scale_layout", ["row_major", "tma_aligned"])
+def test_activation_ue8m0_scale_floor(scale_layout, device):
+    """UE8M0 scales are floored at 1e-10 before the round-up, as vLLM's CUDA op does
+    (``exp2f(ceilf(log2f(fmaxf(s, 1e-10f))))``): an all-zero (padding) group gets 2^-33, not 2^-42 = the round-up
+    of eps / 448; a group just above the floor keeps its own power of two."""
+    x = torch.zeros(5, 256, dtype=torch.float32, device=device)
+    x[1, :128] = 1e-9                      # amax / 448 = 2.2e-12 < 1e-10: the floor
+    x[1, 128:] = 1e-7                      # amax / 448 = 2.2e-10 > 1e-10: 2^-32
+    x[2, :5] = torch.tensor([3e-8, -1e-8, 2e-9, 0.0, 4.4e-8])  # below the floor: q of x / 2^-33
+    x[3] = torch.randn(256, device=device)
+    q, s = _check_act(x, scale_fmt="ue8m0", scale_layout=scale_layout)
+    s = s.contiguous().cpu()
+    assert s[0, 0].item() == 2.0 ** -33 and s[0, 1].item() == 2.0 ** -33
+    assert s[1, 0].item() == 2.0 ** -33 and s[1, 1].item() == 2.0 ** -32
+    assert s[2, 0].item() == 2.0 ** -33
+    assert (q[0].view(torch.uint8) == 0).all()
+    # without UE8M0 no floor applies: eps / 448
+    _, s32 = _check_act(x, scale_layout=scale_layout)
+    assert s32.contiguous()[0, 0].item() == torch.tensor(1e-10 / 448.0, dtype=torch.float32).item()
+
+
 @NON_FINITE
 def test_activation_non_finite_policy(bad, device):
     x = _x((8, 384), torch.bfloat16, device)
@@ -382,6 +484,29 @@ def test_activation_bad_input(device):
         ops.quantize_activation(torch.randn(2, 2, 2, 128, device=device), scale_layout="tma_aligned")
     with pytest.raises(ValueError, match="group_size must be a power of two"):
         ops.quantize_activation(x, group_size=100)
+    with pytest.raises(ValueError, match="group_size must be a power of two"):
+        ops.quantize_activation(x, group_size=2048)
+    for _ in range(2):  # the second time after a plan for group_size=128 exists (CUDA): 128.0 must not replay it
+        ops.quantize_activation(x, backend="triton")
+        with pytest.raises(TypeError, match="group_size must be an int"):
+            ops.quantize_activation(x, group_size=128.0, backend="triton")
+    with pytest.raises(ValueError, match="scale_fmt must be one of"):
+        ops.quantize_activation(x, scale_fmt=["fp32"])
+    # eps / 448 must be a normal float32 (the GPU flushes smaller scales to zero: scale 0, q NaN)
+    for bad in [0.0, -1.0, 2e-38, 1e-45, 1e39, float("inf"), float("nan"), True, "1e-10"]:
+        with pytest.raises(ValueError, match="eps must be a float in"):
+            ops.quantize_activation(x, eps=bad)
+
+
+def test_activation_out_buffers_must_not_overlap(device):
+    x = torch.randn(8, 256, device=device)
+    with pytest.raises(ValueError, match="out_scale has elements that share memory"):
+        ops.quantize_activation(x, out_scale=torch.empty(1, 2, device=device).expand(8, 2))
+    with pytest.raises(ValueError, match=_shared("x", "out_scale")):
+        ops.quantize_activation(x, out_scale=x[:, :2])  # float32 scales written over the input
+    q = torch.empty(8, 256, dtype=FP8_DTYPE, device=device)
+    with pytest.raises(ValueError, match=_shared("out_q", "out_scale")):
+        ops.quantize_activation(x, out_q=q, out_scale=q.view(torch.float32)[:, :2])
 
 
 def test_activation_vllm_backend_missing_raises(device):
@@ -539,19 +664,28 @@ def test_weight_plan_key_and_replay():
     """CPU: a CPU tensor gets no weight launch-plan key (the full path), and the argument order of a replay, with
     and without the transposed copy and with ``out`` (which CUDA calls get a key: test_gpu_weight_launch_plans)."""
     from fp8_deep.ops import quant as quant_ops
+    from fp8_deep.ops._checks import byte_span
 
     w = torch.zeros(4, 4)
     assert quant_ops._weight_plan_key(w, (128, 128), "fp32", False, None) is None  # CPU: the full path
     calls = []
     shapes = [(2, 3), (1, 1), (3, 2), (1, 1)]
     dtypes = [FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32]
-    run = quant_ops._weight_plan(lambda *a: calls.append(a), shapes[:2], dtypes[:2], "cpu")
+    run = quant_ops._weight_plan(lambda *a: calls.append(a), shapes[:2], dtypes[:2], "cpu", None)
     q, s = run("w", None)
     assert q.shape == (2, 3) and q.dtype == FP8_DTYPE and s.shape == (1, 1)
     assert calls[-1] == ("w", q, s, q, s)  # no transposed copy: (q_t, scale_t) are (q, scale) again
     bufs = tuple(torch.empty(sh, dtype=d) for sh, d in zip(shapes, dtypes))
-    run4 = quant_ops._weight_plan(lambda *a: calls.append(a), shapes, dtypes, "cpu")
-    assert run4("w", bufs) == bufs and calls[-1] == ("w", *bufs)
+    w = torch.zeros(2, 3)
+    spans = tuple(byte_span(t) for t in (w, *bufs))
+    run4 = quant_ops._weight_plan(lambda *a: calls.append(a), shapes, dtypes, "cpu", spans)
+    assert run4(w, bufs) == bufs and calls[-1] == (w, *bufs)
+    # the same layouts at overlapping addresses: no replay (None: the full path checks and raises)
+    n = len(calls)
+    assert run4(w, (bufs[0], w[:1, :1], *bufs[2:])) is None
+    big = torch.empty(16, dtype=torch.uint8)
+    assert run4(w, (big[:6].view(FP8_DTYPE).view(2, 3), bufs[1], big[4:10].view(FP8_DTYPE).view(3, 2), bufs[3])) is None
+    assert len(calls) == n
 
 
 @pytest.mark.gpu

@@ -6,7 +6,12 @@
   tma_aligned_scales=False, out_q=None, use_ue8m0=None) -> (q, scale)``; every argument is passed by keyword
   (older vLLM lacks ``tma_aligned_scales``: we then take its column-major scales and re-lay them out only when
   ``M % 4 != 0``). vLLM requires ``K % group_size == 0``: we raise a ValueError otherwise. ``use_ue8m0`` is always
-  passed explicitly (its ``None`` default follows vLLM's DeepGEMM setting, not the caller).
+  passed explicitly (its ``None`` default follows vLLM's DeepGEMM setting, not the caller). On CUDA vLLM runs its
+  CUDA op (``csrc/quantization/w8a8/fp8/per_token_group_quant.cu``), whose UE8M0 scale is
+  ``exp2f(ceilf(log2f(fmaxf(s, 1e-10f))))``: our kernels and reference apply the same 1e-10 floor (vLLM's Triton
+  fallback, used off CUDA, has none). Non-finite input is where the two differ by design: vLLM's ``fmaxf`` drops NaN
+  (a NaN element becomes -448 in a finite-scaled group) and an Inf gives scale Inf; ours gives scale NaN and
+  all-NaN values.
 * ``("moe_align", "vllm")``: vLLM's ``moe_align_block_size(topk_ids, block_size, num_experts, expert_map=None,
   pad_sorted_ids=False, ignore_invalid_experts=False)`` (``vllm.model_executor.layers.fused_moe.moe_align_block_size``),
   or the raw op ``vllm._custom_ops.moe_align_block_size(topk_ids, num_experts, block_size, sorted_ids, expert_ids,

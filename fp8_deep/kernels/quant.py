@@ -152,12 +152,14 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
                   FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
     """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).
 
-    No clamp to +-FP8_MAX: with ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
+    UE8M0: ``max(s, 1e-10)`` rounded up to a power of two, vLLM's CUDA op. No clamp to +-FP8_MAX: with
+    ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
     reference's clamp never changes a finite value. A non-finite group gets scale NaN and all q the positive NaN."""
     amax = _amax_nan(x, AXIS, NAN_MAX)
     s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
     if UE8M0:
-        s = _round_up_pow2(s)
+        # vLLM's CUDA op floors the scale at 1e-10 before the round-up (numerics.UE8M0_ACT_SCALE_FLOOR)
+        s = _round_up_pow2(tl.maximum(s, 1e-10))
     bad = _is_bad(amax)
     s = tl.where(bad, float("nan"), s)
     se = tl.expand_dims(s, AXIS)
@@ -207,7 +209,9 @@ def quant_act_group_kernel(
              tl.reshape(q, (BLOCK_M, WIDTH)).to(q_ptr.dtype.element_ty), mask=mask)
     g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     s_mask = (offs_m[:, None] < M) & (g[None, :] * GROUP < K)
-    tl.store(s_ptr + pid_b * stride_sb + m64[:, None] * stride_sm + g[None, :] * stride_sg, s, mask=s_mask)
+    # int64: column-major scales put group g at g * align(M, 4), past 2**31 once M * G is
+    g64 = g.to(tl.int64)
+    tl.store(s_ptr + pid_b * stride_sb + m64[:, None] * stride_sm + g64[None, :] * stride_sg, s, mask=s_mask)
 
 
 @triton.jit

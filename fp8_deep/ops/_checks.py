@@ -1,9 +1,12 @@
 """Argument checks shared by the launchers: every message names the argument, what it got and what to do."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from ..numerics import FP8_MAX
 
 
 def check_tensor(t, name: str, *, dtypes: Optional[Iterable[torch.dtype]] = None, dims: Optional[Sequence[int]] = None,
@@ -35,3 +38,44 @@ def check_out(buf, name: str, shape, dtype: torch.dtype, device, strides=None) -
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(buf.shape)}")
     if strides is not None and buf.numel() > 0 and tuple(buf.stride()) != tuple(strides):
         raise ValueError(f"{name} must have strides {tuple(strides)}, got {tuple(buf.stride())}")
+
+
+def check_int(value, name: str, what: str = "an int") -> None:
+    if type(value) is not int:  # bool is an int subclass, a float may hash like an int: both rejected
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+
+# eps / 448 is a group's smallest scale: below the smallest normal float32 the GPU's division flushes it to zero
+# (scale 0, q NaN) where the CPU keeps a subnormal, and far below it every path divides by zero
+EPS_RANGE = (FP8_MAX * 2.0 ** -126, float(torch.finfo(torch.float32).max))
+
+
+def check_eps(eps) -> None:
+    lo, hi = EPS_RANGE
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or not lo <= eps <= hi:
+        raise ValueError(f"eps must be a float in [{lo:.3g}, {hi:.3g}] (eps / 448 must be a normal float32), "
+                         f"got {eps!r}")
+
+
+def byte_span(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past the last element ``t`` can address (0 when empty)."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def check_outputs_disjoint(inp: torch.Tensor, inp_name: str, outs: Sequence[torch.Tensor],
+                           names: Sequence[str]) -> None:
+    """Caller-owned outputs must not overlap themselves (``expand``ed buffers), each other or the input: the
+    kernel's programs would race on shared bytes or overwrite input they have not read yet. Address ranges are
+    compared, so interleaved views of one buffer count as overlapping too."""
+    for buf, name in zip(outs, names):
+        if buf.numel() > 1 and torch._debug_has_internal_overlap(buf) == 1:
+            raise ValueError(f"{name} has elements that share memory (an expand()ed view?); pass a buffer with "
+                             f"distinct elements")
+    spans = [(t.data_ptr(), t.data_ptr() + byte_span(t), n)
+             for t, n in zip((inp, *outs), (inp_name, *names)) if t.numel() > 0]
+    spans.sort()
+    for (a0, a1, na), (b0, b1, nb) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ValueError(f"{na} and {nb} share memory: outputs must not overlap the input or each other")

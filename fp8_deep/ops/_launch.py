@@ -20,10 +20,13 @@ debug knobs set after the first call): a replay bypasses ``JITFunction.run``.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Hashable, Optional, Sequence
 
-__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED"]
+import torch
+
+__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "on_input_device"]
 
 PLANS_ENABLED = os.environ.get("FP8_DEEP_LAUNCH_PLANS", "1") != "0"
 
@@ -81,3 +84,23 @@ def bind_compiled(kernel, compiled, grid: Sequence[int], args: Sequence, kwargs:
         runner(*dynamic, *tail)
 
     return launch
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """Run launcher ``fn(t, ...)`` with the current CUDA device set to the device of its first argument ``t``.
+
+    Triton launches on the *current* device and its current stream, whatever device the tensors live on (and a
+    plan replays the same way). A tensor on ``cuda:1`` while ``cuda:0`` is current would otherwise launch on GPU 0:
+    an illegal-address error, or, with peer access enabled, a kernel on GPU 0's stream that is not ordered after
+    the work on ``cuda:1`` that produced its input (stale reads). The same guard as vLLM's ops (a device guard);
+    on the current device it costs one device query."""
+    @functools.wraps(fn)
+    def guarded(t, *args, **kwargs):
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            idx = t.get_device()
+            if idx != torch.cuda.current_device():
+                with torch.cuda.device(idx):
+                    return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return guarded

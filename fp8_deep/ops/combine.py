@@ -9,10 +9,12 @@ from .. import reference
 from ..kernels.combine import moe_combine_kernel
 from ..numerics import HIGH_PRECISION_DTYPES, cdiv, use_triton
 from ._checks import check_out, check_tensor
+from ._launch import on_input_device
 
 __all__ = ["moe_combine"]
 
 
+@on_input_device
 def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: torch.Tensor, *,
                 out: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * expert_out[inv_perm[t, j]]`` accumulated in float32, j ascending.

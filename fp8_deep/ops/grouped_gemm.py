@@ -31,6 +31,7 @@ from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_tensor
+from ._launch import on_input_device
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
@@ -322,6 +323,7 @@ def _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, o
     return out
 
 
+@on_input_device
 def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                      expert_offsets: torch.Tensor, expert_counts: torch.Tensor, *, out: Optional[torch.Tensor] = None,
                      out_dtype: torch.dtype = torch.bfloat16, config=None,

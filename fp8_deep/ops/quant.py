@@ -15,8 +15,9 @@ from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
-from ._launch import PLANS_ENABLED, PlanCache, bind_compiled
-from ._checks import check_choice, check_out, check_tensor
+from ._launch import PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
+from ._checks import (byte_span, check_choice, check_eps, check_int, check_out, check_outputs_disjoint,
+                      check_tensor)
 from .layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
@@ -30,18 +31,22 @@ def _check_high_precision(x, name):
                         f"already quantized or not weights/activations")
 
 
+@on_input_device
 def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = (BLOCK, BLOCK),
                               scale_fmt: str = "fp32", with_transpose: bool = False, out=None):
     """Quantize weights to FP8 E4M3 with one dequantization scale per ``block_size`` block, in one fused pass.
 
     Args:
         w: ``(N, K)`` or ``(E, N, K)`` (stacked experts), bfloat16 / float16 / float32, any strides.
-        block_size: ``(bn, bk)`` powers of two, default ``(128, 128)`` (DeepSeek-V3, DeepGEMM, vLLM).
+        block_size: ``(bn, bk)`` ints, powers of two in [16, 1024] with ``bn * bk <= 65536``, default
+            ``(128, 128)`` (DeepSeek-V3, DeepGEMM, vLLM).
         scale_fmt: ``"fp32"`` or ``"ue8m0"`` (scales rounded up to powers of two, stored as float32).
-        with_transpose: also return the transposed copy (W^T, K-major for the backward dgrad GEMM), written
-            from the same single read of ``w``; needs square blocks.
+        with_transpose: also return the transposed copy (W^T, K-major for the backward dgrad GEMM), written by
+            the same kernel from one HBM read of ``w`` (each block's column slices are re-read while L2 holds the
+            block); needs square blocks.
         out: caller-owned ``(q, scale)`` (``(q, scale, q_t, scale_t)`` with ``with_transpose``) written in place,
-            e.g. a rollout engine's existing FP8 parameters; shapes and dtypes must match, any strides.
+            e.g. a rollout engine's existing FP8 parameters; shapes and dtypes must match, any strides; the buffers
+            must not overlap ``w`` or each other (address ranges are compared).
 
     Returns:
         ``(q, scale)`` or ``(q, scale, q_t, scale_t)``: ``q`` float8_e4m3fn, shape of ``w``, row-major contiguous;
@@ -58,19 +63,30 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     if plan_key is not None:
         plan = _WEIGHT_PLANS.get(plan_key)
         if plan is not None:
-            return plan(w, out)
+            res = plan(w, out)
+            if res is not None:  # None: out buffers that overlap w or each other, which the full path rejects
+                return res
     _check_high_precision(w, "w")
     if w.dim() not in (2, 3):
         raise ValueError(f"w must be (N, K) or (E, N, K), got shape {tuple(w.shape)}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    if type(block_size) not in (tuple, list) or len(block_size) != 2:
+        raise TypeError(f"block_size must be a tuple of two ints (bn, bk), got {block_size!r}")
+    for b in block_size:
+        check_int(b, "block_size", "a tuple of two ints (bn, bk)")
     bn, bk = block_size
-    if not (is_pow2(bn) and is_pow2(bk) and bn >= 16 and bk >= 16):
-        raise ValueError(f"block_size must be two powers of two >= 16, got {block_size}")
+    if not (is_pow2(bn) and is_pow2(bk) and 16 <= bn <= MAX_BLOCK_EDGE and 16 <= bk <= MAX_BLOCK_EDGE
+            and bn * bk <= MAX_BLOCK_ELEMS):
+        raise ValueError(f"block_size must be two powers of two in [16, {MAX_BLOCK_EDGE}] with bn * bk <= "
+                         f"{MAX_BLOCK_ELEMS} (a block is one program's tile), got {block_size}")
     if with_transpose and bn != bk:
         raise ValueError(f"with_transpose needs square blocks (the transposed copy reuses each block's scale), "
                          f"got block_size={block_size}")
     *lead, N, K = w.shape
     nb, kb = cdiv(N, bn), cdiv(K, bk)
+    if nb > MAX_GRID_YZ or (lead and lead[0] > MAX_GRID_YZ):
+        raise ValueError(f"w of shape {tuple(w.shape)}: at most {MAX_GRID_YZ} experts and {MAX_GRID_YZ} block rows "
+                         f"(N / bn) per call (CUDA grid limit); quantize it in slices")
     shapes = [(*lead, N, K), (*lead, nb, kb), (*lead, K, N), (*lead, kb, nb)]
     dtypes = [FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32]
     names = ["out[0] (q)", "out[1] (scale)", "out[2] (q_t)", "out[3] (scale_t)"]
@@ -80,6 +96,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
             raise ValueError(f"out must be a tuple of {n_out} tensors (q, scale{', q_t, scale_t' if with_transpose else ''})")
         for buf, name, shape, dt in zip(out, names, shapes, dtypes):
             check_out(buf, name, shape, dt, w.device)
+        check_outputs_disjoint(w, "w", out, names)
         outs = list(out)
     else:
         outs = [torch.empty(s, dtype=d, device=w.device) for s, d in zip(shapes[:n_out], dtypes[:n_out])]
@@ -113,7 +130,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         # the 3-D views share the tensors' data pointers: the plan launches on w and the outputs themselves
         launch = bind_compiled(quant_weight_block_kernel, compiled, grid, args, kwargs, n_dynamic=5)
         if launch is not None:
-            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, shapes[:n_out], dtypes[:n_out], w.device))
+            spans = (byte_span(w), *(byte_span(o) for o in outs)) if out is not None else None
+            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, shapes[:n_out], dtypes[:n_out], w.device, spans))
     return tuple(outs)
 
 
@@ -145,11 +163,16 @@ def _weight_plan_key(w, block_size, scale_fmt, with_transpose, out):
             SMALL_WEIGHT_BLOCKS, interpreter_active())
 
 
-def _weight_plan(launch, shapes, dtypes, device):
+def _weight_plan(launch, shapes, dtypes, device, spans):
     """A validated ``quantize_weight_blockwise`` call replayed: the caller's ``out`` buffers or fresh contiguous
     outputs (as the full path allocates them), the same kernel. Without the transposed copy the kernel's (q_t,
-    scale_t) arguments are (q, scale) again, as in the full path."""
+    scale_t) arguments are (q, scale) again, as in the full path. ``spans``: the byte extents of ``w`` and the
+    ``out`` buffers (fixed by their layouts, which the key holds); a replay whose buffers overlap returns None."""
     def run(w, out):
+        if out is not None:
+            ranges = sorted((t.data_ptr(), t.data_ptr() + n) for t, n in zip((w, *out), spans) if n)
+            if any(b0 < a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
+                return None
         outs = tuple(out) if out is not None else tuple(torch.empty(s, dtype=d, device=device)
                                                         for s, d in zip(shapes, dtypes))
         if len(outs) == 2:
@@ -161,6 +184,7 @@ def _weight_plan(launch, shapes, dtypes, device):
     return run
 
 
+@on_input_device
 def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: str = "fp32",
                         scale_layout: str = "row_major", eps: float = ACT_EPS, out_q: Optional[torch.Tensor] = None,
                         out_scale: Optional[torch.Tensor] = None, backend: str = "auto"):
@@ -173,21 +197,30 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         scale_layout: ``"row_major"`` -> ``(..., G)`` contiguous; ``"tma_aligned"`` -> DeepGEMM's LHS layout,
             ``(M, G)`` with strides ``(1, align(M, 4))`` or ``(B, M, G)`` with ``(align(M,4)*G, 1, align(M,4))``,
             written directly by the kernel. Only 2-D/3-D ``x`` for ``"tma_aligned"``.
-        eps: amax floor (vLLM's default 1e-10).
+        eps: amax floor (vLLM's default 1e-10), in [448 * 2^-126, float32 max] so that eps / 448 is a normal
+            float32 (a GPU division flushes smaller scales to zero).
         out_q: caller-owned FP8 output ``(..., K)``; out_scale: caller-owned float32 ``(..., G)`` of any strides
             (like vLLM's op, the layout is taken from the buffer's strides; ``scale_layout`` is then ignored).
-        backend: ``"auto"`` (vLLM's op when vllm is importable and ``x`` is on CUDA, else ours), ``"vllm"``,
-            ``"triton"``. Every backend produces the same bytes.
+            Neither may overlap ``x`` or the other.
+        backend: ``"auto"`` (vLLM's op when vllm is importable, ``x`` is on CUDA and ``K % group_size == 0``, else
+            ours), ``"vllm"``, ``"triton"``. The same bytes for finite input. Non-finite input follows each op's
+            policy: ours below; vLLM's max drops NaN (a NaN element becomes -448 in a group with a finite scale) and
+            a group holding Inf gets scale Inf.
 
     Returns:
         ``(q, scale)``: ``q`` float8_e4m3fn, shape of ``x``; ``scale`` float32 ``(..., ceil(K/group_size))``
         dequantization scales (``x ~= q * scale`` per group). A group holding NaN/Inf gets scale NaN, all-NaN ``q``.
+        UE8M0 scales are ``max(amax / 448, 1e-10)`` rounded up to a power of two (vLLM's CUDA op's floor).
 
     On CUDA a call whose signature was seen before replays a launch plan (``fp8_deep.ops._launch``): same checks
     passed, same kernel, same bytes, without the host work (the kernel at M=4096 is shorter than that work).
     """
     plan_key = None
-    if PLANS_ENABLED and out_q is None and out_scale is None and type(x) is torch.Tensor and x.is_cuda:
+    # options of exactly the types the checks accept (128.0 hashes like 128 but must raise; unhashables must reach
+    # the checks)
+    if (PLANS_ENABLED and out_q is None and out_scale is None and type(x) is torch.Tensor and x.is_cuda
+            and type(group_size) is int and type(eps) in (float, int) and type(scale_fmt) is str
+            and type(scale_layout) is str and type(backend) is str):
         # everything the checks, the kernel choice and Triton's specialization below depend on
         plan_key = (_tensor_signature(x), torch.cuda.current_device(), group_size, scale_fmt, scale_layout, eps,
                     backend, os.environ.get(PLAIN_ENV), os.environ.get(ACT_CONFIG_ENV), interpreter_active())
@@ -200,10 +233,10 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     check_choice(backend, "backend", ("auto", "vllm", "triton"))
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., K)")
-    if not is_pow2(group_size) or group_size < 16:
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    check_int(group_size, "group_size")
+    if not is_pow2(group_size) or not 16 <= group_size <= MAX_GROUP:
+        raise ValueError(f"group_size must be a power of two in [16, {MAX_GROUP}], got {group_size}")
+    check_eps(eps)
     check_tensor(x, "x", last_stride_one=True)
     if scale_layout == "tma_aligned" and out_scale is None and x.dim() not in (2, 3):
         raise ValueError(f"scale_layout='tma_aligned' needs a 2-D (M, K) or 3-D (B, M, K) x, got shape {tuple(x.shape)}")
@@ -215,6 +248,9 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         check_tensor(out_q, "out_q", last_stride_one=True)
     if out_scale is not None:
         check_out(out_scale, "out_scale", scale_shape, torch.float32, x.device)
+    given = [(t, n) for t, n in ((out_q, "out_q"), (out_scale, "out_scale")) if t is not None]
+    if given:
+        check_outputs_disjoint(x, "x", [t for t, _ in given], [n for _, n in given])
 
     # vLLM requires K % group_size == 0: "auto" keeps such shapes (tensor-parallel shards, K=192) on ours
     if backend == "vllm" or (backend == "auto" and x.is_cuda and K % group_size == 0
@@ -257,7 +293,8 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         return q, s
     B, M = x3.shape[0], x3.shape[1]
     numerics = dict(FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x))
-    cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 and q3.stride(2) == 1)
+    # flat: int32 group indices, with room for the last program's BLOCK_G lanes past NG
+    cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 - 2 ** 16 and q3.stride(2) == 1)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
         kernel, grid = quant_act_flat_kernel, (cdiv(B * M * G, block_g),)
@@ -267,6 +304,10 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     else:
         _, block_m, groups_per_prog, warps = cfg
         kernel, grid = quant_act_group_kernel, (cdiv(M, block_m), cdiv(G, groups_per_prog), B)
+        if max(grid[1:]) > MAX_GRID_YZ:
+            raise ValueError(f"x of shape {tuple(x.shape)} with group_size={group_size}: at most {MAX_GRID_YZ} "
+                             f"batches and {MAX_GRID_YZ * groups_per_prog} groups per row here (CUDA grid limit); "
+                             f"split the call")
         args = (x3, q3, s3, M, K, *x3.stride(), *q3.stride(), *s3.stride())
         meta = dict(GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
     kwargs = dict(numerics, **meta)
@@ -294,6 +335,11 @@ def _act_plan(launch, q_shape, s_shape, s_strides, device):
 
 
 WEIGHT_CONFIG_ENV = "FP8_DEEP_WEIGHT_QUANT_CONFIG"
+# one program holds one (two) scale block(s) in registers: a larger tile spills or exceeds Triton's tensor limit
+MAX_BLOCK_EDGE = 1024
+MAX_BLOCK_ELEMS = 256 * 256
+MAX_GROUP = 1024
+MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions y and z
 # one-layout weight tensors with fewer scale blocks than this run one block per program (_weight_config); the
 # crossover lies between 14336 blocks (8x4096x7168: one per program faster) and 28672 (32x7168x2048: two)
 SMALL_WEIGHT_BLOCKS = 16384
@@ -388,6 +434,8 @@ def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
         return tchunk, warps, blocks_k
     if bn * bk < 128 * 128:
         return 32, 4, 1
+    if bn * bk > 128 * 128:  # one larger block per program, spread over more threads
+        return 32, 16, 1
     if with_transpose:
         return 64, 16, 1
     return (32, 8, 2) if n_blocks >= SMALL_WEIGHT_BLOCKS else (32, 16, 1)

@@ -20,6 +20,7 @@ from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, is_pow2, use_triton
 from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_tensor
+from ._launch import on_input_device
 from .plan import RoutingPlan, max_padded_rows
 
 __all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
@@ -91,6 +92,7 @@ def _finish(bufs, T, k, num_experts, block_size) -> RoutingPlan:
     return RoutingPlan(num_tokens=T, top_k=k, num_experts=num_experts, block_size=block_size, **bufs)
 
 
+@on_input_device
 def align_routing(topk_ids: torch.Tensor, num_experts: int, *, expert_map: Optional[torch.Tensor] = None,
                   block_size: int = 128, backend: str = "auto") -> RoutingPlan:
     """Lay the router's choices out in expert segments for the contiguous grouped GEMMs.
@@ -237,6 +239,7 @@ def _align_vllm(topk_ids, num_experts, expert_map, block_size, bufs):
     )
 
 
+@on_input_device
 def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, scale_layout: str = "tma_aligned",
                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """Gather the quantized hidden states into the plan's rows (the A operand of the first grouped GEMM).

@@ -10,7 +10,8 @@ from .. import reference
 from ..kernels.swiglu import silu_mul_quant_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
                         is_pow2, use_triton)
-from ._checks import check_choice, check_out, check_tensor
+from ._checks import check_choice, check_eps, check_out, check_tensor
+from ._launch import on_input_device
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
 
@@ -21,6 +22,7 @@ __all__ = ["silu_mul_quantize", "silu_mul_quantize_ref"]
 silu_mul_quantize_ref = reference.silu_mul_quantize
 
 
+@on_input_device
 def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = None, group_size: int = BLOCK,
                       scale_fmt: str = "fp32", scale_layout: str = "tma_aligned", eps: float = ACT_EPS,
                       out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
@@ -46,8 +48,7 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
     if group_size < 16 or not is_pow2(group_size):
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    check_eps(eps)
     M, two_i = h.shape
     if two_i % 2:
         raise ValueError(f"h must be (M, 2I) = [gate | up], got an odd last dimension: shape {tuple(h.shape)}")
