@@ -90,6 +90,24 @@ def exact_math(src):
     return src
 
 
+def fast_exact_math(src):
+    """The contract's math without the division's range check and slow path (FCHK + branch): s = RN(amax / 448)
+    as RN(amax * c) corrected by one exact-residual FMA (Markstein; c = RN(1/448)), RN(1 / s) as the hardware
+    reciprocal refined by ptxas's own div.rn fast-path sequence. Valid where that fast path is (normal s and 1/s:
+    amax in [1e-4, FLT_MAX]); the bytes are compared with the contract's below."""
+    src, n1 = re.subn(r"(\s+)(tmp\d+) = (tmp\d+) \* (tmp\d+)\n(\s+)tl\.store\(out_ptr1",
+                      r"\1q0_ = \3 * \4\1\2 = tl.fma(tl.fma(-q0_, tl.full([1, 1], 448.0, tl.float32), \3), \4, q0_)"
+                      r"\n\5tl.store(out_ptr1", src)
+    src, n2 = re.subn(r"(\s+)(tmp\d+) = \(tmp\d+ / (tmp\d+)\)",
+                      r'\1y0_ = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [\3], '
+                      r'dtype=tl.float32, is_pure=True, pack=1)'
+                      r"\1one_ = tl.full([1, 1], 1.0, tl.float32)"
+                      r"\1y1_ = tl.fma(y0_, tl.fma(-\3, y0_, one_), y0_)"
+                      r"\1\2 = tl.fma(y1_, tl.fma(-\3, y1_, one_), y1_)", src)
+    assert n1 == 1 and n2 == 1, (n1, n2)
+    return src
+
+
 def runtime_numel(src):
     """xnumel / r0_numel as runtime arguments (inductor assigns them as constants inside the kernel)."""
     src, n = re.subn(r"\n\s+(xnumel|r0_numel) = \d+", "", src)
@@ -107,7 +125,8 @@ def runtime_strides(src):
 
 
 VARIANTS = {"inductor_here": [], "ind_exact": [exact_math], "ind_exact_rt": [exact_math, runtime_numel],
-            "ind_exact_rts": [exact_math, runtime_numel, runtime_strides]}
+            "ind_exact_rts": [exact_math, runtime_numel, runtime_strides], "ind_fastrn": [fast_exact_math]}
+VARIANTS = {k: v for k, v in VARIANTS.items() if k in os.environ.get("DIAG_VARIANTS", ",".join(VARIANTS)).split(",")}
 
 
 def time_launched(comp):
@@ -115,7 +134,8 @@ def time_launched(comp):
     buffers, and ours (diag_weight_tail's k2w8, the default), interleaved graph replays over two input sets."""
     import diag_weight_tail as D
     from fp8_deep import ops
-    (name, obj), = [(n, o) for n, o in inductor_kernels() if "amax" in n]
+    # the code cache can list one module twice: every entry named for the amax reduction is the same kernel
+    name, obj = next((n, o) for n, o in inductor_kernels() if "amax" in n)
     cfg = obj.launchers[0].config
     sets = D.input_sets(SHAPE)
     E, N, K = SHAPE
