@@ -70,44 +70,16 @@ def test_weight_bit_exact(shape, dtype, scale_fmt, device):
 
 @pytest.mark.parametrize("shape", [s for s, _ in WEIGHT_SHAPES], ids=[d for _, d in WEIGHT_SHAPES])
 @pytest.mark.parametrize("dtype", HP_DTYPES)
-@pytest.mark.parametrize("kernel", ["register_tile", "reread"])
-def test_weight_one_layout_defaults_bit_exact(shape, dtype, kernel, device, monkeypatch):
-    """The one-layout path's two default kernels (ops.quant._reread_applies: the register tile, one block per
-    program, below SMALL_WEIGHT_BLOCKS blocks; the reread kernel, sizes compiled in, from there on), each forced on
-    the small shapes by moving the threshold. The reread kernel's ragged shapes take its masked branch."""
+@pytest.mark.parametrize("per_program", ["one_block", "two_blocks"])
+def test_weight_one_layout_defaults_bit_exact(shape, dtype, per_program, device, monkeypatch):
+    """The one-layout kernel's two default shapes (ops.quant._weight_config: one block per program below
+    SMALL_WEIGHT_BLOCKS blocks, two from there on), each forced on the small shapes by moving the threshold."""
     import fp8_deep.ops.quant as quant_ops
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
-    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_HINTS", raising=False)
-    monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 2 ** 62 if kernel == "register_tile" else 0)
-    assert quant_ops._reread_applies(128, 128, False, 1) == (kernel == "reread")
+    monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 2 ** 62 if per_program == "one_block" else 0)
     w = _w(shape, dtype, device)
     _check_weight(w, with_transpose=False)
     _check_weight(w, scale_fmt="ue8m0", with_transpose=False)
-
-
-@pytest.mark.parametrize("bad", ["nan", "-inf"])
-def test_weight_reread_kernel_views_out_and_non_finite(bad, device, monkeypatch):
-    """The reread kernel (every size and stride compiled in) on views, strided out= buffers and poisoned blocks."""
-    import fp8_deep.ops.quant as quant_ops
-    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
-    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_HINTS", raising=False)
-    monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 0)
-    base = _w((300, 3, 260), torch.bfloat16, device)
-    for w in (base.permute(1, 0, 2), base[:, 1, :].t(), base[:256, :, :256].permute(1, 0, 2)):
-        assert not w.is_contiguous()
-        _check_weight(w, with_transpose=False)
-    w = _w((2, 256, 384), torch.float32, device)
-    _put_non_finite(w, (1, 130, 200), bad)
-    w[0, :128, :128] = 0
-    q, s = _check_weight(w, with_transpose=False)
-    assert torch.isnan(s[1, 1, 1]) and torch.isnan(q[1, 128:256, 128:256].float()).all()
-    assert torch.isfinite(s[1, 1, 0]) and torch.isfinite(s[0]).all()
-    big = torch.zeros(2, 256, 400, dtype=FP8_DTYPE, device=device)
-    sb = torch.full((2, 3, 2), float("nan"), device=device).transpose(1, 2)  # column-major scale buffer
-    ops.quantize_weight_blockwise(w, out=(big[:, :, :384], sb))
-    assert_bitwise_equal(big[:, :, :384].contiguous(), q)
-    assert_bitwise_equal(sb.contiguous(), s)
-    assert (big[:, :, 384:].view(torch.uint8) == 0).all()
 
 
 # every kernel configuration a tuning sweep may pin computes the same bytes: "TCHUNK,num_warps[,BLOCKS_K]"

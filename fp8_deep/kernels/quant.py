@@ -148,66 +148,6 @@ def quant_weight_block_kernel(
 
 
 @triton.jit
-def quant_weight_reread_kernel(
-    # pointers
-    w_ptr, q_ptr, s_ptr,
-    # sizes and strides (elements) as compile-time constants: w, q are (E, N, K), s is (E, NB, KB)
-    N: tl.constexpr, K: tl.constexpr, NB: tl.constexpr, KB: tl.constexpr,
-    stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_wk: tl.constexpr,
-    stride_qe: tl.constexpr, stride_qn: tl.constexpr, stride_qk: tl.constexpr,
-    stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_sk: tl.constexpr,
-    # numerics
-    FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, NAN_MAX: tl.constexpr,
-    NAN_SELECT: tl.constexpr,
-    # meta: BLOCK x BLOCK scale blocks, one per program, grid (E * NB * KB,); EVEN: N and K are multiples of BLOCK
-    # (no masks); IDX64: offsets past 2**31 elements
-    BLOCK: tl.constexpr, EVEN: tl.constexpr, IDX64: tl.constexpr,
-):
-    """One-layout weight quantization of a large stack, one scale block per program, read twice: the amax pass
-    loads the block ``evict_last``, the cast pass loads it again (an L2 hit) ``evict_first``, so nothing is held in
-    registers across the scale's computation and a program needs ~30 registers (two 32-warp programs per SM). This
-    is the structure of torch.compile's (inductor's) kernel for the same reduction; with every size and stride a
-    compile-time constant the index math folds to constants. H100, x torch.compile (bench/NOTES.md, session 11):
-    32x4096x7168 / 32x7168x2048 level (0.9998-1.0007 for inductor's own code with this math) where the register-tile
-    kernel (``quant_weight_block_kernel``, two blocks per program) trails by 0.07-0.1%. Same bytes as
-    ``_weight_blocks``: the same amax, scale, reciprocal and product."""
-    pid = tl.program_id(0)
-    pid_k = pid % KB
-    rest = pid // KB
-    pid_n = rest % NB
-    pid_e = rest // NB
-    r = tl.arange(0, BLOCK * BLOCK)
-    row = pid_n * BLOCK + r // BLOCK
-    col = pid_k * BLOCK + r % BLOCK
-    if IDX64:
-        pid_e = pid_e.to(tl.int64)
-        row = row.to(tl.int64)
-        col = col.to(tl.int64)
-    w_ptrs = w_ptr + pid_e * stride_we + row * stride_wn + col * stride_wk
-    q_ptrs = q_ptr + pid_e * stride_qe + row * stride_qn + col * stride_qk
-    if EVEN:
-        w = tl.load(w_ptrs, eviction_policy="evict_last").to(tl.float32)
-    else:
-        mask = (row < N) & (col < K)
-        # lanes outside the tensor hold 0, which never raises the amax
-        w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    amax = _amax_nan(w, 0, NAN_MAX)
-    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
-    if UE8M0:
-        s = _round_up_pow2(s)
-    bad = _is_bad(amax)
-    s = tl.where(bad, float("nan"), s)
-    inv = tl.math.div_rn(1.0, s)
-    tl.store(s_ptr + pid_e * stride_se + pid_n * stride_sn + pid_k * stride_sk, s)
-    if EVEN:
-        w = tl.load(w_ptrs, eviction_policy="evict_first").to(tl.float32)
-        tl.store(q_ptrs, _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty))
-    else:
-        w = tl.load(w_ptrs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        tl.store(q_ptrs, _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
                   FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
     """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).

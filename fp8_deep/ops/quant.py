@@ -11,8 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel,
-                             quant_weight_reread_kernel)
+from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
@@ -118,30 +117,19 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
+    tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
     fast = gpu_fast_paths(w)
-    numerics = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0",
-                    NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"])
-    if _reread_applies(bn, bk, with_transpose, E * nb * kb):
-        kernel, grid, args = quant_weight_reread_kernel, (E * nb * kb,), (w3, q3, s3)
-        # every size and stride is a compile-time constant: one compiled kernel per weight layout
-        idx64 = max(byte_span(t) // t.element_size() for t in (w3, q3)) >= 2 ** 31
-        kwargs = dict(N=N, K=K, NB=nb, KB=kb, **dict(zip(_REREAD_STRIDES, (*w3.stride(), *q3.stride(), *s3.stride()))),
-                      **numerics, BLOCK=bn, EVEN=N % bn == 0 and K % bk == 0, IDX64=idx64, num_warps=32)
-    else:
-        tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
-        kernel, grid = quant_weight_block_kernel, (cdiv(kb, blocks_k), nb, E)
-        args = (w3, q3, s3, qt3, st3, N, K, E, nb, kb,
-                *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
-        kwargs = dict(**numerics, WITH_TRANSPOSE=with_transpose, **_weight_hints(with_transpose), BLOCK_N=bn,
-                      BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
-    compiled = kernel[grid](*args, **kwargs)
+    grid = (cdiv(kb, blocks_k), nb, E)
+    args = (w3, q3, s3, qt3, st3, N, K, E, nb, kb,
+            *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
+    kwargs = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
+                  NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(with_transpose),
+                  BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
+    compiled = quant_weight_block_kernel[grid](*args, **kwargs)
     if plan_key is not None and not interpreter_active():
         # the 3-D views share the tensors' data pointers: the plan launches on w and the outputs themselves
-        reread = kernel is quant_weight_reread_kernel
-        launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=3 if reread else 5)
+        launch = bind_compiled(quant_weight_block_kernel, compiled, grid, args, kwargs, n_dynamic=5)
         if launch is not None:
-            if reread:  # (w, q, scale) only; the plan passes (w, q, scale, q_t, scale_t)
-                launch = (lambda w_, q_, s_, qt_, st_, run=launch: run(w_, q_, s_))
             spans = (byte_span(w), *(byte_span(o) for o in outs)) if out is not None else None
             _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, shapes[:n_out], dtypes[:n_out], w.device, spans))
     return tuple(outs)
@@ -416,20 +404,6 @@ def _pinned(env: str, n: int):
     if len(parts) < n:
         raise ValueError(f"{env}={val!r}: expected at least {n} comma-separated integers")
     return parts
-
-
-_REREAD_STRIDES = ("stride_we", "stride_wn", "stride_wk", "stride_qe", "stride_qn", "stride_qk",
-                   "stride_se", "stride_sn", "stride_sk")
-
-
-def _reread_applies(bn: int, bk: int, with_transpose: bool, n_blocks: int) -> bool:
-    """One layout, 128x128 blocks, from SMALL_WEIGHT_BLOCKS blocks on: ``quant_weight_reread_kernel`` (one block
-    per program, read twice, sizes compiled in; torch.compile's structure), which runs level with torch.compile on
-    the 32-expert DeepSeek-V3 stacks where the register-tile kernel trailed by 0.07-0.1% (bench/NOTES.md, session
-    11). Smaller tensors keep the register tile (one block, 16 warps: 1.01-1.05x torch.compile there). Pinning a
-    config or L2 hints (``FP8_DEEP_WEIGHT_QUANT_CONFIG`` / ``_HINTS``) selects the register-tile kernel."""
-    return (not with_transpose and bn == bk == BLOCK and n_blocks >= SMALL_WEIGHT_BLOCKS
-            and not os.environ.get(WEIGHT_CONFIG_ENV) and not os.environ.get(WEIGHT_HINTS_ENV))
 
 
 def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
