@@ -152,6 +152,12 @@ def test_weight_scale_is_dequant_scale(device):
     rel = (deq - w.float()).abs() / w.float().abs().amax()
     assert rel.max() < 2 ** -4  # E4M3 keeps 3 mantissa bits: half an ulp relative to the block amax at most
     assert s.shape == (2, 2, 3) and s.dtype == torch.float32
+    # activations: one scale per 1 x 128 group
+    qa, sa = ops.quantize_activation(_w((5, 384), torch.bfloat16, device), backend="triton")
+    assert ops.dequantize_blockwise(qa, sa, (1, 128)).shape == (5, 384)
+    for bad in [(0, 128), (128,), 128, (128.0, 128)]:
+        with pytest.raises(ValueError, match="block_size must be two positive ints"):
+            ops.dequantize_blockwise(q, s, bad)
 
 
 @pytest.mark.parametrize("view", ["transposed", "sliced", "expert-strided"])

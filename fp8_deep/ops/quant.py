@@ -493,6 +493,9 @@ def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block_size: Tuple
     q: FP8 ``(..., N, K)``; scale: float32 ``(..., ceil(N/bn), ceil(K/bk))``. Returns ``dtype``, shape of ``q``."""
     check_tensor(q, "q", dtypes=(FP8_DTYPE,))
     check_tensor(scale, "scale", dtypes=(torch.float32,), device=q.device)
+    if (type(block_size) not in (tuple, list) or len(block_size) != 2
+            or not all(type(b) is int and b >= 1 for b in block_size)):
+        raise ValueError(f"block_size must be two positive ints (bn, bk), got {block_size!r}")
     bn, bk = block_size
     if q.dim() < 2:
         raise ValueError(f"q must be at least 2-D (..., N, K), got shape {tuple(q.shape)}")
