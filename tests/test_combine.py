@@ -71,3 +71,13 @@ def test_gpu_deepseek():
     ref = reference.moe_combine(x, inv, w)
     assert_bitwise_equal(got, ref, "combine vs torch on the GPU")
     assert torch.equal(got, moe_combine(x, inv, w))  # deterministic
+
+
+def test_out_must_not_overlap_inputs(device):
+    """An ``out`` that aliases an input would be overwritten while other programs still read it."""
+    T, k, E, H = 8, 2, 4, 128
+    x, inv, w = _inputs(T, k, E, H, device, x_dtype=torch.float32)
+    with pytest.raises(ValueError, match="(expert_out and out|out and expert_out) share memory"):
+        moe_combine(x, inv, w, out=x[:T], out_dtype=torch.float32)
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        moe_combine(x, inv, w, out=torch.empty(1, H, device=device).expand(T, H), out_dtype=torch.float32)

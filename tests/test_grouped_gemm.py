@@ -456,3 +456,16 @@ def test_gluon_bitwise_equals_tma_kernel_gpu(N, K, scale_layout, device):
         valid = case["m_indices"] >= 0
         assert_bitwise_equal(out[valid], ref[valid], f"{dt} strided output")
         assert (full[:, 1::2] == 0).all() and (out[~valid] == 0).all()
+
+
+def test_out_must_not_overlap_operands(device):
+    case = make_case([20, 0, 37], 256, 256, device, seg_align=16)
+    M, N = case["M"], case["N"]
+    args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        grouped_gemm_fp8(*args, out=torch.empty(1, N, dtype=torch.bfloat16, device=device).expand(M, N))
+    # a bf16 output laid over the FP8 weights
+    b_bytes = case["b"].view(torch.uint8).view(-1)
+    assert b_bytes.numel() >= 2 * M * N
+    with pytest.raises(ValueError, match="(b and out|out and b) share memory"):
+        grouped_gemm_fp8(*args, out=b_bytes[:2 * M * N].view(torch.bfloat16).view(M, N))

@@ -273,3 +273,17 @@ def test_align_16_row_segments(device, T, k, E):
     """Our grouped GEMM asks for 16-row segments (DeepGEMM for 128): both launch paths, vs the reference."""
     ids = _ids(T, k, E, device)
     _check_plan(R.align_routing(ids, E, block_size=16, backend="triton"), ids, E, block_size=16)
+
+
+def test_permute_rows_out_must_not_overlap_inputs(device):
+    T, k, E, K = 13, 2, 5, 256
+    plan = R.align_routing(_ids(T, k, E, device), E, block_size=16)
+    q, s = _quantized(T, K, device)
+    rows = plan.num_rows
+    big = torch.empty(rows * K + T * K, dtype=torch.uint8, device=device)
+    big[:T * K].copy_(q.view(torch.uint8).reshape(-1))
+    q_in = big[:T * K].view(FP8_DTYPE).view(T, K)
+    so = alloc_scales((rows, s.shape[1]), "row_major", device)
+    with pytest.raises(ValueError, match=r"(q and out\[0\]|out\[0\] and q) share memory"):
+        R.permute_rows(q_in, s, plan, scale_layout="row_major",
+                       out=(big[T * K - K:T * K - K + rows * K].view(FP8_DTYPE).view(rows, K), so))

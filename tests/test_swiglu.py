@@ -135,3 +135,15 @@ def test_gpu_deepseek(scale_fmt):
     keep = m >= 0
     assert_bitwise_equal(s.contiguous()[keep], rs[keep], "scale vs torch CUDA silu")
     assert_bitwise_equal(q.view(torch.uint8)[keep], rq.view(torch.uint8)[keep], "q vs torch CUDA silu")
+
+
+def test_out_must_not_overlap_input(device):
+    M, I = 8, 128
+    h = torch.randn(M, 2 * I, device=device).to(torch.bfloat16)
+    so = alloc_scales((M, 1), "row_major", device)
+    # FP8 output bytes inside h: the kernel would overwrite gate/up values other programs have not read yet
+    q_alias = h.view(torch.uint8)[:, :I].contiguous().view(FP8_DTYPE)  # a copy: disjoint, accepted
+    silu_mul_quantize(h, scale_layout="row_major", out=(q_alias, so))
+    q_in_h = h.view(torch.uint8).view(-1)[:M * I].view(FP8_DTYPE).view(M, I)
+    with pytest.raises(ValueError, match=r"(h and out\[0\]|out\[0\] and h) share memory"):
+        silu_mul_quantize(h, scale_layout="row_major", out=(q_in_h, so))

@@ -64,18 +64,22 @@ def byte_span(t: torch.Tensor) -> int:
     return (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
-def check_outputs_disjoint(inp: torch.Tensor, inp_name: str, outs: Sequence[torch.Tensor],
-                           names: Sequence[str]) -> None:
-    """Caller-owned outputs must not overlap themselves (``expand``ed buffers), each other or the input: the
-    kernel's programs would race on shared bytes or overwrite input they have not read yet. Address ranges are
-    compared, so interleaved views of one buffer count as overlapping too."""
-    for buf, name in zip(outs, names):
+def check_outputs_disjoint(inputs: Sequence, outputs: Sequence) -> None:
+    """Caller-owned outputs must not overlap themselves (``expand``ed buffers), each other or an input: the kernel's
+    programs would race on shared bytes or overwrite input they have not read yet. ``inputs`` / ``outputs``:
+    ``(name, tensor)`` pairs (inputs may overlap each other: they are only read). Address ranges are compared, so
+    interleaved views of one buffer count as overlapping too."""
+    for name, buf in outputs:
         if buf.numel() > 1 and torch._debug_has_internal_overlap(buf) == 1:
             raise ValueError(f"{name} has elements that share memory (an expand()ed view?); pass a buffer with "
                              f"distinct elements")
-    spans = [(t.data_ptr(), t.data_ptr() + byte_span(t), n)
-             for t, n in zip((inp, *outs), (inp_name, *names)) if t.numel() > 0]
-    spans.sort()
-    for (a0, a1, na), (b0, b1, nb) in zip(spans, spans[1:]):
-        if b0 < a1:
-            raise ValueError(f"{na} and {nb} share memory: outputs must not overlap the input or each other")
+    spans = [(name, t.data_ptr(), t.data_ptr() + byte_span(t)) for name, t in (*inputs, *outputs) if t.numel() > 0]
+    first_out = len([t for _, t in inputs if t.numel() > 0])
+    for i in range(first_out, len(spans)):
+        n1, a0, a1 = spans[i]
+        for j in range(len(spans)):
+            n2, b0, b1 = spans[j]
+            if j != i and a0 < b1 and b0 < a1:
+                first, second = (n2, n1) if (b0, j) < (a0, i) else (n1, n2)  # in address order
+                raise ValueError(f"{first} and {second} share memory: outputs must not overlap the inputs or "
+                                 f"each other")

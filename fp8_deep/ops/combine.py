@@ -8,7 +8,7 @@ import torch
 from .. import reference
 from ..kernels.combine import moe_combine_kernel
 from ..numerics import HIGH_PRECISION_DTYPES, cdiv, use_triton
-from ._checks import check_out, check_tensor
+from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._launch import on_input_device
 
 __all__ = ["moe_combine"]
@@ -41,6 +41,8 @@ def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: 
     out_dtype = out_dtype or expert_out.dtype
     if out is not None:
         check_out(out, "out", (T, H), out_dtype, dev)
+        check_outputs_disjoint([("expert_out", expert_out), ("inv_perm", inv_perm), ("topk_weights", topk_weights)],
+                               [("out", out)])
     else:
         out = torch.empty((T, H), dtype=out_dtype, device=dev)
     if T == 0 or H == 0:

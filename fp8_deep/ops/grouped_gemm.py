@@ -30,7 +30,7 @@ import triton
 from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
-from ._checks import check_out, check_tensor
+from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._launch import on_input_device
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
@@ -353,6 +353,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     else:
         check_out(out, "out", (M, N), out_dtype, a.device)
+        check_outputs_disjoint([("a", a), ("a_scale", a_scale), ("b", b), ("b_scale", b_scale)], [("out", out)])
     if M == 0 or N == 0 or E == 0:
         return out
     if not use_triton(a):

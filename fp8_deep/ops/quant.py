@@ -96,7 +96,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
             raise ValueError(f"out must be a tuple of {n_out} tensors (q, scale{', q_t, scale_t' if with_transpose else ''})")
         for buf, name, shape, dt in zip(out, names, shapes, dtypes):
             check_out(buf, name, shape, dt, w.device)
-        check_outputs_disjoint(w, "w", out, names)
+        check_outputs_disjoint([("w", w)], list(zip(names, out)))
         outs = list(out)
     else:
         outs = [torch.empty(s, dtype=d, device=w.device) for s, d in zip(shapes[:n_out], dtypes[:n_out])]
@@ -248,9 +248,9 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         check_tensor(out_q, "out_q", last_stride_one=True)
     if out_scale is not None:
         check_out(out_scale, "out_scale", scale_shape, torch.float32, x.device)
-    given = [(t, n) for t, n in ((out_q, "out_q"), (out_scale, "out_scale")) if t is not None]
+    given = [(n, t) for n, t in (("out_q", out_q), ("out_scale", out_scale)) if t is not None]
     if given:
-        check_outputs_disjoint(x, "x", [t for t, _ in given], [n for _, n in given])
+        check_outputs_disjoint([("x", x)], given)
 
     # vLLM requires K % group_size == 0: "auto" keeps such shapes (tensor-parallel shards, K=192) on ours
     if backend == "vllm" or (backend == "auto" and x.is_cuda and K % group_size == 0

@@ -19,7 +19,7 @@ from ..kernels.routing import (align_count_kernel, align_from_sorted_kernel, ali
 from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, is_pow2, use_triton
 from . import _registry
 from .layout import alloc_scales, scale_strides
-from ._checks import check_choice, check_out, check_tensor
+from ._checks import check_choice, check_out, check_outputs_disjoint, check_tensor
 from ._launch import on_input_device
 from .plan import RoutingPlan, max_padded_rows
 
@@ -275,6 +275,7 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         q_out, s_out = out
         check_out(q_out, "out[0]", (rows, K), FP8_DTYPE, dev, strides=(K, 1))
         check_out(s_out, "out[1]", (rows, G), torch.float32, dev, strides=scale_strides((rows, G), scale_layout))
+        check_outputs_disjoint([("q", q), ("scale", scale)], [("out[0]", q_out), ("out[1]", s_out)])
     else:
         q_out = torch.empty((rows, K), dtype=FP8_DTYPE, device=dev)
         s_out = alloc_scales((rows, G), scale_layout, dev)

@@ -10,7 +10,7 @@ from .. import reference
 from ..kernels.swiglu import silu_mul_quant_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
                         is_pow2, use_triton)
-from ._checks import check_choice, check_eps, check_out, check_tensor
+from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._launch import on_input_device
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
@@ -62,6 +62,8 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
         q, s = out
         check_out(q, "out[0]", (M, I), FP8_DTYPE, h.device, strides=(I, 1))
         check_out(s, "out[1]", (M, G), torch.float32, h.device, strides=scale_strides((M, G), scale_layout))
+        check_outputs_disjoint([("h", h)] + ([("m_indices", m_indices)] if m_indices is not None else []),
+                               [("out[0]", q), ("out[1]", s)])
     else:
         q = torch.empty((M, I), dtype=FP8_DTYPE, device=h.device)
         s = alloc_scales((M, G), scale_layout, h.device)
