@@ -7,6 +7,10 @@ result goes through ``tl.math.div_rn``; and the UE8M0 round-up is done on the bi
 import triton
 import triton.language as tl
 
+from ..numerics import UE8M0_ACT_SCALE_FLOOR
+
+_UE8M0_ACT_SCALE_FLOOR = tl.constexpr(UE8M0_ACT_SCALE_FLOOR)
+
 
 @triton.jit
 def _round_up_pow2(s):
@@ -158,8 +162,8 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
     amax = _amax_nan(x, AXIS, NAN_MAX)
     s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
     if UE8M0:
-        # vLLM's CUDA op floors the scale at 1e-10 before the round-up (numerics.UE8M0_ACT_SCALE_FLOOR)
-        s = _round_up_pow2(tl.maximum(s, 1e-10))
+        # vLLM's CUDA op floors the scale at 1e-10 before the round-up
+        s = _round_up_pow2(tl.maximum(s, _UE8M0_ACT_SCALE_FLOOR))
     bad = _is_bad(amax)
     s = tl.where(bad, float("nan"), s)
     se = tl.expand_dims(s, AXIS)

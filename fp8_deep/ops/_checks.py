@@ -45,6 +45,11 @@ def check_int(value, name: str, what: str = "an int") -> None:
         raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
+def is_int_pair(value) -> bool:
+    """A tuple or list of exactly two ints (bools and floats excluded: ``(128.0, 128.0)`` hashes like the ints)."""
+    return type(value) in (tuple, list) and len(value) == 2 and all(type(v) is int for v in value)
+
+
 # eps / 448 is a group's smallest scale: below the smallest normal float32 the GPU's division flushes it to zero
 # (scale 0, q NaN) where the CPU keeps a subnormal, and far below it every path divides by zero
 EPS_RANGE = (FP8_MAX * 2.0 ** -126, float(torch.finfo(torch.float32).max))

@@ -17,7 +17,7 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
 from . import _registry
 from ._launch import PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
 from ._checks import (byte_span, check_choice, check_eps, check_int, check_out, check_outputs_disjoint,
-                      check_tensor)
+                      check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
@@ -70,10 +70,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     if w.dim() not in (2, 3):
         raise ValueError(f"w must be (N, K) or (E, N, K), got shape {tuple(w.shape)}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
-    if type(block_size) not in (tuple, list) or len(block_size) != 2:
+    if not is_int_pair(block_size):
         raise TypeError(f"block_size must be a tuple of two ints (bn, bk), got {block_size!r}")
-    for b in block_size:
-        check_int(b, "block_size", "a tuple of two ints (bn, bk)")
     bn, bk = block_size
     if not (is_pow2(bn) and is_pow2(bk) and 16 <= bn <= MAX_BLOCK_EDGE and 16 <= bk <= MAX_BLOCK_EDGE
             and bn * bk <= MAX_BLOCK_ELEMS):
@@ -149,7 +147,7 @@ def _weight_plan_key(w, block_size, scale_fmt, with_transpose, out):
     # plain tensors and parameters only: other subclasses (fake, functional, distributed) have no plain data pointer;
     # options of exactly the types the checks accept (a float block size hashes like an int but must raise)
     if not (PLANS_ENABLED and type(w) in (torch.Tensor, torch.nn.Parameter) and w.is_cuda
-            and type(block_size) in (tuple, list) and len(block_size) == 2 and all(type(b) is int for b in block_size)
+            and is_int_pair(block_size)
             and type(scale_fmt) is str and type(with_transpose) is bool):
         return None
     if out is None:
@@ -493,8 +491,7 @@ def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, block_size: Tuple
     q: FP8 ``(..., N, K)``; scale: float32 ``(..., ceil(N/bn), ceil(K/bk))``. Returns ``dtype``, shape of ``q``."""
     check_tensor(q, "q", dtypes=(FP8_DTYPE,))
     check_tensor(scale, "scale", dtypes=(torch.float32,), device=q.device)
-    if (type(block_size) not in (tuple, list) or len(block_size) != 2
-            or not all(type(b) is int and b >= 1 for b in block_size)):
+    if not (is_int_pair(block_size) and min(block_size) >= 1):
         raise ValueError(f"block_size must be two positive ints (bn, bk), got {block_size!r}")
     bn, bk = block_size
     if q.dim() < 2:
