@@ -29,11 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from diag_weight_tail import add_if_exact, prepared, print_summary, time_interleaved  # noqa: E402
+from diag_weight_tail import add_if_exact, time_shapes  # noqa: E402
 from fp8_deep.kernels.quant import _quant_weight_one_block  # noqa: E402
 from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import _weight_hints, gpu_fast_paths  # noqa: E402
@@ -90,26 +89,17 @@ def launch(w, q, s, order):
         LOAD_EVICT=hints["LOAD_EVICT"], STORE_EVICT=hints["STORE_EVICT"], ORDER=order, GROUP_N=GROUP_N, num_warps=8)
 
 
-def main():
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    summary = []
-    for shape in SHAPES:
-        label, sets, comp, q_ref, s_ref = prepared(shape)
-        from fp8_deep import ops
-        fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets],
-               "compile_aa": [lambda w=w: comp(w) for w, _, _ in sets],
-               "package": [lambda w=w, q=q, s=s: ops.quantize_weight_blockwise(w, out=(q, s)) for w, q, s in sets]}
-        for name, order in ORDERS.items():
-            if order == 3 and (shape[-2] // 128) % GROUP_N:
-                continue
-            for t in sets:
-                t[1].zero_()
-            add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, o=order: launch(w, q, s, o))
-        summary += time_interleaved(fns, label)
-        del sets, fns, q_ref, s_ref
-        torch.cuda.empty_cache()
-    print_summary(summary)
+def add_orders(fns, label, sets, q_ref, s_ref):
+    from fp8_deep import ops
+    fns["compile_aa"] = fns["compile"][:]
+    fns["package"] = [lambda w=w, q=q, s=s: ops.quantize_weight_blockwise(w, out=(q, s)) for w, q, s in sets]
+    for name, order in ORDERS.items():
+        if order == 3 and (sets[0][0].shape[-2] // 128) % GROUP_N:
+            continue
+        for t in sets:
+            t[1].zero_()
+        add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, o=order: launch(w, q, s, o))
 
 
 if __name__ == "__main__":
-    main()
+    time_shapes(SHAPES, add_orders)

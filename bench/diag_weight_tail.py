@@ -167,6 +167,21 @@ def time_interleaved(fns, label):
     return lines
 
 
+def time_shapes(shapes, add_providers):
+    """Per shape: torch.compile of the reference and what ``add_providers(fns, label, sets, q_ref, s_ref)`` adds to
+    ``fns`` ({name: [callable per input set]}), timed by time_interleaved; the summary table last."""
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    summary = []
+    for shape in shapes:
+        label, sets, comp, q_ref, s_ref = prepared(shape)
+        fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets]}
+        add_providers(fns, label, sets, q_ref, s_ref)
+        summary += time_interleaved(fns, label)
+        del sets, fns, q_ref, s_ref
+        torch.cuda.empty_cache()
+    print_summary(summary)
+
+
 def print_summary(lines):
     """The closing table of time_interleaved's lines (gpu_check.sh shows what follows SUMMARY)."""
     print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "

@@ -36,7 +36,7 @@ from fp8_deep.numerics import FP8_MAX, WEIGHT_AMAX_EPS  # noqa: E402
 from fp8_deep.ops.quant import gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diag_weight_tail import add_if_exact, launch, prepared, print_summary, time_interleaved  # noqa: E402
+from diag_weight_tail import add_if_exact, launch, time_shapes  # noqa: E402
 
 
 @triton.jit
@@ -109,21 +109,12 @@ def launch_prefetch(w, q, s, warps, blocks_k, per_sm):
         LOAD_EVICT="evict_last", BLOCK_N=128, BLOCK_K=128, BLOCKS_K=blocks_k, num_warps=warps, num_stages=1)
 
 
-def main():
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    summary = []
-    for shape in SHAPES:
-        label, sets, comp, q_ref, s_ref = prepared(shape)
-        fns = {"compile": [lambda w=w: comp(w) for w, _, _ in sets],
-               "k2w8": [lambda t=t: launch(*t, 8, 2, None) for t in sets]}
-        for name, cfg in CONFIGS.items():
-            add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, c=cfg: launch_prefetch(w, q, s, *c),
-                         lambda ck: f"regs {getattr(ck, 'n_regs', -1):3d} spills {getattr(ck, 'n_spills', -1):3d}")
-        summary += time_interleaved(fns, label)
-        del sets, fns, q_ref, s_ref
-        torch.cuda.empty_cache()
-    print_summary(summary)
+def add_configs(fns, label, sets, q_ref, s_ref):
+    fns["k2w8"] = [lambda t=t: launch(*t, 8, 2, None) for t in sets]
+    for name, cfg in CONFIGS.items():
+        add_if_exact(fns, label, name, sets, q_ref, s_ref, lambda w, q, s, c=cfg: launch_prefetch(w, q, s, *c),
+                     lambda ck: f"regs {getattr(ck, 'n_regs', -1):3d} spills {getattr(ck, 'n_spills', -1):3d}")
 
 
 if __name__ == "__main__":
-    main()
+    time_shapes(SHAPES, add_configs)
