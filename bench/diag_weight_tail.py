@@ -40,7 +40,7 @@ from fp8_deep.ops.quant import _weight_hints, gpu_fast_paths  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quant import paired_ratios, weight_ref_fast  # noqa: E402
 
-ROUNDS = 6
+ROUNDS = int(os.environ.get("DIAG_ROUNDS", 6))
 SETS = 2
 REPS = 8  # calls per set in one graph
 # name: (num_warps, BLOCKS_K, maxnreg or None)
@@ -151,13 +151,25 @@ def add_if_exact(fns, label, name, sets, q_ref, s_ref, launch, describe=None):
         fns[name] = [lambda t=t: launch(*t) for t in sets]
 
 
+def do_bench_ms(fns):
+    """ms per call as bench_quant times it: do_bench's median (its 256 MB zeroing flush before every call), the
+    first input set only."""
+    import triton.testing
+    return triton.testing.do_bench(fns[0], return_mode="median")
+
+
+# DIAG_TIMER=do_bench: do_bench_ms instead of graph_ms (graph replays hide the launch and the flush's write-backs,
+# which the acceptance figures, taken with do_bench, include)
+TIMER = {"graph": graph_ms, "do_bench": do_bench_ms}[os.environ.get("DIAG_TIMER", "graph")]
+
+
 def time_interleaved(fns, label):
     """{provider: [callable per input set]} with a "compile" entry -> one summary line per provider: median us and
     the paired ratio to compile over ROUNDS rounds, the order reversed every other round (bench_quant's method)."""
     times = {p: [] for p in fns}
     for r in range(ROUNDS):
         for p in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[p].append(graph_ms(fns[p]))
+            times[p].append(TIMER(fns[p]))
     lines = []
     for p, ts in times.items():
         pairs = paired_ratios(times["compile"], ts)
@@ -184,7 +196,8 @@ def time_shapes(shapes, add_providers):
 
 def print_summary(lines):
     """The closing table of time_interleaved's lines (gpu_check.sh shows what follows SUMMARY)."""
-    print(f"\nSUMMARY (CUDA graph, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
+    how = "CUDA graph" if TIMER is graph_ms else "do_bench"
+    print(f"\nSUMMARY ({how}, {SETS} input sets, {ROUNDS} rounds alternating order, paired x compile median "
           f"[range])")
     for line in lines:
         print(line)
