@@ -41,18 +41,21 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 
 # the DeepSeek-V3 expert stacks and a dense weight (issue 2), then one expert matrix and an 8-expert shard: the
-# one-layout kernel's config changes between 8 and 32 experts (ops.quant.SMALL_WEIGHT_BLOCKS)
+# one-layout kernel changes between 8 and 32 experts (the tile kernel below ops.quant.STACK_WEIGHT_BLOCKS, the
+# stack kernel from there on)
 WEIGHT_SHAPES = [(32, 4096, 7168), (32, 7168, 2048), (7168, 18432), (4096, 7168), (8, 4096, 7168)]
 ACT_M = [128, 512, 2048, 4096, 8192, 16384, 32768]
 ACT_K = 7168  # DeepSeek-V3 hidden size
 # exploration variants of our kernels, selected through the launchers' environment switches (bit-exactness is
 # checked for each like for the default): (applies to "weight" / "act" groups, environment)
 VARIANTS = {
-    # weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (default one layout 32,8,2 from
-    # 16384 scale blocks on, 32,16,1 below; 64,16 with the transposed copy)
+    # the tile weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (its one-layout default
+    # 32,8,2 from 16384 scale blocks on, 32,16,1 below; 64,16 with the transposed copy). Pinning a configuration also
+    # turns off the stack kernel, the default for contiguous one-layout stacks from 16384 blocks on: w_k2 is the
+    # tile kernel those stacks ran before session 12
+    "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
     "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (session 4)
-    "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),  # two (the default from 16384 blocks on)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
     "w_k1w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,1"}),  # the default below 16384 blocks
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),

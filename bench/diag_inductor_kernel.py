@@ -11,8 +11,14 @@ contract's math swapped in (``ind_exact``: RN(amax / 448) and RN(1 / s), our byt
 (A/A 0.9998 / 1.0009), ours 0.9990 / 0.9994; with its sizes passed at run time instead of baked in, 0.87x (the
 reduction loop no longer folds to one iteration).
 
+Session 12 (``DIAG_TIMER=do_bench``: do_bench's loop, the acceptance method, instead of graph replays): ind_exact
+0.9998 / 1.0006 (A/A 1.0000 / 1.0004), the tile kernel 0.9990 / 0.9982 (call 1). That op sequence became the
+package's ``quant_weight_stack_kernel``; call 2: ours (now that kernel) 0.9998 / 0.9996, ind_exact 0.9998 / 0.9999,
+A/A 1.0000 / 1.0002, the tile kernel (``tile``) 0.9986 / 0.9981.
+
     python bench/diag_inductor_kernel.py            # dump
     python bench/diag_inductor_kernel.py --launch   # dump, then time compile / its kernel launched here / ours
+    DIAG_TIMER=do_bench DIAG_ROUNDS=8 DIAG_VARIANTS=ind_exact python bench/diag_inductor_kernel.py --launch
 """
 import os
 import re
@@ -164,6 +170,8 @@ def time_launched(comp):
     del qc, sc, q_ref, s_ref
     fns["compile_aa"] = fns["compile"][:]
     fns["ours"] = [lambda w=w, q=q, s=s: ops.quantize_weight_blockwise(w, out=(q, s)) for w, q, s in sets]
+    # the tile kernel (two blocks per program, 8 warps), the package's default for these stacks before session 12
+    fns["tile"] = [lambda w=w, q=q, s=s: D.launch(w, q, s, 8, 2, None) for w, q, s in sets]
     D.print_summary(D.time_interleaved(fns, "x".join(map(str, SHAPE))))
 
 

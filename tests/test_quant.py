@@ -100,6 +100,110 @@ def test_weight_kernel_configs_bit_exact(config, device, monkeypatch):
     _check_weight(_w((2, 256, 384), torch.float32, device), with_transpose=both)
 
 
+class _KernelSpy:
+    """Stands in for a Triton kernel in ``fp8_deep.ops.quant``: counts launches, forwards everything else."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def _spy_stack_kernel(monkeypatch, threshold=1):
+    """The stack kernel (large contiguous one-layout stacks) made to apply from ``threshold`` blocks, spied on."""
+    import fp8_deep.ops.quant as quant_ops
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
+    monkeypatch.setattr(quant_ops, "STACK_WEIGHT_BLOCKS", threshold)
+    spy = _KernelSpy(quant_ops.quant_weight_stack_kernel)
+    monkeypatch.setattr(quant_ops, "quant_weight_stack_kernel", spy)
+    return spy
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (2, 256, 384)], ids=["one-block", "E2-256x384"])
+@pytest.mark.parametrize("dtype", HP_DTYPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_weight_stack_kernel_bit_exact(shape, dtype, scale_fmt, device, monkeypatch):
+    """quant_weight_stack_kernel (the default for contiguous stacks of >= 16384 blocks, forced here on small ones):
+    the reference's bytes, edge values and the non-finite policy included, into fresh and ``out=`` buffers."""
+    spy = _spy_stack_kernel(monkeypatch)
+    w = _w(shape, dtype, device)
+    w3 = w.view(-1, *w.shape[-2:])
+    if w3.shape[-1] > 128:
+        w3[-1, :128, 128:256] = 0  # all zero: amax clamps to 1e-4
+        w3[0, 128:, :128] *= 1e-30  # below the amax floor (denormal in float32, zero in 16-bit types)
+    q, s = _check_weight(w, scale_fmt, with_transpose=False)
+    assert spy.launches == 1
+    for bad in ("nan", "-nan", "inf", "-inf"):
+        wb = w.clone()
+        _put_non_finite(wb, (0,) * (w.dim() - 2) + (5, 100), bad)
+        q, s = _check_weight(wb, scale_fmt, with_transpose=False)
+        assert torch.isnan(s.flatten()[0]) and torch.isnan(q.flatten(0, -2)[:128, :128].float()).all(), bad
+        assert torch.isfinite(s.flatten()[1:]).all()
+    out = (torch.empty(w.shape, dtype=FP8_DTYPE, device=device), torch.empty(s.shape, device=device))
+    out[0].view(torch.uint8).fill_(0x7F)
+    out[1].fill_(float("nan"))
+    res = ops.quantize_weight_blockwise(w, scale_fmt=scale_fmt, out=out)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu(), scale_fmt=scale_fmt)
+    assert res[0] is out[0] and res[1] is out[1]
+    assert_bitwise_equal(out[0], rq, "q")
+    assert_bitwise_equal(out[1], rs, "scale")
+    # CUDA: the first call builds a launch plan that the non-finite calls (same signature) replay, out= builds another
+    assert spy.launches == (2 if w.is_cuda else 6)
+
+
+@pytest.mark.parametrize("case", ["ragged", "transposed-view", "strided-q", "transpose-copy", "block-64",
+                                  "below-threshold", "pinned-config"])
+def test_weight_stack_kernel_falls_back(case, device, monkeypatch):
+    """What the stack kernel's int32, whole-block, row-major index math cannot take goes to the tile kernel, with the
+    same bytes."""
+    spy = _spy_stack_kernel(monkeypatch, threshold=13 if case == "below-threshold" else 1)  # 12 blocks
+    w = _w((2, 256, 384), torch.bfloat16, device)
+    kwargs = {}
+    if case == "ragged":
+        w = _w((2, 300, 384), torch.bfloat16, device)
+    elif case == "transposed-view":
+        w = _w((2, 384, 256), torch.bfloat16, device).transpose(-1, -2)
+    elif case == "strided-q":
+        kwargs["out"] = (torch.empty(2, 256, 400, dtype=FP8_DTYPE, device=device)[..., :384],
+                         torch.empty(2, 2, 3, device=device))
+    elif case == "transpose-copy":
+        kwargs["with_transpose"] = True
+    elif case == "block-64":
+        kwargs["block_size"] = (64, 64)
+    elif case == "pinned-config":
+        monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,2")
+    res = ops.quantize_weight_blockwise(w, **kwargs)
+    rq, rs = reference.quantize_weight_blockwise(w.cpu(), block_size=kwargs.get("block_size", (128, 128)))
+    assert_bitwise_equal(res[0], rq, "q")
+    assert_bitwise_equal(res[1], rs, "scale")
+    assert spy.launches == 0
+
+
+def test_stack_kernel_rule(monkeypatch):
+    """ops.quant._stack_kernel_applies at the real threshold, without launching: the two DeepSeek-V3 expert stacks
+    take it, the smaller tensors (where the tile kernel leads torch.compile) and a stack past int32 offsets do not."""
+    from fp8_deep.ops import quant as quant_ops
+    monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", raising=False)
+
+    def applies(shape, with_transpose=False, block=(128, 128)):
+        w = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        q = torch.empty(shape, dtype=FP8_DTYPE, device="meta")
+        s = torch.empty(shape[0], shape[1] // 128, shape[2] // 128, device="meta")
+        return quant_ops._stack_kernel_applies(w, q, s, block, with_transpose)
+
+    assert applies((32, 4096, 7168)) and applies((32, 7168, 2048))
+    assert not applies((32, 4096, 7168), with_transpose=True)
+    assert not applies((1, 7168, 18432)) and not applies((8, 4096, 7168)) and not applies((1, 4096, 7168))
+    assert not applies((64, 4096, 8192))  # 2**31 elements: int32 offsets would wrap
+    monkeypatch.setenv("FP8_DEEP_WEIGHT_QUANT_CONFIG", "32,8,2")
+    assert not applies((32, 4096, 7168))
+
+
 def test_pinned_config_errors(device, monkeypatch):
     w = torch.randn(128, 128, device=device)
     for config, match, both in [("24,8", "TCHUNK", False), ("1", "at least 2", False),
@@ -677,14 +781,17 @@ def test_weight_plan_key_and_replay():
     calls = []
     shapes = [(2, 3), (1, 1), (3, 2), (1, 1)]
     dtypes = [FP8_DTYPE, torch.float32, FP8_DTYPE, torch.float32]
-    run = quant_ops._weight_plan(lambda *a: calls.append(a), shapes[:2], dtypes[:2], "cpu", None)
+    run = quant_ops._weight_plan(lambda *a: calls.append(a), 5, shapes[:2], dtypes[:2], "cpu", None)
     q, s = run("w", None)
     assert q.shape == (2, 3) and q.dtype == FP8_DTYPE and s.shape == (1, 1)
     assert calls[-1] == ("w", q, s, q, s)  # no transposed copy: (q_t, scale_t) are (q, scale) again
+    run3 = quant_ops._weight_plan(lambda *a: calls.append(a), 3, shapes[:2], dtypes[:2], "cpu", None)
+    q, s = run3("w", None)
+    assert calls[-1] == ("w", q, s)  # the stack kernel takes (w, q, scale)
     bufs = tuple(torch.empty(sh, dtype=d) for sh, d in zip(shapes, dtypes))
     w = torch.zeros(2, 3)
     spans = tuple(byte_span(t) for t in (w, *bufs))
-    run4 = quant_ops._weight_plan(lambda *a: calls.append(a), shapes, dtypes, "cpu", spans)
+    run4 = quant_ops._weight_plan(lambda *a: calls.append(a), 5, shapes, dtypes, "cpu", spans)
     assert run4(w, bufs) == bufs and calls[-1] == (w, *bufs)
     # the same layouts at overlapping addresses: no replay (None: the full path checks and raises)
     n = len(calls)
@@ -761,6 +868,9 @@ def test_gpu_weight_launch_plans(monkeypatch):
     monkeypatch.setattr(quant_ops, "SMALL_WEIGHT_BLOCKS", 1)
     assert key(aligned, (128, 128), "fp32", False, None) != base
     monkeypatch.undo()
+    monkeypatch.setattr(quant_ops, "STACK_WEIGHT_BLOCKS", 1)
+    assert key(aligned, (128, 128), "fp32", False, None) != base
+    monkeypatch.undo()
     assert key(aligned, (128, 128), "fp32", False, None) == base
     for odd in [dict(block_size=(128.0, 128.0)), dict(block_size=128), dict(block_size=(128, 128, 1)),
                 dict(scale_fmt=["fp32"]), dict(with_transpose=1), dict(out=[q, "not a tensor"]), dict(out=q)]:
@@ -777,6 +887,34 @@ def test_gpu_weight_launch_plans(monkeypatch):
     assert_bitwise_equal(q, rq)
     assert_bitwise_equal(s, rs)
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
+
+    # the stack kernel (made to apply to this small stack): its plan replays into fresh and out= buffers
+    monkeypatch.setattr(quant_ops, "STACK_WEIGHT_BLOCKS", 1)
+    spy = _KernelSpy(quant_ops.quant_weight_stack_kernel)
+    monkeypatch.setattr(quant_ops, "quant_weight_stack_kernel", spy)
+    for use_out in (False, True):
+        builds, hits = plans.builds, plans.hits
+        for i in range(2):
+            aligned.mul_(-1.5)
+            rq, rs = reference.quantize_weight_blockwise(aligned)
+            out = poisoned(torch.empty(E, N, K, dtype=FP8_DTYPE, device="cuda"),
+                           torch.empty(E, N // 128, K // 128, device="cuda")) if use_out else None
+            q, s = ops.quantize_weight_blockwise(aligned, out=out)
+            assert_bitwise_equal(q, rq)
+            assert_bitwise_equal(s, rs)
+        assert (plans.builds, plans.hits) == (builds + 1, hits + 1), use_out
+    assert spy.launches == 2  # one per plan built; the replays launch the bound kernel
+    w = aligned.clone()
+    ops.quantize_weight_blockwise(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gq, gs = ops.quantize_weight_blockwise(w)
+    w.copy_(_x((E, N, K), torch.bfloat16, "cuda") * 3)
+    graph.replay()
+    rq, rs = reference.quantize_weight_blockwise(w)
+    assert_bitwise_equal(gq, rq)
+    assert_bitwise_equal(gs, rs)
+    monkeypatch.undo()
 
     w = aligned.clone()
     ops.quantize_weight_blockwise(w, with_transpose=True)  # the plan exists before capture

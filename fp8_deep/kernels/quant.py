@@ -152,6 +152,69 @@ def quant_weight_block_kernel(
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    """max(a, b), NaN from either side wins (torch.amax's semantics), as a compare and a select."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def quant_weight_stack_kernel(
+    # pointers: w, q contiguous (E, N, K) with N and K multiples of BLOCK; s contiguous (E, N / BLOCK, K / BLOCK)
+    w_ptr, q_ptr, s_ptr,
+    # K and K / BLOCK as compile-time constants: the index math folds to shifts and constants, the loops to one
+    # iteration (passed at run time, the same kernel measured 0.87x: bench/NOTES.md, session 10)
+    K: tl.constexpr, KB: tl.constexpr,
+    # numerics
+    FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
+    # meta: one BLOCK x BLOCK scale block per program, grid (E * N / BLOCK * KB,), 32 warps, num_stages=1
+    BLOCK: tl.constexpr,
+):
+    """One-layout quantization of a large contiguous weight stack, one scale block per program, read twice: the
+    amax pass loads the block ``evict_last``, the cast pass loads it again (an L2 hit) ``evict_first``, so nothing
+    is held across the scale's computation (~30 registers, two 32-warp programs per SM).
+
+    This is the op sequence torch.compile (inductor) generates for ``fp8_deep.reference``'s weight reduction, with
+    the contract's math: ``s = RN(amax / 448)``, ``q = w * RN(1 / s)`` (inductor: ``amax * RN(1/448)`` and an
+    approximate reciprocal, other bytes), and the non-finite policy of ``_weight_blocks``. Kept that close on
+    purpose: the same structure written otherwise (1-D tiles, max.NaN reduction, 3-level block index, no loop;
+    commit fb4be3d) ran 0.1% slower on the H100, this one level with torch.compile (bench/NOTES.md, session 12).
+    Offsets are int32: the launcher sends only tensors of fewer than 2**31 elements."""
+    R: tl.constexpr = BLOCK * BLOCK
+    blk = tl.program_id(0) + tl.arange(0, 1)[:, None]  # (1, 1): the block, and its scale's flat index
+    bcol = blk % KB
+    brow = blk // KB  # block rows of all experts in turn: a block row of w spans BLOCK * K elements
+    r_base = tl.arange(0, R)[None, :]
+    acc = tl.full([1, R], float("-inf"), tl.float32)
+    for r_off in tl.range(0, R, R):
+        r = r_off + r_base
+        r_mask = r < R
+        offs = r % BLOCK + BLOCK * bcol + K * (r // BLOCK) + (BLOCK * K) * brow
+        x = tl.abs(tl.load(w_ptr + offs, r_mask, other=0.0, eviction_policy="evict_last").to(tl.float32))
+        if NAN_MAX:
+            acc = tl.where(r_mask, _max_keep_nan(acc, x), acc)
+        else:  # the interpreter: NaN folded into +Inf, then a plain max (see _amax_nan)
+            acc = tl.where(r_mask, tl.maximum(acc, tl.where(x != x, float("inf"), x)), acc)
+    if NAN_MAX:
+        amax = tl.reduce(acc, 1, _max_keep_nan)[:, None]
+    else:
+        amax = tl.max(acc, 1)[:, None]
+    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)
+    if UE8M0:
+        s = _round_up_pow2(s)
+    bad = _is_bad(amax)
+    s = tl.where(bad, float("nan"), s)
+    tl.store(s_ptr + blk, s)
+    inv = tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), s)
+    for r_off in tl.range(0, R, R):
+        r = r_off + r_base
+        r_mask = r < R
+        offs = r % BLOCK + BLOCK * bcol + K * (r // BLOCK) + (BLOCK * K) * brow
+        w = tl.load(w_ptr + offs, r_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        tl.store(q_ptr + offs, _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty), r_mask)
+
+
+@triton.jit
 def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
                   FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
     """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).

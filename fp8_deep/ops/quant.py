@@ -11,7 +11,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..kernels.quant import quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel
+from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel,
+                             quant_weight_stack_kernel)
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
@@ -115,21 +116,27 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     q3, s3 = o3[0], o3[1]
     qt3, st3 = (o3[2], o3[3]) if with_transpose else (q3, s3)  # unused when WITH_TRANSPOSE is False
     E = w3.shape[0]
-    tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
     fast = gpu_fast_paths(w)
-    grid = (cdiv(kb, blocks_k), nb, E)
-    args = (w3, q3, s3, qt3, st3, N, K, E, nb, kb,
-            *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
-    kwargs = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", WITH_TRANSPOSE=with_transpose,
-                  NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], **_weight_hints(with_transpose),
-                  BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
-    compiled = quant_weight_block_kernel[grid](*args, **kwargs)
+    numerics = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", NAN_MAX=fast["NAN_MAX"],
+                    NAN_SELECT=fast["NAN_SELECT"])
+    if _stack_kernel_applies(w3, q3, s3, block_size, with_transpose):
+        kernel, grid, n_dynamic = quant_weight_stack_kernel, (E * nb * kb,), 3
+        args = (w3, q3, s3)
+        kwargs = dict(K=K, KB=kb, **numerics, BLOCK=bn, num_warps=32, num_stages=1)
+    else:
+        tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
+        kernel, grid, n_dynamic = quant_weight_block_kernel, (cdiv(kb, blocks_k), nb, E), 5
+        args = (w3, q3, s3, qt3, st3, N, K, E, nb, kb,
+                *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
+        kwargs = dict(**numerics, WITH_TRANSPOSE=with_transpose, **_weight_hints(with_transpose),
+                      BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
+    compiled = kernel[grid](*args, **kwargs)
     if plan_key is not None and not interpreter_active():
         # the 3-D views share the tensors' data pointers: the plan launches on w and the outputs themselves
-        launch = bind_compiled(quant_weight_block_kernel, compiled, grid, args, kwargs, n_dynamic=5)
+        launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=n_dynamic)
         if launch is not None:
             spans = (byte_span(w), *(byte_span(o) for o in outs)) if out is not None else None
-            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, shapes[:n_out], dtypes[:n_out], w.device, spans))
+            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, n_dynamic, shapes[:n_out], dtypes[:n_out], w.device, spans))
     return tuple(outs)
 
 
@@ -158,14 +165,15 @@ def _weight_plan_key(w, block_size, scale_fmt, with_transpose, out):
         return None
     return (_tensor_signature(w), torch.cuda.current_device(), tuple(block_size), scale_fmt, with_transpose, out_sig,
             os.environ.get(PLAIN_ENV), os.environ.get(WEIGHT_CONFIG_ENV), os.environ.get(WEIGHT_HINTS_ENV),
-            SMALL_WEIGHT_BLOCKS, interpreter_active())
+            SMALL_WEIGHT_BLOCKS, STACK_WEIGHT_BLOCKS, interpreter_active())
 
 
-def _weight_plan(launch, shapes, dtypes, device, spans):
+def _weight_plan(launch, n_dynamic, shapes, dtypes, device, spans):
     """A validated ``quantize_weight_blockwise`` call replayed: the caller's ``out`` buffers or fresh contiguous
     outputs (as the full path allocates them), the same kernel. Without the transposed copy the kernel's (q_t,
     scale_t) arguments are (q, scale) again, as in the full path. ``spans``: the byte extents of ``w`` and the
-    ``out`` buffers (fixed by their layouts, which the key holds); a replay whose buffers overlap returns None."""
+    ``out`` buffers (fixed by their layouts, which the key holds); a replay whose buffers overlap returns None.
+    ``n_dynamic``: how many tensors the bound kernel takes."""
     def run(w, out):
         if out is not None:
             ranges = sorted((t.data_ptr(), t.data_ptr() + n) for t, n in zip((w, *out), spans) if n)
@@ -173,10 +181,8 @@ def _weight_plan(launch, shapes, dtypes, device, spans):
                 return None
         outs = tuple(out) if out is not None else tuple(torch.empty(s, dtype=d, device=device)
                                                         for s, d in zip(shapes, dtypes))
-        if len(outs) == 2:
-            launch(w, *outs, *outs)
-        else:
-            launch(w, *outs)
+        # the tile kernel takes (w, q, s, q_t, s_t), with (q, s) again for one layout; the stack kernel (w, q, s)
+        launch(*((w, *outs, *outs) if len(outs) == 2 else (w, *outs))[:n_dynamic])
         return outs
 
     return run
@@ -386,7 +392,8 @@ def _weight_hints(with_transpose: bool) -> dict:
     kernel, 33.2 us with no hint. A 4096^3 matmul after it: 169.6 / 174.1 / 170.2 us. Neither re-reading the lines
     ``evict_first`` (all blocks, or only the last 64 MB, whole blocks or one element per line), nor ``evict_first``
     loads for the last 64 MB, nor ``applypriority`` (16-20% slower) gave that back. ``FP8_DEEP_WEIGHT_QUANT_HINTS``
-    names a preset (``none`` for no hint)."""
+    names a preset (``none`` for no hint). These are the tile kernel's (quant_weight_block_kernel); the stack kernel
+    has torch.compile's two policies built in."""
     val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "el")
     if val not in _WEIGHT_HINTS:
         raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
@@ -404,10 +411,35 @@ def _pinned(env: str, n: int):
     return parts
 
 
+# one-layout 128x128 quantization of contiguous stacks of at least this many scale blocks (and fewer than 2**31
+# elements, whole blocks only) runs quant_weight_stack_kernel, everything else quant_weight_block_kernel
+STACK_WEIGHT_BLOCKS = SMALL_WEIGHT_BLOCKS
+_INT32_ELEMS = 2 ** 31
+
+
+def _stack_kernel_applies(w3, q3, s3, block_size, with_transpose: bool) -> bool:
+    """Whether ``quant_weight_stack_kernel`` runs: one layout, 128x128 blocks, ``w``, ``q`` and ``scale``
+    contiguous, ``N`` and ``K`` multiples of 128, at least STACK_WEIGHT_BLOCKS blocks and fewer than 2**31 elements
+    (its offsets are int32), and no pinned tile configuration (``FP8_DEEP_WEIGHT_QUANT_CONFIG`` selects the tile
+    kernel, for A/B runs).
+
+    H100, x torch.compile, do_bench, paired over interleaved rounds (bench/NOTES.md, session 12): 32x4096x7168 /
+    32x7168x2048 0.9998 / 0.9999 (compile against itself 0.9997 / 1.0001), the tile kernel in the same run 0.9992 /
+    0.9990; on smaller tensors (7168x18432, 4096x7168, 8x4096x7168) the tile kernel leads torch.compile by 1-3% and
+    keeps them. Each K compiles its own kernel (K and K / 128 are constexpr)."""
+    _, N, K = w3.shape
+    return (not with_transpose and tuple(block_size) == (BLOCK, BLOCK) and N % BLOCK == 0 and K % BLOCK == 0
+            and w3.numel() // (BLOCK * BLOCK) >= STACK_WEIGHT_BLOCKS and w3.numel() < _INT32_ELEMS
+            and not os.environ.get(WEIGHT_CONFIG_ENV)
+            and w3.is_contiguous() and q3.is_contiguous() and s3.is_contiguous())
+
+
 def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
     """(TCHUNK, num_warps, BLOCKS_K) of the weight kernel: the column slice of the transposed copy, warps per
     program, scale blocks per program along K (one layout only), for a tensor of ``n_blocks`` scale blocks.
 
+    (Contiguous one-layout stacks of whole 128x128 blocks take quant_weight_stack_kernel instead from
+    STACK_WEIGHT_BLOCKS on, unless a configuration is pinned: _stack_kernel_applies.)
     One layout: two blocks per program and 8 warps (172 registers, one program per SM) from SMALL_WEIGHT_BLOCKS
     blocks on; below, one block per program and 16 warps (58 registers, two per SM): measured faster on tensors of
     few waves, not explained by the last wave alone (bench/diag_weight_tail.py). H100, CUDA-graph replays on cold inputs, x torch.compile (session 9, bench/NOTES.md):
