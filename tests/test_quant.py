@@ -889,9 +889,7 @@ def test_gpu_weight_launch_plans(monkeypatch):
     monkeypatch.delenv("FP8_DEEP_WEIGHT_QUANT_CONFIG")
 
     # the stack kernel (made to apply to this small stack): its plan replays into fresh and out= buffers
-    monkeypatch.setattr(quant_ops, "STACK_WEIGHT_BLOCKS", 1)
-    spy = _KernelSpy(quant_ops.quant_weight_stack_kernel)
-    monkeypatch.setattr(quant_ops, "quant_weight_stack_kernel", spy)
+    spy = _spy_stack_kernel(monkeypatch)
     for use_out in (False, True):
         builds, hits = plans.builds, plans.hits
         for i in range(2):

@@ -158,6 +158,14 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
+def _stack_slice(r_off, r_base, bcol, brow, K: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets and mask of one pass's (1, R) slice of block (brow, bcol): its element r is row r // BLOCK, column
+    r % BLOCK of the block; a block row of w spans BLOCK * K elements."""
+    r = r_off + r_base
+    return r % BLOCK + BLOCK * bcol + K * (r // BLOCK) + (BLOCK * K) * brow, r < BLOCK * BLOCK
+
+
+@triton.jit
 def quant_weight_stack_kernel(
     # pointers: w, q contiguous (E, N, K) with N and K multiples of BLOCK; s contiguous (E, N / BLOCK, K / BLOCK)
     w_ptr, q_ptr, s_ptr,
@@ -183,13 +191,11 @@ def quant_weight_stack_kernel(
     R: tl.constexpr = BLOCK * BLOCK
     blk = tl.program_id(0) + tl.arange(0, 1)[:, None]  # (1, 1): the block, and its scale's flat index
     bcol = blk % KB
-    brow = blk // KB  # block rows of all experts in turn: a block row of w spans BLOCK * K elements
+    brow = blk // KB  # block rows of all experts in turn
     r_base = tl.arange(0, R)[None, :]
     acc = tl.full([1, R], float("-inf"), tl.float32)
     for r_off in tl.range(0, R, R):
-        r = r_off + r_base
-        r_mask = r < R
-        offs = r % BLOCK + BLOCK * bcol + K * (r // BLOCK) + (BLOCK * K) * brow
+        offs, r_mask = _stack_slice(r_off, r_base, bcol, brow, K, BLOCK)
         x = tl.abs(tl.load(w_ptr + offs, r_mask, other=0.0, eviction_policy="evict_last").to(tl.float32))
         if NAN_MAX:
             acc = tl.where(r_mask, _max_keep_nan(acc, x), acc)
@@ -207,9 +213,7 @@ def quant_weight_stack_kernel(
     tl.store(s_ptr + blk, s)
     inv = tl.math.div_rn(tl.full([1, 1], 1.0, tl.float32), s)
     for r_off in tl.range(0, R, R):
-        r = r_off + r_base
-        r_mask = r < R
-        offs = r % BLOCK + BLOCK * bcol + K * (r // BLOCK) + (BLOCK * K) * brow
+        offs, r_mask = _stack_slice(r_off, r_base, bcol, brow, K, BLOCK)
         w = tl.load(w_ptr + offs, r_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         tl.store(q_ptr + offs, _nan_if(bad, w * inv, NAN_SELECT).to(q_ptr.dtype.element_ty), r_mask)
 

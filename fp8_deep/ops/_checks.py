@@ -69,6 +69,14 @@ def byte_span(t: torch.Tensor) -> int:
     return (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
+def any_overlap(ranges: Iterable) -> bool:
+    """Whether two of the byte ranges ``(start, end)`` intersect (empty ones never do). Sorted by start, an
+    intersecting pair implies an intersecting neighbour pair. The launch-plan replays' check: their inputs are one
+    tensor, so any overlap is one check_outputs_disjoint rejects."""
+    ranges = sorted(r for r in ranges if r[1] > r[0])
+    return any(b0 < a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:]))
+
+
 def check_outputs_disjoint(inputs: Sequence, outputs: Sequence) -> None:
     """Caller-owned outputs must not overlap themselves (``expand``ed buffers), each other or an input: the kernel's
     programs would race on shared bytes or overwrite input they have not read yet. ``inputs`` / ``outputs``:

@@ -17,8 +17,8 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
 from ._launch import PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
-from ._checks import (byte_span, check_choice, check_eps, check_int, check_out, check_outputs_disjoint,
-                      check_tensor, is_int_pair)
+from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
+                      check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
@@ -136,7 +136,8 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
         launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=n_dynamic)
         if launch is not None:
             spans = (byte_span(w), *(byte_span(o) for o in outs)) if out is not None else None
-            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, n_dynamic, shapes[:n_out], dtypes[:n_out], w.device, spans))
+            _WEIGHT_PLANS.put(plan_key, _weight_plan(launch, n_dynamic, shapes[:n_out], dtypes[:n_out], w.device,
+                                                     spans))
     return tuple(outs)
 
 
@@ -175,10 +176,8 @@ def _weight_plan(launch, n_dynamic, shapes, dtypes, device, spans):
     ``out`` buffers (fixed by their layouts, which the key holds); a replay whose buffers overlap returns None.
     ``n_dynamic``: how many tensors the bound kernel takes."""
     def run(w, out):
-        if out is not None:
-            ranges = sorted((t.data_ptr(), t.data_ptr() + n) for t, n in zip((w, *out), spans) if n)
-            if any(b0 < a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
-                return None
+        if out is not None and any_overlap((t.data_ptr(), t.data_ptr() + n) for t, n in zip((w, *out), spans)):
+            return None
         outs = tuple(out) if out is not None else tuple(torch.empty(s, dtype=d, device=device)
                                                         for s, d in zip(shapes, dtypes))
         # the tile kernel takes (w, q, s, q_t, s_t), with (q, s) again for one layout; the stack kernel (w, q, s)
@@ -442,7 +441,8 @@ def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
     STACK_WEIGHT_BLOCKS on, unless a configuration is pinned: _stack_kernel_applies.)
     One layout: two blocks per program and 8 warps (172 registers, one program per SM) from SMALL_WEIGHT_BLOCKS
     blocks on; below, one block per program and 16 warps (58 registers, two per SM): measured faster on tensors of
-    few waves, not explained by the last wave alone (bench/diag_weight_tail.py). H100, CUDA-graph replays on cold inputs, x torch.compile (session 9, bench/NOTES.md):
+    few waves, not explained by the last wave alone (bench/diag_weight_tail.py). H100, CUDA-graph replays on cold
+    inputs, x torch.compile (session 9, bench/NOTES.md):
     4096x7168 1.037 vs 0.972, 7168x18432 1.009 vs 0.999, 8x4096x7168 1.006 vs 1.004; 32x7168x2048 0.999 vs 1.000,
     32x4096x7168 0.998 vs 1.000. (4 warps measured 27% slower; 16 warps with two blocks the same as 8.)
     With the transposed copy: 64-column slices and 16 warps (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with
