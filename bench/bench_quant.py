@@ -71,6 +71,8 @@ VARIANTS = {
     "a_rn": ("act", {"FP8_DEEP_QUANT_PLAIN": "div"}),  # IEEE division per element instead of reciprocal + FMA fix
     "a_sel": ("act", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
     "a_t32": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4"}),  # the (32 rows, 2 groups) tile, the old default
+    # the flat kernel's scale stores without an L2 hint (the default before session 13: evict_last since)
+    "a_snone": ("act", {"FP8_DEEP_ACT_SCALE_EVICT": "none"}),
     # tiles whose column-major (TMA-aligned) scale stores fill whole 32-byte sectors (8 rows) or half ones (4 rows)
     **{f"a_t{bm}g{gp}": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": f"{bm},{gp},4"}) for bm, gp in ((8, 8), (4, 16), (8, 4))},
     **{f"a_f{bg}w{nw}": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": f"flat,{bg},{nw}"})

@@ -33,7 +33,7 @@ NG = 4096 * 56
 kargs = (x.view(1, 4096, 7168), q.view(1, 4096, 7168), s.view(1, 4096, 56), NG, 4096, 56, x.numel(), 7168, q.numel(),
          7168, s.numel(), 56, 1)
 kw = dict(FP8_MAX=448.0, EPS=1e-10, UE8M0=False, FMA_DIV=True, NAN_MAX=True, NAN_SELECT=False, GROUP=128, BLOCK_G=16,
-          num_warps=4)
+          S_EVICT="evict_last", num_warps=4)
 grid = (triton.cdiv(NG, 16),)
 compiled = quant_act_flat_kernel[grid](*kargs, **kw)
 full = list(kargs) + [kw[p.name] for p in quant_act_flat_kernel.params[len(kargs):]]

@@ -496,6 +496,23 @@ def test_activation_kernel_configs_bit_exact(config, device, monkeypatch):
         assert torch.isfinite(s[1, 6, 1]) and torch.isfinite(s[0]).all()
 
 
+@pytest.mark.parametrize("policy", ["none", "evict_first", "evict_last"])
+def test_activation_scale_evict_bit_exact(policy, device, monkeypatch):
+    # an L2 hint on the flat kernel's scale stores changes no byte (default evict_last; the others are A/B runs)
+    monkeypatch.setenv("FP8_DEEP_ACT_SCALE_EVICT", policy)
+    x = _x((2, 9, 3 * 128), torch.bfloat16, device)
+    x[1, 4, 130] = float("nan")
+    for layout in ("row_major", "tma_aligned"):
+        q, s = _check_act(x, scale_layout=layout)
+        assert torch.isnan(s[1, 4, 1]) and torch.isfinite(s[1, 4, 0])
+
+
+def test_activation_scale_evict_errors(device, monkeypatch):
+    monkeypatch.setenv("FP8_DEEP_ACT_SCALE_EVICT", "evict_normal")
+    with pytest.raises(ValueError, match="FP8_DEEP_ACT_SCALE_EVICT='evict_normal': expected one of"):
+        ops.quantize_activation(_x((4, 256), torch.bfloat16, device))
+
+
 def test_activation_flat_config_errors(device, monkeypatch):
     monkeypatch.setenv("FP8_DEEP_ACT_QUANT_CONFIG", "flat,24,4")
     with pytest.raises(ValueError, match="BLOCK_G a power of two"):
@@ -757,6 +774,13 @@ def test_gpu_activation_launch_plans(monkeypatch):
     assert_bitwise_equal(q, rq)
     assert_bitwise_equal(s, rs)
     monkeypatch.delenv("FP8_DEEP_ACT_QUANT_CONFIG")
+    builds = plans.builds
+    monkeypatch.setenv("FP8_DEEP_ACT_SCALE_EVICT", "none")  # another scale-store policy: a new plan, same bytes
+    q, s = ops.quantize_activation(aligned, backend="triton")
+    assert plans.builds == builds + 1
+    assert_bitwise_equal(q, rq)
+    assert_bitwise_equal(s, rs)
+    monkeypatch.delenv("FP8_DEEP_ACT_SCALE_EVICT")
 
     x = aligned.clone()
     ops.quantize_activation(x, backend="triton")  # the plan exists before capture

@@ -299,8 +299,8 @@ def quant_act_flat_kernel(
     NAN_SELECT: tl.constexpr,
     # meta: a program owns BLOCK_G consecutive groups in (b, m, g) order -- for a contiguous x one contiguous run of
     # BLOCK_G * GROUP elements (the access pattern of a copy; the (BLOCK_M, width) tile of quant_act_group_kernel
-    # reads BLOCK_M short row runs instead)
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    # reads BLOCK_M short row runs instead). S_EVICT: the scale stores' L2 policy ("" for none)
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, S_EVICT: tl.constexpr,
 ):
     # int32 index math (NG < 2**31, the launcher checks): a 64-bit division costs ~4x a 32-bit one
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -316,4 +316,6 @@ def quant_act_flat_kernel(
     q, s = _quant_groups(x, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
     tl.store(q_ptr + (b * stride_qb + m * stride_qm + gi * GROUP)[:, None] + j[None, :],
              q.to(q_ptr.dtype.element_ty), mask=gmask[:, None])
-    tl.store(s_ptr + b * stride_sb + m * stride_sm + gi * stride_sg, s, mask=gmask)
+    # column-major (TMA-aligned) scale lines hold 32 rows of one group, written by ~112 programs: evict_last keeps
+    # each line in L2 until it is complete instead of writing it back in pieces (1-3% at M = 4096-8192 on an H100)
+    tl.store(s_ptr + b * stride_sb + m * stride_sm + gi * stride_sg, s, mask=gmask, eviction_policy=S_EVICT)
