@@ -104,9 +104,10 @@ def bench_clean_flush(fn: Callable[[], object], *, warmup: int = 25, rep: int = 
                       flush_bytes: int = 256 * 2 ** 20) -> List[float]:
     """``[median, p20, p80]`` ms of ``triton.testing.do_bench``'s loop (flush, start event, one call, end event;
     as there, host launch time counts only where it outlasts the ~85 us flush queued ahead of the start event) with
-    one difference: the flush *reads* ``flush_bytes`` instead of zeroing them. do_bench's zeroing leaves up to one L2 of dirty lines that the timed call has to write back to HBM as it
-    evicts them: at 30-90 MB a call pays that on top of its own traffic (a copy of 88 MB reaches ~85% of the
-    2 GiB copy rate there). After a read the lines are clean and the inputs still cold: the call's own traffic."""
+    one difference: the flush *reads* ``flush_bytes`` instead of zeroing them. do_bench's zeroing leaves the L2
+    full of dirty lines, which the timed call writes back to HBM as it evicts them: at 30-90 MB a call pays that on
+    top of its own traffic (a copy of 88 MB reaches ~85% of the 2 GiB copy rate there; bench/diag_flush_dram.py
+    counts the bytes). After a read the lines are clean and the inputs still cold: the call's own traffic."""
     cache = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
     fn()
     torch.cuda.synchronize()

@@ -124,6 +124,12 @@ def act_ref_fast_tma(x: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------- checks
+def act_nbytes(numel: int) -> int:
+    """An activation quantizer's minimal traffic for ``numel`` bf16 inputs: read them, write FP8 and one float32
+    scale per 128."""
+    return numel * 3 + (numel // 128) * 4
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
     """Number of differing elements (bitwise); -1 on shape/dtype mismatch."""
     if a.shape != b.shape or a.dtype != b.dtype:
@@ -225,7 +231,7 @@ class QuantBench:
         M = shape[0]
         x = C.randn((M, ACT_K), seed=2 + 100 * index)
         numel = x.numel()
-        nbytes = numel * 3 + (numel // 128) * 4
+        nbytes = act_nbytes(numel)
         ops = self.ops
         layout = "tma_aligned" if tma else "row_major"
 

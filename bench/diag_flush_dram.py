@@ -50,7 +50,7 @@ from fp8_deep import ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from bench_quant import act_ref_fast  # noqa: E402
+from bench_quant import act_nbytes, act_ref_fast  # noqa: E402
 
 K = 7168
 FLUSHES = ("zero", "read", "none")
@@ -69,8 +69,8 @@ def env_list(name, default):
 
 
 def minimal_bytes(M):
-    """The op's own traffic: bf16 in, fp8 out, one float32 scale per 128 (what bench_quant counts)."""
-    return M * K * 2 + M * K + M * (K // 128) * 4
+    """The op's own traffic at M rows (bench_quant's count)."""
+    return act_nbytes(M * K)
 
 
 class Setup:

@@ -44,7 +44,7 @@ from fp8_deep.ops.quant import gpu_fast_paths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from bench_quant import act_ref_fast_tma  # noqa: E402
+from bench_quant import act_nbytes, act_ref_fast_tma  # noqa: E402
 
 K = 7168
 ROUNDS = int(os.environ.get("PAT_ROUNDS", "6"))
@@ -122,7 +122,7 @@ def main():
             order = names if r % 2 == 0 else names[::-1]
             for n in order:
                 times[n].append(tt.do_bench(fns[n], warmup=25, rep=200, return_mode="median"))
-        nbytes = M * K * 3 + M * (K // 128) * 4
+        nbytes = act_nbytes(M * K)
         print(f"\nM={M}: median us, % of the 2 GiB copy rate ({copy:.0f} GB/s), paired ratio to lib (>1 faster) "
               f"[range], to compile")
         for n in names:

@@ -397,10 +397,16 @@ def _weight_hints(with_transpose: bool) -> dict:
     loads for the last 64 MB, nor ``applypriority`` (16-20% slower) gave that back. ``FP8_DEEP_WEIGHT_QUANT_HINTS``
     names a preset (``none`` for no hint). These are the tile kernel's (quant_weight_block_kernel); the stack kernel
     has torch.compile's two policies built in."""
-    val = os.environ.get(WEIGHT_HINTS_ENV) or ("el_rf" if with_transpose else "el")
-    if val not in _WEIGHT_HINTS:
-        raise ValueError(f"{WEIGHT_HINTS_ENV}={val!r}: expected one of {sorted(_WEIGHT_HINTS)}")
-    return dict(zip(("LOAD_EVICT", "STORE_EVICT", "RELOAD_EVICT"), _WEIGHT_HINTS[val]))
+    policies = _env_preset(WEIGHT_HINTS_ENV, _WEIGHT_HINTS, "el_rf" if with_transpose else "el")
+    return dict(zip(("LOAD_EVICT", "STORE_EVICT", "RELOAD_EVICT"), policies))
+
+
+def _env_preset(env: str, presets: dict, default: str):
+    """``presets[name]`` for the preset ``env`` names (``default`` when unset): the L2-policy A/B switches."""
+    val = os.environ.get(env) or default
+    if val not in presets:
+        raise ValueError(f"{env}={val!r}: expected one of {sorted(presets)}")
+    return presets[val]
 
 
 def _pinned(env: str, n: int):
@@ -512,10 +518,7 @@ def _act_scale_evict() -> str:
     """The flat activation kernel's scale-store L2 policy: ``evict_last`` unless ``FP8_DEEP_ACT_SCALE_EVICT``
     names another (``evict_first``, ``none``) for an A/B run. With TMA-aligned scales at M = 4096 / 8192 it took
     the kernel from 81.8 / 88.8% of the copy rate to 84.0 / 91.6% (H100, session 13, bench/proto_act_tma.py)."""
-    val = os.environ.get(ACT_SCALE_EVICT_ENV) or "evict_last"
-    if val not in _ACT_SCALE_EVICTS:
-        raise ValueError(f"{ACT_SCALE_EVICT_ENV}={val!r}: expected one of {sorted(_ACT_SCALE_EVICTS)}")
-    return _ACT_SCALE_EVICTS[val]
+    return _env_preset(ACT_SCALE_EVICT_ENV, _ACT_SCALE_EVICTS, "evict_last")
 
 
 def to_tma_aligned_scales(scale: torch.Tensor) -> torch.Tensor:
