@@ -40,6 +40,13 @@ __all__ = [
     "moe_combine",
     "moe_forward_bf16",
     "moe_forward_fp8_emulated",
+    "quantize_gate_up",
+    "dequantize_gate_up",
+    "quantize_activation_t",
+    "silu_mul_backward",
+    "k_grouped_gemm_fp8",
+    "moe_forward_float",
+    "moe_backward",
 ]
 
 
@@ -313,3 +320,177 @@ def moe_forward_fp8_emulated(hidden, w13, w2, topk_weights, topk_ids, *, w13_sca
         return block_scaled_matmul(qa, sa, w2[e], w2_scale[e], accumulate).to(dt)
 
     return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)
+
+
+# ------------------------------------------------------------------------------------------------ training (backward)
+# The backward of the FP8 MoE follows DeepSeek-V3's recipe (technical report, section 3.3): every GEMM reads FP8 with
+# FP32 promotion every 128 of K -- dgrad with the gradient quantized in 1x128 groups along its row and the weights'
+# transposed 128x128 blocks, wgrad with both operands in 128x1 tiles (groups of 128 consecutive rows of an expert
+# segment, per column: the reduction runs over tokens) -- and the SwiGLU input is cached in FP8 and SwiGLU is
+# recomputed. The functions below are the executable spec of each step; ``moe_backward`` composes them.
+
+
+def quantize_gate_up(h: torch.Tensor, group_size: int = BLOCK, scale_fmt: str = "fp32", eps: float = ACT_EPS):
+    """FP8 cache of the SwiGLU input ``h = [gate | up]`` ``(M, 2I)``: each half quantized in 1 x group_size groups
+    on its own (a group never straddles gate and up, whatever I is).
+
+    Returns ``q`` float8_e4m3fn ``(M, 2I)`` contiguous and row-major float32 scales ``(M, 2G)``, ``G = ceil(I /
+    group_size)``: columns ``[0, G)`` are the gate's groups, ``[G, 2G)`` the up projection's."""
+    inter = h.shape[-1] // 2
+    qg, sg = quantize_activation(h[..., :inter], group_size, scale_fmt, eps)
+    qu, su = quantize_activation(h[..., inter:], group_size, scale_fmt, eps)
+    return torch.cat([qg, qu], -1).contiguous(), torch.cat([sg, su], -1).contiguous()
+
+
+def dequantize_gate_up(q: torch.Tensor, s: torch.Tensor, group_size: int = BLOCK) -> torch.Tensor:
+    """Inverse of ``quantize_gate_up``: float32 ``(M, 2I)``."""
+    inter = q.shape[-1] // 2
+    G = s.shape[-1] // 2
+    return torch.cat([dequantize_activation(q[..., :inter], s[..., :G], group_size),
+                      dequantize_activation(q[..., inter:], s[..., G:], group_size)], -1)
+
+
+def quantize_activation_t(x: torch.Tensor, x_scale=None, group_size: int = BLOCK, scale_fmt: str = "fp32",
+                          eps: float = ACT_EPS):
+    """128x1 tiles for a wgrad operand: ``x`` ``(M, C)`` -- high precision, or FP8 with 1 x group_size row scales
+    ``x_scale`` ``(M, ceil(C/group_size))`` (any strides), which is dequantized first (``q * s`` in float32: the
+    re-tiling of a cached FP8 activation) -- quantized in groups of ``group_size`` consecutive rows per column.
+
+    Returns ``q_t`` float8_e4m3fn ``(C, M)`` contiguous (``x``'s transpose: rows become the K-major reduction axis)
+    and float32 ``s_t`` ``(C, ceil(M/group_size))`` (row-major here; kernels may write any strides). Math per group:
+    ``quantize_activation``'s (``amax = max(max|x|, eps)``, ``s = amax / 448``, ``q = fp8(clamp(x / s))``)."""
+    xf = dequantize_activation(x, x_scale, group_size) if x_scale is not None else x.float()
+    return quantize_activation(xf.t(), group_size, scale_fmt, eps)
+
+
+def silu_mul_backward(h: torch.Tensor, grad_a: torch.Tensor):
+    """Backward of ``a = silu(gate) * up`` in float32: ``h = [gate | up]`` ``(M, 2I)``, ``grad_a`` ``(M, I)``.
+
+    Returns float32 (float64 for float64 input) ``(grad_h (M, 2I), a (M, I))`` with ``grad_gate = grad_a * up * sig(g) * (1 + g * (1 - sig(g)))``,
+    ``grad_up = grad_a * silu(g)`` and the recomputed ``a``."""
+    inter = h.shape[-1] // 2
+    f = torch.promote_types(h.dtype, torch.float32)  # float64 stays float64 (gradcheck of the exact math)
+    g, u = h[..., :inter].to(f), h[..., inter:].to(f)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    ga = grad_a.to(f)
+    return torch.cat([ga * u * (sig * (1 + g * (1 - sig))), ga * silu], -1), silu * u
+
+
+def k_grouped_gemm_fp8(a_t, a_t_scale, b_t, b_t_scale, expert_offsets, expert_counts, group_size: int = BLOCK):
+    """The wgrad GEMM, grouped along K (= the rows of the expert segments), float32 math.
+
+    a_t: FP8 ``(P, M)``, b_t: FP8 ``(Q, M)`` (K-major: M contiguous), scales float32 ``(P, ceil(M/128))`` and
+    ``(Q, ceil(M/128))`` (any strides) of 128x1 tiles, i.e. of ``group_size`` consecutive rows of M per column;
+    expert_offsets / expert_counts int ``(E,)``: expert ``e`` owns columns ``[off_e, off_e + count_e)`` of M
+    (segments start at multiples of ``group_size``, so no group straddles two experts).
+
+    Returns float32 ``(E, P, Q)``: ``out[e] = deq(a_t)[:, seg_e] @ deq(b_t)[:, seg_e].T`` (zeros for empty experts)."""
+    A = dequantize_activation(a_t, a_t_scale, group_size)
+    B = dequantize_activation(b_t, b_t_scale, group_size)
+    E = expert_offsets.numel()
+    out = torch.zeros(E, A.shape[0], B.shape[0], dtype=torch.float32, device=a_t.device)
+    for e, (off, cnt) in enumerate(zip(expert_offsets.tolist(), expert_counts.tolist())):
+        if cnt > 0:
+            out[e] = A[:, off:off + cnt] @ B[:, off:off + cnt].t()
+    return out
+
+
+def _silu_mul_exact(h):
+    inter = h.shape[-1] // 2
+    return F.silu(h[..., :inter]) * h[..., inter:]
+
+
+def moe_forward_float(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
+    """The MoE in the inputs' own precision with no rounding between steps (float64 inputs: the exact function the
+    FP8 recipe approximates; differentiable with autograd, for ``torch.autograd.gradcheck``)."""
+    ids = _local_ids(topk_ids, expert_map)
+    out = torch.zeros_like(hidden)
+    for e in range(w13.shape[0]):
+        t_idx, k_idx = (ids == e).nonzero(as_tuple=True)
+        if t_idx.numel():
+            o = _silu_mul_exact(hidden[t_idx] @ w13[e].t()) @ w2[e].t()
+            out = out.index_add(0, t_idx, topk_weights[t_idx, k_idx][:, None].to(o.dtype) * o)
+    return out
+
+
+def moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, *, expert_map=None, scale_fmt="fp32",
+                 quantize=True, out_dtype=None):
+    """Gradients of the MoE layer ``(grad_hidden, grad_w13, grad_w2, grad_topk_weights)``, step by step as the FP8
+    training path computes them (``quantize=True``), or the exact float math (``quantize=False``: every quantization
+    and rounding is the identity; with float64 inputs this is the analytic gradient of ``moe_forward_float``).
+
+    The recipe, per expert ``e`` with its rows in ascending flat choice order ``t * top_k + j`` (the routing plan's):
+      forward (recomputed here): ``x_q = deq(q_1x128(x))``, ``W = deq(q_128x128(w))``, ``h = rnd(x_q @ W13^T)``,
+        cached as ``h_c = dequantize_gate_up(quantize_gate_up(h))``;
+      ``dy_q = deq(q_1x128(grad_out))`` per token; ``g = rnd(dy_q[rows] @ W2)`` (dgrad of GEMM2 on the *unweighted*
+        gradient rows); ``(dh_raw, a) = silu_mul_backward(h_c, g)`` with the row weight ``w`` applied first:
+        ``grad_topk_weights = sum_i g * a`` (float32), ``dh = silu_mul_backward(h_c, w * g)``;
+      ``grad_x`` rows ``= rnd(deq(q_1x128(dh)) @ W13)``, summed over each token's choices in float32, j ascending;
+      ``grad_w2[e] = deq(q_t(dy_q[rows])) @ deq(q_t(w * a)).T``, ``grad_w13[e] = deq(q_t(dh)) @ deq(q_t(x_q[rows])).T``
+        with ``q_t`` = ``quantize_activation_t`` (128x1 tiles along the segment's rows).
+    ``rnd`` rounds to ``hidden.dtype`` (GEMM outputs are stored in it). Weight gradients are float32 here
+    (``out_dtype`` casts them); ``grad_hidden`` is in ``hidden.dtype``, ``grad_topk_weights`` float32."""
+    dt = hidden.dtype
+    T, H = hidden.shape
+    E, two_i, _ = w13.shape
+    inter = two_i // 2
+    ids = _local_ids(topk_ids, expert_map)
+    f32 = torch.float32 if quantize else torch.promote_types(dt, torch.float32)
+
+    if quantize:
+        def q1x128(t):  # quantize 1x128 along rows, dequantize
+            return dequantize_activation(*quantize_activation(t, scale_fmt=scale_fmt))
+
+        def qt(t):  # 128x1 tiles along the rows, dequantized and transposed back to (C, n)
+            return dequantize_activation(*quantize_activation_t(t, scale_fmt=scale_fmt))
+
+        def rnd(t):
+            return t.to(dt).to(f32)
+
+        def cache_h(h):
+            return dequantize_gate_up(*quantize_gate_up(h.to(dt), scale_fmt=scale_fmt))
+
+        W13 = dequantize_blockwise(*quantize_weight_blockwise(w13, scale_fmt=scale_fmt)) \
+            if w13.dtype != FP8_DTYPE else None
+        W2 = dequantize_blockwise(*quantize_weight_blockwise(w2, scale_fmt=scale_fmt)) \
+            if w2.dtype != FP8_DTYPE else None
+    else:
+        def q1x128(t):
+            return t.to(f32)
+
+        def qt(t):
+            return t.to(f32).t()
+
+        rnd = cache_h = q1x128
+        W13, W2 = w13.to(f32), w2.to(f32)
+    if W13 is None or W2 is None:
+        raise TypeError("moe_backward needs the high-precision master weights (the gradients are theirs)")
+    x_q = q1x128(hidden)
+    dy_q = q1x128(grad_out)
+    tw = topk_weights.to(f32)
+
+    g_x = torch.zeros(T, ids.shape[1], H, dtype=f32, device=hidden.device)
+    g_w13 = torch.zeros(E, two_i, H, dtype=f32, device=hidden.device)
+    g_w2 = torch.zeros(E, H, inter, dtype=f32, device=hidden.device)
+    g_tw = torch.zeros(T, ids.shape[1], dtype=f32, device=hidden.device)
+    for e in range(E):
+        t_idx, k_idx = (ids == e).nonzero(as_tuple=True)
+        if t_idx.numel() == 0:
+            continue
+        xe = x_q[t_idx]
+        h_c = cache_h(rnd(xe @ W13[e].t()))
+        g = rnd(dy_q[t_idx] @ W2[e])
+        w = tw[t_idx, k_idx][:, None]
+        _, a = silu_mul_backward(h_c, g)
+        g_tw[t_idx, k_idx] = (g * a.to(f32)).sum(-1)
+        dh, _ = silu_mul_backward(h_c, w * g)
+        dh = dh.to(f32)
+        g_x[t_idx, k_idx] = rnd(q1x128(dh) @ W13[e])
+        g_w2[e] = qt(dy_q[t_idx]) @ qt(w * a.to(f32)).t()
+        g_w13[e] = qt(dh) @ qt(xe).t()
+    gx = torch.zeros(T, H, dtype=f32, device=hidden.device)
+    for j in range(ids.shape[1]):
+        gx = gx + g_x[:, j]
+    wdt = out_dtype or f32
+    return gx.to(dt), g_w13.to(wdt), g_w2.to(wdt), g_tw
