@@ -223,3 +223,103 @@ def is_available() -> bool:
     if register_needed:
         register()
     return _registry.available("grouped_gemm", "deep_gemm")
+
+
+# ------------------------------------------------------------------------------------------------ k-grouped (wgrad)
+# DeepGEMM 2.x, csrc/apis/gemm.hpp + the pybind registration (2.8.x):
+#     k_grouped_fp8_gemm_nt_contiguous(a, b, d, ks, ks_tensor, c=None, recipe=(1, 1, 128), compiled_dims="mn")
+# (later builds rename ks -> ks_cpu, ks_tensor -> grouped_layout and add use_psum_layout=False: the same positions).
+# On SM90 it is the k-grouped FP8 entry point (in the sources read, the "tn" variant has no SM90 branch); it wants
+#   a: float8 1-D ``(sum(ks) * P,)``: group i's ``(P, ks[i])`` block K-major and contiguous, groups back to back;
+#   sfa: float32 ``(P, sum(ks) / 128)``, column j = the j-th 128-row block of the concatenated groups, MN-major
+#        TMA-aligned (it re-lays out anything else itself, at a cost); b / sfb likewise with Q;
+#   d: float32 ``(E, P, Q)`` contiguous and c (required for "nt"): d = c + the product (``c is d``: in place);
+#   ks: host list of the groups' K (multiples of 128; 0 allowed: the group is skipped, d keeps c), ks_tensor the same
+#       on the device; all padding inside a group must be zero bytes (it is multiplied, not masked).
+K_GROUPED_NAMES = ("k_grouped_fp8_gemm_nt_contiguous",)
+
+
+def deep_gemm_k_grouped_operands(a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor,
+                                 b_t_scale: torch.Tensor, expert_offsets: torch.Tensor, expert_counts: torch.Tensor):
+    """fp8_deep's wgrad operands (``ops.wgrad.k_grouped_gemm_fp8``'s: ``a_t`` ``(P, M)`` / ``b_t`` ``(Q, M)`` FP8 with
+    128x1 scales ``(P|Q, ceil(M/128))``, 128-aligned expert segments with padding columns of any content) re-laid out
+    for DeepGEMM's SM90 k-grouped kernel: returns ``((a, sfa), (b, sfb), ks, ks_tensor)``.
+
+    Conversion (a copy of both FP8 operands and their scales; **reads the counts on the host**: DeepGEMM takes the
+    group sizes as a Python list, so this path is not CUDA-graph capturable and syncs once):
+      * data: each expert's columns ``[off_e, off_e + count_e)`` become one contiguous K-major ``(P, ks_e)`` block,
+        ``ks_e = align(count_e, 128)``, the padding columns zeroed (ours may hold anything, DeepGEMM multiplies them);
+      * scales: the expert's 128-row blocks ``off_e / 128 + j`` gathered into consecutive columns of a new
+        ``(P, sum(ks) / 128)`` MN-major TMA-aligned tensor (our producers already write MN-major TMA-aligned scales,
+        DeepGEMM's own layout, so only the column gather is new)."""
+    from ..numerics import align
+
+    if a_t.dtype != FP8_DTYPE or b_t.dtype != FP8_DTYPE:
+        raise TypeError(f"a_t and b_t must be {FP8_DTYPE}, got {a_t.dtype} and {b_t.dtype}")
+    if a_t.dim() != 2 or b_t.dim() != 2 or a_t.shape[1] != b_t.shape[1]:
+        raise ValueError(f"a_t must be (P, M) and b_t (Q, M) with the same M, got {tuple(a_t.shape)} and "
+                         f"{tuple(b_t.shape)}")
+    if a_t_scale.dtype != torch.float32 or b_t_scale.dtype != torch.float32:
+        raise TypeError("a_t_scale and b_t_scale must be float32 (SM90 DeepGEMM reads float32 scales)")
+    M = a_t.shape[1]
+    offs = [int(v) for v in expert_offsets.tolist()]
+    counts = [max(0, min(int(c), M - o)) for o, c in zip(offs, expert_counts.tolist())]
+    if any(o % BLOCK for o, c in zip(offs, counts) if c):
+        raise ValueError(f"expert_offsets must be multiples of {BLOCK} (128-row scale blocks), got {offs}")
+    ks = [align(c, BLOCK) for c in counts]
+    dev = a_t.device
+
+    def pack(x, sx):
+        rows = x.shape[0]
+        flat = torch.zeros(sum(ks) * rows, dtype=torch.uint8, device=dev)
+        sf = torch.empty_strided((rows, sum(ks) // BLOCK), tma_aligned_scale_strides((rows, sum(ks) // BLOCK)),
+                                 dtype=torch.float32, device=dev)
+        start = 0
+        for o, c, k in zip(offs, counts, ks):
+            if k:
+                block = flat[start * rows:(start + k) * rows].view(rows, k)
+                block[:, :c] = x[:, o:o + c].view(torch.uint8)
+                sf[:, start // BLOCK:(start + k) // BLOCK] = sx[:, o // BLOCK:o // BLOCK + k // BLOCK]
+            start += k
+        return flat.view(FP8_DTYPE), sf
+
+    a = pack(a_t, a_t_scale)
+    b = pack(b_t, b_t_scale)
+    return a, b, ks, torch.tensor(ks, dtype=torch.int32, device=dev)
+
+
+def k_grouped_gemm_fp8_deep_gemm(a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Tensor,
+                                 b_t_scale: torch.Tensor, expert_offsets: torch.Tensor, expert_counts: torch.Tensor,
+                                 *, out: Optional[torch.Tensor] = None, accumulate: bool = False,
+                                 operands=None) -> torch.Tensor:
+    """The wgrad GEMM of ``fp8_deep.ops.wgrad.k_grouped_gemm_fp8`` (same operands, same function:
+    ``out[e] = deq(a_t)[:, seg_e] @ deq(b_t)[:, seg_e].T``) computed by DeepGEMM's SM90
+    ``k_grouped_fp8_gemm_nt_contiguous`` (per-128-row FP32 promotion, like ours).
+
+    DeepGEMM always accumulates into a float32 C: the result is float32 ``(E, P, Q)``. ``accumulate=True`` adds into
+    ``out`` (float32, contiguous; C is D, in place); otherwise a fresh zeroed float32 buffer (or ``out``, zeroed
+    first) receives the product -- the zeroing and DeepGEMM's read of C are the extra output bytes its SM90 kernel
+    moves compared with a single store. ``operands``: what ``deep_gemm_k_grouped_operands`` returned for these
+    inputs, to skip the re-layout (a copy of both operands and a host sync; see there). ImportError with the install
+    hint when deep_gemm is missing."""
+    module = _import_deep_gemm()
+    fn = _resolve(module, K_GROUPED_NAMES)
+    if fn is None:
+        raise ImportError(f"deep_gemm {getattr(module, '__version__', '?')} has no {K_GROUPED_NAMES[0]} "
+                          f"(DeepGEMM >= 2.1 on SM90); {INSTALL_HINT}")
+    (a, sfa), (b, sfb), ks, ks_tensor = operands if operands is not None else deep_gemm_k_grouped_operands(
+        a_t, a_t_scale, b_t, b_t_scale, expert_offsets, expert_counts)
+    E, P, Q = len(ks), a_t.shape[0], b_t.shape[0]
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True adds into out: pass a float32 (E, P, Q) contiguous out")
+        out = torch.zeros(E, P, Q, dtype=torch.float32, device=a_t.device)
+    else:
+        if out.dtype != torch.float32 or tuple(out.shape) != (E, P, Q) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 {(E, P, Q)} tensor (DeepGEMM's SM90 k-grouped kernel "
+                             f"accumulates into a float32 C), got {out.dtype} {tuple(out.shape)} strides "
+                             f"{out.stride()}")
+        if not accumulate:
+            out.zero_()
+    fn((a, sfa), (b, sfb), out, ks, ks_tensor, out)
+    return out
