@@ -1,11 +1,12 @@
 """fp8_deep: DeepSeek-V3's FP8 recipe (E4M3, 128x128 weight blocks, 1x128 activation groups) for MoE layers.
 
-Public surface: ``moe_forward``, ``FP8MoE``, ``ops`` (quantization and the MoE's building blocks).
+Public surface: ``moe_forward`` (inference and training), ``FP8MoE``, ``quantize_moe_weights`` / ``MoEWeightsFP8``
+(a layer's FP8 weights, quantized once per optimizer step), ``ops`` (quantization and the MoE's building blocks).
 """
 from . import integrations as _integrations  # registers the optional backends' lazy loaders; imports nothing optional
 from . import ops
 from .api import last_backend, moe_forward
-from .moe import FP8MoE
+from .moe import FP8MoE, MoEWeightsFP8, quantize_moe_weights
 
 __version__ = "0.1.0"
-__all__ = ["moe_forward", "FP8MoE", "ops", "last_backend", "__version__"]
+__all__ = ["moe_forward", "FP8MoE", "MoEWeightsFP8", "quantize_moe_weights", "ops", "last_backend", "__version__"]

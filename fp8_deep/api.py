@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .moe.autograd import MoEWeightsFP8
 from .moe.forward import moe_forward_impl
 from .ops.backend import select_grouped_gemm
 from .ops._launch import on_input_device
@@ -24,7 +25,7 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
                 topk_ids: torch.Tensor, *, w13_scale: Optional[torch.Tensor] = None,
                 w2_scale: Optional[torch.Tensor] = None, activation: str = "silu",
                 expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", backend: str = "auto",
-                out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                out: Optional[torch.Tensor] = None, fp8_weights: Optional[MoEWeightsFP8] = None) -> torch.Tensor:
     """FP8 Mixture-of-Experts forward (DeepSeek-V3 recipe), SwiGLU experts, vLLM weight layout.
 
     Args:
@@ -42,10 +43,18 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
         scale_fmt: ``"fp32"`` or ``"ue8m0"`` (power-of-two scales for activations and on-the-fly weights).
         backend: grouped GEMM: ``"triton"`` (ours), ``"deep_gemm"`` (raises ImportError if not installed), or
             ``"auto"`` (DeepGEMM where it measured faster -- enough rows per expert -- else ours).
-        out: optional ``(T, H)`` output buffer of ``hidden_states.dtype``.
+        out: optional ``(T, H)`` output buffer of ``hidden_states.dtype`` (inference calls only).
+        fp8_weights: the FP8 forms of high-precision ``w13`` / ``w2`` from ``fp8_deep.quantize_moe_weights``
+            (quantize once per optimizer step, reuse across micro-batches); the caller keeps them current. Without
+            it, high-precision weights are quantized inside every call.
 
     Returns:
         ``(T, H)`` in ``hidden_states.dtype``: ``sum_k topk_weights[t,k] * expert_{topk_ids[t,k]}(x_t)``.
+
+    Training: with grad mode on and any of ``hidden_states``, ``w13``, ``w2`` (high-precision master weights),
+    ``topk_weights`` requiring grad, the call records a backward by DeepSeek-V3's FP8 recipe
+    (``fp8_deep.moe.autograd``): gradients come back in each input's dtype (``w13``/``w2``: added into a float32
+    ``main_grad`` instead when the parameter has one); FP8 weights must not require grad (TypeError).
 
     Never synchronizes with the host on CUDA (CUDA-graph capturable); bitwise deterministic. ``topk_ids`` are
     range-checked (ValueError) on CPU always and on CUDA when ``FP8_DEEP_CHECK_ROUTING=1`` (one host sync);
@@ -59,4 +68,4 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 
     return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, select_gemm=select, w13_scale=w13_scale,
                             w2_scale=w2_scale, activation=activation, expert_map=expert_map, scale_fmt=scale_fmt,
-                            out=out)
+                            out=out, fp8_weights=fp8_weights)

@@ -15,6 +15,7 @@ from ..ops._checks import check_choice, check_tensor
 from ..ops.combine import moe_combine
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
+from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
 
 __all__ = ["moe_forward_impl", "validate_moe_inputs", "quantize_expert_weights"]
 
@@ -73,6 +74,15 @@ def validate_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scal
     return E, H, inter, fp8
 
 
+def _empty_output(hidden_states, w13, w2, topk_weights):
+    """``(0, H)`` output of a call with no tokens, connected to every input that requires grad (their gradients
+    come back as zeros, not None)."""
+    H = hidden_states.shape[1]
+    zero = sum((t.reshape(-1)[:0].sum() for t in (hidden_states, w13, w2, topk_weights) if t.requires_grad),
+               hidden_states.new_zeros(()))
+    return hidden_states.new_zeros((0, H)) + zero.to(hidden_states.dtype)
+
+
 def quantize_expert_weights(w13, w2, scale_fmt):
     """High-precision ``w13 (E, 2I, H)``, ``w2 (E, H, I)`` -> FP8 + 128x128 scales (one fused pass each)."""
     q13, s13 = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
@@ -82,11 +92,15 @@ def quantize_expert_weights(w13, w2, scale_fmt):
 
 def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_gemm, w13_scale=None,
                      w2_scale=None, activation="silu", expert_map=None, scale_fmt="fp32", out=None,
-                     return_stages=False):
+                     return_stages=False, fp8_weights=None):
     """See ``fp8_deep.moe_forward``. ``select_gemm(device=, rows_per_expert=, hidden=, inter=)`` returns the
     grouped-GEMM backend object for the validated shapes (``name``, ``a_scale_layout``, ``row_alignment`` (segment
     alignment it needs), ``gemm(a, a_scale, b, b_scale, plan, out=None)``); the public API and ``FP8MoE`` pass
-    ``ops.backend.select_grouped_gemm`` bound to their backend choice. ``return_stages`` also returns the intermediates (tests)."""
+    ``ops.backend.select_grouped_gemm`` bound to their backend choice. ``return_stages`` also returns the intermediates (tests).
+
+    With grad mode on and any of ``hidden_states``, ``w13``, ``w2``, ``topk_weights`` requiring grad, the call goes
+    through the autograd Function of ``fp8_deep.moe.autograd`` (``out=`` and ``return_stages`` are then refused).
+    ``fp8_weights`` (``MoEWeightsFP8``) supplies the high-precision weights' FP8 forms, already quantized."""
     if activation != "silu":
         raise ValueError(f"activation must be 'silu' (SwiGLU: silu(gate) * up), got {activation!r}")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
@@ -99,9 +113,37 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         check_tensor(out, "out", dtypes=(hidden_states.dtype,), dims=(2,), device=hidden_states.device)
         if tuple(out.shape) != (T, H):
             raise ValueError(f"out must have shape {(T, H)}, got {tuple(out.shape)}")
+    if fp8_weights is not None:
+        if fp8:
+            raise ValueError("fp8_weights is for high-precision master weights w13/w2; FP8 w13/w2 carry their scales "
+                             "in w13_scale/w2_scale")
+        check_moe_weights_fp8(fp8_weights, E, H, inter, hidden_states.device)
+    if needs_grad(hidden_states, w13, w2, topk_weights):
+        for name, w in (("w13", w13), ("w2", w2)):
+            if fp8 and w.requires_grad:
+                raise TypeError(f"{name} is FP8 and requires grad: FP8 weights cannot be trained; pass the "
+                                f"high-precision master weights (bf16/fp16/fp32) or freeze {name} "
+                                f"(requires_grad_(False))")
+        if out is not None or return_stages:
+            raise ValueError("out= and return_stages are for inference calls; with autograd the output is a new "
+                             "tensor (run under torch.no_grad() to use them)")
+        if fp8:  # frozen FP8 experts: the transposed copies are exact transposes of the blocks
+            fw = MoEWeightsFP8(w13, w13_scale, w2, w2_scale, w13.transpose(1, 2).contiguous(),
+                               w13_scale.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(),
+                               w2_scale.transpose(1, 2).contiguous())
+        elif fp8_weights is not None:
+            fw = fp8_weights  # moe_forward_train refuses a set without the transposed copies
+        else:
+            fw = quantize_moe_weights(w13, w2, scale_fmt=scale_fmt, with_transpose=True)
+        if T == 0:  # no tokens: zero gradients through a graph that still connects every input
+            return _empty_output(hidden_states, w13, w2, topk_weights)
+        return moe_forward_train(hidden_states, w13, w2, topk_weights, topk_ids, fw=fw, gemm=gemm,
+                                 expert_map=expert_map, scale_fmt=scale_fmt)
     if T == 0:
         return out if out is not None else hidden_states.new_empty((0, H))
-    if fp8:
+    if fp8_weights is not None:
+        q13, s13, q2, s2 = fp8_weights.w13, fp8_weights.w13_scale, fp8_weights.w2, fp8_weights.w2_scale
+    elif fp8:
         q13, s13, q2, s2 = w13, w13_scale, w2, w2_scale
     else:
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)

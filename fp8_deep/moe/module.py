@@ -10,7 +10,8 @@ from torch import nn
 from ..numerics import FP8_DTYPE, SCALE_FMTS, cdiv
 from ..ops._checks import check_choice, check_tensor
 from ..ops.backend import BACKENDS, select_grouped_gemm
-from .forward import moe_forward_impl, quantize_expert_weights
+from .autograd import MoEWeightsFP8, needs_grad, quantize_moe_weights
+from .forward import moe_forward_impl
 
 __all__ = ["FP8MoE"]
 
@@ -31,7 +32,12 @@ class FP8MoE(nn.Module):
     A module built with ``from_fp8`` (or after ``load_fp8_``) holds FP8 weights only (serving / rollout): no master
     weights, no requantization.
 
-    Only the forward pass is implemented: calling it with gradients enabled on trainable weights raises.
+    Training: with grad mode on, the forward records the FP8 backward (``fp8_deep.moe.autograd``, DeepSeek-V3's
+    recipe): gradients reach the input, the master weights ``w13`` / ``w2`` (in their dtype, or added into a float32
+    ``main_grad`` when a parameter has one) and the router ``gate`` (through the top-k weights). The cached FP8
+    weights then include the transposed copies the backward's dgrad GEMMs read, written in the same pass; they are
+    requantized once per change of the master weights, so micro-batches between two optimizer steps share them.
+    An FP8-only module trains its input and router only (the experts are frozen).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int, *,
@@ -63,20 +69,24 @@ class FP8MoE(nn.Module):
 
     # --------------------------------------------------------------------------------------- FP8 weights
     def _master_key(self):
-        return (self.w13._version, self.w13.data_ptr(), self.w2._version, self.w2.data_ptr(), self.scale_fmt)
+        return (self.w13._version, self.w13.data_ptr(), self.w2._version, self.w2.data_ptr(), self.scale_fmt,
+                self.w13.dtype, self.w2.dtype)
 
     def invalidate_fp8_cache(self):
         if self.w13 is not None:
             self._cache, self._cache_key = None, None
 
-    def fp8_weights(self):
-        """``(w13_q, w13_scale, w2_q, w2_scale)``, requantized only if a master weight changed."""
+    def fp8_weights(self, with_transpose: bool = False) -> MoEWeightsFP8:
+        """The layer's ``MoEWeightsFP8``, requantized only if a master weight changed (or the transposed copies are
+        asked for and not cached yet)."""
         if self.w13 is None:  # FP8-only module
-            return self.w13_fp8, self.w13_scale, self.w2_fp8, self.w2_scale
+            return MoEWeightsFP8(self.w13_fp8, self.w13_scale, self.w2_fp8, self.w2_scale)
         key = self._master_key()
-        if self._cache is None or self._cache_key != key:
-            with torch.no_grad():
-                self._cache = quantize_expert_weights(self.w13.detach(), self.w2.detach(), self.scale_fmt)
+        if (self._cache is None or self._cache_key != key
+                or (with_transpose and not self._cache.has_transpose)):
+            self._cache = None  # free the old copies before the new ones are allocated
+            self._cache = quantize_moe_weights(self.w13, self.w2, scale_fmt=self.scale_fmt,
+                                               with_transpose=with_transpose)
             self._cache_key = key
             self.fp8_requantizations += 1
         return self._cache
@@ -123,16 +133,16 @@ class FP8MoE(nn.Module):
         return w, ids.to(torch.int32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        trainable = [p for p in (self.w13, self.w2) if p is not None and p.requires_grad]
-        if torch.is_grad_enabled() and trainable:
-            raise RuntimeError("FP8MoE implements the forward pass only; run it under torch.no_grad() / "
-                               "torch.inference_mode(), or freeze w13/w2 (requires_grad_(False))")
         check_tensor(hidden_states, "hidden_states", dims=(2,))
         topk_weights, topk_ids = self.route(hidden_states)
-        q13, s13, q2, s2 = self.fp8_weights()
-        return moe_forward_impl(hidden_states, q13, q2, topk_weights, topk_ids,
-                                select_gemm=functools.partial(select_grouped_gemm, self.backend), w13_scale=s13,
-                                w2_scale=s2, scale_fmt=self.scale_fmt)
+        select = functools.partial(select_grouped_gemm, self.backend)
+        if self.w13 is not None and needs_grad(hidden_states, topk_weights, self.w13, self.w2):
+            fw = self.fp8_weights(with_transpose=True)
+            return moe_forward_impl(hidden_states, self.w13, self.w2, topk_weights, topk_ids, select_gemm=select,
+                                    scale_fmt=self.scale_fmt, fp8_weights=fw)
+        fw = self.fp8_weights()
+        return moe_forward_impl(hidden_states, fw.w13, fw.w2, topk_weights, topk_ids, select_gemm=select,
+                                w13_scale=fw.w13_scale, w2_scale=fw.w2_scale, scale_fmt=self.scale_fmt)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
