@@ -106,7 +106,7 @@ def bench_clean_flush(fn: Callable[[], object], *, warmup: int = 25, rep: int = 
     as there, host launch time counts only where it outlasts the ~85 us flush queued ahead of the start event) with
     one difference: the flush *reads* ``flush_bytes`` instead of zeroing them. do_bench's zeroing leaves the L2
     full of dirty lines, which the timed call writes back to HBM as it evicts them: at 30-90 MB a call pays that on
-    top of its own traffic (a copy of 88 MB reaches ~85% of the 2 GiB copy rate there; bench/diag_flush_dram.py
+    top of its own traffic (a copy of 88 MB reaches ~85% of the 2 GiB copy rate there; bench/diag/diag_flush_dram.py
     counts the bytes). After a read the lines are clean and the inputs still cold: the call's own traffic."""
     cache = torch.ones(flush_bytes // 4, dtype=torch.float32, device="cuda")
     fn()
@@ -211,7 +211,7 @@ def copy_of_bytes(nbytes: int, sm_kernel: bool = False) -> Callable[[], object]:
 
     ``sm_kernel``: negate bf16 elements instead (the same bytes through an SM elementwise kernel). For CUDA-graph
     timings: a captured same-dtype ``copy_`` is a memcpy node, which ran at ~80% of the copy rate on an H100 for
-    GB-size buffers (session 9), below the rate a kernel gets; a ceiling must be the faster of the two."""
+    GB-size buffers (run f9ad68d), below the rate a kernel gets; a ceiling must be the faster of the two."""
     half = max(16, int(nbytes // 2) // 16 * 16)
     if sm_kernel:
         src = torch.randn(half // 2, dtype=torch.bfloat16, device=device())

@@ -52,10 +52,10 @@ VARIANTS = {
     # the tile weight kernel, FP8_DEEP_WEIGHT_QUANT_CONFIG = "TCHUNK,num_warps[,BLOCKS_K]" (its one-layout default
     # 32,8,2 from 16384 scale blocks on, 32,16,1 below; 64,16 with the transposed copy). Pinning a configuration also
     # turns off the stack kernel, the default for contiguous one-layout stacks from 16384 blocks on: w_k2 is the
-    # tile kernel those stacks ran before session 12
+    # tile kernel those stacks ran before run 2d7c020
     "w_k2": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,2"}),
     "w_w16": ("weight", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16"}),
-    "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (session 4)
+    "w_k1": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,8,1"}),  # one scale block per program (run be1830c)
     "w_k2w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,2"}),
     "w_k1w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,1"}),  # the default below 16384 blocks
     "w_k4w16": ("weight_one", {"FP8_DEEP_WEIGHT_QUANT_CONFIG": "32,16,4"}),
@@ -71,7 +71,7 @@ VARIANTS = {
     "a_rn": ("act", {"FP8_DEEP_QUANT_PLAIN": "div"}),  # IEEE division per element instead of reciprocal + FMA fix
     "a_sel": ("act", {"FP8_DEEP_QUANT_PLAIN": "nan_select"}),  # per-element NaN select (the interpreter's code)
     "a_t32": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": "32,2,4"}),  # the (32 rows, 2 groups) tile, the old default
-    # the flat kernel's scale stores without an L2 hint (the default before session 13: evict_last since)
+    # the flat kernel's scale stores without an L2 hint (the default before run 055c4f4: evict_last since)
     "a_snone": ("act", {"FP8_DEEP_ACT_SCALE_EVICT": "none"}),
     # tiles whose column-major (TMA-aligned) scale stores fill whole 32-byte sectors (8 rows) or half ones (4 rows)
     **{f"a_t{bm}g{gp}": ("act", {"FP8_DEEP_ACT_QUANT_CONFIG": f"{bm},{gp},4"}) for bm, gp in ((8, 8), (4, 16), (8, 4))},

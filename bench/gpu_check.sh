@@ -17,7 +17,10 @@
 #   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
 #   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection),
 #   QUANTC_ARGS                      stage "quantc": the quant bench in do_bench's loop with a reading L2 flush
-#                                    "proto" (a prototype script); "diag" is bench/diag_host.py
+#                                    "proto" (a prototype script); "diag" is bench/diag/diag_host.py
+#   TRAIN_ARGS, PARITY_ARGS,         stages "train" (bench_train.py: MoE layer fwd+bwd vs BF16), "parity" (train_parity.py:
+#   WGRAD_ARGS, RETILE_ARGS,         BF16 vs FP8 training run), "wgrad", "retile", "swiglub" (the backward's kernels),
+#   SWIGLUB_ARGS, EXPORT_ARGS        "export" (weight sync)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
@@ -175,14 +178,32 @@ run_one_stage() {
             run_stage quantc "$QT" quantc.log $PY bench/bench_quant.py --clean-flush \
                 --time-budget "$(budget_for $((QT - 20)))" ${QUANTC_ARGS:-} ;;
         diag)  # host time per launcher call (launch plans vs the full path, torch.compile)
-            run_stage diag 90 diag.log $PY bench/diag_host.py ;;
+            run_stage diag 90 diag.log $PY bench/diag/diag_host.py ;;
+        train)  # one MoE layer forward+backward, fp8_deep vs BF16 autograd (TRAIN_ARGS)
+            # shellcheck disable=SC2086
+            run_stage train 300 train.log $PY bench/bench_train.py ${TRAIN_ARGS:-} ;;
+        parity)  # the BF16 vs FP8 training parity run (PARITY_ARGS)
+            # shellcheck disable=SC2086
+            run_stage parity 420 parity.log $PY bench/train_parity.py ${PARITY_ARGS:-} ;;
+        wgrad)  # the K-grouped wgrad GEMM vs BF16 and DeepGEMM (WGRAD_ARGS)
+            # shellcheck disable=SC2086
+            run_stage wgrad 200 wgrad.log $PY bench/bench_wgrad.py ${WGRAD_ARGS:-} ;;
+        retile)  # the 128x1 re-tiling quantizer vs a same-bytes copy and torch.compile (RETILE_ARGS)
+            # shellcheck disable=SC2086
+            run_stage retile 150 retile.log $PY bench/bench_retile.py ${RETILE_ARGS:-} ;;
+        swiglub)  # the SwiGLU backward + requantization kernel (SWIGLUB_ARGS)
+            # shellcheck disable=SC2086
+            run_stage swiglub 150 swiglub.log $PY bench/bench_swiglu_backward.py ${SWIGLUB_ARGS:-} ;;
+        export)  # state dict -> block-FP8 weight sync (EXPORT_ARGS)
+            # shellcheck disable=SC2086
+            run_stage export 200 export.log $PY bench/bench_export.py ${EXPORT_ARGS:-} ;;
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
             # shellcheck disable=SC2086
             run_stage pytest 300 pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
-        proto)  # a prototype or diagnostic script, e.g. PROTO="bench/gluon_compile_check.py"
+        proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
-            run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto)" \
+            run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export)" \
                >> "$LOGS/status" ;;
     esac
 }
@@ -239,7 +260,7 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag proto; do
+    for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag proto wgrad retile swiglub export train parity; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then

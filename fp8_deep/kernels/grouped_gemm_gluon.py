@@ -55,7 +55,7 @@ Row scales through the ring (``SCALES_TMA``, chosen by the launcher when ``as`` 
 base, the layout the MoE hands over): the producer's TMA also loads the tile's 128 row scales of each K block into
 the stage (a 1-D box over the flat scale run), so a consumer reads them from shared memory, NUM_STAGES blocks after
 they were requested, instead of waiting on a global load issued one wgmma earlier (H100: +3.6-7.2% on both DeepSeek-V3
-GEMMs, bench/NOTES.md session 6). Otherwise (row-major scales) the consumers load them from global memory.
+GEMMs, docs/performance-log.md run ce5d751). Otherwise (row-major scales) the consumers load them from global memory.
 """
 try:  # Gluon is experimental: importing this module must not fail on a Triton without it.
     from triton.experimental import gluon

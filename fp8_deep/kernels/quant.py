@@ -89,7 +89,7 @@ def _quant_weight_one_block(
     read of HBM. The transposed copy (BLOCKS_K == 1 only) is written in TCHUNK-column slices re-read from L2 (the
     block was just loaded) and transposed as float32 before the cast. Transposing the FP8 tile itself (one 16 KB
     shuffle) wrote wrong bytes on the GPU (Triton 3.6, H200) for float32 inputs with 16-aligned shapes, and was
-    slower (bench/NOTES.md)."""
+    slower (docs/performance-log.md)."""
     pid_e = pid_e.to(tl.int64)
     WIDTH: tl.constexpr = BLOCK_K * BLOCKS_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +140,7 @@ def quant_weight_block_kernel(
     # L2 eviction policies: of the block's load, of the FP8 stores, of the transposed copy's re-read
     LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr, RELOAD_EVICT: tl.constexpr,
     # meta: one program per (BLOCK_N, BLOCK_K * BLOCKS_K) run of scale blocks, grid (cdiv(kb, BLOCKS_K), nb, E). A
-    # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (bench/NOTES.md).
+    # persistent grid walking the blocks in a pipelined loop measured 8% slower on an H100 (docs/performance-log.md).
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TCHUNK: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
     _quant_weight_one_block(
@@ -170,7 +170,7 @@ def quant_weight_stack_kernel(
     # pointers: w, q contiguous (E, N, K) with N and K multiples of BLOCK; s contiguous (E, N / BLOCK, K / BLOCK)
     w_ptr, q_ptr, s_ptr,
     # K and K / BLOCK as compile-time constants: the index math folds to shifts and constants, the loops to one
-    # iteration (passed at run time, the same kernel measured 0.87x: bench/NOTES.md, session 10)
+    # iteration (passed at run time, the same kernel measured 0.87x: docs/performance-log.md, run d0a3d9d)
     K: tl.constexpr, KB: tl.constexpr,
     # numerics
     FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, NAN_MAX: tl.constexpr,
@@ -186,7 +186,8 @@ def quant_weight_stack_kernel(
     the contract's math: ``s = RN(amax / 448)``, ``q = w * RN(1 / s)`` (inductor: ``amax * RN(1/448)`` and an
     approximate reciprocal, other bytes), and the non-finite policy of ``_weight_blocks``. Kept that close on
     purpose: the same structure written otherwise (1-D tiles, max.NaN reduction, 3-level block index, no loop;
-    commit fb4be3d) ran 0.1% slower on the H100, this one level with torch.compile (bench/NOTES.md, session 12).
+    commit fb4be3d) ran 0.1% slower on the H100, this one level with torch.compile
+    (docs/performance-log.md, run 2d7c020).
     Offsets are int32: the launcher sends only tensors of fewer than 2**31 elements."""
     R: tl.constexpr = BLOCK * BLOCK
     blk = tl.program_id(0) + tl.arange(0, 1)[:, None]  # (1, 1): the block, and its scale's flat index

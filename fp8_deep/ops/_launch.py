@@ -11,7 +11,7 @@ that every check passed and every specialization Triton derives is the same as t
 * every non-tensor argument, constexprs included, in signature order.
 
 A hit then costs the key, the output allocations and the compiled kernel's launch. (A generic cache keyed on each
-kernel argument's specialization, tried in session 4, cost 34-40 us per launch: more than Triton's own binder.)
+kernel argument's specialization, tried in run be1830c, cost 34-40 us per launch: more than Triton's own binder.)
 
 Plans are built only for CUDA tensors outside the interpreter, and only when the compiled kernel exposes the launch
 interface (Triton 3.6 and 3.9 do); anything else keeps the plain path. ``FP8_DEEP_LAUNCH_PLANS=0`` (read at import)

@@ -157,7 +157,7 @@ LARGE_M_CONFIGS = (
 # Between the two regimes (more rows per expert than a 64-token swap tile holds, fewer than ~1024): 128x128 tiles
 # with TMA descriptor loads and Triton's warp-specialized K loop (producer warps feed the copy engine while the
 # consumer warpgroups run the dots and the promotion, DeepGEMM's structure). H100, whole MoE forward, E=256, top-8,
-# I=2048 (bench/NOTES.md): T=2048 4.99 ms vs 5.28 with 64-token swap tiles; T=4096 6.77 vs 7.82; T=16384 19.7 vs
+# I=2048 (docs/performance-log.md): T=2048 4.99 ms vs 5.28 with 64-token swap tiles; T=4096 6.77 vs 7.82; T=16384 19.7 vs
 # 21.3 with the 256x128 split tiles; T=1024 (~49 rows peak) 4.66 vs 4.35: the swap tiles keep that one. Hopper only
 # (TMA), and the operands must suit TMA (16-byte aligned rows); elsewhere MEDIUM_M_FALLBACK runs instead.
 MEDIUM_M_CONFIGS = (
@@ -168,10 +168,10 @@ MEDIUM_M_FALLBACK = LARGE_M_CONFIGS[1]
 # From 128 rows per expert on Hopper: the Gluon kernels (``fp8_deep/kernels/grouped_gemm_gluon.py``). They issue
 # each 128-K block's wgmma asynchronously and promote the previous block on the CUDA cores meanwhile, which plain
 # Triton cannot express (its dot must complete before the promotion reads it). Bitwise equal to the TMA kernel (same
-# per-block wgmma chain, same K order). H100, E=256, TFLOP/s at 256 / 1024 / 2048 rows per expert (bench/NOTES.md,
-# session 5, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
+# per-block wgmma chain, same K order). H100, E=256, TFLOP/s at 256 / 1024 / 2048 rows per expert
+# (docs/performance-log.md, run 8055eb4, rep 200): GEMM1 (K=7168) WS 801 / 943 / 942, WS persistent 864 / 819 / 827, one-partition 5 stages
 # 800 / 921 / 913, the 256x128 split Triton tiles 722 / 805 / 768; GEMM2 (K=2048) WS persistent 814 / 899 / 831,
-# WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. Session 6: the warp-specialized kernel
+# WS 697 / 815 / 787, one-partition 703 / 793 / 755, split 610 / 712 / 748. Run ce5d751: the warp-specialized kernel
 # takes MN-major row scales through its TMA ring (+3.6-7.2%); the picks then reach GEMM1 1024 / 992 and GEMM2
 # 1023 / 1005 TFLOP/s at 1024 / 2048 rows (DeepGEMM in the same run 1160-1227). CUDA on SM90 only; elsewhere the
 # bucket's portable tiles run instead.
@@ -196,7 +196,7 @@ GLUON_CONFIGS = (
 # Not picked by default, swept by bench/bench_grouped_gemm.py. H100, GEMM1 of DeepSeek-V3 (N=4096, K=7168) at
 # 1024 / 2048 rows per expert: 128x128 WS 833 / 763 TFLOP/s, the 256x128 split default 806 / 813; TMA without WS and
 # 256-row WS tiles are slower; a 64-row WS tile with 4 warps does not compile (Triton 3.6); one-warpgroup tiles for
-# two programs per SM (64x128 / 128x64, 4 warps) measured 599-680 on GEMM2 (session 5) and were dropped.
+# two programs per SM (64x128 / 128x64, 4 warps) measured 599-680 on GEMM2 (run 8055eb4) and were dropped.
 EXPERIMENTAL_CONFIGS = (
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, num_warps=8, num_stages=3),
     GemmConfig(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_M=True, TMA=True, WS=True, num_warps=8, num_stages=3),

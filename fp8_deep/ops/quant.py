@@ -383,7 +383,7 @@ _WEIGHT_HINTS = {
 
 
 def _weight_hints(with_transpose: bool) -> dict:
-    """L2 policies of the weight kernel (H100 measurements, bench/NOTES.md sessions 7 and 8).
+    """L2 policies of the weight kernel (H100 measurements, docs/performance-log.md run 64d43b9 and run c3d4751).
 
     The block is loaded ``evict_last``, torch.compile's (inductor's) own policy for this reduction. One layout: the
     call runs level with torch.compile (0.999-1.007x) instead of 0.991-0.995x. With the transposed copy (``el_rf``)
@@ -432,10 +432,10 @@ def _stack_kernel_applies(w3, q3, s3, block_size, with_transpose: bool) -> bool:
     (its offsets are int32), and no pinned tile configuration (``FP8_DEEP_WEIGHT_QUANT_CONFIG`` selects the tile
     kernel, for A/B runs).
 
-    H100, x torch.compile, do_bench, paired over interleaved rounds (bench/NOTES.md, session 12): 32x4096x7168 /
-    32x7168x2048 0.9998 / 0.9999 (compile against itself 0.9997 / 1.0001), the tile kernel in the same run 0.9992 /
-    0.9990; on smaller tensors (7168x18432, 4096x7168, 8x4096x7168) the tile kernel leads torch.compile by 1-3% and
-    keeps them. Each K compiles its own kernel (K and K / 128 are constexpr)."""
+    H100, x torch.compile, do_bench, paired over interleaved rounds (docs/performance-log.md, run 2d7c020):
+    32x4096x7168 / 32x7168x2048 0.9998 / 0.9999 (compile against itself 0.9997 / 1.0001), the tile kernel in the
+    same run 0.9992 / 0.9990; on smaller tensors (7168x18432, 4096x7168, 8x4096x7168) the tile kernel leads
+    torch.compile by 1-3% and keeps them. Each K compiles its own kernel (K and K / 128 are constexpr)."""
     _, N, K = w3.shape
     return (not with_transpose and tuple(block_size) == (BLOCK, BLOCK) and N % BLOCK == 0 and K % BLOCK == 0
             and w3.numel() // (BLOCK * BLOCK) >= STACK_WEIGHT_BLOCKS and w3.numel() < _INT32_ELEMS
@@ -452,12 +452,12 @@ def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
     One layout: two blocks per program and 8 warps (172 registers, one program per SM) from SMALL_WEIGHT_BLOCKS
     blocks on; below, one block per program and 16 warps (58 registers, two per SM): measured faster on tensors of
     few waves, not explained by the last wave alone (bench/diag_weight_tail.py). H100, CUDA-graph replays on cold
-    inputs, x torch.compile (session 9, bench/NOTES.md):
+    inputs, x torch.compile (run f9ad68d, docs/performance-log.md):
     4096x7168 1.037 vs 0.972, 7168x18432 1.009 vs 0.999, 8x4096x7168 1.006 vs 1.004; 32x7168x2048 0.999 vs 1.000,
     32x4096x7168 0.998 vs 1.000. (4 warps measured 27% slower; 16 warps with two blocks the same as 8.)
     With the transposed copy: 64-column slices and 16 warps (H200: 1.28-1.31x torch.compile vs 1.19-1.25x with
     32 / 8; H100: 1.30-1.33x). ``FP8_DEEP_WEIGHT_QUANT_CONFIG="TCHUNK,num_warps[,BLOCKS_K]"`` pins them.
-    (Streaming ``.cs`` FP8 stores measured no gain, session 5.)"""
+    (Streaming ``.cs`` FP8 stores measured no gain, run 8055eb4.)"""
     pinned = _pinned(WEIGHT_CONFIG_ENV, 2)
     if pinned:
         if len(pinned) > 3:
@@ -505,7 +505,7 @@ def _act_config(M: int, flat_ok: bool):
         return "tile", bm, gp, nw
     if flat_ok:
         # H100: 16 groups / 4 warps 1.00-1.02x torch.compile at M = 4096-32768 (row-major scales), the 32x256
-        # tile 0.86-0.95x; 0.98-1.01x vs 0.96-0.97x with TMA-aligned scales (bench/NOTES.md)
+        # tile 0.86-0.95x; 0.98-1.01x vs 0.96-0.97x with TMA-aligned scales (docs/performance-log.md)
         return "flat", 16, 4
     if M >= 1024:
         return "tile", 32, 2, 4
@@ -517,7 +517,8 @@ def _act_config(M: int, flat_ok: bool):
 def _act_scale_evict() -> str:
     """The flat activation kernel's scale-store L2 policy: ``evict_last`` unless ``FP8_DEEP_ACT_SCALE_EVICT``
     names another (``evict_first``, ``none``) for an A/B run. With TMA-aligned scales at M = 4096 / 8192 it took
-    the kernel from 81.8 / 88.8% of the copy rate to 84.0 / 91.6% (H100, session 13, bench/proto_act_tma.py)."""
+    the kernel from 81.8 / 88.8% of the copy rate to 84.0 / 91.6% (H100, run 055c4f4; the prototype,
+    bench/proto_act_tma.py, is in commit 88f231e)."""
     return _env_preset(ACT_SCALE_EVICT_ENV, _ACT_SCALE_EVICTS, "evict_last")
 
 
