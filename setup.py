@@ -12,5 +12,8 @@ setup(
         "test": ["pytest>=7"],
         "bench": ["matplotlib", "pandas"],
         "vllm": ["vllm>=0.10"],
+        # fp8_deep.export: checkpoint I/O, and transformers' fine-grained FP8 loader as a client (tests)
+        "export": ["safetensors>=0.4.3"],
+        "transformers": ["safetensors>=0.4.3", "transformers>=4.51", "accelerate"],
     },
 )

@@ -13,6 +13,7 @@ FORBIDDEN = {
     "moe": {"integrations", "api", "testing"},
     "integrations": {"moe", "api", "testing"},
     "reference": {"ops", "moe", "integrations", "api", "testing", "kernels"},
+    "export": {"moe", "integrations", "api", "testing", "kernels", "reference"},  # fp8_deep/export.py: ops only
 }
 OPTIONAL = {"vllm", "deep_gemm"}
 
