@@ -34,3 +34,52 @@ def bf16_moe_grouped_mm(x, w13, w2, topk_weights, topk_ids, silu_mul=silu_mul_bf
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ training (autograd)
+# ``bf16_moe_grouped_mm`` is differentiable as it stands: ``index_select``, ``torch._grouped_mm`` (its backward is two
+# more grouped GEMMs: dgrad 2d x 3d, wgrad 2d x 2d grouped along the tokens), the SwiGLU slices and the float32
+# ``index_add_`` combine all have autograd formulas; routing (sort, searchsorted) carries no gradient. The helpers
+# below give the training baselines the same function where ``_grouped_mm`` is not there, and with float32 masters.
+
+
+def grouped_mm_available(device) -> bool:
+    """Whether the BF16 baseline runs on ``torch._grouped_mm`` on ``device``: CUDA, SM90 or newer (the kernel the
+    baselines in ANCHORS.md were measured with; other devices use ``bf16_moe_loop``, the same function)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def bf16_moe_loop(x, w13, w2, topk_weights, topk_ids, silu_mul=silu_mul_bf16):
+    """``bf16_moe_grouped_mm`` with a per-expert loop of matmuls instead of ``torch._grouped_mm``: the same routing
+    order, rounding points (``h``, SwiGLU and ``o`` in ``x.dtype``) and float32 ``index_add_`` combine; differentiable.
+    Reads the expert segment sizes on the host (one sync): a fallback for CPUs and GPUs without the grouped GEMM."""
+    T, H = x.shape
+    order, tok, offs = route_sorted(topk_ids, w13.shape[0])
+    xs = x.index_select(0, tok)
+    bounds = [0] + offs.tolist()
+    outs = []
+    for e in range(w13.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            outs.append(silu_mul(xs[lo:hi] @ w13[e].t()) @ w2[e].t())
+    o = torch.cat(outs) if outs else xs.new_zeros((0, H))
+    contrib = o * topk_weights.reshape(-1)[order].unsqueeze(1)
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    out.index_add_(0, tok, contrib)
+    return out.to(x.dtype)
+
+
+def bf16_moe_train(x, w13, w2, topk_weights, topk_ids, *, grouped_mm=None):
+    """Differentiable BF16 MoE for training baselines: ``x (T, H)`` bf16; ``w13 (E, 2I, H)``, ``w2 (E, H, I)`` master
+    weights of any float dtype, cast to ``x.dtype`` inside the graph (their gradients come back in their own dtype,
+    as autocast does for a linear's weight); ``topk_weights (T, k)`` float32, ``topk_ids (T, k)`` int.
+
+    ``grouped_mm``: ``None`` picks ``torch._grouped_mm`` where ``grouped_mm_available`` says so, else the loop."""
+    if grouped_mm is None:
+        grouped_mm = grouped_mm_available(x.device)
+    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+    fn = bf16_moe_grouped_mm if grouped_mm else bf16_moe_loop
+    return fn(x, w13, w2, topk_weights, topk_ids)
