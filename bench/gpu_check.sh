@@ -181,10 +181,10 @@ run_one_stage() {
             run_stage diag 90 diag.log $PY bench/diag/diag_host.py ;;
         train)  # one MoE layer forward+backward, fp8_deep vs BF16 autograd (TRAIN_ARGS)
             # shellcheck disable=SC2086
-            run_stage train 300 train.log $PY bench/bench_train.py ${TRAIN_ARGS:-} ;;
+            run_stage train "${TRAIN_TIMEOUT:-300}" train.log $PY bench/bench_train.py ${TRAIN_ARGS:-} ;;
         parity)  # the BF16 vs FP8 training parity run (PARITY_ARGS)
             # shellcheck disable=SC2086
-            run_stage parity 420 parity.log $PY bench/train_parity.py ${PARITY_ARGS:-} ;;
+            run_stage parity "${PARITY_TIMEOUT:-420}" parity.log $PY bench/train_parity.py ${PARITY_ARGS:-} ;;
         wgrad)  # the K-grouped wgrad GEMM vs BF16 and DeepGEMM (WGRAD_ARGS)
             # shellcheck disable=SC2086
             run_stage wgrad 200 wgrad.log $PY bench/bench_wgrad.py ${WGRAD_ARGS:-} ;;
@@ -199,7 +199,7 @@ run_one_stage() {
             run_stage export 200 export.log $PY bench/bench_export.py ${EXPORT_ARGS:-} ;;
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
             # shellcheck disable=SC2086
-            run_stage pytest 300 pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
+            run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
