@@ -628,6 +628,12 @@ def main(argv=None) -> int:
         return 1
     if status == "ok" and done not in runs["bf16"].evals:
         evaluate_all(done)
+    # the FP8-trained model's held-out loss with BF16 experts: what training in FP8 cost, apart from FP8 inference
+    fp8_model_bf16_eval = float("nan")
+    if status == "ok":
+        runs["fp8"].model.set_impl("bf16")
+        fp8_model_bf16_eval = runs["fp8"].evaluate(data["eval"], eval_starts, cfg.batch)
+        runs["fp8"].model.set_impl("fp8")
 
     # ---- records
     host = {k: runs[k].loss[:done].tolist() for k in names}
@@ -690,6 +696,8 @@ def main(argv=None) -> int:
           f"(DeepSeek-V3 reports < {100 * TARGET_REL_GAP:.2f}%)" +
           (f"; BF16 seed-to-seed: train {100 * gaps[NOISE][0]:+.3f}%, eval {100 * gaps[NOISE][1]:+.3f}%"
            if NOISE in gaps else ""))
+    print(f"SUMMARY train_parity fp8-trained model evaluated with BF16 experts: {fp8_model_bf16_eval:.4f} "
+          f"({100 * rel(fp8_model_bf16_eval, final_eval['bf16']):+.3f}% vs bf16): the training part of the gap")
     print(f"SUMMARY train_parity time: training {train_wall:.0f} s for {len(names)} runs "
           f"({done / train_wall:.2f} lockstep rounds/s), script {budget.elapsed():.0f} s, peak memory {peak:.1f} GiB")
     if stopped_early:
