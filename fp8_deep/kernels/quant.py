@@ -220,21 +220,24 @@ def quant_weight_stack_kernel(
 
 
 @triton.jit
-def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
-                  FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
-    """float32 ``x`` whose ``AXIS`` (the last) spans one group -> (q float32 holding FP8 values, s per group).
-
-    UE8M0: ``max(s, 1e-10)`` rounded up to a power of two, vLLM's CUDA op. No clamp to +-FP8_MAX: with
-    ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
-    reference's clamp never changes a finite value. A non-finite group gets scale NaN and all q the positive NaN."""
-    amax = _amax_nan(x, AXIS, NAN_MAX)
+def _group_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr):
+    """The scale half of ``_quant_groups`` from a group's amax (also for an amax gathered over several tiles with a
+    NaN-propagating max): ``(s, non-finite flag)``. UE8M0: ``max(s, 1e-10)`` rounded up to a power of two, vLLM's
+    CUDA op. A non-finite group gets scale NaN."""
     s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
     if UE8M0:
         # vLLM's CUDA op floors the scale at 1e-10 before the round-up
         s = _round_up_pow2(tl.maximum(s, _UE8M0_ACT_SCALE_FLOOR))
     bad = _is_bad(amax)
-    s = tl.where(bad, float("nan"), s)
-    se = tl.expand_dims(s, AXIS)
+    return tl.where(bad, float("nan"), s), bad
+
+
+@triton.jit
+def _group_q(x, se, bad, FMA_DIV: tl.constexpr, NAN_SELECT: tl.constexpr):
+    """The cast half of ``_quant_groups``: float32 ``x / se`` correctly rounded (``se``, ``bad`` broadcast over x).
+
+    No clamp to +-FP8_MAX: with ``s >= RN(amax / FP8_MAX)`` every ``|x / s|`` rounds to at most FP8_MAX, so the
+    reference's clamp never changes a finite value."""
     if FMA_DIV:
         # x / s correctly rounded without a per-element IEEE division: with r = RN(1/s) and q0 = RN(x*r)
         # (within 1 ulp), one exact-residual correction gives RN(x/s) (Markstein's theorem)
@@ -244,7 +247,16 @@ def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexp
         q = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, se, x), r, q0))
     else:
         q = tl.math.div_rn(x, se)
-    return _nan_if(tl.expand_dims(bad, AXIS), q, NAN_SELECT), s
+    return _nan_if(bad, q, NAN_SELECT)
+
+
+@triton.jit
+def _quant_groups(x, AXIS: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr,
+                  FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr):
+    """float32 ``x`` whose ``AXIS`` spans one group -> (q float32 holding FP8 values, s per group): ``_group_scale``
+    of the group's amax, then ``_group_q``. A non-finite group gets scale NaN and all q the positive NaN."""
+    s, bad = _group_scale(_amax_nan(x, AXIS, NAN_MAX), FP8_MAX, EPS, UE8M0)
+    return _group_q(x, tl.expand_dims(s, AXIS), tl.expand_dims(bad, AXIS), FMA_DIV, NAN_SELECT), s
 
 
 @triton.jit

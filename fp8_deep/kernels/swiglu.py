@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .quant import _UE8M0_ACT_SCALE_FLOOR, _amax_nan, _is_bad, _max_nan, _nan_if, _quant_groups, _round_up_pow2
+from .quant import _amax_nan, _group_q, _group_scale, _max_nan, _quant_groups
 
 
 @triton.jit
@@ -132,29 +132,6 @@ def silu_mul_quant_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ backward
-@triton.jit
-def _group_scale(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr):
-    """The scale half of ``_quant_groups`` for an amax gathered over several tiles (``_amax_nan`` per tile, combined
-    with a NaN-propagating max): (s, non-finite flag). Same operations, same bits."""
-    s = tl.math.div_rn(tl.maximum(amax, EPS), FP8_MAX)
-    if UE8M0:
-        s = _round_up_pow2(tl.maximum(s, _UE8M0_ACT_SCALE_FLOOR))
-    bad = _is_bad(amax)
-    return tl.where(bad, float("nan"), s), bad
-
-
-@triton.jit
-def _group_q(x, se, bad, FMA_DIV: tl.constexpr, NAN_SELECT: tl.constexpr):
-    """The cast half of ``_quant_groups``: float32 ``x / se`` correctly rounded (``se``, ``bad`` broadcast over x)."""
-    if FMA_DIV:
-        r = tl.math.div_rn(1.0, se)
-        q0 = x * r
-        q = tl.where(q0 == 0, q0, tl.fma(tl.fma(-q0, se, x), r, q0))
-    else:
-        q = tl.math.div_rn(x, se)
-    return _nan_if(bad, q, NAN_SELECT)
-
-
 @triton.jit
 def _amax_combine(acc, x, AXIS: tl.constexpr, NAN_MAX: tl.constexpr):
     """``acc`` and the ``_amax_nan`` of ``x`` along AXIS, merged without losing a NaN (the interpreter's path has

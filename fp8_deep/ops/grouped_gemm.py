@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -31,6 +31,7 @@ from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
+from ._config import TileConfig
 from ._launch import on_input_device
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
@@ -41,7 +42,7 @@ CONFIG_ENV = "FP8_DEEP_GEMM_CONFIG"
 
 
 @dataclass(frozen=True)
-class GemmConfig:
+class GemmConfig(TileConfig):
     """One tile configuration. ``BLOCK_K`` is fixed at 128 (one promotion per scale block)."""
     BLOCK_M: int = 128
     BLOCK_N: int = 128
@@ -97,35 +98,6 @@ class GemmConfig:
             if not self.WS and 3 * self.BLOCK_M * self.BLOCK_N // (32 * self.num_warps) > 192:
                 raise ValueError(f"GemmConfig.GLUON: a {self.BLOCK_M}x{self.BLOCK_N} tile with {self.num_warps} warps "
                                  f"needs more than 192 float32 registers per thread (accumulator + two partial tiles)")
-
-    @classmethod
-    def parse(cls, spec: Union[str, dict, "GemmConfig"]) -> "GemmConfig":
-        """From a ``GemmConfig``, a dict, or ``"BLOCK_M=64,BLOCK_N=128,num_warps=4,SWAP_AB=1"`` (unset keys default)."""
-        if isinstance(spec, GemmConfig):
-            return spec
-        if isinstance(spec, str):
-            items = {}
-            for part in filter(None, (p.strip() for p in spec.split(","))):
-                if "=" not in part:
-                    raise ValueError(f"config entry {part!r} is not KEY=VALUE (in {spec!r})")
-                k, v = (s.strip() for s in part.split("=", 1))
-                items[k] = v
-            spec = items
-        if not isinstance(spec, dict):
-            raise TypeError(f"config must be a GemmConfig, dict or 'KEY=VALUE,...' string, got {type(spec).__name__}")
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs = {}
-        for k, v in spec.items():
-            if k not in known:
-                raise ValueError(f"unknown config key {k!r}; known: {sorted(known)}")
-            if k in ("SWAP_AB", "SPLIT_M", "PERSISTENT", "TMA", "WS", "UPCAST", "GLUON"):
-                kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
-            else:
-                kwargs[k] = int(v)
-        return cls(**kwargs)
-
-    def __str__(self) -> str:
-        return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
 
 
 # Weight-bandwidth-bound regime (rows per expert <= 64): swap-AB, the 128 weight rows of a tile are the MMA's M side

@@ -24,27 +24,27 @@ Tile configurations: ``pick_wgrad_config(expected_rows, P, Q)``; ``FP8_DEEP_WGRA
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import triton
 
 from ..kernels.wgrad import _k_grouped_gemm_fp8_kernel, _k_grouped_gemm_fp8_tma_kernel
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
+from ._config import TileConfig
 from ._launch import on_input_device
 
 __all__ = ["WgradConfig", "k_grouped_gemm_fp8", "pick_wgrad_config", "WGRAD_CONFIGS", "CONFIG_ENV"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CONFIG_ENV = "FP8_DEEP_WGRAD_CONFIG"
-_BOOL_KEYS = ("PERSISTENT", "TMA")
 
 
 @dataclass(frozen=True)
-class WgradConfig:
+class WgradConfig(TileConfig):
     """One tile configuration of the wgrad kernel. ``BLOCK_K`` is fixed at 128 (one promotion per scale block)."""
+    _WHAT = "wgrad config"
     BLOCK_P: int = 128
     BLOCK_Q: int = 128
     GROUP_P: int = 8
@@ -64,35 +64,6 @@ class WgradConfig:
             raise ValueError(f"WgradConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"WgradConfig.num_stages must be >= 1, got {self.num_stages}")
-
-    @classmethod
-    def parse(cls, spec: Union[str, dict, "WgradConfig"]) -> "WgradConfig":
-        """From a ``WgradConfig``, a dict, or ``"BLOCK_P=128,BLOCK_Q=128,num_warps=8"`` (unset keys default)."""
-        if isinstance(spec, WgradConfig):
-            return spec
-        if isinstance(spec, str):
-            items = {}
-            for part in filter(None, (p.strip() for p in spec.split(","))):
-                if "=" not in part:
-                    raise ValueError(f"config entry {part!r} is not KEY=VALUE (in {spec!r})")
-                k, v = (s.strip() for s in part.split("=", 1))
-                items[k] = v
-            spec = items
-        if not isinstance(spec, dict):
-            raise TypeError(f"config must be a WgradConfig, dict or 'KEY=VALUE,...' string, got {type(spec).__name__}")
-        known = {f.name for f in fields(cls)}
-        kwargs = {}
-        for k, v in spec.items():
-            if k not in known:
-                raise ValueError(f"unknown wgrad config key {k!r}; known: {sorted(known)}")
-            if k in _BOOL_KEYS:
-                kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
-            else:
-                kwargs[k] = int(v)
-        return cls(**kwargs)
-
-    def __str__(self) -> str:
-        return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
 
 
 # Candidates, NOT yet measured on a GPU (bench/bench_wgrad.py --sweep times each; the pick below is a first guess).

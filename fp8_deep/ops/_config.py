@@ -1,0 +1,42 @@
+"""Tile configurations of the GEMM launchers: frozen dataclasses of meta-parameters, parsed from the environment
+variables that pin them (``FP8_DEEP_GEMM_CONFIG``, ``FP8_DEEP_WGRAD_CONFIG``) and printed back the same way."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+__all__ = ["TileConfig"]
+
+
+class TileConfig:
+    """Mixin of a frozen dataclass: ``parse`` from a config, a dict or ``"KEY=VALUE,..."`` (unset keys default; fields
+    whose default is a bool take 1/0/true/false/yes/no/on/off), and ``str()`` in that same form."""
+    _WHAT = "config"  # how errors name it
+
+    @classmethod
+    def parse(cls, spec):
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            items = {}
+            for part in filter(None, (p.strip() for p in spec.split(","))):
+                if "=" not in part:
+                    raise ValueError(f"config entry {part!r} is not KEY=VALUE (in {spec!r})")
+                k, v = (s.strip() for s in part.split("=", 1))
+                items[k] = v
+            spec = items
+        if not isinstance(spec, dict):
+            raise TypeError(f"config must be a {cls.__name__}, dict or 'KEY=VALUE,...' string, got "
+                            f"{type(spec).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for k, v in spec.items():
+            if k not in known:
+                raise ValueError(f"unknown {cls._WHAT} key {k!r}; known: {sorted(known)}")
+            if isinstance(known[k].default, bool):
+                kwargs[k] = str(v).lower() in ("1", "true", "yes", "on") if isinstance(v, str) else bool(v)
+            else:
+                kwargs[k] = int(v)
+        return cls(**kwargs)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
