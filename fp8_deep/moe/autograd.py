@@ -159,6 +159,8 @@ class _FP8MoEFunction(torch.autograd.Function):
         (topk_weights,) = ctx.saved_tensors
         plan, fw, gemm, scale_fmt = ctx.plan, ctx.fw, ctx.gemm, ctx.scale_fmt
         a1, sa1, qh, sh = ctx.cache
+        # the locals are then the only references: each buffer is freed (del) as soon as its last reader has run
+        ctx.cache = ctx.fw = ctx.plan = None
         need_x, need_w13, need_w2, need_tw = ctx.needs_input_grad[:4]
         layout = gemm.a_scale_layout
         T, k = plan.inv_perm.shape
@@ -174,8 +176,9 @@ class _FP8MoEFunction(torch.autograd.Function):
         row_w = _row_gather(topk_weights.detach(), plan.sorted_token_ids)
         q_dh, s_dh, q_dh_t, s_dh_t, q_wa_t, s_wa_t, g_row = silu_mul_backward_quantize(
             qh, sh, g, row_w, m_indices=plan.m_indices, scale_fmt=scale_fmt, dh_scale_layout=layout)
-        del g, qh, sh
+        del g, qh, sh, row_w
         grad_tw = _row_gather(g_row, plan.inv_perm).view(T, k).to(topk_weights.dtype) if need_tw else None
+        del g_row
         # 4. dgrad of GEMM1 and the sum over each token's choices
         grad_x = None
         if need_x:
@@ -184,16 +187,21 @@ class _FP8MoEFunction(torch.autograd.Function):
             grad_x = moe_combine(da1, plan.inv_perm, ones, out_dtype=ctx.hidden_dtype)
             del da1
         del q_dh, s_dh
-        # 5. wgrad, one float32 reduction per expert over its rows
+        # 5. wgrad, one float32 reduction per expert over its rows; W13's first, so that its operands are gone before
+        # W2's are made (the gradients themselves are the largest allocations of the step)
         grad_w13 = grad_w2 = None
         if need_w13:
             a1_t, sa1_t = quantize_activation_t(a1, sa1, scale_fmt=scale_fmt)
+            del a1, sa1
             grad_w13 = _wgrad(ctx.w13, q_dh_t, s_dh_t, a1_t, sa1_t, plan)
             del a1_t, sa1_t
+        else:
+            del a1, sa1
+        del q_dh_t, s_dh_t
         if need_w2:
             dy_t, sdy_t = quantize_activation_t(ady, sady, scale_fmt=scale_fmt)
+            del ady, sady
             grad_w2 = _wgrad(ctx.w2, dy_t, sdy_t, q_wa_t, s_wa_t, plan)
-        ctx.cache = ctx.fw = ctx.plan = None
         return grad_x, grad_w13, grad_w2, grad_tw, None, None, None, None, None
 
 
