@@ -14,7 +14,7 @@ from fp8_deep.ops import grouped_gemm as gg
 from fp8_deep.ops.grouped_gemm import (EXPERIMENTAL_CONFIGS, GLUON_CONFIGS, LARGE_M_CONFIGS, MEDIUM_M_CONFIGS,
                                        SMALL_M_CONFIGS, GemmConfig, TritonGroupedGemm, grouped_gemm_fp8, pick_config)
 from fp8_deep.ops.plan import RoutingPlan
-from fp8_deep.testing import assert_bitwise_equal, calc_diff
+from fp8_deep.testing import assert_bitwise_equal, calc_diff, is_poison, poisoned
 
 # One config of each family, small enough for the interpreter: swap-AB (tokens on the MMA's narrow side), plain,
 # split-M (two half-height dots), and BLOCK_N=256 (two weight-scale blocks per tile: the vector scale path); persistent
@@ -77,19 +77,6 @@ def make_case(counts, N, K, device, seg_align=BLOCK, scale_layout="row_major", e
 
 # NaN with a payload no arithmetic produces (the GPU and the CPU make the canonical 0x7FC0): padding rows computed
 # from NaN inputs and stored by mistake would still be NaN, but not this NaN.
-POISON_BITS = {torch.bfloat16: (torch.int16, 0x7FC1), torch.float32: (torch.int32, 0x7FC00001)}
-
-
-def poisoned(shape, dtype, device):
-    view, bits = POISON_BITS[dtype]
-    return torch.full(shape, bits, dtype=view, device=device).view(dtype)
-
-
-def is_poison(t):
-    view, bits = POISON_BITS[t.dtype]
-    return t.contiguous().view(view) == bits
-
-
 def _assert_config_errors(table):
     """Each ``(spec, message)``: ``GemmConfig.parse(spec)`` raises ValueError matching the message."""
     for spec, match in table:

@@ -12,7 +12,7 @@ from fp8_deep import reference
 from fp8_deep.numerics import BLOCK, FP8_DTYPE, align, cdiv
 from fp8_deep.ops import wgrad as wg
 from fp8_deep.ops.wgrad import WGRAD_CONFIGS, WgradConfig, k_grouped_gemm_fp8, pick_wgrad_config
-from fp8_deep.testing import assert_bitwise_equal, calc_diff
+from fp8_deep.testing import assert_bitwise_equal, calc_diff, is_poison, poisoned
 
 # Small enough for the interpreter: plain one-program-per-tile tiles, persistent (the CPU grid is 2 * 2 programs,
 # so the tile loop runs many tiles), TMA descriptors for the full chunks, rectangular tiles, tiles wider than P / Q.
@@ -22,20 +22,6 @@ CPU_CONFIGS = {
     "tma64x32": "BLOCK_P=64,BLOCK_Q=32,GROUP_P=1,TMA=1,num_warps=4,num_stages=2",
     "wide128x128": "BLOCK_P=128,BLOCK_Q=128,GROUP_P=8,num_warps=8,num_stages=3",
 }
-
-POISON_BITS = {torch.bfloat16: (torch.int16, 0x7FC1), torch.float16: (torch.int16, 0x7E01),
-               torch.float32: (torch.int32, 0x7FC00001)}
-
-
-def poisoned(shape, dtype, device):
-    view, bits = POISON_BITS[dtype]
-    return torch.full(shape, bits, dtype=view, device=device).view(dtype)
-
-
-def is_poison(t):
-    view, bits = POISON_BITS[t.dtype]
-    return t.contiguous().view(view) == bits
-
 
 def tma_aligned(s: torch.Tensor) -> torch.Tensor:
     """The same scales, MN-major with the row count padded to 4: strides (1, align(P, 4)) (what producers write)."""

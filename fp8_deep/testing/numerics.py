@@ -37,3 +37,20 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, name: str
             f"{name}: {mism.shape[0]} of {a.numel()} elements differ; first at {idx}: "
             f"got {actual.cpu()[idx].float().item()!r} (bits {a[idx].item():#x}), "
             f"expected {expected.cpu()[idx].float().item()!r} (bits {e[idx].item():#x})")
+
+
+# NaN payloads no kernel produces: an output element still holding one was never written
+POISON_BITS = {torch.bfloat16: (torch.int16, 0x7FC1), torch.float16: (torch.int16, 0x7E01),
+               torch.float32: (torch.int32, 0x7FC00001)}
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """A tensor of ``shape`` whose every element is the poison NaN of ``dtype`` (bf16, fp16, fp32)."""
+    view, bits = POISON_BITS[dtype]
+    return torch.full(shape, bits, dtype=view, device=device).view(dtype)
+
+
+def is_poison(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise: still the poison value (never written)."""
+    view, bits = POISON_BITS[t.dtype]
+    return t.contiguous().view(view) == bits
