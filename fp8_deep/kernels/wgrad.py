@@ -42,6 +42,22 @@ def _wgrad_tile(tile_id, num_p, num_q, GROUP_P: tl.constexpr):
 
 
 @triton.jit
+def _locate(tile_id, num_p, num_q, offsets_ptr, counts_ptr, M, P, Q, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+            GROUP_P: tl.constexpr):
+    """Tile -> (expert, p-tile, q-tile, the segment's first row and its valid rows, output rows/columns, and those
+    clamped into P / Q for the loads: rows past P or Q are read from a valid row and never stored, so the loads need
+    no row masks). A segment reaching past M is cut at M (a precondition violation must not read out of bounds)."""
+    e, tp, tq = _wgrad_tile(tile_id, num_p, num_q, GROUP_P)
+    seg = tl.load(offsets_ptr + e)
+    count = tl.maximum(tl.minimum(tl.load(counts_ptr + e), M - seg), 0)
+    offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ld = tl.minimum(offs_p, P - 1).to(tl.int64)
+    q_ld = tl.minimum(offs_q, Q - 1).to(tl.int64)
+    return e, tp, tq, seg, count, offs_p, offs_q, p_ld, q_ld
+
+
+@triton.jit
 def _promote(acc, a, b, sa, sb):
     """One 128-row chunk: FP8 dot into a fresh float32 tile, then ``acc += part * sa[p] * sb[q]``."""
     part = tl.dot(a, tl.trans(b))
@@ -96,16 +112,8 @@ def _k_grouped_gemm_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     for tile_id in tl.range(tl.program_id(0), total_tiles, tl.num_programs(0)):
-        e, tp, tq = _wgrad_tile(tile_id, num_p, num_q, GROUP_P)
-        seg = tl.load(offsets_ptr + e)
-        # a segment reaching past M is cut at M (a precondition violation must not read out of bounds)
-        count = tl.maximum(tl.minimum(tl.load(counts_ptr + e), M - seg), 0)
-
-        offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        # rows past P / Q are read from a valid row (clamped) and never stored: no row masks on the loads
-        p_ld = tl.minimum(offs_p, P - 1).to(tl.int64)
-        q_ld = tl.minimum(offs_q, Q - 1).to(tl.int64)
+        e, tp, tq, seg, count, offs_p, offs_q, p_ld, q_ld = _locate(tile_id, num_p, num_q, offsets_ptr, counts_ptr,
+                                                                     M, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
         cols = (seg + offs_k).to(tl.int64)
         a_ptrs = a_ptr + p_ld[:, None] * stride_ap + cols[None, :]
         b_ptrs = b_ptr + q_ld[:, None] * stride_bq + cols[None, :]
@@ -161,14 +169,8 @@ def _k_grouped_gemm_fp8_tma_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     for tile_id in tl.range(tl.program_id(0), total_tiles, tl.num_programs(0)):
-        e, tp, tq = _wgrad_tile(tile_id, num_p, num_q, GROUP_P)
-        seg = tl.load(offsets_ptr + e)
-        count = tl.maximum(tl.minimum(tl.load(counts_ptr + e), M - seg), 0)
-
-        offs_p = tp * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = tq * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        p_ld = tl.minimum(offs_p, P - 1).to(tl.int64)
-        q_ld = tl.minimum(offs_q, Q - 1).to(tl.int64)
+        e, tp, tq, seg, count, offs_p, offs_q, p_ld, q_ld = _locate(tile_id, num_p, num_q, offsets_ptr, counts_ptr,
+                                                                     M, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
         kb0 = (seg // BLOCK_K).to(tl.int64)
         sa_ptrs = as_ptr + p_ld * stride_asp + kb0 * stride_ask
         sb_ptrs = bs_ptr + q_ld * stride_bsq + kb0 * stride_bsk
