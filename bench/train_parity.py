@@ -30,13 +30,16 @@ loss; exit 2 when either exceeds ``--max-rel-gap`` (default 0.25%, DeepSeek-V3's
 ``--time-budget`` (default 390 s, under gpu_check.sh's 420 s stage) stops every run at the same step when the next
 step and the final eval would not fit; the summary says so (the learning-rate schedule is then unfinished).
 ``--noise-floor`` adds a third run, BF16 from another initialisation on the same data: its gap to the first BF16 run
-is the seed-to-seed yardstick for the FP8 gap.
+is the seed-to-seed yardstick for the FP8 gap. ``--runs`` adds ablations (FP8 forward with BF16 gradients, FP8 with
+BF16 weight gradients, power-of-two scales, ...) and paired runs from other initialisations (``fp8_s1`` against
+``bf16_s1``): every run is compared with ``bf16`` and, when it exists, with the BF16 run of its own initialisation.
 
 Output: bench/results/<card>/train_parity.csv (per step: losses, aux losses, gradient norms, step times),
 train_parity_eval.csv (eval losses), train_parity.png (curves and gap), a final ``SUMMARY`` block.
 
     python bench/train_parity.py                      # 2000 steps each (expected ~1.5-3 min on an H100)
     python bench/train_parity.py --noise-floor        # + a BF16 run from another seed: the gap's yardstick
+    python bench/train_parity.py --runs fp8_fwd,fp8_bf16wgrad,fp8_ue8m0,bf16_s1,fp8_s1   # ablations, 2nd seed
     python bench/train_parity.py --time-budget 280    # stop both runs at the same step before 280 s
     python bench/train_parity.py --cpu-smoke          # tiny model, 5 steps each, on the CPU (FP8 kernels interpreted)
 """
@@ -71,7 +74,17 @@ from fp8_deep.testing import calc_diff  # noqa: E402
 from fp8_deep.testing.baselines import bf16_moe_train, grouped_mm_available  # noqa: E402
 
 IMPLS = ("bf16", "fp8")
-NOISE = "bf16_seed2"  # --noise-floor: BF16 from another initialisation
+# --runs: the two runs of the verdict plus ablations. "<impl>" or "<impl>_s<N>" (initialisation seed + N, same data).
+VARIANTS = {
+    "bf16": "BF16 experts (the baseline)",
+    "fp8": "fp8_deep's FP8 forward and backward (scale_fmt from --scale-fmt)",
+    "fp8_ue8m0": "fp8 with power-of-two (UE8M0) scales everywhere: the 1x128 -> 128x1 re-tiling is then exact",
+    "fp8_fwd": "FP8 forward, BF16 backward (the BF16 path's gradients at the same inputs)",
+    "fp8_bwd": "BF16 forward, FP8 backward (fp8_deep's gradients at the same inputs)",
+    "fp8_bf16wgrad": "fp8, but the weight gradients from the BF16 path (at the same inputs)",
+    "fp8_bf16dgrad": "fp8, but the gradients of x and of the router weights from the BF16 path",
+}
+NOISE = "bf16_s1"  # --noise-floor: BF16 from another initialisation
 TARGET_REL_GAP = 0.0025  # DeepSeek-V3: FP8 training loss within 0.25% of BF16
 # the layer check's bounds (exit 1 above them): "wrong", not "a little worse". On Gaussian data the FP8 MoE forward
 # is ~2e-3 calc_diff from BF16 (four quantizations deep, ANCHORS.md); a broken kernel or a missing scale is ~1e-1-1.
@@ -191,9 +204,20 @@ class MoE(nn.Module):
         w2 = self.w2 if w2 is None else w2
         if self.impl == "bf16":
             return bf16_moe_train(hb, w13, w2, topk_weights, topk_ids)
+        if self.impl in ("fp8", "fp8_ue8m0"):
+            return self._fp8(hb, w13, w2, topk_weights, topk_ids)
+        fp8, bf16 = self._fp8, bf16_moe_train
+        mixed = {"fp8_fwd": (fp8, (bf16,) * 4), "fp8_bwd": (bf16, (fp8,) * 4),
+                 "fp8_bf16wgrad": (fp8, (fp8, bf16, bf16, fp8)), "fp8_bf16dgrad": (fp8, (bf16, fp8, fp8, bf16))}
+        if self.impl in mixed:
+            out_fn, grad_fns = mixed[self.impl]
+            return _Mixed.apply(out_fn, grad_fns, hb, w13, w2, topk_weights, topk_ids)
+        raise ValueError(f"unknown expert implementation {self.impl!r}; one of {sorted(VARIANTS)}")
+
+    def _fp8(self, hb, w13, w2, topk_weights, topk_ids):
         import fp8_deep
-        return fp8_deep.moe_forward(hb, w13, w2, topk_weights, topk_ids, scale_fmt=self.scale_fmt,
-                                    backend=self.backend)
+        fmt = "ue8m0" if self.impl == "fp8_ue8m0" else self.scale_fmt
+        return fp8_deep.moe_forward(hb, w13, w2, topk_weights, topk_ids, scale_fmt=fmt, backend=self.backend)
 
     def forward(self, x):
         B, S, H = x.shape
@@ -202,6 +226,36 @@ class MoE(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):  # the expert paths take bf16 explicitly
             out = self.experts(h.to(torch.bfloat16), topk_weights, topk_ids)
         return out.view(B, S, H), aux
+
+
+class _Mixed(torch.autograd.Function):
+    """The output of ``out_fn`` with each input's gradient from the function ``grad_fns`` names for it (for
+    ``hb, w13, w2, topk_weights``), at the same inputs: an ablation of which part of the FP8 recipe moves the loss.
+    Each gradient function's forward is re-run inside the backward, under autograd."""
+
+    @staticmethod
+    def forward(ctx, out_fn, grad_fns, hb, w13, w2, topk_weights, topk_ids):
+        with torch.no_grad():
+            out = out_fn(hb, w13, w2, topk_weights, topk_ids)
+        ctx.grad_fns = grad_fns
+        ctx.save_for_backward(hb, w13, w2, topk_weights, topk_ids)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *inputs, topk_ids = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:6]
+        grads = [None] * 4
+        for fn in dict.fromkeys(ctx.grad_fns):
+            mine = [i for i in range(4) if need[i] and ctx.grad_fns[i] is fn]
+            if not mine:
+                continue
+            leaves = [t.detach().requires_grad_(i in mine) for i, t in enumerate(inputs)]
+            with torch.enable_grad():
+                out = fn(*leaves, topk_ids)
+                for i, g in zip(mine, torch.autograd.grad(out, [leaves[i] for i in mine], grad_out)):
+                    grads[i] = g
+        return (None, None, *grads, None)
 
 
 class Block(nn.Module):
@@ -473,6 +527,10 @@ def parse_args(argv=None):
     p.add_argument("--noise-floor", action="store_true",
                    help=f"a third run, {NOISE!r}: BF16 from another initialisation, same data; its gap to bf16 is "
                         f"the seed-to-seed yardstick for the FP8 gap (+50%% time)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated runs (default bf16,fp8), always including bf16 and fp8: " +
+                        "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()) + "; a suffix _s<N> starts that run from "
+                        "initialisation seed + N (same data), e.g. bf16_s1,fp8_s1: a second paired sample of the gap")
     p.add_argument("--skip-layer-check", action="store_true", help="no FP8-vs-BF16/spec check of one layer first")
     a = p.parse_args(argv)
     if a.steps is None:
@@ -483,7 +541,26 @@ def parse_args(argv=None):
             a.time_budget = None
     if a.steps < 1:
         p.error("--steps must be >= 1")
+    runs = ["bf16", "fp8"] + [r.strip() for r in (a.runs or "").split(",") if r.strip()]
+    if a.noise_floor:
+        runs.append(NOISE)
+    a.runs = list(dict.fromkeys(runs))
+    for r in a.runs:
+        try:
+            parse_run(r)
+        except ValueError as exc:
+            p.error(str(exc))
     return a
+
+
+def parse_run(name: str):
+    """``"fp8_fwd_s2"`` -> ``("fp8_fwd", 2)``: the expert implementation and the initialisation seed offset."""
+    impl, _, tail = name.rpartition("_s")
+    if impl and tail.isdigit() and impl in VARIANTS:
+        return impl, int(tail)
+    if name in VARIANTS:
+        return name, 0
+    raise ValueError(f"--runs: unknown run {name!r}; one of {sorted(VARIANTS)}, optionally with a seed suffix _s<N>")
 
 
 def make_config(args) -> Config:
@@ -533,11 +610,15 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in base.parameters())
     n_expert = sum(p.numel() for n, p in base.named_parameters() if n.endswith(("w13", "w2")))
     print(f"parameters: {n_params / 1e6:.1f} M ({n_expert / 1e6:.1f} M in experts), float32 masters", flush=True)
-    models = {"bf16": base, "fp8": copy.deepcopy(base).set_impl("fp8")}
-    if args.noise_floor:
-        # the yardstick for the gap: BF16 against BF16 from another initialisation (same data order)
-        torch.manual_seed(args.seed + 1)
-        models[NOISE] = MoELM(cfg, "bf16", args.scale_fmt, args.fp8_backend).to(device)
+    inits = {0: base}
+    models = {}
+    for name in args.runs:  # the same initialisation for every run of one seed offset (copies of one model)
+        impl, off = parse_run(name)
+        if off not in inits:
+            torch.manual_seed(args.seed + off)
+            inits[off] = MoELM(cfg, "bf16", args.scale_fmt, args.fp8_backend).to(device)
+        models[name] = copy.deepcopy(inits[off]).set_impl(impl)
+    del inits, base
     names = list(models)
 
     status = "ok"
@@ -696,6 +777,18 @@ def main(argv=None) -> int:
           f"(DeepSeek-V3 reports < {100 * TARGET_REL_GAP:.2f}%)" +
           (f"; BF16 seed-to-seed: train {100 * gaps[NOISE][0]:+.3f}%, eval {100 * gaps[NOISE][1]:+.3f}%"
            if NOISE in gaps else ""))
+    # a run from seed offset N against the BF16 run from the same initialisation: more paired samples of each gap
+    paired = {}
+    for k in names:
+        impl, off = parse_run(k)
+        ref = "bf16" if off == 0 else f"bf16_s{off}"
+        if impl != "bf16" and ref in smooth:
+            paired.setdefault(impl, []).append((off, rel(smooth[k], smooth[ref]), rel(final_eval[k], final_eval[ref])))
+    for impl, vals in paired.items():
+        mt, me = (sum(v[i] for v in vals) / len(vals) for i in (1, 2))
+        print(f"SUMMARY train_parity paired gap {impl} vs bf16 of the same initialisation: " +
+              ", ".join(f"seed+{o}: train {100 * t:+.3f}% eval {100 * e:+.3f}%" for o, t, e in vals) +
+              (f"; mean train {100 * mt:+.3f}% eval {100 * me:+.3f}%" if len(vals) > 1 else ""))
     print(f"SUMMARY train_parity fp8-trained model evaluated with BF16 experts: {fp8_model_bf16_eval:.4f} "
           f"({100 * rel(fp8_model_bf16_eval, final_eval['bf16']):+.3f}% vs bf16): the training part of the gap")
     print(f"SUMMARY train_parity time: training {train_wall:.0f} s for {len(names)} runs "
