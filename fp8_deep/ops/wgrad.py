@@ -94,17 +94,19 @@ def pick_wgrad_config(expected_rows: int, P: int, Q: int) -> WgradConfig:
     """The configuration for ``expected_rows`` token rows per expert and a ``(P, Q)`` gradient per expert
     (``FP8_DEEP_WGRAD_CONFIG`` overrides).
 
-    128x128 tiles with 8 warps and TMA loads everywhere the gradient is at least that large (measured below); a
+    64x128 tiles with 4 warps and TMA loads everywhere the gradient is at least that large (measured below); a
     gradient narrower than 128 on a side takes 64-wide pointer tiles (less masked work)."""
     env = os.environ.get(CONFIG_ENV)
     if env:
         return WgradConfig.parse(env)
     if P <= 64 or Q <= 64:
         return WGRAD_CONFIGS[6]
-    # TMA descriptor loads: H100 (Triton 3.6), dW13 of DeepSeek-V3 E=32 at 1024 rows, bf16 out: 4.39 ms (438 TFLOP/s)
-    # against 82.4 ms for the pointer-load tiles (cfg 0; the persistent and 64-row variants 77-160 ms). The launcher
-    # falls back to the pointer tiles where TMA cannot run (CPU, interpreter, operands TMA cannot describe).
-    return WGRAD_CONFIGS[2]
+    # H100 (Triton 3.6), DeepSeek-V3 E=32, bf16 out, 2026-12-07 (bench_wgrad.py --sweep): the 64x128 TMA tiles with
+    # 4 warps (two or three programs per SM, so one program's output store overlaps another's MMAs) took dW13 in
+    # 1.31 / 3.31 ms at 256 / 1024 rows (367 / 582 TFLOP/s) and dW2 in 0.65 / 1.44 ms, against 2.09 / 4.37 and
+    # 1.03 / 2.19 for the 128x128 8-warp TMA tiles; the pointer-load tiles 12-160x slower. The launcher falls back to
+    # the pointer tiles where TMA cannot run (CPU, interpreter, operands TMA cannot describe).
+    return WGRAD_CONFIGS[7]
 
 
 def _validate(a_t, a_t_scale, b_t, b_t_scale, expert_offsets, expert_counts, out, out_dtype, accumulate):
