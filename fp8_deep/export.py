@@ -335,11 +335,11 @@ class QuantizedStateDict:
                 it.out_q.copy_(it.t)
                 self.stats["in_place"] += 1
         for key, group in _groups(quant).items():
-            for chunk in self._chunks(group):
+            for chunk, w3 in self._chunks(group):
                 q3 = _uniform_stack([it.out_q for it in chunk], writable=True)
                 s3 = _uniform_stack([it.out_s for it in chunk], writable=True)
                 if q3 is not None and s3 is not None and _stackable(chunk[0]) and self._batch:
-                    self._quantize_stack(chunk, q3, s3)
+                    self._quantize_stack(chunk, q3, s3, w3)
                 else:
                     for it in chunk:
                         self._quantize_one(it, it.out_q, it.out_s)
@@ -371,10 +371,10 @@ class QuantizedStateDict:
                 for it, q, s in zip(group, q_all.unbind(0), s_all.unbind(0)):
                     it.q, it.s = q, s
                 start = 0
-                for chunk in self._chunks(group):
+                for chunk, w3 in self._chunks(group):
                     n = len(chunk)
                     if self._batch and _stackable(t0):
-                        self._quantize_stack(chunk, q_all[start: start + n], s_all[start: start + n])
+                        self._quantize_stack(chunk, q_all[start: start + n], s_all[start: start + n], w3)
                     else:
                         for it in chunk:
                             self._quantize_one(it, it.q, it.s)
@@ -382,28 +382,38 @@ class QuantizedStateDict:
             assert off <= buf.numel()
 
     def _chunks(self, group: List[_Item]):
-        """Pieces of a group quantized by one launch: at most _MAX_STACK tensors, and at most what the staging
-        buffer holds when the group is not equally spaced views of one storage."""
+        """Pieces of a group quantized by one launch each, in group order: ``(items, w3)`` with ``w3`` an ``(n, N,
+        K)`` view when the items are equally spaced views of one storage (no copy), else None (staged: at most what
+        the staging buffer holds). A group that spans two stacks (a bucket holding the end of one layer's experts
+        and the start of the next) is cut into its runs, each still copy-free."""
         if not self._batch or len(group) == 1 or not _stackable(group[0]):
-            yield from ([it] for it in group)
+            yield from (([it], None) for it in group)
             return
         per = group[0].t.numel() * group[0].t.element_size()
-        if _uniform_stack([it.t for it in group]) is not None:
-            cap = _MAX_STACK
-        else:
-            cap = max(1, min(_MAX_STACK, self.staging_bytes // max(per, 1)))
-        for i in range(0, len(group), cap):
-            yield group[i: i + cap]
+        cap = max(1, min(_MAX_STACK, self.staging_bytes // max(per, 1)))
+        loose: List[_Item] = []
+        for lo, hi in _uniform_runs([it.t for it in group]):
+            if hi - lo == 1:
+                loose.append(group[lo])
+                continue
+            for i in range(0, len(loose), cap):
+                yield loose[i: i + cap], None
+            loose = []
+            for i in range(lo, hi, _MAX_STACK):
+                run = group[i: min(hi, i + _MAX_STACK)]
+                yield run, _uniform_stack([it.t for it in run])
+        for i in range(0, len(loose), cap):
+            yield loose[i: i + cap], None
 
-    def _quantize_stack(self, chunk: List[_Item], q3: torch.Tensor, s3: torch.Tensor):
+    def _quantize_stack(self, chunk: List[_Item], q3: torch.Tensor, s3: torch.Tensor,
+                        w3: Optional[torch.Tensor] = None):
         if len(chunk) == 1:
             self._quantize_one(chunk[0], q3[0], s3[0])
             return
-        srcs = [it.t for it in chunk]
-        w3 = _uniform_stack(srcs)
         if w3 is not None:
             self.stats["zero_copy_stacks"] += 1
         else:
+            srcs = [it.t for it in chunk]
             t0 = srcs[0]
             nbytes = len(srcs) * t0.numel() * t0.element_size()
             stage = self._staging_buffer(t0.device, nbytes)
@@ -470,6 +480,33 @@ def _groups(items: List[_Item]) -> "OrderedDict[tuple, List[_Item]]":
     for it in items:
         groups.setdefault((tuple(it.t.shape), it.t.dtype, it.t.device, it.split), []).append(it)
     return groups
+
+
+def _uniform_runs(ts: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
+    """``[lo, hi)`` ranges covering ``ts`` in order: maximal runs of equally spaced (positive step) views of one storage
+    with equal dtype, shape and strides (each a zero-copy stack), and single tensors between them."""
+    def key(t):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+            return None
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        return (ptr, t.dtype, t.shape, t.stride(), t.device)
+
+    keys = [key(t) for t in ts]
+    offs = [t.storage_offset() for t in ts]
+    runs, lo, n = [], 0, len(ts)
+    while lo < n:
+        hi = lo + 1
+        if keys[lo] is not None and hi < n and keys[hi] == keys[lo] and offs[hi] > offs[lo]:
+            step = offs[hi] - offs[lo]
+            hi += 1
+            while hi < n and keys[hi] == keys[lo] and offs[hi] - offs[hi - 1] == step:
+                hi += 1
+        runs.append((lo, hi))
+        lo = hi
+    return runs
 
 
 def _uniform_stack(ts: Sequence[torch.Tensor], writable: bool = False) -> Optional[torch.Tensor]:

@@ -196,6 +196,32 @@ def test_batching_zero_copy_staged_and_per_tensor_agree(device):
     assert s_small.stats["staged"] == 0 and s_small.stats["launches"] == 16
 
 
+def test_stacks_cut_by_buckets_stay_copy_free(device):
+    """Per-expert views of each layer's stacked w13 / w2 (FP8MoE's layout under HF names) with buckets that end
+    inside a layer: a bucket's same-shape group then spans two layers' storages, and each layer's run is still
+    quantized without a staging copy, with the bytes of one launch per tensor."""
+    E, H, inter, layers = 4, 256, 128, 3
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i in range(layers):
+        w13 = torch.randn(E, 2 * inter, H, generator=g).to(torch.bfloat16).to(device)
+        w2 = torch.randn(E, H, inter, generator=g).to(torch.bfloat16).to(device)
+        for e in range(E):
+            sd[f"model.layers.{i}.mlp.experts.{e}.gate_proj.weight"] = w13[e, :inter]
+            sd[f"model.layers.{i}.mlp.experts.{e}.up_proj.weight"] = w13[e, inter:]
+            sd[f"model.layers.{i}.mlp.experts.{e}.down_proj.weight"] = w2[e]
+    layer_bytes = E * 3 * (inter * H + 4)
+    stream = quantize_state_dict(sd, bucket_bytes=int(1.5 * layer_bytes) + 4096)
+    got = {}
+    for b in stream:
+        got.update({n: t.clone() for n, t in b})
+    assert stream.stats["buckets"] >= 2 and stream.stats["staged"] == 0, stream.stats
+    assert stream.stats["zero_copy_stacks"] >= 2 * layers
+    ref = dict(quantize_state_dict(sd, batch=False))
+    for n in ref:
+        assert torch.equal(_bits(got[n]), _bits(ref[n])), n
+
+
 def test_buckets_bounded_and_reused(device):
     sd = _qwen3_moe_state_dict(device, layers=2)
     bucket = 200_000
