@@ -7,7 +7,9 @@ CPU runs go through the Triton interpreter with tiny shapes; ``-m gpu`` adds the
 the memory bound of bucketed streaming.
 """
 import importlib
+import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -525,6 +527,41 @@ def _import_transformers():
         pytest.skip(f"transformers installed from .whl/ but does not import: {exc}")
 
 
+_PINNED_ENV = "FP8_DEEP_TEST_PINNED_TRANSFORMERS"
+# the wheels tools/fetch_wheels.sh fetches that a newer transformers' environment holds in other versions
+_PINNED_WHEELS = ("transformers==4.57.6", "accelerate", "huggingface-hub<1.0", "tokenizers<=0.23.0", "safetensors",
+                  "hf-xet")
+# and those it needs only when this environment lacks them (distribution: module)
+_DEP_WHEELS = {"tqdm": "tqdm", "regex": "regex", "pyyaml": "yaml", "requests": "requests", "filelock": "filelock",
+               "packaging": "packaging", "fsspec": "fsspec", "psutil": "psutil", "urllib3": "urllib3", "idna": "idna",
+               "certifi": "certifi", "charset-normalizer": "charset_normalizer",
+               "typing-extensions": "typing_extensions"}
+
+
+def _run_with_pinned_transformers(tmp_path, test_name: str):
+    """Run ``test_name`` of this file in a child pytest whose path starts with transformers 4.57 (and the packages
+    whose versions it pins) installed from .whl/ into a private folder, without deps: the rest comes from this
+    environment (a newer transformers' dependencies cover the 4.57 line's)."""
+    whl = REPO / ".whl"
+    if not whl.is_dir():
+        pytest.skip("transformers >= 5 installed and no .whl/ folder with the 4.57 line (bash tools/fetch_wheels.sh, "
+                    "then carry .whl)")
+    target = tmp_path / "pinned_site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(whl),
+                        "--no-deps", "--target", str(target), *_PINNED_WHEELS,
+                        *[d for d, m in _DEP_WHEELS.items() if importlib.util.find_spec(m) is None]],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"the pinned transformers could not be installed from .whl/: {r.stderr.strip()[-500:]}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO), os.environ.get("PYTHONPATH", "")]),
+               **{_PINNED_ENV: "1"})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "gpu",
+                        f"{__file__}::{test_name}"], capture_output=True, text=True, env=env, cwd=str(REPO))
+    out = (r.stdout + r.stderr).strip()
+    print(out[-3000:])
+    assert r.returncode == 0 and " passed" in out, f"the pinned child run failed:\n{out[-3000:]}"
+
+
 def test_transformers_reads_checkpoint_cpu(tmp_path):
     """transformers' own FP8 integration on the CPU: 4.x turns the model's linears into FP8Linear (which only runs on
     a GPU) and the checkpoint must load into it strictly (names, shapes, dtypes, modules_to_not_convert); 5.x
@@ -569,8 +606,12 @@ def test_transformers_fp8_round_trip_gpu(tmp_path):
     BF16 model's as an FP8-emulated model (weights dequantized) plus 1x128 activation quantization allows."""
     transformers = _import_transformers()
     if int(transformers.__version__.split(".")[0]) >= 5:
-        pytest.skip(f"transformers {transformers.__version__}: its FP8 GEMM comes from the hub (kernels package) or "
-                    f"DeepGEMM; this test pins the 4.57 line (in-tree Triton kernel): install it from .whl/")
+        # 5.x takes its FP8 GEMM from the hub (kernels package) or DeepGEMM: run this test again in a child process
+        # with the 4.57 line (in-tree Triton kernel) from .whl/ installed into a private folder ahead on its path
+        if os.environ.get(_PINNED_ENV):
+            pytest.skip(f"transformers {transformers.__version__} still first on the path of the pinned child")
+        _run_with_pinned_transformers(tmp_path, "test_transformers_fp8_round_trip_gpu")
+        return
     cfg = _tiny_qwen3_moe_config(transformers)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda().eval()
