@@ -21,6 +21,7 @@
 #   TRAIN_ARGS, PARITY_ARGS,         stages "train" (bench_train.py: MoE layer fwd+bwd vs BF16), "parity" (train_parity.py:
 #   WGRAD_ARGS, RETILE_ARGS,         BF16 vs FP8 training run), "wgrad", "retile", "swiglub" (the backward's kernels),
 #   SWIGLUB_ARGS, EXPORT_ARGS        "export" (weight sync)
+#   TUNE_ARGS, TUNE_TIMEOUT          stage "tune": bench/tune_grouped_gemm.py (the grouped GEMM's per-card table)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
@@ -197,13 +198,20 @@ run_one_stage() {
         export)  # state dict -> block-FP8 weight sync (EXPORT_ARGS)
             # shellcheck disable=SC2086
             run_stage export 200 export.log $PY bench/bench_export.py ${EXPORT_ARGS:-} ;;
+        tune)  # the grouped GEMM's per-card table (TUNE_ARGS); writes fp8_deep/configs/grouped_gemm/<card>.json,
+               # copied into results.tgz as <card>_grouped_gemm_table.json (commit it under fp8_deep/configs/)
+            run_stage tune "${TUNE_TIMEOUT:-500}" tune.log $PY bench/tune_grouped_gemm.py \
+                --time-budget "$(budget_for $(( ${TUNE_TIMEOUT:-500} - 20 )))" ${TUNE_ARGS:-}
+            for f in fp8_deep/configs/grouped_gemm/*.json; do
+                [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_grouped_gemm_table.json"
+            done ;;
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
             # shellcheck disable=SC2086
             run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export)" \
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune)" \
                >> "$LOGS/status" ;;
     esac
 }

@@ -33,6 +33,7 @@ from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_c
 from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import on_input_device
+from ._tuned import tuned_config
 
 __all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
@@ -335,10 +336,13 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     if pinned:
         cfg = GemmConfig.parse(pinned)
     else:
-        cfg = pick_config(expected_m if expected_m is not None else max(1, M // E), K)
+        rows = expected_m if expected_m is not None else max(1, M // E)
+        # a card's measured table (bench/tune_grouped_gemm.py) where it has this (N, K); the heuristic otherwise
+        tuned = tuned_config("grouped_gemm", a.device, E=E, N=N, K=K, rows=rows)
+        cfg = GemmConfig.parse(tuned) if tuned else pick_config(rows, K)
         # a picked TMA / Gluon config never fails where it cannot run: the same bucket's portable tiles instead
         if cfg.GLUON and _gluon_problem(a, b, N):
-            cfg = MEDIUM_M_CONFIGS[0] if (expected_m or M // E) < 1024 else LARGE_M_CONFIGS[0]
+            cfg = MEDIUM_M_CONFIGS[0] if rows < 1024 else LARGE_M_CONFIGS[0]
         if cfg.TMA and _tma_problem(a, b, N):
             cfg = MEDIUM_M_FALLBACK
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N

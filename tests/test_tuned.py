@@ -1,0 +1,81 @@
+"""Per-card tuned tables (fp8_deep/ops/_tuned.py): keys, nearest-entry lookup, malformed tables, and the grouped
+GEMM launcher taking a table's config (same bytes as its heuristic: tables change speed, never results)."""
+import json
+
+import pytest
+import torch
+
+from fp8_deep.numerics import FP8_DTYPE
+from fp8_deep.ops import _tuned
+from fp8_deep.ops import grouped_gemm as gg
+from fp8_deep.testing import assert_bitwise_equal
+
+
+def test_card_key():
+    assert _tuned.card_key("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert _tuned.card_key("NVIDIA H200") == _tuned.card_key("NVIDIA H200 NVL") == "NVIDIA_H200"
+    assert _tuned.card_key("Some/Card  X") == "Some_Card_X"
+
+
+TABLE = {"op": "grouped_gemm", "card": "X", "entries": [
+    {"E": 256, "N": 4096, "K": 7168, "rows": 16, "config": "A"},
+    {"E": 256, "N": 4096, "K": 7168, "rows": 256, "config": "B"},
+    {"E": 32, "N": 4096, "K": 7168, "rows": 256, "config": "C"},
+    {"E": 256, "N": 7168, "K": 2048, "rows": 64, "config": "D"},
+]}
+
+
+@pytest.mark.parametrize("E,N,K,rows,want", [
+    (256, 4096, 7168, 12, "A"), (256, 4096, 7168, 100, "B"),  # log2 distance: 100 is nearer 256 than 16
+    (32, 4096, 7168, 300, "C"), (64, 4096, 7168, 256, "C"),  # same rows: nearest E
+    (256, 7168, 2048, 1, "D"), (256, 512, 7168, 16, None),  # an (N, K) the table lacks: the heuristic
+])
+def test_lookup_nearest(E, N, K, rows, want):
+    assert _tuned.lookup(TABLE, E=E, N=N, K=K, rows=rows) == want
+    assert _tuned.lookup(None, E=E, N=N, K=K, rows=rows) is None
+
+
+def test_load_table_and_malformed(tmp_path, monkeypatch):
+    monkeypatch.setattr(_tuned, "TABLE_DIR", tmp_path)
+    _tuned.load_table.cache_clear()
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "good.json").write_text(json.dumps(TABLE))
+    (tmp_path / "op" / "bad.json").write_text(json.dumps({"entries": [{"E": 0, "N": 1, "K": 1, "rows": 1,
+                                                                       "config": "A"}]}))
+    try:
+        assert _tuned.load_table("op", "good")["entries"][0]["config"] == "A"
+        assert _tuned.load_table("op", "missing") is None
+        with pytest.raises(ValueError, match="malformed"):
+            _tuned.load_table("op", "bad")
+        assert _tuned.tuned_config("op", torch.device("cpu"), E=1, N=1, K=1, rows=1) is None  # CUDA only
+    finally:
+        _tuned.load_table.cache_clear()
+
+
+def test_grouped_gemm_takes_the_tables_config(monkeypatch, device):
+    """The launcher asks the table with the call's sizes and runs its config; the bytes equal the heuristic's."""
+    E, N, K, rows = 3, 192, 256, 20
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(E * 32, K, generator=g).to(FP8_DTYPE).to(device)
+    a_scale = (torch.rand(E * 32, K // 128, generator=g) + 0.5).to(device)
+    b = torch.randn(E, N, K, generator=g).to(FP8_DTYPE).to(device)
+    b_scale = (torch.rand(E, 2, K // 128, generator=g) + 0.5).to(device)
+    offsets = torch.tensor([0, 32, 64], dtype=torch.int32, device=device)
+    counts = torch.tensor([rows, 0, 31], dtype=torch.int32, device=device)
+    monkeypatch.delenv(gg.CONFIG_ENV, raising=False)
+    asked = []
+    table_cfg = "BLOCK_M=32,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=2"
+
+    def fake(op, dev, **kw):
+        asked.append((op, kw))
+        return table_cfg
+
+    monkeypatch.setattr(gg, "tuned_config", lambda op, dev, **kw: None)
+    base = gg.grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, expected_m=rows)
+    monkeypatch.setattr(gg, "tuned_config", fake)
+    got = gg.grouped_gemm_fp8(a, a_scale, b, b_scale, offsets, counts, expected_m=rows)
+    from fp8_deep.numerics import use_triton
+    if use_triton(a):  # (the CPU without Triton computes in torch and never picks tiles)
+        assert asked == [("grouped_gemm", dict(E=E, N=N, K=K, rows=rows))]
+    for lo, n in ((0, rows), (64, 31)):
+        assert_bitwise_equal(got[lo:lo + n], base[lo:lo + n], "table config vs heuristic")
