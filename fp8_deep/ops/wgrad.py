@@ -87,6 +87,11 @@ WGRAD_CONFIGS = (
     WgradConfig(BLOCK_P=128, BLOCK_Q=256, GROUP_P=4, TMA=True, num_warps=8, num_stages=3),
     WgradConfig(BLOCK_P=128, BLOCK_Q=128, GROUP_P=8, TMA=True, num_warps=8, num_stages=4),
     WgradConfig(BLOCK_P=128, BLOCK_Q=128, GROUP_P=8, TMA=True, PERSISTENT=True, num_warps=8, num_stages=3),
+    # around the measured best ([7]): pipeline depth, m-grouping, a narrower tile (not measured yet)
+    WgradConfig(BLOCK_P=64, BLOCK_Q=128, GROUP_P=8, TMA=True, num_warps=4, num_stages=4),
+    WgradConfig(BLOCK_P=64, BLOCK_Q=128, GROUP_P=8, TMA=True, num_warps=4, num_stages=2),
+    WgradConfig(BLOCK_P=64, BLOCK_Q=128, GROUP_P=16, TMA=True, num_warps=4, num_stages=3),
+    WgradConfig(BLOCK_P=64, BLOCK_Q=64, GROUP_P=8, TMA=True, num_warps=4, num_stages=3),
 )
 
 
