@@ -14,9 +14,10 @@ What a PPO step needs after every optimizer step, around ``fp8_deep.ops.quantize
 
 Why batching (shared/docs/ANCHORS.md, "Weight sync, one Qwen3-30B-A3B decoder layer"): one quantizer launch per
 tensor is host-bound (~46 us a tensor, 40x slower than the same bytes as stacked expert tensors). Tensors of one shape
-and dtype are quantized as one ``(n, N, K)`` stack: without a copy when they are equally spaced views of one storage
-(experts kept stacked, flat parameter buffers), else through a reusable staging buffer (one ``torch.stack`` copy,
-which costs bandwidth: 7 instead of 3 bytes per element). Outputs are written directly into the bucket's storage.
+and dtype are quantized together: each run of at least ``_MIN_RUN`` equally spaced views of one storage (experts kept
+stacked, flat parameter buffers) as one ``(n, N, K)`` stack without a copy, the other tensors of the group through a
+reusable staging buffer (one ``torch.stack`` copy per launch, which costs bandwidth: 7 instead of 3 bytes per
+element). Outputs are written directly into the bucket's storage.
 
 Scale convention: dequantization scales, ``w ~= q.float() * scale`` per 128x128 block (vLLM's ``weight_scale_inv``).
 Ragged edges (N or K not a multiple of 128) follow the quantizer's contract: the edge block covers only real elements.
@@ -120,6 +121,8 @@ def _resolve_skip(skip) -> Optional[Callable[[str], bool]]:
 _ALIGN = 16  # byte alignment of every region in a bucket (the kernels' 16-byte pointer specialization, DMA)
 _DEFAULT_WINDOW = 1 << 30  # bucket_bytes=None: tensors are still batched in windows of this many output bytes
 _MAX_STACK = 65535  # the quantizer's limit on experts per call (CUDA grid)
+# a shorter run of views joins the staged tensors: a launch (~40 us of host time) costs more than copying a few
+_MIN_RUN = 4
 
 
 def _align(n: int) -> int:
@@ -394,8 +397,8 @@ class QuantizedStateDict:
         cap = max(1, min(_MAX_STACK, self.staging_bytes // max(per, 1)))
         loose: List[_Item] = []
         for lo, hi, step in _uniform_runs([it.t for it in group]):
-            if hi - lo == 1:
-                loose.append(group[lo])
+            if hi - lo < _MIN_RUN:
+                loose += group[lo:hi]
                 continue
             for i in range(0, len(loose), cap):
                 yield loose[i: i + cap], None
@@ -497,7 +500,8 @@ def _uniform_runs(ts: Sequence[torch.Tensor]) -> List[Tuple[int, int, int]]:
             return None
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             return None
-        return (ptr, t.dtype, t.shape, t.stride(), t.device)
+        # the storage's size too: two storages may start at one address (numpy views of different lengths)
+        return (ptr, t.untyped_storage().nbytes(), t.dtype, t.shape, t.stride(), t.device)
 
     keys = [key(t) for t in ts]
     offs = [t.storage_offset() for t in ts]
@@ -521,12 +525,13 @@ def _uniform_stack(ts: Sequence[torch.Tensor], writable: bool = False) -> Option
     if len(ts) == 1:
         return t0.unsqueeze(0)
     try:
-        base = t0.untyped_storage().data_ptr()
+        base = (t0.untyped_storage().data_ptr(), t0.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         return None
     for t in ts:
         if (type(t) not in (torch.Tensor, torch.nn.Parameter) or t.dtype != t0.dtype or t.shape != t0.shape
-                or t.stride() != t0.stride() or t.device != t0.device or t.untyped_storage().data_ptr() != base):
+                or t.stride() != t0.stride() or t.device != t0.device
+                or (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) != base):
             return None
     step = ts[1].storage_offset() - t0.storage_offset()
     if step <= 0 or any(t.storage_offset() != t0.storage_offset() + i * step for i, t in enumerate(ts)):
