@@ -135,10 +135,14 @@ def bench_clean_flush(fn: Callable[[], object], *, warmup: int = 25, rep: int = 
 
 
 @contextlib.contextmanager
-def environ(env: Dict[str, str]):
-    """Set environment variables for a ``with`` block (a variant's switches), then restore them."""
+def environ(env: Dict[str, Optional[str]]):
+    """Set environment variables for a ``with`` block (a variant's switches; None unsets one), then restore them."""
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:

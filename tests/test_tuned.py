@@ -26,9 +26,10 @@ TABLE = {"op": "grouped_gemm", "card": "X", "entries": [
 
 
 @pytest.mark.parametrize("E,N,K,rows,want", [
-    (256, 4096, 7168, 12, "A"), (256, 4096, 7168, 100, "B"),  # log2 distance: 100 is nearer 256 than 16
+    (256, 4096, 7168, 12, "A"), (256, 4096, 7168, 150, "B"),  # log2 distance: 150 is nearer 256 than 16
     (32, 4096, 7168, 300, "C"), (64, 4096, 7168, 256, "C"),  # same rows: nearest E
-    (256, 7168, 2048, 1, "D"), (256, 512, 7168, 16, None),  # an (N, K) the table lacks: the heuristic
+    (256, 7168, 2048, 48, "D"), (256, 512, 7168, 16, None),  # an (N, K) the table lacks: the heuristic
+    (256, 7168, 2048, 1, None), (256, 4096, 7168, 2048, None),  # farther than 2x from every entry: the heuristic
 ])
 def test_lookup_nearest(E, N, K, rows, want):
     assert _tuned.lookup(TABLE, E=E, N=N, K=K, rows=rows) == want
@@ -48,8 +49,17 @@ def test_load_table_and_malformed(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="malformed"):
             _tuned.load_table("op", "bad")
         assert _tuned.tuned_config("op", torch.device("cpu"), E=1, N=1, K=1, rows=1) is None  # CUDA only
+        assert _tuned.lookup(_tuned.load_table("op", "good"), E=256, N=4096, K=7168, rows=20) == "A"
     finally:
         _tuned.load_table.cache_clear()
+
+
+def test_table_entries_that_change_numerics_are_refused():
+    assert gg._table_config("BLOCK_M=64,BLOCK_N=128,num_warps=4").BLOCK_M == 64
+    for bad, match in (("ACC_K=32", "change the numerics"), ("UPCAST=1", "change the numerics"),
+                       ("BLOCK_X=1", "invalid config")):
+        with pytest.raises(ValueError, match=match):
+            gg._table_config(bad)
 
 
 def test_grouped_gemm_takes_the_tables_config(monkeypatch, device):

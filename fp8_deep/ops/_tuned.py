@@ -4,10 +4,12 @@ A table is ``fp8_deep/configs/<op>/<card>.json``: ``{"op": ..., "card": ..., "en
 "rows": .., "config": "KEY=VALUE,..."}, ...]}`` (plus what the tuner records about each measurement). ``card`` is
 ``torch.cuda.get_device_name()`` with spaces and slashes made ``_`` (an H200 of any form factor is ``NVIDIA_H200``).
 
-Lookup: among the entries of the same ``(N, K)``, the one nearest in ``log2(rows)`` (then in ``log2(E)``); no entry of
-that ``(N, K)`` on this card -> None, and the launcher keeps its built-in heuristic. Tables only choose among configs
-that compute the same bytes, so a table changes speed, never results. ``FP8_DEEP_TUNED=0`` ignores every table
-(read per call: A/B runs in one process).
+Lookup: among the entries of the same ``(N, K)``, the one nearest in ``log2(rows)`` (then in ``log2(E)``), if it is
+within ``MAX_LOG2_ROWS`` of the call's rows; otherwise (or no entry of that ``(N, K)`` on this card) None, and the
+launcher keeps its built-in heuristic. The tuner writes only configs whose output it checked bit for bit against the
+heuristic's at its grid points, and the launcher refuses an entry whose config changes the numerics (``ACC_K``,
+``UPCAST``): a table is meant to change speed, not results. ``FP8_DEEP_TUNED=0`` ignores every table (read per call:
+A/B runs in one process).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ __all__ = ["TABLE_DIR", "TUNED_ENV", "card_key", "load_table", "lookup", "tuned_
 
 TABLE_DIR = Path(__file__).resolve().parent.parent / "configs"
 TUNED_ENV = "FP8_DEEP_TUNED"
+MAX_LOG2_ROWS = 1.0  # an entry tuned at twice or half the rows still applies; farther, the heuristic decides
 
 
 def card_key(name: str) -> str:
@@ -52,23 +55,35 @@ def load_table(op: str, card: str) -> Optional[dict]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"tuned table {path} is malformed ({exc}); regenerate it with the tuning script or delete "
                          f"it") from None
+    table["_index"] = _index(table)
     return table
 
 
 def lookup(table: Optional[dict], *, E: int, N: int, K: int, rows: int) -> Optional[str]:
     """The config string of the entry of the same ``(N, K)`` nearest in ``log2(rows)``, then ``log2(E)``; None if
-    the table has no entry of that ``(N, K)``."""
+    the table has no entry of that ``(N, K)`` within ``MAX_LOG2_ROWS`` of ``rows``."""
     if not table:
         return None
-    best, best_d = None, None
+    return _nearest(_index(table), E, N, K, rows)
+
+
+def _index(table: dict) -> dict:
+    """``{(N, K): [(log2 rows, log2 E, config), ...]}`` (``load_table`` builds it once per file)."""
+    idx = table.get("_index")
+    if idx is None:
+        idx = {}
+        for e in table["entries"]:
+            idx.setdefault((e["N"], e["K"]), []).append((math.log2(e["rows"]), math.log2(e["E"]), e["config"]))
+    return idx
+
+
+def _nearest(idx: dict, E: int, N: int, K: int, rows: int) -> Optional[str]:
+    cands = idx.get((N, K))
+    if not cands:
+        return None
     lr, le = math.log2(max(1, rows)), math.log2(max(1, E))
-    for e in table["entries"]:
-        if e["N"] != N or e["K"] != K:
-            continue
-        d = (abs(math.log2(e["rows"]) - lr), abs(math.log2(e["E"]) - le))
-        if best_d is None or d < best_d:
-            best, best_d = e["config"], d
-    return best
+    d, cfg = min(((abs(r - lr), abs(e - le)), c) for r, e, c in cands)
+    return cfg if d[0] <= MAX_LOG2_ROWS else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,4 +97,9 @@ def tuned_config(op: str, device: torch.device, *, E: int, N: int, K: int, rows:
     if device.type != "cuda" or os.environ.get(TUNED_ENV, "1") == "0":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return lookup(load_table(op, _card_of(index)), E=E, N=N, K=K, rows=rows)
+    return _lookup_cached(op, _card_of(index), E, N, K, rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_cached(op: str, card: str, E: int, N: int, K: int, rows: int) -> Optional[str]:
+    return lookup(load_table(op, card), E=E, N=N, K=K, rows=rows)

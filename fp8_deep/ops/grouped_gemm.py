@@ -206,6 +206,19 @@ def pick_config(expected_m: int, K: Optional[int] = None) -> GemmConfig:
     return GLUON_CONFIGS[0] if K is not None and K > 4096 else GLUON_CONFIGS[1]
 
 
+def _table_config(spec: str) -> GemmConfig:
+    """A tuned table's entry as a config; one that changes the numerics (a table must only change speed) raises."""
+    try:
+        cfg = GemmConfig.parse(spec)
+    except ValueError as exc:
+        raise ValueError(f"a tuned grouped-GEMM table (fp8_deep/configs/grouped_gemm/) holds an invalid config "
+                         f"{spec!r}: {exc}; regenerate it with bench/tune_grouped_gemm.py, or FP8_DEEP_TUNED=0") from None
+    if cfg.ACC_K or cfg.UPCAST:
+        raise ValueError(f"a tuned grouped-GEMM table entry {spec!r} sets ACC_K/UPCAST, which change the numerics; "
+                         f"tables choose among configs with the same output (regenerate it, or FP8_DEEP_TUNED=0)")
+    return cfg
+
+
 def _tma_problem(a: torch.Tensor, b: torch.Tensor, N: int, what: str = "TMA=1") -> Optional[str]:
     """Why the TMA kernel cannot take these operands here (None when it can): it needs Hopper or newer (or the
     interpreter), 16-byte aligned bases and row strides, and the experts of ``b`` stacked without gaps."""
@@ -339,7 +352,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         rows = expected_m if expected_m is not None else max(1, M // E)
         # a card's measured table (bench/tune_grouped_gemm.py) where it has this (N, K); the heuristic otherwise
         tuned = tuned_config("grouped_gemm", a.device, E=E, N=N, K=K, rows=rows)
-        cfg = GemmConfig.parse(tuned) if tuned else pick_config(rows, K)
+        cfg = _table_config(tuned) if tuned else pick_config(rows, K)
         # a picked TMA / Gluon config never fails where it cannot run: the same bucket's portable tiles instead
         if cfg.GLUON and _gluon_problem(a, b, N):
             cfg = MEDIUM_M_CONFIGS[0] if rows < 1024 else LARGE_M_CONFIGS[0]
