@@ -32,8 +32,8 @@ exceeds ``--max-rel-gap`` (default 0.25%, DeepSeek-V3's bound).
 
 ``--time-budget`` (default 400 s, under gpu_check.sh's 420 s stage) stops every run at the same step when the next
 step and the final eval would not fit; the summary says so (the learning-rate schedule is then unfinished).
-``--noise-floor`` adds a third run, BF16 from another initialisation on the same data: its gap to the first BF16 run
-is the seed-to-seed yardstick for the FP8 gap. ``--runs`` adds ablations (FP8 forward with BF16 gradients, FP8 with
+``--noise-floor`` (with ``--seeds 1``) adds a BF16 run from another initialisation on the same data: its gap to the
+first BF16 run is the seed-to-seed yardstick for the FP8 gap (with several seeds the BF16 runs give it already). ``--runs`` adds ablations (FP8 forward with BF16 gradients, FP8 with
 BF16 weight gradients, power-of-two scales, ...) and paired runs from other initialisations (``fp8_s1`` against
 ``bf16_s1``): every run is compared with ``bf16`` and, when it exists, with the BF16 run of its own initialisation.
 
@@ -44,7 +44,7 @@ train_parity_eval.csv (eval losses), train_parity.png (curves and gap), a final 
     python bench/train_parity.py --seeds 1            # one pair (~2 min)
     python bench/train_parity.py --noise-floor        # + a BF16 run from another seed: the gap's yardstick
     python bench/train_parity.py --runs fp8_fwd,fp8_bf16wgrad,fp8_ue8m0,bf16_s1,fp8_s1   # ablations, 2nd seed
-    python bench/train_parity.py --time-budget 280    # stop both runs at the same step before 280 s
+    python bench/train_parity.py --time-budget 280    # stop every run at the same step before 280 s
     python bench/train_parity.py --cpu-smoke          # tiny model, 5 steps each, on the CPU (FP8 kernels interpreted)
 """
 from __future__ import annotations
@@ -529,14 +529,14 @@ def parse_args(argv=None):
     p.add_argument("--max-rel-gap", type=float, default=TARGET_REL_GAP,
                    help="exit 2 when |FP8 - BF16| / BF16 of the final train or eval loss exceeds this (default 0.0025)")
     p.add_argument("--noise-floor", action="store_true",
-                   help=f"a third run, {NOISE!r}: BF16 from another initialisation, same data; its gap to bf16 is "
-                        f"the seed-to-seed yardstick for the FP8 gap (+50%% time)")
-    p.add_argument("--seeds", type=int, default=3,
+                   help=f"with --seeds 1: a third run, {NOISE!r}, BF16 from another initialisation, same data; its "
+                        f"gap to bf16 is the seed-to-seed yardstick for the FP8 gap (several seeds give it already)")
+    p.add_argument("--seeds", type=int, default=None,
                    help="initialisations (default 3): runs bf16_sK and fp8_sK for K < seeds, and the verdict is the "
                         "mean of the paired gaps (fp8_sK vs bf16_sK); one pair's gap swings by more than the target "
                         "from one initialisation to the next on this model")
     p.add_argument("--runs", default=None,
-                   help="comma-separated runs (default bf16,fp8), always including bf16 and fp8: " +
+                   help="comma-separated extra runs (the --seeds pairs always run): " +
                         "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()) + "; a suffix _s<N> starts that run from "
                         "initialisation seed + N (same data), e.g. bf16_s1,fp8_s1: a second paired sample of the gap")
     p.add_argument("--skip-layer-check", action="store_true", help="no FP8-vs-BF16/spec check of one layer first")
@@ -549,21 +549,23 @@ def parse_args(argv=None):
             a.time_budget = None
     if a.steps < 1:
         p.error("--steps must be >= 1")
+    if a.seeds is None:
+        a.seeds = 1 if a.cpu_smoke else 3
     if a.seeds < 1:
         p.error("--seeds must be >= 1")
-    if a.cpu_smoke and "--seeds" not in (argv if argv is not None else sys.argv[1:]):
-        a.seeds = 1
     runs = ["bf16", "fp8"] + [r for k in range(1, a.seeds) for r in (f"bf16_s{k}", f"fp8_s{k}")]
     runs += [r.strip() for r in (a.runs or "").split(",") if r.strip()]
     if a.noise_floor:
         runs.append(NOISE)
-    a.runs = list(dict.fromkeys(runs))
-    for r in a.runs:
-        try:
-            parse_run(r)
-        except ValueError as exc:
-            p.error(str(exc))
+    try:  # one name per run: "bf16_s0" is "bf16", "fp8_s01" is "fp8_s1"
+        a.runs = list(dict.fromkeys(run_name(*parse_run(r)) for r in runs))
+    except ValueError as exc:
+        p.error(str(exc))
     return a
+
+
+def run_name(impl: str, off: int) -> str:
+    return impl if off == 0 else f"{impl}_s{off}"
 
 
 def parse_run(name: str):
@@ -812,8 +814,13 @@ def main(argv=None) -> int:
     verdict = paired["fp8"]
     gap_train = sum(v[1] for v in verdict) / len(verdict)
     gap_eval = sum(v[2] for v in verdict) / len(verdict)
+    se = ""
+    if len(verdict) > 1:  # the standard error of each mean: what the verdict can resolve
+        ses = [math.sqrt(sum((v[i] - m) ** 2 for v in verdict) / (len(verdict) - 1) / len(verdict))
+               for i, m in ((1, gap_train), (2, gap_eval))]
+        se = f" (standard error {100 * ses[0]:.3f}% / {100 * ses[1]:.3f}%)"
     print(f"SUMMARY train_parity verdict gap (mean of {len(verdict)} paired fp8 - bf16 gap"
-          f"{'s' if len(verdict) > 1 else ''}): train {100 * gap_train:+.3f}%, eval {100 * gap_eval:+.3f}%")
+          f"{'s' if len(verdict) > 1 else ''}): train {100 * gap_train:+.3f}%, eval {100 * gap_eval:+.3f}%{se}")
     print(f"SUMMARY train_parity fp8-trained model evaluated with BF16 experts: {fp8_model_bf16_eval:.4f} "
           f"({100 * rel(fp8_model_bf16_eval, final_eval['bf16']):+.3f}% vs bf16): the training part of the gap")
     print(f"SUMMARY train_parity time: training {train_wall:.0f} s for {len(names)} runs "
