@@ -66,7 +66,7 @@ class WgradConfig(TileConfig):
             raise ValueError(f"WgradConfig.num_stages must be >= 1, got {self.num_stages}")
 
 
-# Candidates, NOT yet measured on a GPU (bench/bench_wgrad.py --sweep times each; the pick below is a first guess).
+# Candidates, timed by bench/bench_wgrad.py --sweep (H100 figures at pick_wgrad_config; the last four not yet).
 # 128x128 output tiles with 8 warps: two warpgroups of 64 rows, the float32 accumulator and one chunk's product at
 # 64 + 64 registers per thread; two programs share an SM only if the compiler stays under 128 registers per thread,
 # else the global stores of one tile's epilogue (fire-and-forget) drain while the next tile's loads start.
@@ -80,7 +80,7 @@ WGRAD_CONFIGS = (
     WgradConfig(BLOCK_P=64, BLOCK_Q=128, GROUP_P=8, num_warps=4, num_stages=3),
     WgradConfig(BLOCK_P=128, BLOCK_Q=256, GROUP_P=4, num_warps=8, num_stages=3),
     WgradConfig(BLOCK_P=64, BLOCK_Q=64, GROUP_P=8, num_warps=4, num_stages=2),
-    # TMA variants (the pointer-load tiles above measured 20-25 TFLOP/s on an H100): 64-row tiles with 4 warps fit
+    # TMA variants (the pointer-load tiles above measured 9-26 TFLOP/s on an H100): 64-row tiles with 4 warps fit
     # two or three programs per SM, so one program's epilogue (the output store) overlaps another's MMAs
     WgradConfig(BLOCK_P=64, BLOCK_Q=128, GROUP_P=8, TMA=True, num_warps=4, num_stages=3),
     WgradConfig(BLOCK_P=64, BLOCK_Q=256, GROUP_P=8, TMA=True, num_warps=4, num_stages=3),
@@ -109,7 +109,7 @@ def pick_wgrad_config(expected_rows: int, P: int, Q: int) -> WgradConfig:
     # H100 (Triton 3.6), DeepSeek-V3 E=32, bf16 out, 2026-12-07 (bench_wgrad.py --sweep): the 64x128 TMA tiles with
     # 4 warps (two or three programs per SM, so one program's output store overlaps another's MMAs) took dW13 in
     # 1.31 / 3.31 ms at 256 / 1024 rows (367 / 582 TFLOP/s) and dW2 in 0.65 / 1.44 ms, against 2.09 / 4.37 and
-    # 1.03 / 2.19 for the 128x128 8-warp TMA tiles; the pointer-load tiles 12-160x slower. The launcher falls back to
+    # 1.03 / 2.19 for the 128x128 8-warp TMA tiles; the pointer-load tiles 18-54x slower. The launcher falls back to
     # the pointer tiles where TMA cannot run (CPU, interpreter, operands TMA cannot describe).
     return WGRAD_CONFIGS[7]
 
