@@ -5,7 +5,8 @@ The launcher (``fp8_deep.ops.grouped_gemm_fp8``) reads that table (``fp8_deep/op
 has no table or no entry of that ``(N, K)``. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
 
 Grid: the two expert GEMMs of the MoE models users run -- GEMM1 ``(rows, H) x w13 (E, 2I, H)`` and GEMM2
-``(rows, I) x w2 (E, H, I)`` -- for each model below, at T tokens routed top-k at random (softmax of random logits,
+``(rows, I) x w2 (E, H, I)``; ``--gemms dgrad1 dgrad2`` adds the training backward's ``(rows, 2I) x (E, H, 2I)`` and
+``(rows, H) x (E, I, H)`` -- for each model below, at T tokens routed top-k at random (softmax of random logits,
 the MoE's own layout: ``align_routing`` with the Triton backend's 16-row alignment). The key ``rows`` is what the MoE
 passes as its hint, ``peak_rows_per_expert(T * top_k, E)``; the timing runs on the real, uneven counts.
 
@@ -52,6 +53,10 @@ MODELS = {
     "dsv2_lite": (64, 2048, 1408, 6),
 }
 TOKENS = (1, 16, 64, 256, 1024, 2048, 8192)
+# (N, K) of each GEMM from (H, I): the forward's two, and the backward's dgrad GEMMs (dy @ W2 with W2^T's blocks,
+# dh @ W13 with W13^T's blocks; fp8_deep/moe/autograd.py)
+GEMM_SHAPES = {"gemm1": lambda H, i: (2 * i, H), "gemm2": lambda H, i: (H, i),
+               "dgrad2": lambda H, i: (i, H), "dgrad1": lambda H, i: (H, 2 * i)}
 SMOKE = {"smoke": (4, 256, 128, 2)}
 
 
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--T", nargs="*", type=int, default=list(TOKENS), help="tokens per call (default %(default)s)")
-    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2"], choices=["gemm1", "gemm2"])
+    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2"], choices=list(GEMM_SHAPES),
+                   help="the forward's GEMMs (default) and/or the training backward's dgrad GEMMs")
     p.add_argument("--rep", type=int, default=25, help="do_bench rep per candidate (ms)")
     p.add_argument("--time-budget", type=float, default=480, help="seconds; stops between grid points")
     p.add_argument("--out", default=None, help="table path (default fp8_deep/configs/grouped_gemm/<card>.json)")
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     grid = []
     for name, (E, H, inter, top_k) in models.items():
         for g in args.gemms:
-            N, K = (2 * inter, H) if g == "gemm1" else (H, inter)
+            N, K = GEMM_SHAPES[g](H, inter)
             grid += [(name, g, E, N, K, T, top_k) for T in tokens]
     print(C.env_line())
     print(f"tune_grouped_gemm: {len(grid)} grid points x up to {len(cands)} candidates")
