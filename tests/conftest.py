@@ -3,7 +3,11 @@
 Without a GPU the kernels run through Triton's CPU interpreter; ``TRITON_INTERPRET`` must be set before Triton is
 first imported, so it is set here (when the caller has not chosen) before anything imports fp8_deep or triton.
 """
+import contextlib
+import importlib
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -35,3 +39,16 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+
+
+@contextlib.contextmanager
+def bench_module(name: str):
+    """A script of bench/ imported as a module (its folder on sys.path only while the block runs)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))

@@ -1,20 +1,13 @@
 """The benchmark's paired ratio (bench/bench_quant.py): what the quantizer figures in README.md rest on."""
-import importlib
-import pathlib
-import sys
-
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench_quant():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("bench_quant")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("bench_quant") as m:
+        yield m
 
 
 def test_paired_ratio_cancels_a_bias_of_position(bench_quant):

@@ -5,28 +5,21 @@ On the CPU the kernel runs through the Triton interpreter (tiny shapes). Skipped
 nor ``.vllm/`` was fetched (``bash tools/fetch_vllm_moe.sh``). The launch decisions that only a GPU takes (SWAP_AB on
 capability 9.0, the TMA descriptor for B on 9.x/10.x) are forced here so the interpreter runs those kernel paths too.
 """
-import importlib
-import pathlib
-import sys
 import types
 
 import pytest
 import torch
 
 import fp8_deep
+from conftest import bench_module
 from fp8_deep import reference
 from fp8_deep.testing import calc_diff, poisoned
-
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
 def peer():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("peer_vllm")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_module("peer_vllm") as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
