@@ -23,6 +23,7 @@
 #   SWIGLUB_ARGS, EXPORT_ARGS        "export" (weight sync)
 #   TUNE_ARGS, TUNE_TIMEOUT          stage "tune": bench/tune_grouped_gemm.py (the grouped GEMM's per-card table)
 #   PEER_ARGS, PEER_TIMEOUT          stage "peer": bench/peer_vllm.py (vLLM's fused-MoE kernel; carry .vllm)
+#   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
@@ -206,6 +207,12 @@ run_one_stage() {
             for f in fp8_deep/configs/grouped_gemm/*.json; do
                 [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_grouped_gemm_table.json"
             done ;;
+        tuneb)  # auto's backend table (TUNEB_ARGS; needs DeepGEMM: carry .deepgemm), copied into results.tgz
+            run_stage tuneb "${TUNEB_TIMEOUT:-400}" tuneb.log $PY bench/tune_backend.py \
+                --time-budget "$(budget_for $(( ${TUNEB_TIMEOUT:-400} - 20 )))" ${TUNEB_ARGS:-}
+            for f in fp8_deep/configs/moe_backend/*.json; do
+                [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_moe_backend_table.json"
+            done ;;
         peer)  # vLLM's block-FP8 fused-MoE Triton kernel vs our forward (PEER_ARGS; carry .vllm from
                # tools/fetch_vllm_moe.sh): output check, then the timing table
             run_stage peer "${PEER_TIMEOUT:-450}" peer.log bash -c "$PY bench/peer_vllm.py --check && $PY \
@@ -216,7 +223,7 @@ run_one_stage() {
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune peer)" \
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune tuneb peer)" \
                >> "$LOGS/status" ;;
     esac
 }

@@ -141,7 +141,7 @@ def tune_point(E, N, K, T, top_k, cands, rep, log):
     eligible = sorted(r for r in results if r[2])
     if runnable(pick, a, b, N) and (not eligible or pick_ms < eligible[0][0]):
         eligible.insert(0, (pick_ms, str(pick), True))  # nothing beat the heuristic's own config
-    del a, a_scale, b, b_scale, plan, ref
+    a = a_scale = b = b_scale = plan = ref = None  # the closures hold them: release before freeing the cache
     C.free_cuda()
     if not eligible:
         return None
@@ -219,11 +219,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_table(path: Path, card: str, old, entries) -> None:
+def write_table(path: Path, card: str, old, entries, op: str = "grouped_gemm") -> None:
     """The merged table, written to a temporary file and renamed over ``path`` (never half written)."""
     fresh = {(e["E"], e["N"], e["K"], e["rows"]) for e in entries}
     keep = [e for e in old if (e["E"], e["N"], e["K"], e["rows"]) not in fresh]
-    table = dict(op="grouped_gemm", card=card, versions=C.versions(), git=C.git_rev(), date=time.strftime("%Y-%m-%d"),
+    table = dict(op=op, card=card, versions=C.versions(), git=C.git_rev(), date=time.strftime("%Y-%m-%d"),
                  entries=sorted(keep + entries, key=lambda e: (e["N"], e["K"], e["E"], e["rows"])))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

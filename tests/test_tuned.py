@@ -89,3 +89,30 @@ def test_grouped_gemm_takes_the_tables_config(monkeypatch, device):
         assert asked == [("grouped_gemm", dict(E=E, N=N, K=K, rows=rows))]
     for lo, n in ((0, rows), (64, 31)):
         assert_bitwise_equal(got[lo:lo + n], base[lo:lo + n], "table config vs heuristic")
+
+
+def test_auto_backend_follows_the_measured_table():
+    from fp8_deep.ops.backend import AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT, auto_prefers_deep_gemm
+    assert auto_prefers_deep_gemm(8, "deep_gemm") and not auto_prefers_deep_gemm(4096, "triton")
+    assert auto_prefers_deep_gemm(AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT, None)  # no entry: the threshold
+    assert not auto_prefers_deep_gemm(AUTO_DEEP_GEMM_MIN_ROWS_PER_EXPERT - 1, None)
+
+
+def test_tuner_tables_load_back(tmp_path, monkeypatch):
+    """A table as the tuners write it (merged, atomic) is what the launchers' lookup reads."""
+    from conftest import bench_module
+    with bench_module("tune_grouped_gemm") as tuner:
+        path = tmp_path / "moe_backend" / "X.json"
+        old = [dict(E=128, N=1536, K=2048, rows=1, config="triton"), dict(E=128, N=1536, K=2048, rows=16,
+                                                                            config="triton")]
+        tuner.write_table(path, "X", old, [dict(E=128, N=1536, K=2048, rows=16, config="deep_gemm", T=256)],
+                          op="moe_backend")
+    monkeypatch.setattr(_tuned, "TABLE_DIR", tmp_path)
+    _tuned.load_table.cache_clear()
+    try:
+        table = _tuned.load_table("moe_backend", "X")
+        assert table["op"] == "moe_backend" and len(table["entries"]) == 2  # the re-measured point replaced
+        assert _tuned.lookup(table, E=128, N=1536, K=2048, rows=20) == "deep_gemm"
+        assert _tuned.lookup(table, E=128, N=1536, K=2048, rows=1) == "triton"
+    finally:
+        _tuned.load_table.cache_clear()

@@ -93,8 +93,8 @@ def quantize_expert_weights(w13, w2, scale_fmt):
 def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_gemm, w13_scale=None,
                      w2_scale=None, activation="silu", expert_map=None, scale_fmt="fp32", out=None,
                      return_stages=False, fp8_weights=None):
-    """See ``fp8_deep.moe_forward``. ``select_gemm(device=, rows_per_expert=, hidden=, inter=)`` returns the
-    grouped-GEMM backend object for the validated shapes (``name``, ``a_scale_layout``, ``row_alignment`` (segment
+    """See ``fp8_deep.moe_forward``. ``select_gemm(device=, rows_per_expert=, hidden=, inter=, num_experts=)`` returns
+    the grouped-GEMM backend object for the validated shapes (``name``, ``a_scale_layout``, ``row_alignment`` (segment
     alignment it needs), ``gemm(a, a_scale, b, b_scale, plan, out=None)``); the public API and ``FP8MoE`` pass
     ``ops.backend.select_grouped_gemm`` bound to their backend choice. ``return_stages`` also returns the intermediates (tests).
 
@@ -108,7 +108,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
                                            expert_map)
     T = hidden_states.shape[0]
     gemm = select_gemm(device=hidden_states.device, rows_per_expert=T * topk_ids.shape[1] / E, hidden=H,
-                       inter=inter)
+                       inter=inter, num_experts=E)
     if out is not None:
         check_tensor(out, "out", dtypes=(hidden_states.dtype,), dims=(2,), device=hidden_states.device)
         if tuple(out.shape) != (T, H):
