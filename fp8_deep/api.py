@@ -42,7 +42,8 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
             ``topk_ids`` hold global ids and choices of remote experts contribute nothing.
         scale_fmt: ``"fp32"`` or ``"ue8m0"`` (power-of-two scales for activations and on-the-fly weights).
         backend: grouped GEMM: ``"triton"`` (ours), ``"deep_gemm"`` (raises ImportError if not installed), or
-            ``"auto"`` (DeepGEMM where it measured faster -- enough rows per expert -- else ours).
+            ``"auto"`` (DeepGEMM where it measured faster: the card's table from ``bench/tune_backend.py`` where it
+            has this layer's shape, else from 256 routed rows per expert; ours otherwise).
         out: optional ``(T, H)`` output buffer of ``hidden_states.dtype`` (inference calls only).
         fp8_weights: the FP8 forms of high-precision ``w13`` / ``w2`` from ``fp8_deep.quantize_moe_weights``
             (quantize once per optimizer step, reuse across micro-batches); the caller keeps them current. Without
