@@ -65,6 +65,27 @@ def _promote(acc, a, b, sa, sb):
 
 
 @triton.jit
+def _scale_ptrs(as_ptr, bs_ptr, p_ld, q_ld, seg, stride_asp, stride_ask, stride_bsq, stride_bsk,
+                BLOCK_K: tl.constexpr):
+    """The scales of the segment's first 128-row chunk: one per output row ``p`` and one per output column ``q``."""
+    kb0 = (seg // BLOCK_K).to(tl.int64)
+    return as_ptr + p_ld * stride_asp + kb0 * stride_ask, bs_ptr + q_ld * stride_bsq + kb0 * stride_bsk
+
+
+@triton.jit
+def _partial_chunk(acc, a_ptr, b_ptr, p_ld, q_ld, stride_ap, stride_bq, col0, rem, sa_ptrs, sb_ptrs,
+                   BLOCK_K: tl.constexpr):
+    """The segment's partial last chunk from column ``col0``: columns past ``rem`` are padding, loaded as zeros
+    whatever they hold (masked pointer loads in both kernels: TMA bounds are the tensor's, not the segment's)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = (col0 + offs_k).to(tl.int64)
+    k_ok = (offs_k < rem)[None, :]
+    a = tl.load(a_ptr + p_ld[:, None] * stride_ap + cols[None, :], mask=k_ok, other=0.0)
+    b = tl.load(b_ptr + q_ld[:, None] * stride_bq + cols[None, :], mask=k_ok, other=0.0)
+    return _promote(acc, a, b, tl.load(sa_ptrs), tl.load(sb_ptrs))
+
+
+@triton.jit
 def _store_tile(acc, out_ptr, e, offs_p, offs_q, count, P, Q, stride_oe, stride_op, stride_oq,
                 ACCUMULATE: tl.constexpr):
     """Write one (BLOCK_P, BLOCK_Q) tile of ``out[e]``: cast once to out's dtype, or add into a float32 out (nothing
@@ -117,9 +138,8 @@ def _k_grouped_gemm_fp8_kernel(
         cols = (seg + offs_k).to(tl.int64)
         a_ptrs = a_ptr + p_ld[:, None] * stride_ap + cols[None, :]
         b_ptrs = b_ptr + q_ld[:, None] * stride_bq + cols[None, :]
-        kb0 = (seg // BLOCK_K).to(tl.int64)
-        sa_ptrs = as_ptr + p_ld * stride_asp + kb0 * stride_ask
-        sb_ptrs = bs_ptr + q_ld * stride_bsq + kb0 * stride_bsk
+        sa_ptrs, sb_ptrs = _scale_ptrs(as_ptr, bs_ptr, p_ld, q_ld, seg, stride_asp, stride_ask, stride_bsq,
+                                       stride_bsk, BLOCK_K)
 
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         n_full = count // BLOCK_K
@@ -135,11 +155,8 @@ def _k_grouped_gemm_fp8_kernel(
             sb_ptrs += stride_bsk
         rem = count - n_full * BLOCK_K
         if rem > 0:
-            # the partial last chunk: columns past count are padding, loaded as zeros whatever they hold
-            k_ok = (offs_k < rem)[None, :]
-            a = tl.load(a_ptrs, mask=k_ok, other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok, other=0.0)
-            acc = _promote(acc, a, b, tl.load(sa_ptrs), tl.load(sb_ptrs))
+            acc = _partial_chunk(acc, a_ptr, b_ptr, p_ld, q_ld, stride_ap, stride_bq, seg + n_full * BLOCK_K, rem,
+                                 sa_ptrs, sb_ptrs, BLOCK_K)
 
         _store_tile(acc, out_ptr, e, offs_p, offs_q, count, P, Q, stride_oe, stride_op, stride_oq, ACCUMULATE)
 
@@ -166,14 +183,12 @@ def _k_grouped_gemm_fp8_tma_kernel(
     num_p = tl.cdiv(P, BLOCK_P)
     num_q = tl.cdiv(Q, BLOCK_Q)
     total_tiles = E * num_p * num_q
-    offs_k = tl.arange(0, BLOCK_K)
 
     for tile_id in tl.range(tl.program_id(0), total_tiles, tl.num_programs(0)):
         e, tp, tq, seg, count, offs_p, offs_q, p_ld, q_ld = _locate(tile_id, num_p, num_q, offsets_ptr, counts_ptr,
                                                                      M, P, Q, BLOCK_P, BLOCK_Q, GROUP_P)
-        kb0 = (seg // BLOCK_K).to(tl.int64)
-        sa_ptrs = as_ptr + p_ld * stride_asp + kb0 * stride_ask
-        sb_ptrs = bs_ptr + q_ld * stride_bsq + kb0 * stride_bsk
+        sa_ptrs, sb_ptrs = _scale_ptrs(as_ptr, bs_ptr, p_ld, q_ld, seg, stride_asp, stride_ask, stride_bsq,
+                                       stride_bsk, BLOCK_K)
 
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         n_full = count // BLOCK_K
@@ -186,10 +201,7 @@ def _k_grouped_gemm_fp8_tma_kernel(
             acc = _promote(acc, a, b, sa, sb)
         rem = count - n_full * BLOCK_K
         if rem > 0:
-            cols = (seg + n_full * BLOCK_K + offs_k).to(tl.int64)
-            k_ok = (offs_k < rem)[None, :]
-            a = tl.load(a_ptr + p_ld[:, None] * stride_ap + cols[None, :], mask=k_ok, other=0.0)
-            b = tl.load(b_ptr + q_ld[:, None] * stride_bq + cols[None, :], mask=k_ok, other=0.0)
-            acc = _promote(acc, a, b, tl.load(sa_ptrs + n_full * stride_ask), tl.load(sb_ptrs + n_full * stride_bsk))
+            acc = _partial_chunk(acc, a_ptr, b_ptr, p_ld, q_ld, stride_ap, stride_bq, seg + n_full * BLOCK_K, rem,
+                                 sa_ptrs + n_full * stride_ask, sb_ptrs + n_full * stride_bsk, BLOCK_K)
 
         _store_tile(acc, out_ptr, e, offs_p, offs_q, count, P, Q, stride_oe, stride_op, stride_oq, ACCUMULATE)
