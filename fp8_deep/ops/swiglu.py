@@ -34,6 +34,15 @@ silu_mul_quantize_ref = reference.silu_mul_quantize
 
 
 @on_input_device
+
+def _gate_up_split(t: torch.Tensor, name: str, group_size: int):
+    """``(M, I, G)`` of a ``(M, 2I)`` ``[gate | up]`` tensor: rows, the intermediate size and the 1x``group_size``
+    groups of each half (a group never straddles the two)."""
+    M, two_i = t.shape
+    if two_i % 2:
+        raise ValueError(f"{name} must be (M, 2I) = [gate | up], got an odd last dimension: shape {tuple(t.shape)}")
+    return M, two_i // 2, cdiv(two_i // 2, group_size)
+
 def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = None, group_size: int = BLOCK,
                       scale_fmt: str = "fp32", scale_layout: str = "tma_aligned", eps: float = ACT_EPS,
                       out: Optional[Tuple[torch.Tensor, ...]] = None, save_input: bool = False):
@@ -66,11 +75,8 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
     if group_size < 16 or not is_pow2(group_size):
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size}")
     check_eps(eps)
-    M, two_i = h.shape
-    if two_i % 2:
-        raise ValueError(f"h must be (M, 2I) = [gate | up], got an odd last dimension: shape {tuple(h.shape)}")
-    I = two_i // 2
-    G = cdiv(I, group_size)
+    M, I, G = _gate_up_split(h, "h", group_size)
+    two_i = 2 * I
     if m_indices is not None:
         check_tensor(m_indices, "m_indices", dtypes=(torch.int32,), dims=(1,), device=h.device)
         if m_indices.shape[0] != M:
@@ -242,11 +248,8 @@ def silu_mul_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, grad_a: tor
     if type(group_size) is not int or not is_pow2(group_size) or not 16 <= group_size <= MAX_BWD_GROUP:
         raise ValueError(f"group_size must be a power of two in [16, {MAX_BWD_GROUP}], got {group_size!r}")
     check_eps(eps)
-    M, two_i = q_h.shape
-    if two_i % 2:
-        raise ValueError(f"q_h must be (M, 2I) = [gate | up], got an odd last dimension: shape {tuple(q_h.shape)}")
-    I = two_i // 2
-    G = cdiv(I, group_size)
+    M, I, G = _gate_up_split(q_h, "q_h", group_size)
+    two_i = 2 * I
     if tuple(s_h.shape) != (M, 2 * G):
         raise ValueError(f"s_h must have shape {(M, 2 * G)} (gate's then up's groups of q_h {tuple(q_h.shape)}), "
                          f"got {tuple(s_h.shape)}")
