@@ -64,13 +64,11 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import io
 import json
 import math
 import os
 import re
 import sys
-import tokenize
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,14 +92,14 @@ DTYPE_STR = "fp8_w8a8"
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 ACT_EPS = 1e-10  # per_token_group_quant_fp8's eps
-# token fingerprints (comments/whitespace-insensitive) of the launch functions in vLLM 0.34.0's fused_moe.py
+# syntax-tree fingerprints (comments/formatting/Python-version-insensitive) of the launch functions in vLLM 0.34.0's fused_moe.py
 LAUNCH_FUNCTIONS_0_34_0 = {
-    "invoke_fused_moe_triton_kernel": "ea6889ceaa20355d",
-    "get_default_config": "ea5c4f502c09cb50",
-    "_prepare_expert_assignment": "285f5f2aa9cf807b",
-    "try_get_optimal_moe_config": "800d4047f3e5cb05",
-    "_get_configured_moe_config": "a591ebf2a4fa5511",
-    "get_config_file_name": "bf69a048d0c9d58b",
+    "invoke_fused_moe_triton_kernel": "5b3bf321966536b1",
+    "get_default_config": "a8d77fb797f3c060",
+    "_prepare_expert_assignment": "9a19551a8e343f03",
+    "try_get_optimal_moe_config": "92960998c249afa6",
+    "_get_configured_moe_config": "97c9785180046756",
+    "get_config_file_name": "010cbc9375df14e6",
 }
 
 
@@ -251,18 +249,20 @@ def load_vllm_kernel(source: str = "auto", vllm_dir: Path = VLLM_DIR) -> VllmKer
     return k
 
 
-def _fingerprint(segment: str) -> str:
-    toks = [t.string for t in tokenize.generate_tokens(io.StringIO(segment).readline)
-            if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)]
-    return hashlib.sha256(" ".join(toks).encode()).hexdigest()[:16]
+def _fingerprint(node: ast.FunctionDef) -> str:
+    """A hash of the function's syntax tree (arguments and body): blind to comments, formatting and the Python
+    version (tokens are not: 3.12 splits f-strings into several tokens; 3.13's ``ast.dump`` hides empty fields
+    unless ``show_empty``)."""
+    kw = {"show_empty": True} if sys.version_info >= (3, 13) else {}
+    dump = ast.dump(node.args, **kw) + "".join(ast.dump(b, **kw) for b in node.body)
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
 
 
 def launch_fingerprints(source: str) -> Dict[str, Optional[str]]:
-    """Comment- and whitespace-insensitive hashes of the launch functions this module reproduces."""
+    """Version-independent hashes of the launch functions this module reproduces."""
     tree = ast.parse(source)
     defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    return {name: (_fingerprint(ast.get_source_segment(source, defs[name])) if name in defs else None)
-            for name in LAUNCH_FUNCTIONS_0_34_0}
+    return {name: (_fingerprint(defs[name]) if name in defs else None) for name in LAUNCH_FUNCTIONS_0_34_0}
 
 
 def launch_logic_note(k: VllmKernel) -> str:
