@@ -49,7 +49,8 @@ What runs between the two launches (plain torch, not timed)
 
 Timing: ``VllmPeer.gemms_fn()`` is the two launches on pre-built buffers (what vLLM's kernel costs); it is timed
 against the complete ``fp8_deep.moe_forward`` (quantization, routing, both GEMMs, SwiGLU, combine), eager and
-CUDA-graph replayed: ``ratio = vLLM ms / ours ms`` (> 1: ours is faster while doing more).
+CUDA-graph replayed: ``ratio = vLLM ms / ours ms`` (> 1: ours is faster while doing more); and against our two
+grouped-GEMM launches alone on the operands our forward prepares (``ours_gemms_fn``): ``ratio_gemms``, GEMM for GEMM.
 
     python bench/peer_vllm.py --check                          # peer output vs fp8_deep.moe_forward (CPU: interpreter)
     python bench/peer_vllm.py --bench --time-budget 420        # GPU: issue 24's shapes, T = 1..8192
@@ -762,6 +763,29 @@ def run_check(args) -> int:
     return 1 if fails else 0
 
 
+def ours_gemms_fn(hidden, q13, s13, q2, s2, topk_weights, topk_ids, backend: str) -> Callable[[], torch.Tensor]:
+    """Our two grouped-GEMM launches alone, as ``fp8_deep.moe_forward`` makes them (same backend choice, tiles,
+    routing plan and operands, prepared once here by one forward): the like-for-like peer of ``gemms_fn``. Our
+    forward's time minus this one is what our glue (routing, quantization, permutation, SwiGLU, combine) costs."""
+    from fp8_deep.moe.forward import moe_forward_impl
+    from fp8_deep.ops.backend import select_grouped_gemm
+    picked = {}
+
+    def select(**shape):
+        picked["gemm"] = select_grouped_gemm(backend, **shape)
+        return picked["gemm"]
+
+    _, st = moe_forward_impl(hidden, q13, q2, topk_weights, topk_ids, select_gemm=select, w13_scale=s13,
+                             w2_scale=s2, return_stages=True)
+    g, plan = picked["gemm"], st["plan"]
+
+    def run():
+        g.gemm(st["a1"], st["sa1"], q13, s13, plan, out=st["h"])
+        return g.gemm(st["a2"], st["sa2"], q2, s2, plan, out=st["o"])
+    run.stages = st  # the forward's intermediates it reads and rewrites (tests)
+    return run
+
+
 def _activation_bytes(T, H, inter, topk) -> int:
     """Rough peak of the per-T buffers of both MoEs plus the torch glue's float32 temporaries."""
     rows = T * topk
@@ -815,13 +839,16 @@ def run_bench(args) -> int:
                 d = calc_diff(theirs.float(), ours_fn().float())
                 ours_backend = fp8_deep.last_backend()
                 vllm_fn = peer.gemms_fn()
+                gemms_fn = ours_gemms_fn(hidden, q13, s13, q2, s2, tw, tid, args.ours_backend)
                 res = dict(calc_diff=d)
                 for mode in ("eager", "graph"):
                     if mode == "graph" and dev != "cuda":
                         continue
                     res[f"vllm_{mode}_ms"] = C.bench(vllm_fn, rep=args.rep, graph=mode == "graph")[0]
                     res[f"ours_{mode}_ms"] = C.bench(ours_fn, rep=args.rep, graph=mode == "graph")[0]
+                    res[f"ours_gemms_{mode}_ms"] = C.bench(gemms_fn, rep=args.rep, graph=mode == "graph")[0]
                     res[f"ratio_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_{mode}_ms"]
+                    res[f"ratio_gemms_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_gemms_{mode}_ms"]
                 flops = 2.0 * T * topk * 3 * inter * H
                 res["vllm_graph_tflops"] = C.tflops(flops, res.get("vllm_graph_ms", float("nan")))
                 res["ours_graph_tflops"] = C.tflops(flops, res.get("ours_graph_ms", float("nan")))
@@ -830,11 +857,12 @@ def run_bench(args) -> int:
                               ours_backend=ours_backend, vllm_origin=k.origin, status=status)
                 rows.append(row)
                 print(f"  {model:14s} T={T:5d} vllm {res.get('vllm_graph_ms', res['vllm_eager_ms']):8.3f} ms  "
-                      f"ours {res.get('ours_graph_ms', res['ours_eager_ms']):8.3f} ms  ratio(graph) "
+                      f"ours {res.get('ours_graph_ms', res['ours_eager_ms']):8.3f} ms (GEMMs "
+                      f"{res.get('ours_gemms_graph_ms', res['ours_gemms_eager_ms']):.3f})  ratio(graph) "
                       f"{res.get('ratio_graph', float('nan')):.2f}  eager {res['ratio_eager']:.2f}  "
                       f"calc_diff {d:.1e}  [{row['vllm_config']} {row['config_source']} swap_ab={row['swap_ab']} "
                       f"tma_b={row['tma_b']} naive={row['naive']}]", flush=True)
-                del peer, theirs, vllm_fn
+                del peer, theirs, vllm_fn, gemms_fn
             except torch.cuda.OutOfMemoryError as exc:
                 print(f"[skip] {model} T={T}: out of memory ({str(exc)[:120]})", flush=True)
                 log.add(**base, status="skipped: out of memory")
@@ -850,11 +878,12 @@ def run_bench(args) -> int:
     if note:
         print(f"SUMMARY peer_vllm note: {note}")
     table = [{**r, "calc_diff": f"{r['calc_diff']:.1e}"} for r in rows]
-    C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "vllm_eager_ms",
-                         "ours_eager_ms", "ratio_eager", "calc_diff", "vllm_config", "swap_ab", "tma_b",
-                          "ours_backend"],
+    C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "ours_gemms_graph_ms",
+                          "ratio_gemms_graph", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
+                          "vllm_config", "swap_ab", "tma_b", "ours_backend"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
-                        f"complete; ratio = vLLM ms / ours ms, > 1: ours faster)", prefix="SUMMARY peer_vllm")
+                        f"complete, and vs our two GEMM launches alone (ratio_gemms); ratio = vLLM ms / ours ms, "
+                        f"> 1: ours faster)", prefix="SUMMARY peer_vllm")
     print(f"[done] {len(rows)} points in {budget.elapsed():.0f} s -> {log.path}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

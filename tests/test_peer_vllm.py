@@ -189,3 +189,27 @@ def test_getitem_compat_is_scoped(peer, kernel, device):
     with peer.triton_getitem_compat():
         pass
     assert core.tensor.__dict__["__getitem__"] is before
+
+
+def test_ours_gemms_fn_reruns_the_forwards_gemms(peer):
+    """The GEMM-only side of the comparison re-runs exactly our forward's two launches: poisoned outputs come back
+    with the forward's bytes (GEMM1's ``h``, GEMM2's ``o``), and ``o`` combined gives ``moe_forward``'s output."""
+    from fp8_deep.ops.combine import moe_combine
+    E, H, inter, k, T = 4, 256, 256, 2, 8
+    q13, s13, q2, s2 = peer.make_weights(E, H, inter, "cpu", seed=3)
+    tw, tid = peer.C.random_routing(T, E, k, seed=4)
+    hidden = peer.C.randn((T, H), seed=5)
+    run = peer.ours_gemms_fn(hidden, q13, s13, q2, s2, tw, tid, "triton")
+    st = run.stages
+    rows = st["plan"].inv_perm.reshape(-1).long()  # the rows holding a routed choice (others are padding)
+    assert (rows >= 0).all()
+    h_ref, o_ref = st["h"][rows].clone(), st["o"][rows].clone()
+    for t in (st["h"], st["o"]):
+        t.copy_(poisoned(t.shape, t.dtype, t.device))
+    o = run()
+    assert o is st["o"]
+    assert torch.equal(st["h"][rows].view(torch.int16), h_ref.view(torch.int16))
+    assert torch.equal(o[rows].view(torch.int16), o_ref.view(torch.int16))
+    y = moe_combine(o, st["plan"].inv_perm, tw, out_dtype=hidden.dtype)
+    ref = fp8_deep.moe_forward(hidden, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend="triton")
+    assert torch.equal(y, ref)
