@@ -1,5 +1,5 @@
 """Weight-sync benchmark (issue 20, item 6): ``fp8_deep.quantize_state_dict`` streaming a model's BF16 weights into
-block-FP8 buckets, end to end (host work included: naming, grouping, staging, launches), against a same-bytes copy.
+block-FP8 buckets, end to end (host work included: naming, grouping, address tables, launches), against a same-bytes copy.
 
 Models (BF16 weights allocated on the GPU, as many layers as fit in ``--mem-frac`` of free memory):
   dsv3   DeepSeek-V3 MoE layers' experts: E=256, w13 (E, 4096, 7168) + w2 (E, 7168, 2048) per layer (22.5 GB
@@ -12,9 +12,11 @@ Layouts of the expert weights (providers):
              keeps experts stacked, e.g. fp8_deep.FP8MoE, holds): one launch per tensor, no copy.
   views      per-expert names (``experts.{e}.gate_proj.weight``), views of a stacked (E, 2I, H) w13 (gate rows
              first, fp8_deep.FP8MoE's layout) and (E, H, I) w2: gate/up and down stacked again without a copy.
-  separate   per-expert names, each tensor its own allocation (an HF model): same-shape tensors are stacked through
-             the staging buffer (one torch.stack copy, then one launch).
+  separate   per-expert names, each tensor its own allocation (an HF model): same-shape tensors are quantized by one
+             launch that reads them through a device table of their addresses (no copy).
   per_tensor separate tensors, one launch each (``batch=False``): what per-tensor sync loops cost.
+  *_plan     the layout above through a ``WeightSyncPlan`` built once outside the timing and replayed (no per-tensor
+             host work: what a trainer that syncs every step runs).
   copy_sm    an SM kernel moving the same bytes (read + write) as the quantized tensors' minimal traffic (3 bytes an
              element + scales), timed the same way: the ceiling.
 
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 
-PROVIDERS = ["stacked", "views", "separate", "per_tensor", "copy_sm"]
+PROVIDERS = ["stacked", "views", "separate", "per_tensor", "stacked_plan", "views_plan", "separate_plan", "copy_sm"]
 MODELS = {
     # name: (layers, E, H, I, q_size, kv_size, vocab, attention)
     "dsv3": dict(layers=58, E=256, H=7168, inter=2048, attn=False, vocab=0),
@@ -103,9 +105,19 @@ def traffic(sd):
     return elems, moved
 
 
-def sync_fn(sd, bucket_bytes, batch):
-    from fp8_deep.export import quantize_state_dict
+def sync_fn(sd, bucket_bytes, batch, plan=False):
+    """One full sync as a callable: a fresh ``quantize_state_dict`` per call, or (``plan``) one ``WeightSyncPlan``
+    built here (outside the timing, as a trainer builds it once) and replayed per call."""
+    from fp8_deep.export import WeightSyncPlan, quantize_state_dict
     state = {}
+    if plan:
+        sync = WeightSyncPlan(sd, bucket_bytes=bucket_bytes)
+        state["stats"] = sync.stats
+
+        def run():
+            for _bucket in sync.run():
+                pass
+        return run, state
 
     def run():
         stream = quantize_state_dict(sd, bucket_bytes=bucket_bytes, batch=batch)
@@ -138,7 +150,8 @@ def run_model(name, m, args, log, rows, budget):
     layers = args.layers or m["layers"]
     if torch.cuda.is_available():
         free = torch.cuda.mem_get_info()[0]
-        # embedding + lm_head, a bucket and its staging buffer, and a stacked w13's FP8 output (larger than a bucket)
+        # embedding + lm_head, a bucket (and a bucket's worth of slack), and a stacked w13's FP8 output (larger than a
+        # bucket)
         fixed = 2 * 2 * m["vocab"] * m["H"] + 2 * args.bucket_mb * 2 ** 20 + m["E"] * 2 * m["inter"] * m["H"]
         fit = int((free * args.mem_frac - fixed) // layer_bytes(m))
         if fit < 1:
@@ -156,10 +169,11 @@ def run_model(name, m, args, log, rows, budget):
             break
         if prov == "copy_sm":
             continue
-        if name == "dsv3" and prov in ("separate", "per_tensor") and not args.dsv3_separate:
-            # 512 separate tensors a layer: the same bytes as 'views' through staging; --dsv3-separate to run them
+        if name == "dsv3" and prov in ("separate", "per_tensor", "separate_plan") and not args.dsv3_separate:
+            # 768 separate tensors a layer: the same bytes as 'views' through address tables; --dsv3-separate to
+            # run them
             continue
-        layout = {"per_tensor": "separate"}.get(prov, prov)
+        layout = {"per_tensor": "separate"}.get(prov, prov).replace("_plan", "")
         try:
             sd = build(m, layers, layout)
             elems, moved = traffic(sd)
@@ -173,7 +187,7 @@ def run_model(name, m, args, log, rows, budget):
                                  GBps_bf16=C.gbps(2 * elems, copy_ms), pct_copy=100.0, launches=1))
             batch = prov != "per_tensor"
             check = validate(sd, bucket_bytes, batch)
-            fn, state = sync_fn(sd, bucket_bytes, batch)
+            fn, state = sync_fn(sd, bucket_bytes, batch, plan=prov.endswith("_plan"))
             ms = C.bench(fn, warmup=1, rep=args.rep)[0]
             st = state["stats"]
             pct = 100.0 * copy_ms / ms if copy_ms else float("nan")
@@ -181,7 +195,7 @@ def run_model(name, m, args, log, rows, budget):
                        pct_copy=pct, launches=st["launches"])
             rows.append(row)
             log.add(model=name, provider=prov, layers=layers, bucket_mb=args.bucket_mb, ms=ms,
-                    gbps_bf16=row["GBps_bf16"], pct_copy=pct, launches=st["launches"], staged=st["staged"],
+                    gbps_bf16=row["GBps_bf16"], pct_copy=pct, launches=st["launches"], table_tensors=st["table_tensors"],
                     zero_copy_stacks=st["zero_copy_stacks"], buckets=st["buckets"], bf16_gb=2 * elems / 1e9,
                     moved_gb=moved / 1e9, check=check)
             print(f"{name:6s} {prov:10s} layers={layers} {ms:9.2f} ms  {row['GBps_bf16']:7.0f} GB/s bf16  "

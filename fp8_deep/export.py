@@ -15,15 +15,16 @@ What a PPO step needs after every optimizer step, around ``fp8_deep.ops.quantize
 Why batching (shared/docs/ANCHORS.md, "Weight sync, one Qwen3-30B-A3B decoder layer"): one quantizer launch per
 tensor is host-bound (~46 us a tensor, 40x slower than the same bytes as stacked expert tensors). Tensors of one shape
 and dtype are quantized together: each run of at least ``_MIN_RUN`` equally spaced views of one storage (experts kept
-stacked, flat parameter buffers) as one ``(n, N, K)`` stack without a copy, the other tensors of the group through a
-reusable staging buffer (one ``torch.stack`` copy per launch, which costs bandwidth: 7 instead of 3 bytes per
-element). Outputs are written directly into the bucket's storage.
+stacked, flat parameter buffers) as one ``(n, N, K)`` stack without a copy, the other tensors of the group (separate
+allocations: per-expert parameters) by one launch that reads them through a device table of their addresses
+(``ops.quantize_weights_grouped``), also without a copy. Outputs are written directly into the bucket's storage.
 
 Scale convention: dequantization scales, ``w ~= q.float() * scale`` per 128x128 block (vLLM's ``weight_scale_inv``).
 Ragged edges (N or K not a multiple of 128) follow the quantizer's contract: the edge block covers only real elements.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,9 +36,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import torch
 
 from .numerics import BLOCK, FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
-from .ops import quantize_weight_blockwise
+from .ops import GroupedWeightQuant, quantize_weight_blockwise
 
-__all__ = ["quantize_state_dict", "QuantizedStateDict", "default_skip", "is_quantized_name", "scale_name",
+__all__ = ["quantize_state_dict", "QuantizedStateDict", "WeightSyncPlan", "default_skip", "is_quantized_name", "scale_name",
            "fp8_quantization_config", "quantize_tp_shard", "save_fp8_checkpoint", "load_fp8_checkpoint",
            "fp8_expert_stacks"]
 
@@ -121,7 +122,7 @@ def _resolve_skip(skip) -> Optional[Callable[[str], bool]]:
 _ALIGN = 16  # byte alignment of every region in a bucket (the kernels' 16-byte pointer specialization, DMA)
 _DEFAULT_WINDOW = 1 << 30  # bucket_bytes=None: tensors are still batched in windows of this many output bytes
 _MAX_STACK = 65535  # the quantizer's limit on experts per call (CUDA grid)
-# a shorter run of views joins the staged tensors: a launch (~40 us of host time) costs more than copying a few
+# a shorter run of views joins the group's separate tensors (one address-table launch for all of them)
 _MIN_RUN = 4
 
 
@@ -165,8 +166,8 @@ class QuantizedStateDict:
 
     Attributes (complete once iterated): ``quantization_config`` (the checkpoint's dict, with
     ``modules_to_not_convert`` listing the 2-D+ weights passed through), ``stats`` (counts: tensors quantized /
-    passed / written in place, quantizer launches, stacked launches, staged tensors, zero-copy stacks, bucket and
-    staging bytes allocated).
+    passed / written in place, quantizer launches, stacked launches, zero-copy stacks, address-table launches and the
+    tensors they took, bucket bytes allocated).
     """
 
     def __init__(self, named_tensors, *, scale_fmt, skip, bucket_bytes, out, staging_bytes, reuse_buffers, batch):
@@ -188,6 +189,8 @@ class QuantizedStateDict:
         self._class_cache: Dict[str, tuple] = {}
         self.bucket_bytes = bucket_bytes
         self._window = bucket_bytes if bucket_bytes is not None else _DEFAULT_WINDOW
+        # 0: one launch per tensor outside a zero-copy run (for comparison); otherwise unused (no staging copy since
+        # the address-table launch), kept so that existing calls keep working
         self.staging_bytes = (self._window // 2) if staging_bytes is None else staging_bytes
         self._out = out
         self._reuse = bucket_bytes is not None if reuse_buffers is None else bool(reuse_buffers)
@@ -195,10 +198,12 @@ class QuantizedStateDict:
         self._used = False
         self._not_converted: "OrderedDict[str, None]" = OrderedDict()
         self._buffers: Dict[torch.device, torch.Tensor] = {}
-        self._staging: Dict[torch.device, torch.Tensor] = {}
-        self.stats = dict(quantized=0, passed=0, in_place=0, launches=0, stacked_launches=0, staged=0,
-                          zero_copy_stacks=0, buckets=0, bucket_alloc_bytes=0, staging_alloc_bytes=0,
-                          max_bucket_payload=0)
+        self.stats = dict(quantized=0, passed=0, in_place=0, launches=0, stacked_launches=0, zero_copy_stacks=0,
+                          table_launches=0, table_tensors=0, buckets=0, bucket_alloc_bytes=0, max_bucket_payload=0)
+        # WeightSyncPlan's recording: every launch and in-place copy as a callable that repeats it (_ops), and per
+        # yielded bucket (or pair list) the ops before it and what was yielded (_entries); None: not recording
+        self._ops: Optional[List[Callable[[], object]]] = None
+        self._entries: List[Tuple[List[Callable[[], object]], Optional[list]]] = []
 
     @property
     def quantization_config(self) -> dict:
@@ -325,6 +330,9 @@ class QuantizedStateDict:
         self.stats["max_bucket_payload"] = max(self.stats["max_bucket_payload"], payload)
         for it in rest:  # drop references to the sources and outputs: the bucket holds them now
             it.t = it.q = it.s = None
+        if self._ops is not None:
+            self._entries.append((self._ops, pairs))
+            self._ops = []
         if self.bucket_bytes is None:
             yield from pairs
         else:
@@ -337,16 +345,19 @@ class QuantizedStateDict:
         for it in items:
             if not it.quant:
                 it.out_q.copy_(it.t)
+                self._record(it.out_q.copy_, it.t)
                 self.stats["in_place"] += 1
         for key, group in _groups(quant).items():
             for chunk, w3 in self._chunks(group):
-                q3 = _uniform_stack([it.out_q for it in chunk], writable=True)
-                s3 = _uniform_stack([it.out_s for it in chunk], writable=True)
-                if q3 is not None and s3 is not None and _stackable(chunk[0]) and self._batch:
+                if len(chunk) == 1:
+                    self._quantize_one(chunk[0], chunk[0].out_q, chunk[0].out_s)
+                    continue
+                q3 = _uniform_stack([it.out_q for it in chunk], writable=True) if w3 is not None else None
+                s3 = _uniform_stack([it.out_s for it in chunk], writable=True) if q3 is not None else None
+                if s3 is not None:
                     self._quantize_stack(chunk, q3, s3, w3)
-                else:
-                    for it in chunk:
-                        self._quantize_one(it, it.out_q, it.out_s)
+                else:  # separate sources or engine buffers of no common stack: through the address table
+                    self._quantize_table(chunk, [it.out_q for it in chunk], [it.out_s for it in chunk], False)
         for it in quant:
             it.t = None
             self.stats["in_place"] += 1
@@ -377,69 +388,80 @@ class QuantizedStateDict:
                 start = 0
                 for chunk, w3 in self._chunks(group):
                     n = len(chunk)
-                    if self._batch and _stackable(t0):
+                    if n == 1:
+                        self._quantize_one(chunk[0], chunk[0].q, chunk[0].s)
+                    elif w3 is not None:
                         self._quantize_stack(chunk, q_all[start: start + n], s_all[start: start + n], w3)
                     else:
-                        for it in chunk:
-                            self._quantize_one(it, it.q, it.s)
+                        self._quantize_table(chunk, [it.q for it in chunk], [it.s for it in chunk], True)
                     start += n
             assert off <= buf.numel()
 
     def _chunks(self, group: List[_Item]):
         """Pieces of a group quantized by one launch each, in group order: ``(items, w3)`` with ``w3`` an ``(n, N,
-        K)`` view when the items are equally spaced views of one storage (no copy), else None (staged: at most what
-        the staging buffer holds). A group that spans two stacks (a bucket holding the end of one layer's experts
-        and the start of the next) is cut into its runs, each still copy-free."""
+        K)`` view when the items are equally spaced views of one storage (no copy), else None (separate tensors: one
+        address-table launch, see ``_quantize_table``). A group that spans two stacks (a bucket holding the end of
+        one layer's experts and the start of the next) is cut into its runs, each still copy-free; runs shorter
+        than ``_MIN_RUN`` join the separate tensors."""
         if not self._batch or len(group) == 1 or not _stackable(group[0]):
             yield from (([it], None) for it in group)
             return
-        per = group[0].t.numel() * group[0].t.element_size()
-        cap = max(1, min(_MAX_STACK, self.staging_bytes // max(per, 1)))
+        cap = _MAX_STACK if self.staging_bytes else 1  # staging_bytes=0: one launch per separate tensor
         loose: List[_Item] = []
         for lo, hi, step in _uniform_runs([it.t for it in group]):
             if hi - lo < _MIN_RUN:
                 loose += group[lo:hi]
                 continue
-            for i in range(0, len(loose), cap):
-                yield loose[i: i + cap], None
-            loose = []
-            for i in range(lo, hi, _MAX_STACK):
-                run = group[i: min(hi, i + _MAX_STACK)]
+            for i in range(0, hi - lo, _MAX_STACK):
+                run = group[lo + i: min(hi, lo + i + _MAX_STACK)]
                 t0 = run[0].t
                 yield run, t0.as_strided((len(run), *t0.shape), (step, *t0.stride()), t0.storage_offset())
         for i in range(0, len(loose), cap):
             yield loose[i: i + cap], None
 
-    def _quantize_stack(self, chunk: List[_Item], q3: torch.Tensor, s3: torch.Tensor,
-                        w3: Optional[torch.Tensor] = None):
-        if len(chunk) == 1:
-            self._quantize_one(chunk[0], q3[0], s3[0])
-            return
-        if w3 is not None:
-            self.stats["zero_copy_stacks"] += 1
-        else:
-            srcs = [it.t for it in chunk]
-            t0 = srcs[0]
-            nbytes = len(srcs) * t0.numel() * t0.element_size()
-            stage = self._staging_buffer(t0.device, nbytes)
-            w3 = stage[:nbytes].view(t0.dtype).view(len(srcs), *t0.shape)
-            torch.stack(srcs, out=w3)
-            self.stats["staged"] += len(srcs)
+    def _quantize_stack(self, chunk: List[_Item], q3: torch.Tensor, s3: torch.Tensor, w3: torch.Tensor):
+        """A zero-copy run: ``w3`` ``(n, N, K)`` over the items' sources, outputs ``q3``, ``s3`` likewise."""
         quantize_weight_blockwise(w3, scale_fmt=self.scale_fmt, out=(q3, s3))
+        self._record(quantize_weight_blockwise, w3, scale_fmt=self.scale_fmt, out=(q3, s3))
+        self.stats["zero_copy_stacks"] += 1
         self.stats["launches"] += 1
         self.stats["stacked_launches"] += 1
+
+    def _quantize_table(self, chunk: List[_Item], qs: List[torch.Tensor], ss: List[torch.Tensor], fresh: bool):
+        """Separate same-shape tensors into outputs ``qs``/``ss``: one address-table launch per layout (the sources'
+        and the outputs' strides; a lone tensor of its layout gets its own launch). ``fresh``: the outputs are this
+        bucket's own new views (their checks skipped), not a caller's buffers."""
+        layouts: "OrderedDict[tuple, List[int]]" = OrderedDict()
+        for k, it in enumerate(chunk):
+            layouts.setdefault((it.t.stride(), qs[k].stride(), ss[k].stride()), []).append(k)
+        for ks in layouts.values():
+            if len(ks) == 1:
+                self._quantize_one(chunk[ks[0]], qs[ks[0]], ss[ks[0]])
+                continue
+            group = GroupedWeightQuant([chunk[k].t for k in ks], scale_fmt=self.scale_fmt,
+                                       out=([qs[k] for k in ks], [ss[k] for k in ks]), _fresh_out=fresh)
+            group.run()
+            self._record(group.run)
+            self.stats["launches"] += 1
+            self.stats["table_launches"] += 1
+            self.stats["table_tensors"] += len(ks)
 
     def _quantize_one(self, it: _Item, q: torch.Tensor, s: torch.Tensor):
         w = it.t
         if not it.split:
-            quantize_weight_blockwise(w, scale_fmt=self.scale_fmt, out=(q, s))
+            parts = [(w, q, s)]
+        else:
+            half, nb = w.shape[-2] // 2, cdiv(w.shape[-2] // 2, BLOCK)
+            parts = [(w[..., lo: lo + half, :], q[..., lo: lo + half, :], s[..., slo: slo + nb, :])
+                     for lo, slo in ((0, 0), (half, nb))]
+        for wp, qp, sp in parts:
+            quantize_weight_blockwise(wp, scale_fmt=self.scale_fmt, out=(qp, sp))
+            self._record(quantize_weight_blockwise, wp, scale_fmt=self.scale_fmt, out=(qp, sp))
             self.stats["launches"] += 1
-            return
-        half, nb = w.shape[-2] // 2, cdiv(w.shape[-2] // 2, BLOCK)
-        for lo, slo in ((0, 0), (half, nb)):
-            quantize_weight_blockwise(w[..., lo: lo + half, :], scale_fmt=self.scale_fmt,
-                                      out=(q[..., lo: lo + half, :], s[..., slo: slo + nb, :]))
-            self.stats["launches"] += 1
+
+    def _record(self, fn, *args, **kwargs):
+        if self._ops is not None:
+            self._ops.append(functools.partial(fn, *args, **kwargs))
 
     def _bucket_buffer(self, dev, need: int) -> torch.Tensor:
         if need > self._window or not self._reuse:  # a tensor larger than a bucket, or buffers not reused
@@ -450,15 +472,6 @@ class QuantizedStateDict:
             buf = torch.empty(self._window, dtype=torch.uint8, device=dev)
             self._buffers[dev] = buf
             self.stats["bucket_alloc_bytes"] += self._window
-        return buf
-
-    def _staging_buffer(self, dev, need: int) -> torch.Tensor:
-        buf = self._staging.get(dev)
-        if buf is None or buf.numel() < need:
-            self._staging.pop(dev, None)
-            buf = torch.empty(max(need, self.staging_bytes), dtype=torch.uint8, device=dev)
-            self._staging[dev] = buf
-            self.stats["staging_alloc_bytes"] += buf.numel()
         return buf
 
 
@@ -561,8 +574,9 @@ def quantize_state_dict(named_tensors: NamedTensors, *, scale_fmt: str = "fp32",
         out: ``name -> tensor`` (e.g. ``dict(engine_model.named_parameters())``): an FP8 weight whose name and scale
             name are both in ``out`` is written into those tensors in place (any strides; shapes and dtypes must
             match), a passed-through tensor in ``out`` is copied into it; neither is yielded.
-        staging_bytes: size of the staging buffer used to stack same-shape tensors that are not views of one
-            storage (default: half a bucket, or 512 MiB without buckets); 0 -> one launch per such tensor.
+        staging_bytes: 0 -> one launch per same-shape tensor that is not part of a run of views of one storage
+            (for comparison); any other value: those tensors share one address-table launch (no staging copy; the
+            size itself is no longer used).
         reuse_buffers: whether each bucket reuses the previous bucket's storage (default: True with
             ``bucket_bytes``). Then a bucket's tensors are valid until the next bucket is requested: consume
             (copy, send, ``load_weights``) a bucket before asking for the next one, on the current CUDA stream.
@@ -573,8 +587,8 @@ def quantize_state_dict(named_tensors: NamedTensors, *, scale_fmt: str = "fp32",
     ``w13`` whose halves are not 128-aligned has its gate and up halves quantized separately (scale rows
     ``2 * ceil(I/128)``, vLLM's layout).
 
-    Memory: extra device memory is one bucket buffer (``bucket_bytes``), one staging buffer (``staging_bytes``) and,
-    for a tensor larger than a bucket, that tensor's outputs. Errors (raised while iterating, naming the tensor): a
+    Memory: extra device memory is one bucket buffer (``bucket_bytes``), a few bytes of address tables and, for a
+    tensor larger than a bucket, that tensor's outputs. Errors (raised while iterating, naming the tensor): a
     tensor named for quantization that is FP8, of another dtype than bf16/fp16/fp32, or not 2-D/3-D; duplicate
     names; ``out`` entries of the wrong shape/dtype/device or a weight without its scale.
 
@@ -583,6 +597,89 @@ def quantize_state_dict(named_tensors: NamedTensors, *, scale_fmt: str = "fp32",
     """
     return QuantizedStateDict(named_tensors, scale_fmt=scale_fmt, skip=skip, bucket_bytes=bucket_bytes, out=out,
                               staging_bytes=staging_bytes, reuse_buffers=reuse_buffers, batch=batch)
+
+
+class WeightSyncPlan:
+    """A weight sync prepared once and replayed every optimizer step: ``quantize_state_dict``'s output, without its
+    per-tensor host work.
+
+    ``quantize_state_dict`` classifies, groups and checks every tensor on every call: ~7-10 us of Python a tensor,
+    which bounds a model with per-expert parameters (18.6k expert tensors in Qwen3-30B-A3B) by the host, not by the
+    bytes. The plan does that once: building it runs one sync (with ``quantize_state_dict``'s arguments), recording
+    every launch (a stack view, an address table of separate tensors, an in-place copy) and every bucket it
+    yielded. ``run()`` then repeats the launches and yields the same buckets: a few launches per bucket (one per
+    shape group), the same output bytes as a fresh ``quantize_state_dict`` of the updated weights.
+
+    The plan is bound to the tensors it was built from: they must stay alive and in place (an optimizer's in-place
+    update keeps them). ``run()`` checks that every tensor still has its address (``check=True``, ~0.2 us a tensor;
+    a reallocated parameter raises ``RuntimeError`` naming it: build a new plan). Outputs are rewritten by each
+    ``run()``: a yielded bucket is valid until the next bucket (``reuse_buffers``, the default with buckets) and at
+    the latest until the next ``run()``. The plan keeps the bucket buffer and the outputs of tensors larger than a
+    bucket allocated between runs.
+
+    Usage::
+
+        plan = fp8_deep.WeightSyncPlan(policy.named_parameters(), bucket_bytes=1 << 30)   # once (a first sync)
+        for step in ...:
+            optimizer.step()
+            for bucket in plan.run():       # the same names and buffers every step, the new weights' bytes
+                engine.load_weights(bucket)
+    """
+
+    def __init__(self, named_tensors: NamedTensors, *, scale_fmt: str = "fp32",
+                 skip: Union[None, Callable[[str], bool], str, Sequence[str]] = default_skip,
+                 bucket_bytes: Optional[int] = None, out: Optional[Mapping] = None, reuse_buffers: Optional[bool] = None,
+                 check: bool = True):
+        if isinstance(named_tensors, Mapping):
+            named = list(named_tensors.items())
+        elif isinstance(named_tensors, torch.Tensor) or isinstance(named_tensors, (str, bytes)):
+            named = named_tensors  # QuantizedStateDict raises its TypeError
+        else:
+            named = list(named_tensors)
+        sync = QuantizedStateDict(named, scale_fmt=scale_fmt, skip=skip, bucket_bytes=bucket_bytes, out=out,
+                                  staging_bytes=None, reuse_buffers=reuse_buffers, batch=True)
+        sync._ops = []
+        for _ in sync:  # the first sync: its launches and buckets are recorded (and its outputs computed)
+            pass
+        if sync._ops:  # in-place writes after the last yielded bucket
+            sync._entries.append((sync._ops, None))
+        sync._ops = None
+        self._sync = sync
+        self.bucket_bytes = bucket_bytes
+        self.check = bool(check)
+        self._watched = [(n, t, t.data_ptr()) for n, t in named if isinstance(t, torch.Tensor)]
+        if out is not None:
+            self._watched += [(f"out[{n!r}]", t, t.data_ptr()) for n, t in out.items() if isinstance(t, torch.Tensor)]
+        self.stats = dict(sync.stats)
+        self.stats["recorded_ops"] = sum(len(ops) for ops, _ in sync._entries)
+        self.stats["runs"] = 0
+
+    @property
+    def quantization_config(self) -> dict:
+        return self._sync.quantization_config
+
+    def run(self):
+        """One sync: yields what ``quantize_state_dict`` yields (pairs, or buckets with ``bucket_bytes``)."""
+        if self.check:
+            for name, t, ptr in self._watched:
+                if t.data_ptr() != ptr:
+                    raise RuntimeError(f"{name} has moved in memory since the WeightSyncPlan was built (reassigned "
+                                       f"or reallocated): build a new plan")
+        self.stats["runs"] += 1
+        return self._replay()
+
+    def _replay(self):
+        # no_grad around the launches only: a generator's context would leak into the consumer between yields
+        for ops, pairs in self._sync._entries:
+            with torch.no_grad():
+                for op in ops:
+                    op()
+            if pairs is None:
+                continue
+            if self.bucket_bytes is None:
+                yield from pairs
+            else:
+                yield pairs
 
 
 # ------------------------------------------------------------------------------------------------ tensor parallel

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from fp8_deep import reference
-from fp8_deep.export import (default_skip, fp8_expert_stacks, fp8_quantization_config, is_quantized_name,
-                             load_fp8_checkpoint, quantize_state_dict, quantize_tp_shard, save_fp8_checkpoint,
-                             scale_name)
+from fp8_deep.export import (WeightSyncPlan, default_skip, fp8_expert_stacks, fp8_quantization_config,
+                             is_quantized_name, load_fp8_checkpoint, quantize_state_dict, quantize_tp_shard,
+                             save_fp8_checkpoint, scale_name)
 from fp8_deep.numerics import FP8_DTYPE, cdiv
 from fp8_deep.testing import assert_bitwise_equal, calc_diff
 
@@ -175,9 +175,9 @@ def test_w13_halves_quantized_apart(device):
         assert_bitwise_equal(s[:, half:half + 1].cpu(), s_ref)
 
 
-def test_batching_zero_copy_staged_and_per_tensor_agree(device):
-    """Same bytes whether same-shape tensors are stacked without a copy (views of one storage), through the staging
-    buffer (separate tensors) or quantized one by one; the launch counts show which ran."""
+def test_batching_zero_copy_table_and_per_tensor_agree(device):
+    """Same bytes whether same-shape tensors are stacked without a copy (views of one storage), read through an
+    address table (separate tensors) or quantized one by one; the launch counts show which ran."""
     views = _qwen3_moe_state_dict(device, stacked=True)
     separate = {n: t.clone() for n, t in views.items()}
     s_views, s_sep, s_one = (quantize_state_dict(views), quantize_state_dict(separate),
@@ -187,21 +187,23 @@ def test_batching_zero_copy_staged_and_per_tensor_agree(device):
         for o in outs[1:]:
             assert torch.equal(_bits(outs[0][n]), _bits(o[n])), n
     # groups by shape: (256, 256) q/o_proj; (128, 256) k/v_proj + gate/up of 4 experts; (256, 128) down_proj.
-    # With views, down_proj's 4 are one storage (no copy); the gate/up views come from two storages: staged
-    assert s_views.stats["zero_copy_stacks"] == 1 and s_views.stats["staged"] == 2 + 10
-    assert s_sep.stats["zero_copy_stacks"] == 0 and s_sep.stats["staged"] == 16
-    assert s_sep.stats["launches"] == 3 == s_sep.stats["stacked_launches"]
-    assert s_one.stats["launches"] == 16 and s_one.stats["stacked_launches"] == 0
-    # a staging buffer too small for two tensors: one launch each, same bytes
-    s_small = quantize_state_dict(separate, staging_bytes=1000)
+    # With views, down_proj's 4 are one storage (no copy); the gate/up views alternate between two storages (no
+    # run) and join k/v_proj, q/o_proj are separate: address tables, one launch per group
+    assert s_views.stats["zero_copy_stacks"] == 1 and s_views.stats["table_tensors"] == 2 + 10
+    assert s_views.stats["launches"] == 3 and s_views.stats["table_launches"] == 2
+    assert s_sep.stats["zero_copy_stacks"] == 0 and s_sep.stats["table_tensors"] == 16
+    assert s_sep.stats["launches"] == 3 == s_sep.stats["table_launches"]
+    assert s_one.stats["launches"] == 16 and s_one.stats["table_launches"] == 0
+    # staging_bytes=0: one launch each, same bytes
+    s_small = quantize_state_dict(separate, staging_bytes=0)
     assert all(torch.equal(_bits(v), _bits(outs[1][k])) for k, v in s_small)
-    assert s_small.stats["staged"] == 0 and s_small.stats["launches"] == 16
+    assert s_small.stats["table_tensors"] == 0 and s_small.stats["launches"] == 16
 
 
 def test_stacks_cut_by_buckets_stay_copy_free(device):
     """Per-expert views of each layer's stacked w13 / w2 (FP8MoE's layout under HF names) with buckets that end
     inside a layer: a bucket's same-shape group then spans two layers' storages, and each layer's run is still
-    quantized without a staging copy, with the bytes of one launch per tensor."""
+    quantized without a copy, with the bytes of one launch per tensor."""
     E, H, inter, layers = 16, 256, 128, 3
     g = torch.Generator().manual_seed(5)
     sd = {}
@@ -217,18 +219,19 @@ def test_stacks_cut_by_buckets_stay_copy_free(device):
     got = {}
     for b in stream:
         got.update({n: t.clone() for n, t in b})
-    # a bucket edge may leave a piece shorter than _MIN_RUN on each side, in each of the two shape groups: staged
+    # a bucket edge may leave a piece shorter than _MIN_RUN on each side, in each of the two shape groups: those
+    # go through an address table
     from fp8_deep import export
     assert stream.stats["buckets"] >= 2, stream.stats
-    assert stream.stats["staged"] <= (stream.stats["buckets"] - 1) * 2 * 2 * (export._MIN_RUN - 1), stream.stats
+    assert stream.stats["table_tensors"] <= (stream.stats["buckets"] - 1) * 2 * 2 * (export._MIN_RUN - 1), stream.stats
     assert stream.stats["zero_copy_stacks"] >= 2 * layers
     ref = dict(quantize_state_dict(sd, batch=False))
     for n in ref:
         assert torch.equal(_bits(got[n]), _bits(ref[n])), n
 
 
-def test_short_runs_staged_and_aliasing_storages():
-    """Runs of views shorter than _MIN_RUN join the staged tensors (one launch, not one per run), and two storages
+def test_short_runs_tabled_and_aliasing_storages():
+    """Runs of views shorter than _MIN_RUN join the separate tensors (one launch, not one per run), and two storages
     that start at one address but differ in size are never mistaken for one (no out-of-bounds stack view)."""
     import numpy as np
 
@@ -237,7 +240,7 @@ def test_short_runs_staged_and_aliasing_storages():
     sd = {f"l.{i}.{n}_proj.weight": flat[i][j] for i in range(6) for j, n in enumerate(("q", "o"))}
     st = quantize_state_dict(sd)
     got = dict(st)
-    assert st.stats["launches"] == 1 and st.stats["staged"] == 12 and st.stats["zero_copy_stacks"] == 0
+    assert st.stats["launches"] == 1 and st.stats["table_tensors"] == 12 and st.stats["zero_copy_stacks"] == 0
     assert export._MIN_RUN > 2
     arr = np.random.default_rng(0).standard_normal((4, 128, 128)).astype(np.float32)
     small, big = torch.from_numpy(arr[:1]), torch.from_numpy(arr)  # same start address, different sizes
@@ -274,7 +277,6 @@ def test_buckets_bounded_and_reused(device):
     assert len(ptrs) == 1  # one bucket buffer, reused
     assert stream.stats["bucket_alloc_bytes"] == bucket and stream.stats["buckets"] > 2
     assert stream.stats["max_bucket_payload"] <= bucket
-    assert stream.stats["staging_alloc_bytes"] <= bucket // 2
     assert len(seen) == len(set(seen)) == len(sd) + 2 * 16
     for n, t in sd.items():
         if is_quantized_name(n):
@@ -314,6 +316,87 @@ def test_out_in_place(device):
         list(quantize_state_dict(sd, out={o_n: out[o_n]}))
     with pytest.raises(ValueError, match=r"out\['model.layers.0.self_attn.o_proj.weight_scale_inv'\]"):
         list(quantize_state_dict(sd, out={o_n: out[o_n], scale_name(o_n): torch.empty(3, 2, device=device)}))
+
+
+def test_out_in_place_separate_engine_buffers(device):
+    """Engine parameters allocated one by one (no common stack) and separate sources: one address-table launch
+    writes them all; an engine buffer that overlaps a source is refused, naming it."""
+    E = 4
+    sd = _qwen3_moe_state_dict(device, E=E)
+    names = [f"model.layers.0.mlp.experts.{e}.up_proj.weight" for e in range(E)]
+    out = {}
+    for n in names:
+        out[n] = torch.empty(128, 256, dtype=FP8_DTYPE, device=device)
+        out[scale_name(n)] = torch.full((1, 2), float("nan"), device=device)
+    stream = quantize_state_dict(sd, out=out)
+    rest = dict(stream)
+    assert not set(out) & set(rest)
+    assert stream.stats["table_launches"] >= 1 and stream.stats["table_tensors"] >= E
+    for n in names:
+        _assert_quantized_like_reference(n, sd[n], out)
+    bad = dict(out)
+    bad[names[1]] = sd[names[2]].view(torch.uint8).view(-1)[: 128 * 256].view(128, 256).view(FP8_DTYPE)
+    with pytest.raises(ValueError, match="share memory"):
+        list(quantize_state_dict(sd, out=bad))
+
+
+def _consume(stream, bucketed):
+    """Names and cloned tensors of a sync, in order; with buckets also the names of each bucket."""
+    names, got, buckets = [], {}, []
+    for b in stream:
+        pairs = b if bucketed else [b]
+        if bucketed:
+            buckets.append([n for n, _ in b])
+        for n, t in pairs:
+            names.append(n)
+            got[n] = t.clone()
+    return names, got, buckets
+
+
+@pytest.mark.parametrize("bucket_bytes", [None, 150_000])
+def test_weight_sync_plan_replays_fresh_sync(device, bucket_bytes):
+    """A WeightSyncPlan built once gives, after an in-place optimizer step, the names, buckets and bytes of a fresh
+    quantize_state_dict of the updated weights, with one recorded op per launch (no per-tensor work)."""
+    sd = _qwen3_moe_state_dict(device, layers=2, E=4)
+    sd["model.layers.1.mlp.experts.w13_weight"] = torch.randn(3, 2 * 192, 256).to(torch.bfloat16).to(device)  # split
+    plan = WeightSyncPlan(sd, bucket_bytes=bucket_bytes)
+    ref = quantize_state_dict(sd)
+    list(ref)
+    assert plan.quantization_config == ref.quantization_config
+    for step in range(2):
+        with torch.no_grad():
+            for t in sd.values():
+                t.mul_(-1.5).add_(0.01)  # an optimizer step: in place
+        fresh = _consume(quantize_state_dict(sd, bucket_bytes=bucket_bytes), bucket_bytes is not None)
+        replay = _consume(plan.run(), bucket_bytes is not None)
+        assert replay[0] == fresh[0] and replay[2] == fresh[2]
+        for n, t in fresh[1].items():
+            assert t.dtype == replay[1][n].dtype and torch.equal(_bits(replay[1][n]), _bits(t)), n
+    assert plan.stats["runs"] == 2 and plan.stats["recorded_ops"] == plan.stats["launches"]
+    assert plan.stats["launches"] < plan.stats["quantized"]  # groups, not tensors
+
+
+def test_weight_sync_plan_in_place_and_moved_tensor(device):
+    """out= engine buffers rewritten by every run (pass-through copies included); a reallocated parameter is caught."""
+    E = 4
+    sd = _qwen3_moe_state_dict(device, E=E)
+    names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(E)]
+    out = {"model.norm.weight": torch.zeros(256, dtype=torch.bfloat16, device=device)}
+    for n in names:
+        out[n] = torch.empty(256, 128, dtype=FP8_DTYPE, device=device)
+        out[scale_name(n)] = torch.empty(2, 1, device=device)
+    plan = WeightSyncPlan(sd, out=out)
+    with torch.no_grad():
+        for n in names + ["model.norm.weight"]:
+            sd[n].mul_(3.0)
+    rest = dict(plan.run())
+    assert not set(out) & set(rest)
+    for n in names:
+        _assert_quantized_like_reference(n, sd[n], out)
+    assert torch.equal(out["model.norm.weight"], sd["model.norm.weight"])
+    sd[names[2]].data = sd[names[2]].clone()  # reallocated behind the plan's back
+    with pytest.raises(RuntimeError, match=r"experts.2.down_proj.weight has moved"):
+        plan.run()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -679,7 +762,7 @@ def test_transformers_fp8_round_trip_gpu(tmp_path):
 
 @pytest.mark.gpu
 def test_bucket_memory_bound_gpu():
-    """Peak extra device memory of a bucketed sync <= one bucket + the staging buffer (+ allocator slack)."""
+    """Peak extra device memory of a bucketed sync <= one bucket (+ allocator slack): no staging copies."""
     sd = _qwen3_moe_state_dict("cuda", layers=4, E=32, H=1024, inter=512, q=1024, kv=256, vocab=1024)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -691,5 +774,5 @@ def test_bucket_memory_bound_gpu():
         n += len(b)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= bucket + stream.staging_bytes + (2 << 20), (extra, stream.stats)
+    assert extra <= bucket + (2 << 20), (extra, stream.stats)
     assert stream.stats["stacked_launches"] > 0 and n == len(sd) + stream.stats["quantized"]

@@ -152,6 +152,40 @@ def quant_weight_block_kernel(
 
 
 @triton.jit
+def quant_weight_table_kernel(
+    # int64 (3, n): the addresses of tensor i's source, FP8 output and scales in row 0, 1, 2 of column i
+    table, n,
+    # sizes: each tensor (N, K); kb scale blocks along K
+    N, K, kb,
+    # strides (elements), shared by the n tensors: w, q are (N, K); s is (nb, kb)
+    stride_wn, stride_wk, stride_qn, stride_qk, stride_sn, stride_sk,
+    # numerics
+    FP8_MAX: tl.constexpr, AMAX_EPS: tl.constexpr, UE8M0: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
+    # L2 eviction policies of the block's load and of the FP8 stores
+    LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
+    # the sources' element type (the table holds bare addresses)
+    W_DTYPE: tl.constexpr,
+    # meta: as quant_weight_block_kernel, grid (cdiv(kb, BLOCKS_K), nb, n)
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKS_K: tl.constexpr,
+):
+    """``quant_weight_block_kernel`` (one layout) over ``n`` separate tensors of one shape and layout: tensor
+    ``program_id(2)``'s addresses come from ``table``, so separately allocated weights (per-expert parameters) are
+    quantized by one launch, without first copying them into a stack."""
+    i = tl.program_id(2)
+    w_ptr = tl.load(table + i).to(tl.pointer_type(W_DTYPE))
+    q_ptr = tl.load(table + n + i).to(tl.pointer_type(tl.float8e4nv))
+    s_ptr = tl.load(table + 2 * n + i).to(tl.pointer_type(tl.float32))
+    # the per-tensor offset is in the addresses: expert index 0 of a one-expert stack, every expert stride 0
+    _quant_weight_one_block(
+        w_ptr, q_ptr, s_ptr, q_ptr, s_ptr, tl.program_id(0), tl.program_id(1), i * 0, N, K, kb,
+        0, stride_wn, stride_wk, 0, stride_qn, stride_qk, 0, stride_sn, stride_sk,
+        0, 0, 0, 0, 0, 0,
+        FP8_MAX, AMAX_EPS, UE8M0, False, NAN_MAX, NAN_SELECT, LOAD_EVICT, STORE_EVICT, "", BLOCK_N,
+        BLOCK_K, 32, BLOCKS_K)
+
+
+@triton.jit
 def _max_keep_nan(a, b):
     """max(a, b), NaN from either side wins (torch.amax's semantics), as a compare and a select."""
     return tl.where((a > b) | (a != a), a, b)

@@ -4,15 +4,15 @@ Scale convention: dequantization scales, ``x ~= q.float() * s``. Math: ``fp8_dee
 """
 from __future__ import annotations
 
+import contextlib
 import os
-
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from .. import reference
 from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel,
-                             quant_weight_stack_kernel)
+                             quant_weight_stack_kernel, quant_weight_table_kernel)
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
@@ -21,7 +21,8 @@ from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int
                       check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
 
-__all__ = ["quantize_weight_blockwise", "quantize_activation", "to_tma_aligned_scales", "dequantize_blockwise"]
+__all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
+           "to_tma_aligned_scales", "dequantize_blockwise"]
 
 
 def _check_high_precision(x, name):
@@ -418,6 +419,153 @@ def _pinned(env: str, n: int):
     if len(parts) < n:
         raise ValueError(f"{env}={val!r}: expected at least {n} comma-separated integers")
     return parts
+
+
+# ---------------------------------------------------------------------------------------------- separate tensors
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+def _check_group_disjoint(ws, outs) -> None:
+    """``check_outputs_disjoint`` for many tensors in O(n log n): no output may share a byte with another output or
+    with a source (sources may overlap each other). Sorted by start address, a pair that intersects is caught when
+    its later member is reached: an output against every span before it, a source against the outputs before it."""
+    spans = sorted([(t.data_ptr(), t.data_ptr() + byte_span(t), False, name) for name, t in ws if t.numel()]
+                   + [(t.data_ptr(), t.data_ptr() + byte_span(t), True, name) for name, t in outs if t.numel()])
+    end_all = end_out = (-1, None)
+    for start, end, is_out, name in spans:
+        hit = end_all if is_out else end_out
+        if start < hit[0]:
+            raise ValueError(f"{hit[1]} and {name} share memory: outputs must not overlap the inputs or each other")
+        end_all = max(end_all, (end, name))
+        if is_out:
+            end_out = max(end_out, (end, name))
+    for name, t in outs:
+        if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name} has elements that share memory (an expand()ed view?); pass a buffer with "
+                             f"distinct elements")
+
+
+class GroupedWeightQuant:
+    """One-launch 128x128 block quantization of ``n`` separate weights of one shape and layout (per-expert
+    parameters, same-shape linears of many layers), prepared once and run as often as the weights change.
+
+    Args:
+        ws: sequence of ``n >= 1`` tensors ``(N, K)``, bfloat16 / float16 / float32, one dtype, one device and the
+            same strides (each its own allocation or any views; they may overlap each other).
+        out: optional ``(qs, scales)``: two sequences of ``n`` caller-owned outputs, ``qs[i]`` float8_e4m3fn
+            ``(N, K)`` and ``scales[i]`` float32 ``(ceil(N/128), ceil(K/128))``, each sequence with one layout (e.g.
+            a rollout engine's FP8 parameters, written in place). Default: a contiguous stack of each, ``n`` views.
+        scale_fmt: ``"fp32"`` or ``"ue8m0"``.
+
+    ``run()`` (or calling the object) quantizes every ``ws[i]`` into ``qs[i]``, ``scales[i]``, byte for byte what
+    ``quantize_weight_blockwise(ws[i])`` gives, and returns ``(qs, scales)``. The kernel reads the tensors through a
+    device table of their addresses, built here: the tensors must stay alive and where they are (an optimizer's
+    in-place update keeps them; ``.data =`` reassignment or a reallocation does not: build a new one). On CUDA
+    a run is one launch (a bound launch from the second run on) and never synchronizes with the host.
+    Scale convention: ``w ~= q.float() * scale`` per block; edge blocks cover only real elements."""
+
+    def __init__(self, ws: Sequence[torch.Tensor], *, out=None, scale_fmt: str = "fp32", _fresh_out: bool = False):
+        # _fresh_out (fp8_deep.export only): ``out`` are views of a buffer the caller just allocated for them, in the
+        # right shapes, dtypes and layouts (disjoint from every input by construction): their checks are skipped
+        check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+        if isinstance(ws, torch.Tensor) or not isinstance(ws, (list, tuple)) or not ws:
+            raise TypeError("ws must be a non-empty list or tuple of 2-D weight tensors (for one stacked (E, N, K) "
+                            "tensor use quantize_weight_blockwise)")
+        w0 = ws[0]
+        _check_high_precision(w0, "ws[0]")
+        if w0.dim() != 2:
+            raise ValueError(f"ws[0] must be 2-D (N, K), got shape {tuple(w0.shape)}")
+        for i, w in enumerate(ws):
+            _check_high_precision(w, f"ws[{i}]")
+            if (w.shape, w.dtype, w.device, w.stride()) != (w0.shape, w0.dtype, w0.device, w0.stride()):
+                raise ValueError(f"ws[{i}] is {tuple(w.shape)} {w.dtype} on {w.device} with strides {w.stride()}, "
+                                 f"ws[0] {tuple(w0.shape)} {w0.dtype} on {w0.device} with strides {w0.stride()}: "
+                                 f"one group takes tensors of one shape, dtype, device and layout (group them by "
+                                 f"these first, or .contiguous() the odd ones)")
+        n = len(ws)
+        N, K = w0.shape
+        nb, kb = cdiv(N, BLOCK), cdiv(K, BLOCK)
+        if nb > MAX_GRID_YZ:
+            raise ValueError(f"ws[0] of shape {tuple(w0.shape)}: at most {MAX_GRID_YZ} block rows (N / 128) per "
+                             f"tensor (CUDA grid limit)")
+        dev = w0.device
+        if out is None:
+            q3 = torch.empty((n, N, K), dtype=FP8_DTYPE, device=dev)
+            s3 = torch.empty((n, nb, kb), dtype=torch.float32, device=dev)
+            qs, ss = list(q3.unbind(0)), list(s3.unbind(0))
+        else:
+            if not isinstance(out, (tuple, list)) or len(out) != 2 or any(
+                    not isinstance(o, (tuple, list)) or len(o) != n for o in out):
+                raise ValueError(f"out must be (qs, scales): two lists of {n} tensors, one per entry of ws")
+            qs, ss = list(out[0]), list(out[1])
+            for lst, what, shape, dt in ((qs, "out[0]", (N, K), FP8_DTYPE), (ss, "out[1]", (nb, kb), torch.float32)):
+                for i, o in enumerate(lst[:1] if _fresh_out else lst):
+                    check_out(o, f"{what}[{i}]", shape, dt, dev, strides=lst[0].stride())
+            if not _fresh_out:
+                _check_group_disjoint([(f"ws[{i}]", w) for i, w in enumerate(ws)],
+                                      [(f"out[0][{i}]", q) for i, q in enumerate(qs)]
+                                      + [(f"out[1][{i}]", s) for i, s in enumerate(ss)])
+        self.ws, self.qs, self.scales, self.scale_fmt = list(ws), qs, ss, scale_fmt
+        self._launches = []
+        self._empty = w0.numel() == 0
+        self._triton = use_triton(w0) and not self._empty
+        if self._triton:
+            ptrs = [[t.data_ptr() for t in lst] for lst in (self.ws, qs, ss)]
+            for lo in range(0, n, MAX_GRID_YZ):  # grid z: at most MAX_GRID_YZ tensors per launch
+                cols = [row[lo: lo + MAX_GRID_YZ] for row in ptrs]
+                table = torch.tensor(cols, dtype=torch.int64)
+                if dev.type == "cuda":  # pinned + non_blocking: no host synchronization (the allocator keeps it alive)
+                    table = table.pin_memory().to(dev, non_blocking=True)
+                self._launches.append([table, len(cols[0]), None])
+
+    def run(self):
+        """Quantize every weight of the group into its outputs; returns ``(qs, scales)``."""
+        if self._empty:
+            return self.qs, self.scales
+        if not self._triton:
+            for w, q, s in zip(self.ws, self.qs, self.scales):
+                rq, rs = reference.quantize_weight_blockwise(w, (BLOCK, BLOCK), self.scale_fmt)
+                q.copy_(rq)
+                s.copy_(rs)
+            return self.qs, self.scales
+        with torch.cuda.device(self.ws[0].device) if self.ws[0].is_cuda else contextlib.nullcontext():
+            for entry in self._launches:
+                table, n, bound = entry
+                if bound is not None:
+                    bound(table)
+                else:
+                    entry[2] = self._launch(table, n)
+        return self.qs, self.scales
+
+    __call__ = run
+
+    def _launch(self, table, n):
+        w0, q0, s0 = self.ws[0], self.qs[0], self.scales[0]
+        N, K = w0.shape
+        kb = cdiv(K, BLOCK)
+        _, warps, blocks_k = _weight_config(BLOCK, BLOCK, False, n * cdiv(N, BLOCK) * kb)
+        fast = gpu_fast_paths(w0)
+        hints = _weight_hints(False)
+        grid = (cdiv(kb, blocks_k), cdiv(N, BLOCK), n)
+        args = (table, n, N, K, kb, *w0.stride(), *q0.stride(), *s0.stride())
+        kwargs = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=self.scale_fmt == "ue8m0",
+                      NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], LOAD_EVICT=hints["LOAD_EVICT"],
+                      STORE_EVICT=hints["STORE_EVICT"], W_DTYPE=_tl_dtype(w0.dtype), BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+                      BLOCKS_K=blocks_k, num_warps=warps)
+        compiled = quant_weight_table_kernel[grid](*args, **kwargs)
+        if not PLANS_ENABLED or interpreter_active():
+            return None
+        return bind_compiled(quant_weight_table_kernel, compiled, grid, args, kwargs, n_dynamic=1)
+
+
+def quantize_weights_grouped(ws: Sequence[torch.Tensor], *, scale_fmt: str = "fp32", out=None):
+    """``quantize_weight_blockwise`` of each of ``n`` separate same-shape weights, in one launch (see
+    ``GroupedWeightQuant``, which also keeps the prepared launch for the next step). Returns ``(qs, scales)``,
+    lists of ``n`` tensors: views of one contiguous ``(n, N, K)`` / ``(n, ceil(N/128), ceil(K/128))`` stack each
+    unless ``out`` gives them."""
+    return GroupedWeightQuant(ws, out=out, scale_fmt=scale_fmt).run()
 
 
 # one-layout 128x128 quantization of contiguous stacks of at least this many scale blocks (and fewer than 2**31
