@@ -28,6 +28,7 @@ with the existing table's entries for the grid points not re-measured (``--no-me
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -63,6 +64,7 @@ SMOKE = {"smoke": (4, 256, 128, 2)}
 def candidates():
     """Every distinct configuration of the launcher's families, plus swap-AB variants the heuristic never picks."""
     from fp8_deep.ops import grouped_gemm as gg
+    from fp8_deep.ops.grouped_gemm import TritonGroupedGemm
     extra = (
         gg.GemmConfig(BLOCK_M=16, BLOCK_N=256, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=4),
         gg.GemmConfig(BLOCK_M=32, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=6),
@@ -73,9 +75,14 @@ def candidates():
     seen, out = set(), []
     for cfg in (*gg.SMALL_M_CONFIGS, *gg.MEDIUM_M_CONFIGS, *gg.LARGE_M_CONFIGS, *gg.GLUON_CONFIGS,
                 *gg.EXPERIMENTAL_CONFIGS, *extra):
-        if str(cfg) not in seen:
-            seen.add(str(cfg))
-            out.append(cfg)
+        variants = [cfg]
+        # tiles no taller than the plan's 16-row blocks: also found through its block map (one program per tile)
+        if cfg.BLOCK_M <= TritonGroupedGemm.row_alignment and not (cfg.TMA or cfg.GLUON or cfg.SPLIT_M):
+            variants.append(dataclasses.replace(cfg, PERSISTENT=False, BLOCK_MAP=True))
+        for v in variants:
+            if str(v) not in seen:
+                seen.add(str(v))
+                out.append(v)
     return out
 
 
@@ -113,9 +120,10 @@ def tune_point(E, N, K, T, top_k, cands, rep, log):
     rows = peak_rows_per_expert(T * top_k, E)
     valid = plan.m_indices >= 0
 
-    def run(cfg, out=None):
+    def run(cfg, out=None):  # as the MoE calls it (TritonGroupedGemm.gemm): with the plan's block map
         return grouped_gemm_fp8(a, a_scale, b, b_scale, plan.expert_offsets, plan.expert_counts, out=out,
-                                config=cfg, expected_m=rows)
+                                config=cfg, expected_m=rows,
+                                block_map=(plan.expert_ids, plan.m_indices, plan.block_size))
 
     pick = pick_config(rows, K)
     # the launcher's own choice, the heuristic with its fallbacks: no table, no pinned config

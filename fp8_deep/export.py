@@ -38,8 +38,8 @@ import torch
 from .numerics import BLOCK, FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
 from .ops import GroupedWeightQuant, quantize_weight_blockwise
 
-__all__ = ["quantize_state_dict", "QuantizedStateDict", "WeightSyncPlan", "default_skip", "is_quantized_name", "scale_name",
-           "fp8_quantization_config", "quantize_tp_shard", "save_fp8_checkpoint", "load_fp8_checkpoint",
+__all__ = ["quantize_state_dict", "QuantizedStateDict", "WeightSyncPlan", "default_skip", "is_quantized_name",
+           "scale_name", "fp8_quantization_config", "quantize_tp_shard", "save_fp8_checkpoint", "load_fp8_checkpoint",
            "fp8_expert_stacks"]
 
 NamedTensors = Union[Mapping, Iterable[Tuple[str, torch.Tensor]]]
@@ -628,8 +628,8 @@ class WeightSyncPlan:
 
     def __init__(self, named_tensors: NamedTensors, *, scale_fmt: str = "fp32",
                  skip: Union[None, Callable[[str], bool], str, Sequence[str]] = default_skip,
-                 bucket_bytes: Optional[int] = None, out: Optional[Mapping] = None, reuse_buffers: Optional[bool] = None,
-                 check: bool = True):
+                 bucket_bytes: Optional[int] = None, out: Optional[Mapping] = None,
+                 reuse_buffers: Optional[bool] = None, check: bool = True):
         if isinstance(named_tensors, Mapping):
             named = list(named_tensors.items())
         elif isinstance(named_tensors, torch.Tensor) or isinstance(named_tensors, (str, bytes)):

@@ -456,3 +456,106 @@ def test_out_must_not_overlap_operands(device):
     assert b_bytes.numel() >= 2 * M * N
     with pytest.raises(ValueError, match="(b and out|out and b) share memory"):
         grouped_gemm_fp8(*args, out=b_bytes[:2 * M * N].view(torch.bfloat16).view(M, N))
+
+
+# ---------------------------------------------------------------------------------------------- block-map tiles
+def _block_expert(case, seg_align):
+    """The routing plan's per-block expert map of a ``make_case`` layout: each ``seg_align``-row block of an expert's
+    aligned segment holds the expert, every other block -1."""
+    nblk = case["M"] // seg_align
+    be = torch.full((nblk,), -1, dtype=torch.int32)
+    for e, (o, c) in enumerate(zip(case["offsets"].tolist(), case["counts"].tolist())):
+        be[o // seg_align: (o + align(c, seg_align)) // seg_align] = e
+    return be.to(case["a"].device)
+
+
+BLOCK_MAP_CONFIGS = {
+    "swap16x64": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,num_warps=4,num_stages=2",
+    "plain16x256g4": "BLOCK_M=16,BLOCK_N=256,GROUP_M=4,SWAP_AB=0,BLOCK_MAP=1,num_warps=8,num_stages=2",
+    "swap16x128acc32": "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,ACC_K=32,BLOCK_MAP=1,num_warps=4,num_stages=2",
+}
+
+
+@pytest.mark.parametrize("cfg", list(BLOCK_MAP_CONFIGS), ids=list(BLOCK_MAP_CONFIGS))
+@pytest.mark.parametrize("N,K", [(192, 200), (128, 256)], ids=["ragged", "even"])
+def test_block_map_tiles_same_bytes(cfg, N, K, device):
+    """Tiles found through the plan's block map give the bytes of the same tiles found by scanning the counts, leave
+    padding rows and unused blocks untouched, and match the FP8 reference."""
+    case = make_case([5, 0, 17, 3, 40], N=N, K=K, device=device, seg_align=16, scale_layout="tma_aligned",
+                     extra_rows=48)
+    block_map = (_block_expert(case, 16), case["m_indices"], 16)
+    spec = BLOCK_MAP_CONFIGS[cfg]
+    args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
+    got = poisoned((case["M"], N), torch.bfloat16, device)
+    gg.grouped_gemm_fp8(*args, out=got, config=spec, block_map=block_map)
+    ref = poisoned((case["M"], N), torch.bfloat16, device)
+    gg.grouped_gemm_fp8(*args, out=ref, config=spec.replace("BLOCK_MAP=1", "BLOCK_MAP=0"))
+    assert_bitwise_equal(got, ref)
+    check(case, got)
+
+
+def test_block_map_through_the_plan_and_fallbacks(device):
+    """The MoE's path (TritonGroupedGemm with a real align_routing plan) and the cases where the map cannot serve:
+    no map given, tiles taller than its blocks; bad maps are refused."""
+    from fp8_deep.ops import align_routing, permute_rows, quantize_activation
+    E, N, K, T, k = 6, 128, 256, 9, 2
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).to(device)
+    ids[ids == 3] = 4  # expert 3 gets no token
+    plan = align_routing(ids.int(), E, block_size=16)
+    qx, sx = quantize_activation(torch.randn(T, K, device=device))
+    a, sa = permute_rows(qx, sx, plan, scale_layout="tma_aligned")
+    qb, sb = reference.quantize_weight_blockwise(torch.randn(E, N, K, device=device) * 0.05)
+    spec = BLOCK_MAP_CONFIGS["swap16x64"]
+    outs = []
+    for cfg in (spec, spec.replace("BLOCK_MAP=1", "BLOCK_MAP=0")):
+        out = poisoned((plan.num_rows, N), torch.bfloat16, device)
+        TritonGroupedGemm(config=cfg).gemm(a, sa, qb, sb, plan, out=out)
+        outs.append(out)
+    assert_bitwise_equal(outs[0], outs[1])
+    valid = plan.m_indices >= 0
+    assert not is_poison(outs[0][valid]).any() and is_poison(outs[0][~valid]).all()
+    args = (a, sa, qb, sb, plan.expert_offsets, plan.expert_counts)
+    bmap = (plan.expert_ids, plan.m_indices, plan.block_size)
+    for cfg, kw in ((spec, {}), (spec.replace("BLOCK_M=16", "BLOCK_M=32"), dict(block_map=bmap))):
+        out = poisoned((plan.num_rows, N), torch.bfloat16, device)
+        gg.grouped_gemm_fp8(*args, out=out, config=cfg, **kw)
+        assert_bitwise_equal(out[valid], outs[1][valid])
+    with pytest.raises(TypeError, match="block_map must be"):
+        gg.grouped_gemm_fp8(*args, config=spec, block_map=(plan.expert_ids, plan.m_indices))
+    with pytest.raises(ValueError, match="not a multiple of block_map's block_size 64"):
+        gg.grouped_gemm_fp8(*args, config=spec, block_map=(plan.expert_ids, plan.m_indices, 64)) \
+            if plan.num_rows % 64 else pytest.fail("test needs rows not divisible by 64")
+    with pytest.raises(ValueError, match=r"block_map\[0\] must be contiguous"):
+        gg.grouped_gemm_fp8(*args, config=spec, block_map=(plan.expert_ids[:-1], plan.m_indices, 16))
+    with pytest.raises(TypeError, match=r"block_map\[1\] \(m_indices\) must have dtype"):
+        gg.grouped_gemm_fp8(*args, config=spec, block_map=(plan.expert_ids, plan.m_indices.long(), 16))
+    with pytest.raises(ValueError, match="BLOCK_MAP is its own"):
+        gg.GemmConfig.parse(spec + ",PERSISTENT=1")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(1536, 2048), (2048, 768), (512, 7168)],
+                         ids=["qwen3_gemm1", "qwen3_gemm2", "tp8_gemm1"])
+@pytest.mark.parametrize("E,T", [(128, 1), (128, 16), (256, 64)])
+def test_block_map_bitwise_gpu(N, K, E, T):
+    """Every BLOCK_MAP variant the tuner may pick, at decode-sized MoE shapes: the bytes of the same tiles without
+    the map, padding rows untouched."""
+    from fp8_deep.ops import align_routing, permute_rows, quantize_activation
+    dev = "cuda"
+    ids = torch.stack([torch.randperm(E, device=dev)[:8] for _ in range(T)]).int()
+    plan = align_routing(ids, E, block_size=TritonGroupedGemm.row_alignment)
+    qx, sx = quantize_activation(torch.randn(T, K, device=dev, dtype=torch.bfloat16))
+    a, sa = permute_rows(qx, sx, plan, scale_layout="tma_aligned")
+    qb = (torch.randn(E, N, K, device=dev) * 0.1).to(FP8_DTYPE)
+    sb = torch.rand(E, cdiv(N, BLOCK), cdiv(K, BLOCK), device=dev) + 0.01
+    valid = plan.m_indices >= 0
+    cfgs = [dataclasses.replace(c, PERSISTENT=False, BLOCK_MAP=True) for c in SMALL_M_CONFIGS if c.BLOCK_M == 16]
+    assert cfgs
+    for cfg in cfgs:
+        outs = []
+        for c in (cfg, dataclasses.replace(cfg, BLOCK_MAP=False)):
+            out = poisoned((plan.num_rows, N), torch.bfloat16, dev)
+            TritonGroupedGemm(config=c).gemm(a, sa, qb, sb, plan, out=out)
+            outs.append(out)
+        assert_bitwise_equal(outs[0][valid], outs[1][valid], str(cfg))
+        assert is_poison(outs[0][~valid]).all()

@@ -176,36 +176,96 @@ def _grouped_gemm_fp8_kernel(
             tl.store(o_lo, acc_lo.to(out_ptr.dtype.element_ty), mask=lo_ok[:, None] & col_ok[None, :])
             tl.store(o_hi, acc_hi.to(out_ptr.dtype.element_ty), mask=hi_ok[:, None] & col_ok[None, :])
         else:
-            a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
-            as_ptrs = as_ptr + rows_ld * stride_asm
-            if SWAP_AB:
-                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            else:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kb = k0 // BLOCK_K
-                a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
-                b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
-                sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
-                sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
-                if SWAP_AB:
-                    part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)  # (BLOCK_N, BLOCK_M), fp32
-                    if BLOCK_N <= 128:
-                        acc += part * (sa * sb)[None, :]
-                    else:
-                        acc += part * sb[:, None] * sa[None, :]
-                else:
-                    acc = _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
+            _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols64, col_ok, offs_k, K,
+                     stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
+                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
 
-            rows64 = rows.to(tl.int64)
-            if SWAP_AB:
-                o_ptrs = out_ptr + rows64[None, :] * stride_om + cols64[:, None] * stride_on
-                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+@triton.jit
+def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols64, col_ok, offs_k, K,
+             stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+             EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr):
+    """One output tile of the pointer-load kernels: rows ``rows`` (read from ``rows_ld``, stored where ``row_ok``) by
+    columns ``cols64`` (``b_ptrs`` / ``bs_ptrs`` at K = 0 of the tile's weight rows), K blocks in order, each promoted
+    in float32: the numerics every kernel here shares."""
+    a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
+    as_ptrs = as_ptr + rows_ld * stride_asm
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kb = k0 // BLOCK_K
+        a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
+        b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
+        sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
+        sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
+        if SWAP_AB:
+            part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)  # (BLOCK_N, BLOCK_M), fp32
+            if BLOCK_N <= 128:
+                acc += part * (sa * sb)[None, :]
             else:
-                o_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
-                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                acc += part * sb[:, None] * sa[None, :]
+        else:
+            acc = _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    rows64 = rows.to(tl.int64)
+    if SWAP_AB:
+        o_ptrs = out_ptr + rows64[None, :] * stride_om + cols64[:, None] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    else:
+        o_ptrs = out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_gemm_fp8_blockmap_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr,
+    block_expert_ptr,  # int32 (M // MAP_BLOCK,): expert of each MAP_BLOCK-row block of a, -1 for unused blocks
+    m_idx_ptr,         # int32 (M,): expert of each row, -1 on padding
+    M, N, K,
+    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr,
+    MAP_BLOCK: tl.constexpr,  # the routing plan's segment alignment; BLOCK_M divides it
+):
+    """``_grouped_gemm_fp8_kernel`` for tiles no taller than the segment alignment, scheduled like vLLM's fused-MoE
+    kernel: program ``p`` takes a fixed ``BLOCK_M``-row block of ``a`` and finds its expert with one load from the
+    routing plan's block map, instead of every program loading all E counts and scanning them (three reductions over
+    E before its first weight load: latency that a short-K, few-rows GEMM cannot hide). Blocks past the used rows
+    exit at once. Same per-row arithmetic as the other kernels (``_tile_nt``): the same bytes."""
+    tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
+    num_m = M // BLOCK_M
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile_id = tl.program_id(0)
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    tm = first_m + (tile_id % tiles_per_group) % group_rows
+    tn = (tile_id % tiles_per_group) // group_rows
+    row0 = tm * BLOCK_M
+    e = tl.load(block_expert_ptr + row0 // MAP_BLOCK)
+    if e >= 0:
+        e64 = e.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = tl.load(m_idx_ptr + rows) == e  # the segment's real rows; its padding holds -1
+        rows_ld = rows.to(tl.int64)
+        cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
+        b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
+        bs_base = bs_ptr + e64 * stride_bse
+        if BLOCK_N <= 128:
+            bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
+        else:
+            bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
+        _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols.to(tl.int64), cols < N,
+                 offs_k, K, stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
+                 BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
 
 
 @triton.jit

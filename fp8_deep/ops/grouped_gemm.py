@@ -19,6 +19,7 @@ configuration for every call.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ import torch
 import triton
 
 from ..kernels import grouped_gemm_gluon as _gluon
-from ..kernels.grouped_gemm import _grouped_gemm_fp8_kernel, _grouped_gemm_fp8_tma_kernel
+from ..kernels.grouped_gemm import (_grouped_gemm_fp8_blockmap_kernel, _grouped_gemm_fp8_kernel,
+                                    _grouped_gemm_fp8_tma_kernel)
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
@@ -56,6 +58,9 @@ class GemmConfig(TileConfig):
     ACC_K: int = 0             # >0: float32 partial sums every ACC_K of K inside a 128-K block (32, 64; 0 = off)
     UPCAST: bool = False       # FP16 dots on the exactly converted FP8 tiles (float32 accumulation throughout)
     GLUON: bool = False        # the Gluon kernel: async wgmma, block k-1 promoted while block k runs (SM90, CUDA)
+    # tiles found through the routing plan's block map (one load, vLLM's scheduling) instead of a scan of every
+    # expert's count; needs the map (grouped_gemm_fp8's block_map) and BLOCK_M dividing its alignment, else ignored
+    BLOCK_MAP: bool = False
     num_warps: int = 8
     num_stages: int = 4
 
@@ -79,6 +84,9 @@ class GemmConfig(TileConfig):
         if self.WS and not (self.TMA or self.GLUON):
             raise ValueError("GemmConfig.WS needs TMA=1 or GLUON=1 (the warp-specialized loop is built on descriptor "
                              "loads)")
+        if self.BLOCK_MAP and (self.PERSISTENT or self.TMA or self.GLUON or self.SPLIT_M):
+            raise ValueError("GemmConfig.BLOCK_MAP is its own one-program-per-tile pointer kernel: unset PERSISTENT, "
+                             "TMA, GLUON and SPLIT_M")
         if self.TMA and (self.SWAP_AB or self.PERSISTENT or self.BLOCK_N > 128):
             raise ValueError("GemmConfig.TMA supports the plain orientation only: SWAP_AB=0, PERSISTENT=0, "
                              "BLOCK_N <= 128")
@@ -313,7 +321,7 @@ def _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, o
 def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                      expert_offsets: torch.Tensor, expert_counts: torch.Tensor, *, out: Optional[torch.Tensor] = None,
                      out_dtype: torch.dtype = torch.bfloat16, config=None,
-                     expected_m: Optional[int] = None) -> torch.Tensor:
+                     expected_m: Optional[int] = None, block_map=None) -> torch.Tensor:
     """FP8 block-scaled grouped GEMM over contiguous expert segments: ``out[r] = deq(a[r]) @ deq(b[e]).T``.
 
     Args:
@@ -329,6 +337,11 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         config: ``GemmConfig`` / dict / ``"KEY=VALUE,..."`` string pinning the tiles (default: ``pick_config``).
         expected_m: host-side hint of the rows of the most loaded experts, picks the tile bucket (default
             ``M // E``, exact for balanced segments; the MoE passes ``peak_rows_per_expert(tokens * top_k, E)``).
+        block_map: optional ``(block_expert, m_indices, block_size)`` of the routing plan that laid ``a`` out
+            (``plan.expert_ids``, ``plan.m_indices``, ``plan.block_size``): int32 ``(M // block_size,)`` expert of each
+            ``block_size``-row block (-1 unused), int32 ``(M,)`` expert of each row (-1 padding), and the segments'
+            alignment. It must describe the same segments as ``expert_offsets`` / ``expert_counts``; configurations
+            with ``BLOCK_MAP=1`` then find their tiles through it (same bytes), others ignore it.
 
     Returns:
         ``out`` ``(M, N)``: rows ``[off_e, off_e + count_e)`` of every expert written; every other row is left as it
@@ -359,6 +372,11 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         if cfg.TMA and _tma_problem(a, b, N):
             cfg = MEDIUM_M_FALLBACK
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
+    if cfg.BLOCK_MAP:
+        if block_map is not None and _check_block_map(block_map, M, E, a.device) % bm == 0:
+            _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K)
+            return out
+        cfg = dataclasses.replace(cfg, BLOCK_MAP=False)  # no map, or tiles taller than its blocks: the same tiles
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
     # non-empty and each wastes at most BM - 1 rows of its last tile.
     m_tiles_bound = (M + min(E, M) * (bm - 1)) // bm
@@ -385,6 +403,43 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def _check_block_map(block_map, M: int, E: int, device) -> int:
+    """Validate ``grouped_gemm_fp8``'s ``block_map`` (its docstring); returns its block size."""
+    if not (isinstance(block_map, (tuple, list)) and len(block_map) == 3):
+        raise TypeError("block_map must be (block_expert, m_indices, block_size), e.g. (plan.expert_ids, "
+                        "plan.m_indices, plan.block_size)")
+    block_expert, m_indices, block_size = block_map
+    if type(block_size) is not int or not is_pow2(block_size) or block_size < 16:
+        raise ValueError(f"block_map's block_size must be a power of two >= 16, got {block_size!r}")
+    if M % block_size:
+        raise ValueError(f"a has {M} rows, not a multiple of block_map's block_size {block_size}: the plan that laid "
+                         f"a out had another alignment")
+    check_tensor(block_expert, "block_map[0] (block_expert)", dtypes=(torch.int32,), dims=(1,), device=device)
+    check_tensor(m_indices, "block_map[1] (m_indices)", dtypes=(torch.int32,), dims=(1,), device=device)
+    if block_expert.shape[0] != M // block_size or block_expert.stride(0) != 1:
+        raise ValueError(f"block_map[0] must be contiguous ({M // block_size},): one expert per {block_size}-row block "
+                         f"of a, got shape {tuple(block_expert.shape)}")
+    if m_indices.shape[0] != M or m_indices.stride(0) != 1:
+        raise ValueError(f"block_map[1] must be contiguous ({M},): one expert per row of a, got shape "
+                         f"{tuple(m_indices.shape)}")
+    return block_size
+
+
+def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K):
+    block_expert, m_indices, block_size = block_map
+    grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
+    if grid[0] == 0:
+        return
+    _grouped_gemm_fp8_blockmap_kernel[grid](
+        a, a_scale, b, b_scale, out, block_expert, m_indices, M, N, K,
+        a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
+        EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E):
@@ -484,4 +539,5 @@ class TritonGroupedGemm:
         """``plan``: ``fp8_deep.ops.plan.RoutingPlan``; rows outside the experts' valid rows are left untouched."""
         expected = peak_rows_per_expert(plan.num_tokens * plan.top_k, plan.num_experts)
         return grouped_gemm_fp8(a, a_scale, b, b_scale, plan.expert_offsets, plan.expert_counts, out=out,
-                                out_dtype=out_dtype, config=self.config, expected_m=expected)
+                                out_dtype=out_dtype, config=self.config, expected_m=expected,
+                                block_map=(plan.expert_ids, plan.m_indices, plan.block_size))
