@@ -22,6 +22,7 @@
 #   WGRAD_ARGS, RETILE_ARGS,         BF16 vs FP8 training run), "wgrad", "retile", "swiglub" (the backward's kernels),
 #   SWIGLUB_ARGS, EXPORT_ARGS        "export" (weight sync)
 #   TUNE_ARGS, TUNE_TIMEOUT          stage "tune": bench/tune_grouped_gemm.py (the grouped GEMM's per-card table)
+#   TUNEQ_ARGS, TUNEQ_TIMEOUT        stage "tuneq": bench/tune_quant.py (the quantizers' per-card tables)
 #   PEER_ARGS, PEER_TIMEOUT          stage "peer": bench/peer_vllm.py (vLLM's fused-MoE kernel; carry .vllm)
 #   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
@@ -207,6 +208,13 @@ run_one_stage() {
             for f in fp8_deep/configs/grouped_gemm/*.json; do
                 [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_grouped_gemm_table.json"
             done ;;
+        tuneq)  # the quantizers' per-card tables (TUNEQ_ARGS); writes fp8_deep/configs/{weight,act}_quant*/<card>.json,
+                # copied into results.tgz as <card>_<op>_table.json (commit them under fp8_deep/configs/)
+            run_stage tuneq "${TUNEQ_TIMEOUT:-400}" tuneq.log $PY bench/tune_quant.py \
+                --time-budget "$(budget_for $(( ${TUNEQ_TIMEOUT:-400} - 20 )))" ${TUNEQ_ARGS:-}
+            for f in fp8_deep/configs/weight_quant*/*.json fp8_deep/configs/act_quant*/*.json; do
+                [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_$(basename "$(dirname "$f")")_table.json"
+            done ;;
         tuneb)  # auto's backend table (TUNEB_ARGS; needs DeepGEMM: carry .deepgemm), copied into results.tgz
             run_stage tuneb "${TUNEB_TIMEOUT:-400}" tuneb.log $PY bench/tune_backend.py \
                 --time-budget "$(budget_for $(( ${TUNEB_TIMEOUT:-400} - 20 )))" ${TUNEB_ARGS:-}
@@ -223,7 +231,7 @@ run_one_stage() {
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune tuneb peer)" \
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune tuneq tuneb peer)" \
                >> "$LOGS/status" ;;
     esac
 }

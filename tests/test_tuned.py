@@ -116,3 +116,86 @@ def test_tuner_tables_load_back(tmp_path, monkeypatch):
         assert _tuned.lookup(table, E=128, N=1536, K=2048, rows=1) == "triton"
     finally:
         _tuned.load_table.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- quantizer tables
+def test_quant_config_parse_and_validation():
+    from fp8_deep.ops.quant import ActQuantConfig, WeightQuantConfig
+    assert WeightQuantConfig.parse("STACK=0,TCHUNK=64,num_warps=16,BLOCKS_K=1,HINTS=3").TCHUNK == 64
+    assert str(WeightQuantConfig.parse("STACK=1")).startswith("STACK=1,")
+    assert ActQuantConfig.parse("FLAT=0,BLOCK_M=16,GROUPS_PER_PROG=2,num_warps=4").as_choice(True) == \
+        ("tile", 16, 2, 4)
+    assert ActQuantConfig.parse("FLAT=1,BLOCK_G=32,num_warps=8").as_choice(False)[0] == "tile"
+    for bad, match in (("TCHUNK=8", "TCHUNK"), ("num_warps=3", "num_warps"), ("BLOCKS_K=3", "BLOCKS_K"),
+                       ("HINTS=4", "HINTS"), ("WARPS=4", "unknown weight quantizer config key")):
+        with pytest.raises(ValueError, match=match):
+            WeightQuantConfig.parse(bad)
+    with pytest.raises(ValueError, match="BLOCK_G"):
+        ActQuantConfig.parse("BLOCK_G=48")
+
+
+@pytest.mark.parametrize("with_transpose", [False, True])
+def test_weight_quantizer_takes_the_tables_config(monkeypatch, with_transpose, device):
+    """The weight quantizer asks its table (one layout or both) with the call's sizes, runs the entry's tile
+    configuration, and writes the bytes of its built-in choice; a both-layouts entry naming the stack kernel is
+    refused."""
+    from fp8_deep import ops
+    from fp8_deep.ops import quant
+    w = (torch.randn(2, 256, 384) * 3).to(torch.bfloat16).to(device)
+    for env in (quant.WEIGHT_CONFIG_ENV, quant.WEIGHT_HINTS_ENV):
+        monkeypatch.delenv(env, raising=False)
+    monkeypatch.setattr(quant, "tuned_config", lambda op, dev, **kw: None)
+    base = ops.quantize_weight_blockwise(w, with_transpose=with_transpose)
+    asked = []
+    spec = "TCHUNK=32,num_warps=4,BLOCKS_K=1,HINTS=0" if with_transpose else "TCHUNK=32,num_warps=4,BLOCKS_K=2,HINTS=2"
+
+    def fake(op, dev, **kw):
+        asked.append((op, kw))
+        return spec
+    monkeypatch.setattr(quant, "tuned_config", fake)
+    got = ops.quantize_weight_blockwise(w, with_transpose=with_transpose)
+    from fp8_deep.numerics import use_triton
+    if use_triton(w):
+        assert asked == [(quant.weight_quant_op(with_transpose), dict(E=2, N=256, K=384, rows=2))]
+    for g, b in zip(got, base):
+        assert_bitwise_equal(g, b)
+    if with_transpose and use_triton(w):
+        monkeypatch.setattr(quant, "tuned_config", lambda op, dev, **kw: "STACK=1")
+        with pytest.raises(ValueError, match="weight_quant_t"):
+            ops.quantize_weight_blockwise(w, with_transpose=True)
+
+
+@pytest.mark.parametrize("layout", ["row_major", "tma_aligned"])
+def test_activation_quantizer_takes_the_tables_config(monkeypatch, layout, device):
+    from fp8_deep import ops
+    from fp8_deep.ops import quant
+    x = (torch.randn(40, 512) * 5).to(torch.bfloat16).to(device)
+    monkeypatch.delenv(quant.ACT_CONFIG_ENV, raising=False)
+    monkeypatch.setattr(quant, "tuned_config", lambda op, dev, **kw: None)
+    base = ops.quantize_activation(x, scale_layout=layout, backend="triton")
+    asked = []
+    for spec in ("FLAT=1,BLOCK_G=8,num_warps=2", "FLAT=0,BLOCK_M=16,GROUPS_PER_PROG=4,num_warps=4"):
+        def fake(op, dev, **kw):
+            asked.append((op, kw))
+            return spec
+        monkeypatch.setattr(quant, "tuned_config", fake)
+        got = ops.quantize_activation(x, scale_layout=layout, backend="triton")
+        assert_bitwise_equal(got[0], base[0])
+        assert_bitwise_equal(got[1].contiguous(), base[1].contiguous())
+    from fp8_deep.numerics import use_triton
+    if use_triton(x):
+        assert asked[0] == (quant.act_quant_op(layout == "tma_aligned"), dict(E=1, N=1, K=512, rows=40))
+
+
+def test_quant_tuner_plumbing(monkeypatch, capsys):
+    """bench/tune_quant.py on the CPU (interpreter, tiny shapes): every candidate it keeps wrote the built-in
+    choice's bytes through the launcher's table path, and the launch-plan caches are left empty."""
+    from conftest import bench_module
+    from fp8_deep.ops import quant
+    with bench_module("tune_quant") as tuner:
+        monkeypatch.setattr(tuner, "act_candidates", lambda: [quant.ActQuantConfig(FLAT=False, BLOCK_M=8,
+                                                                                     GROUPS_PER_PROG=1, num_warps=2)])
+        assert tuner.main(["--cpu-smoke", "--ops", "act_quant_row", "act_quant_tma"]) == 0
+    out = capsys.readouterr().out
+    assert "SUMMARY act_quant_row " in out and "SUMMARY act_quant_tma " in out and "other bytes" not in out
+    assert len(quant._WEIGHT_PLANS) == 0 and len(quant._ACT_PLANS) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -17,12 +18,14 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
 from ._launch import PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
+from ._config import TileConfig
+from ._tuned import TUNED_ENV, tuned_config
 from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
                       check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
-           "to_tma_aligned_scales", "dequantize_blockwise"]
+           "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
 
 
 def _check_high_precision(x, name):
@@ -120,16 +123,22 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
     fast = gpu_fast_paths(w)
     numerics = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=scale_fmt == "ue8m0", NAN_MAX=fast["NAN_MAX"],
                     NAN_SELECT=fast["NAN_SELECT"])
-    if _stack_kernel_applies(w3, q3, s3, block_size, with_transpose):
+    tuned = _tuned_weight_config(w, E, N, K, block_size, with_transpose)
+    if (tuned is None or tuned.STACK) and _stack_kernel_applies(w3, q3, s3, block_size, with_transpose):
         kernel, grid, n_dynamic = quant_weight_stack_kernel, (E * nb * kb,), 3
         args = (w3, q3, s3)
         kwargs = dict(K=K, KB=kb, **numerics, BLOCK=bn, num_warps=32, num_stages=1)
     else:
-        tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
+        if tuned is not None and not tuned.STACK:
+            tchunk, warps, blocks_k = tuned.TCHUNK, tuned.num_warps, tuned.BLOCKS_K
+            hints = dict(zip(("LOAD_EVICT", "STORE_EVICT", "RELOAD_EVICT"), _WEIGHT_HINTS[_HINT_NAMES[tuned.HINTS]]))
+        else:
+            tchunk, warps, blocks_k = _weight_config(bn, bk, with_transpose, E * nb * kb)
+            hints = _weight_hints(with_transpose)
         kernel, grid, n_dynamic = quant_weight_block_kernel, (cdiv(kb, blocks_k), nb, E), 5
         args = (w3, q3, s3, qt3, st3, N, K, E, nb, kb,
                 *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
-        kwargs = dict(**numerics, WITH_TRANSPOSE=with_transpose, **_weight_hints(with_transpose),
+        kwargs = dict(**numerics, WITH_TRANSPOSE=with_transpose, **hints,
                       BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
     compiled = kernel[grid](*args, **kwargs)
     if plan_key is not None and not interpreter_active():
@@ -167,7 +176,7 @@ def _weight_plan_key(w, block_size, scale_fmt, with_transpose, out):
         return None
     return (_tensor_signature(w), torch.cuda.current_device(), tuple(block_size), scale_fmt, with_transpose, out_sig,
             os.environ.get(PLAIN_ENV), os.environ.get(WEIGHT_CONFIG_ENV), os.environ.get(WEIGHT_HINTS_ENV),
-            SMALL_WEIGHT_BLOCKS, STACK_WEIGHT_BLOCKS, interpreter_active())
+            os.environ.get(TUNED_ENV), SMALL_WEIGHT_BLOCKS, STACK_WEIGHT_BLOCKS, interpreter_active())
 
 
 def _weight_plan(launch, n_dynamic, shapes, dtypes, device, spans):
@@ -228,7 +237,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         # everything the checks, the kernel choice and Triton's specialization below depend on
         plan_key = (_tensor_signature(x), torch.cuda.current_device(), group_size, scale_fmt, scale_layout, eps,
                     backend, os.environ.get(PLAIN_ENV), os.environ.get(ACT_CONFIG_ENV),
-                    os.environ.get(ACT_SCALE_EVICT_ENV), interpreter_active())
+                    os.environ.get(ACT_SCALE_EVICT_ENV), os.environ.get(TUNED_ENV), interpreter_active())
         plan = _ACT_PLANS.get(plan_key)
         if plan is not None:
             return plan(x)
@@ -299,7 +308,8 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     B, M = x3.shape[0], x3.shape[1]
     numerics = dict(FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x))
     # flat: int32 group indices, with room for the last program's BLOCK_G lanes past NG
-    cfg = _act_config(M, flat_ok=K % group_size == 0 and B * M * G < 2 ** 31 - 2 ** 16 and q3.stride(2) == 1)
+    flat_ok = K % group_size == 0 and B * M * G < 2 ** 31 - 2 ** 16 and q3.stride(2) == 1
+    cfg = _tuned_act_config(x, B * M, K, group_size, s3, flat_ok) or _act_config(M, flat_ok=flat_ok)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
         kernel, grid = quant_act_flat_kernel, (cdiv(B * M * G, block_g),)
@@ -567,6 +577,96 @@ def quantize_weights_grouped(ws: Sequence[torch.Tensor], *, scale_fmt: str = "fp
     unless ``out`` gives them."""
     return GroupedWeightQuant(ws, out=out, scale_fmt=scale_fmt).run()
 
+
+
+# ---------------------------------------------------------------------------------------------- per-card tables
+# bench/tune_quant.py measures these per card (fp8_deep/configs/<op>/<card>.json, looked up by fp8_deep.ops._tuned);
+# without a table, or with a pinned configuration (the environment variables above), the built-in choices decide
+_HINT_NAMES = ("none", "el", "el_sf", "el_rf")  # WeightQuantConfig.HINTS indexes these _WEIGHT_HINTS presets
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig(TileConfig):
+    """A weight-quantizer table entry: the stack kernel, or the tile kernel's ``TCHUNK`` (transposed-copy column
+    slice), ``num_warps``, ``BLOCKS_K`` (scale blocks per program along K, one layout only) and L2 policy preset
+    ``HINTS`` (index into none, el, el_sf, el_rf). Every choice writes the same bytes."""
+    _WHAT = "weight quantizer config"
+    STACK: bool = False
+    TCHUNK: int = 32
+    num_warps: int = 8
+    BLOCKS_K: int = 1
+    HINTS: int = 1
+
+    def __post_init__(self):
+        if self.TCHUNK < 16 or not is_pow2(self.TCHUNK) or self.TCHUNK > BLOCK:
+            raise ValueError(f"WeightQuantConfig.TCHUNK must be a power of two in [16, {BLOCK}], got {self.TCHUNK}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"WeightQuantConfig.num_warps must be a power of two <= 32, got {self.num_warps}")
+        if not is_pow2(self.BLOCKS_K) or self.BLOCKS_K > 8:
+            raise ValueError(f"WeightQuantConfig.BLOCKS_K must be a power of two <= 8, got {self.BLOCKS_K}")
+        if not 0 <= self.HINTS < len(_HINT_NAMES):
+            raise ValueError(f"WeightQuantConfig.HINTS must index {_HINT_NAMES}, got {self.HINTS}")
+
+
+@dataclass(frozen=True)
+class ActQuantConfig(TileConfig):
+    """An activation-quantizer table entry: the flat kernel (``BLOCK_G`` groups per program) where it applies,
+    else the tile kernel (``BLOCK_M`` rows x ``GROUPS_PER_PROG`` groups); ``num_warps``. The same bytes either way."""
+    _WHAT = "activation quantizer config"
+    FLAT: bool = True
+    BLOCK_G: int = 16
+    BLOCK_M: int = 32
+    GROUPS_PER_PROG: int = 2
+    num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("BLOCK_G", "BLOCK_M", "GROUPS_PER_PROG"):
+            v = getattr(self, name)
+            if not (is_pow2(v) and 1 <= v <= 1024):
+                raise ValueError(f"ActQuantConfig.{name} must be a power of two in [1, 1024], got {v}")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"ActQuantConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
+
+    def as_choice(self, flat_ok: bool):
+        """``_act_config``'s form: ``("flat", BLOCK_G, num_warps)`` or ``("tile", BLOCK_M, GROUPS_PER_PROG, ...)``."""
+        if self.FLAT and flat_ok:
+            return "flat", self.BLOCK_G, self.num_warps
+        return "tile", self.BLOCK_M, self.GROUPS_PER_PROG, self.num_warps
+
+
+def weight_quant_op(with_transpose: bool) -> str:
+    """The table (``fp8_deep/configs/<op>/``) of the weight quantizer with one layout or both."""
+    return "weight_quant_t" if with_transpose else "weight_quant"
+
+
+def act_quant_op(tma_aligned: bool) -> str:
+    """The table of the activation quantizer, by scale layout (column-major TMA-aligned or row-major)."""
+    return "act_quant_tma" if tma_aligned else "act_quant_row"
+
+
+def _tuned_weight_config(w, E, N, K, block_size, with_transpose) -> Optional[WeightQuantConfig]:
+    """This card's measured choice for a ``(E, N, K)`` weight (key: ``(N, K)``, nearest ``E``), or None: no table,
+    another block size, or a configuration pinned in the environment."""
+    if tuple(block_size) != (BLOCK, BLOCK) or os.environ.get(WEIGHT_CONFIG_ENV) or os.environ.get(WEIGHT_HINTS_ENV):
+        return None
+    spec = tuned_config(weight_quant_op(with_transpose), w.device, E=E, N=N, K=K, rows=E)
+    if spec is None:
+        return None
+    cfg = WeightQuantConfig.parse(spec)
+    if with_transpose and (cfg.STACK or cfg.BLOCKS_K != 1):
+        raise ValueError(f"the weight quantizer's table (fp8_deep/configs/weight_quant_t/) holds {spec!r} for both "
+                         f"layouts, which need the tile kernel with BLOCKS_K=1: regenerate it (bench/tune_quant.py)")
+    return cfg
+
+
+def _tuned_act_config(x, M: int, K: int, group_size: int, s3, flat_ok: bool):
+    """This card's measured choice for ``M`` rows of ``K`` (key: ``K``, nearest ``M``) in ``_act_config``'s form, or
+    None: no table, not 128-wide groups, or a configuration pinned in the environment."""
+    if group_size != BLOCK or os.environ.get(ACT_CONFIG_ENV):
+        return None
+    tma = M > 1 and s3.stride(1) == 1  # column-major scales (TMA-aligned, or any M-major buffer)
+    spec = tuned_config(act_quant_op(tma), x.device, E=1, N=1, K=K, rows=M)
+    return ActQuantConfig.parse(spec).as_choice(flat_ok) if spec is not None else None
 
 # one-layout 128x128 quantization of contiguous stacks of at least this many scale blocks (and fewer than 2**31
 # elements, whole blocks only) runs quant_weight_stack_kernel, everything else quant_weight_block_kernel
