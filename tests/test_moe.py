@@ -108,6 +108,24 @@ def test_moe_deterministic_and_out_buffer(device):
     assert b is buf and torch.equal(a, b)
 
 
+def test_moe_fused_and_separate_quantize_permute_agree(device, monkeypatch):
+    """The forward's two ways into the first GEMM (quantize into the expert segments in one pass, or quantize then
+    permute) give the same output bytes; the size rule and the switch."""
+    from fp8_deep.moe import forward as F
+    args = make_moe(9, 4, 256, 128, 3, device, seed=5)
+    outs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv(F.FUSED_QUANT_PERMUTE_ENV, env)
+        outs.append(fp8_deep.moe_forward(*args, backend="triton"))
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.delenv(F.FUSED_QUANT_PERMUTE_ENV)
+    assert F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS)
+    assert not F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS + 1)
+    monkeypatch.setenv(F.FUSED_QUANT_PERMUTE_ENV, "yes")
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        fp8_deep.moe_forward(*args, backend="triton")
+
+
 def test_moe_fp16(device):
     check_moe(*make_moe(5, 4, 256, 128, 2, device, dtype=torch.float16, seed=4))
 

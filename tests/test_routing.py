@@ -287,3 +287,39 @@ def test_permute_rows_out_must_not_overlap_inputs(device):
     with pytest.raises(ValueError, match=r"(q and out\[0\]|out\[0\] and q) share memory"):
         R.permute_rows(q_in, s, plan, scale_layout="row_major",
                        out=(big[T * K - K:T * K - K + rows * K].view(FP8_DTYPE).view(rows, K), so))
+
+
+@pytest.mark.parametrize("block_size", [128, 16])
+@pytest.mark.parametrize("layout", ["tma_aligned", "row_major"])
+@pytest.mark.parametrize("T,k,E,K,fmt", [(1, 8, 16, 256, "fp32"), (13, 2, 5, 320, "ue8m0"), (40, 3, 6, 192, "fp32")])
+def test_quantize_permute_fused(device, layout, T, k, E, K, fmt, block_size):
+    """The fused pass writes the bytes of quantize_activation + permute_rows (padding rows zero), NaN/Inf groups and
+    a remote expert (expert_map) included."""
+    from fp8_deep import ops
+    ids = _ids(T, k, E, device)
+    emap = torch.arange(E, dtype=torch.int32, device=device)
+    emap[E - 1] = -1  # the last expert lives on another rank: its choices are dropped
+    plan = R.align_routing(ids, E, block_size=block_size, expert_map=emap)
+    x = (torch.randn(T, K, device=device) * torch.logspace(-2, 2, K, device=device)).to(torch.bfloat16)
+    x[T // 2, 3] = float("nan")
+    x[0, K - 1] = float("inf")
+    got = ops.quantize_permute(x, plan, scale_fmt=fmt, scale_layout=layout)
+    want = R.permute_rows(*ops.quantize_activation(x, scale_fmt=fmt, backend="triton"), plan, scale_layout=layout)
+    assert_bitwise_equal(got[0], want[0], "q_perm")
+    assert got[1].stride() == want[1].stride()
+    assert_bitwise_equal(got[1].contiguous(), want[1].contiguous(), "scale_perm")
+
+
+def test_quantize_permute_errors(device):
+    from fp8_deep import ops
+    ids = _ids(4, 2, 4, device)
+    plan = R.align_routing(ids, 4, block_size=16)
+    x = torch.randn(4, 256, device=device, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="plan must be a RoutingPlan"):
+        ops.quantize_permute(x, None)
+    with pytest.raises(ValueError, match="x has 3 rows but the plan was built for 4 tokens"):
+        ops.quantize_permute(x[:3], plan)
+    with pytest.raises(TypeError, match="x must be bfloat16"):
+        ops.quantize_permute(x.to(FP8_DTYPE), plan)
+    with pytest.raises(ValueError, match="unit stride"):
+        ops.quantize_permute(x.t().contiguous().t(), plan)

@@ -366,3 +366,46 @@ def quant_act_flat_kernel(
     # column-major (TMA-aligned) scale lines hold 32 rows of one group, written by ~112 programs: evict_last keeps
     # each line in L2 until it is complete instead of writing it back in pieces (1-3% at M = 4096-8192 on an H100)
     tl.store(s_ptr + b * stride_sb + m * stride_sm + gi * stride_sg, s, mask=gmask, eviction_policy=S_EVICT)
+
+
+@triton.jit
+def quant_permute_kernel(
+    # pointers: x (T, K) high precision; sorted (num_rows,) int32 flat choice index per row (sentinel >= numel on
+    # padding); q (num_rows, K) FP8; s (num_rows, G) float32, any strides
+    x_ptr, sorted_ptr, q_ptr, s_ptr,
+    # sizes
+    numel, top_k, num_rows, K,
+    # strides (elements)
+    stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sg,
+    # numerics
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
+    # meta: as quant_act_group_kernel, grid (cdiv(num_rows, BLOCK_M), cdiv(G, GROUPS_PER_PROG))
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``quant_act_group_kernel`` reading each row of the routing plan from its token's row of ``x``: the activation
+    quantization and ``permute_rows_kernel`` in one pass (the routed rows come out quantized in their expert
+    segments; a token routed to k experts is quantized k times, to the same bytes). Padding rows: q 0, scale 0, as
+    ``permute_rows`` writes them."""
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < num_rows
+    s_id = tl.load(sorted_ptr + r, mask=rmask, other=numel)
+    real = rmask & (s_id >= 0) & (s_id < numel)
+    tok = (tl.where(real, s_id, 0) // top_k).to(tl.int64)
+    offs_k = pid_g * WIDTH + tl.arange(0, WIDTH)
+    kmask = offs_k < K
+    k64 = offs_k.to(tl.int64)
+    x = tl.load(x_ptr + tok[:, None] * stride_xm + k64[None, :] * stride_xk, mask=real[:, None] & kmask[None, :],
+                other=0.0).to(tl.float32)
+    q, s = _quant_groups(tl.reshape(x, (BLOCK_M, GROUPS_PER_PROG, GROUP)), 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
+                         NAN_SELECT)
+    r64 = r.to(tl.int64)
+    # a padding row quantizes zeros to +0 (0x00) already; its scale is set to 0 (the eps floor would give eps/448)
+    tl.store(q_ptr + r64[:, None] * stride_qm + k64[None, :] * stride_qk,
+             tl.reshape(q, (BLOCK_M, WIDTH)).to(q_ptr.dtype.element_ty), mask=rmask[:, None] & kmask[None, :])
+    g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    tl.store(s_ptr + r64[:, None] * stride_sm + g.to(tl.int64)[None, :] * stride_sg, tl.where(real[:, None], s, 0.0),
+             mask=rmask[:, None] & (g[None, :] * GROUP < K))

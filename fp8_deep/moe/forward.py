@@ -7,10 +7,12 @@ imports an optional dependency.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
-from ..ops import quantize_activation, quantize_weight_blockwise
+from ..ops import quantize_activation, quantize_permute, quantize_weight_blockwise
 from ..ops._checks import check_choice, check_tensor
 from ..ops.combine import moe_combine
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
@@ -83,6 +85,24 @@ def _empty_output(hidden_states, w13, w2, topk_weights):
     return hidden_states.new_zeros((0, H)) + zero.to(hidden_states.dtype)
 
 
+FUSED_QUANT_PERMUTE_ENV = "FP8_DEEP_FUSED_QUANT_PERMUTE"
+# routed rows up to which the forward quantizes straight into the expert segments (ops.quantize_permute: one launch
+# instead of two; each token read top_k times): decode-sized calls, where launches rather than bytes bound the MoE.
+# A guess awaiting its measurement (bench/peer_vllm.py with FP8_DEEP_FUSED_QUANT_PERMUTE=0 / 1); same bytes either way
+FUSED_QUANT_PERMUTE_MAX_ROWS = 1024
+
+
+def _fuse_quantize_permute(routed_rows: int) -> bool:
+    """Whether the forward fuses the activation quantization into the permutation: ``FP8_DEEP_FUSED_QUANT_PERMUTE``
+    ``1`` always, ``0`` never, unset up to ``FUSED_QUANT_PERMUTE_MAX_ROWS`` routed rows."""
+    env = os.environ.get(FUSED_QUANT_PERMUTE_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise ValueError(f"{FUSED_QUANT_PERMUTE_ENV}={env!r}: expected 0 or 1 (unset: by size)")
+    return routed_rows <= FUSED_QUANT_PERMUTE_MAX_ROWS
+
+
 def quantize_expert_weights(w13, w2, scale_fmt):
     """High-precision ``w13 (E, 2I, H)``, ``w2 (E, H, I)`` -> FP8 + 128x128 scales (one fused pass each)."""
     q13, s13 = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
@@ -150,8 +170,11 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
 
     layout = gemm.a_scale_layout
     plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
-    qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
-    a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
+    if _fuse_quantize_permute(T * topk_ids.shape[1]):
+        a1, sa1 = quantize_permute(hidden_states, plan, scale_fmt=scale_fmt, scale_layout=layout)
+    else:
+        qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
+        a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
     h = gemm.gemm(a1, sa1, q13, s13, plan)
     a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
     o = gemm.gemm(a2, sa2, q2, s2, plan)

@@ -12,8 +12,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import reference
-from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_weight_block_kernel,
-                             quant_weight_stack_kernel, quant_weight_table_kernel)
+from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_permute_kernel,
+                             quant_weight_block_kernel, quant_weight_stack_kernel, quant_weight_table_kernel)
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
@@ -25,7 +25,7 @@ from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int
 from .layout import alloc_scales, tma_aligned_scale_strides
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
-           "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
+           "quantize_permute", "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
 
 
 def _check_high_precision(x, name):
@@ -332,6 +332,55 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=3)
         if launch is not None:
             _ACT_PLANS.put(plan_key, _act_plan(launch, tuple(q.shape), tuple(s.shape), s.stride(), x.device))
+    return q, s
+
+
+
+@on_input_device
+def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_layout: str = "tma_aligned",
+                     eps: float = ACT_EPS):
+    """``permute_rows(*quantize_activation(x), plan)`` in one launch: each of the plan's rows quantized from its
+    token's row of ``x`` (1x128 groups), written in the plan's expert segments. The same bytes as the two calls.
+
+    Args:
+        x: ``(T, K)`` bfloat16 / float16 / float32, ``x.stride(-1) == 1``; plan: ``RoutingPlan`` of the same T.
+        scale_fmt, scale_layout, eps: as ``quantize_activation`` / ``permute_rows``.
+
+    Returns:
+        ``(q_perm, scale_perm)``: float8_e4m3fn ``(num_rows, K)`` contiguous and float32 ``(num_rows, G)`` in
+        ``scale_layout``; padding rows zero in both. A token routed to k experts is read k times (from L2 when
+        ``x`` fits): worth it while launches, not bytes, bound the MoE (small T); ``fp8_deep.moe`` decides."""
+    from .layout import alloc_scales
+    from .plan import RoutingPlan
+    from .routing import permute_rows
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    _check_high_precision(x, "x")
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
+    check_eps(eps)
+    check_tensor(x, "x", dims=(2,), device=plan.sorted_token_ids.device, last_stride_one=True)
+    T, K = x.shape
+    if T != plan.num_tokens:
+        raise ValueError(f"x has {T} rows but the plan was built for {plan.num_tokens} tokens")
+    if not use_triton(x) or K == 0:
+        return permute_rows(*quantize_activation(x, scale_fmt=scale_fmt, eps=eps, backend="triton"), plan,
+                            scale_layout=scale_layout)
+    rows, G = plan.num_rows, cdiv(K, BLOCK)
+    q = torch.empty((rows, K), dtype=FP8_DTYPE, device=x.device)
+    s = alloc_scales((rows, G), scale_layout, x.device)
+    if rows == 0:
+        return q, s
+    _, block_m, groups_per_prog, warps = _act_config(rows, flat_ok=False)
+    grid = (cdiv(rows, block_m), cdiv(G, groups_per_prog))
+    if grid[1] > MAX_GRID_YZ:
+        raise ValueError(f"x of shape {tuple(x.shape)}: at most {MAX_GRID_YZ * groups_per_prog} groups per row "
+                         f"(CUDA grid limit)")
+    quant_permute_kernel[grid](
+        x, plan.sorted_token_ids, q, s, plan.num_tokens * plan.top_k, plan.top_k, rows, K,
+        x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
+        GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
     return q, s
 
 
