@@ -385,16 +385,18 @@ class QuantizedStateDict:
                 off = _align(off + 4 * sn * len(group))
                 for it, q, s in zip(group, q_all.unbind(0), s_all.unbind(0)):
                     it.q, it.s = q, s
-                start = 0
+                # a chunk's outputs are its items' own slots: _chunks yields a zero-copy run as consecutive items
+                # of the group, but the separate tensors (any positions) only after the runs
+                slot = {id(it): k for k, it in enumerate(group)}
                 for chunk, w3 in self._chunks(group):
                     n = len(chunk)
                     if n == 1:
                         self._quantize_one(chunk[0], chunk[0].q, chunk[0].s)
                     elif w3 is not None:
-                        self._quantize_stack(chunk, q_all[start: start + n], s_all[start: start + n], w3)
+                        k = slot[id(chunk[0])]
+                        self._quantize_stack(chunk, q_all[k: k + n], s_all[k: k + n], w3)
                     else:
                         self._quantize_table(chunk, [it.q for it in chunk], [it.s for it in chunk], True)
-                    start += n
             assert off <= buf.numel()
 
     def _chunks(self, group: List[_Item]):
@@ -659,13 +661,21 @@ class WeightSyncPlan:
         return self._sync.quantization_config
 
     def run(self):
-        """One sync: yields what ``quantize_state_dict`` yields (pairs, or buckets with ``bucket_bytes``)."""
+        """One sync: yields what ``quantize_state_dict`` yields (pairs, or buckets with ``bucket_bytes``), each
+        bucket's launches running as it is requested. A plan that yields nothing (every tensor written in place
+        through ``out=``) does all its work in this call and returns an empty iterator."""
         if self.check:
             for name, t, ptr in self._watched:
                 if t.data_ptr() != ptr:
                     raise RuntimeError(f"{name} has moved in memory since the WeightSyncPlan was built (reassigned "
                                        f"or reallocated): build a new plan")
         self.stats["runs"] += 1
+        if all(pairs is None for _, pairs in self._sync._entries):
+            with torch.no_grad():
+                for ops, _ in self._sync._entries:
+                    for op in ops:
+                        op()
+            return iter(())
         return self._replay()
 
     def _replay(self):
@@ -679,7 +689,7 @@ class WeightSyncPlan:
             if self.bucket_bytes is None:
                 yield from pairs
             else:
-                yield pairs
+                yield list(pairs)  # the consumer's list: changing it must not change the next run's
 
 
 # ------------------------------------------------------------------------------------------------ tensor parallel

@@ -230,6 +230,24 @@ def test_stacks_cut_by_buckets_stay_copy_free(device):
         assert torch.equal(_bits(got[n]), _bits(ref[n])), n
 
 
+def test_separate_tensors_before_a_run_keep_their_slots(device):
+    """A group whose separate tensors come before a run of views of one storage (a bucket edge leaves the end of one
+    layer's stack, then a whole next layer): every tensor gets its own bytes, not its neighbour's."""
+    g = torch.Generator().manual_seed(7)
+    stack = torch.randn(6, 128, 256, generator=g).to(torch.bfloat16).to(device)
+    sd = {f"a{i}.q_proj.weight": torch.randn(128, 256, generator=g).to(torch.bfloat16).to(device) for i in range(2)}
+    sd.update({f"b{e}.q_proj.weight": stack[e] for e in range(6)})
+    stream = quantize_state_dict(sd)
+    got = {n: t.clone() for n, t in stream}
+    assert stream.stats["zero_copy_stacks"] == 1 and stream.stats["table_tensors"] == 2
+    ref = dict(quantize_state_dict(sd, batch=False))
+    for n in ref:
+        assert torch.equal(_bits(got[n]), _bits(ref[n])), n
+    plan = WeightSyncPlan(sd)
+    for n, t in plan.run():
+        assert torch.equal(_bits(t), _bits(ref[n])), n
+
+
 def test_short_runs_tabled_and_aliasing_storages():
     """Runs of views shorter than _MIN_RUN join the separate tensors (one launch, not one per run), and two storages
     that start at one address but differ in size are never mistaken for one (no out-of-bounds stack view)."""
@@ -391,6 +409,15 @@ def test_weight_sync_plan_in_place_and_moved_tensor(device):
             sd[n].mul_(3.0)
     rest = dict(plan.run())
     assert not set(out) & set(rest)
+    for n in names:
+        _assert_quantized_like_reference(n, sd[n], out)
+    # a plan that only writes in place does its work in run() itself (nothing to iterate)
+    inplace = {n: t for n, t in sd.items() if n in names}
+    only = WeightSyncPlan(inplace, out={k: v for k, v in out.items() if k.startswith("model.layers")})
+    with torch.no_grad():
+        for n in names:
+            sd[n].mul_(-2.0)
+    assert list(only.run()) == []
     for n in names:
         _assert_quantized_like_reference(n, sd[n], out)
     assert torch.equal(out["model.norm.weight"], sd["model.norm.weight"])
