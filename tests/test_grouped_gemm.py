@@ -559,3 +559,15 @@ def test_block_map_bitwise_gpu(N, K, E, T):
             outs.append(out)
         assert_bitwise_equal(outs[0][valid], outs[1][valid], str(cfg))
         assert is_poison(outs[0][~valid]).all()
+
+
+def test_block_map_ids_past_the_experts_read_nothing(device):
+    """A block map naming an expert id >= E (a foreign or corrupt map) leaves that block unwritten instead of reading
+    past the weights."""
+    case = make_case([16, 16], N=64, K=128, device=device, seg_align=16, extra_rows=16)
+    be = _block_expert(case, 16)
+    be[1] = 7  # block 1 (expert 1's rows) claims a nonexistent expert
+    out = poisoned((case["M"], 64), torch.bfloat16, device)
+    gg.grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                        out=out, config=BLOCK_MAP_CONFIGS["swap16x64"], block_map=(be, case["m_indices"], 16))
+    assert not is_poison(out[:16]).any() and is_poison(out[16:]).all()

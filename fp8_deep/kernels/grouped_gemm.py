@@ -226,7 +226,7 @@ def _grouped_gemm_fp8_blockmap_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr,
     block_expert_ptr,  # int32 (M // MAP_BLOCK,): expert of each MAP_BLOCK-row block of a, -1 for unused blocks
     m_idx_ptr,         # int32 (M,): expert of each row, -1 on padding
-    M, N, K,
+    M, N, K, E,
     stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -249,7 +249,7 @@ def _grouped_gemm_fp8_blockmap_kernel(
     tn = (tile_id % tiles_per_group) // group_rows
     row0 = tm * BLOCK_M
     e = tl.load(block_expert_ptr + row0 // MAP_BLOCK)
-    if e >= 0:
+    if (e >= 0) & (e < E):  # an id past the experts (a foreign map) reads nothing, as the counts kernel would
         e64 = e.to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         rows = row0 + tl.arange(0, BLOCK_M)

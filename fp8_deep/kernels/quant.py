@@ -164,8 +164,9 @@ def quant_weight_table_kernel(
     NAN_SELECT: tl.constexpr,
     # L2 eviction policies of the block's load and of the FP8 stores
     LOAD_EVICT: tl.constexpr, STORE_EVICT: tl.constexpr,
-    # the sources' element type (the table holds bare addresses)
-    W_DTYPE: tl.constexpr,
+    # the sources' element type (the table holds bare addresses); ALIGN16: every address is 16-byte aligned (the
+    # launcher checked), which a pointer loaded from memory cannot tell the compiler: without it no vector accesses
+    W_DTYPE: tl.constexpr, ALIGN16: tl.constexpr,
     # meta: as quant_weight_block_kernel, grid (cdiv(kb, BLOCKS_K), nb, n)
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKS_K: tl.constexpr,
 ):
@@ -176,6 +177,10 @@ def quant_weight_table_kernel(
     w_ptr = tl.load(table + i).to(tl.pointer_type(W_DTYPE))
     q_ptr = tl.load(table + n + i).to(tl.pointer_type(tl.float8e4nv))
     s_ptr = tl.load(table + 2 * n + i).to(tl.pointer_type(tl.float32))
+    if ALIGN16:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        q_ptr = tl.multiple_of(q_ptr, 16)
+        s_ptr = tl.multiple_of(s_ptr, 16)
     # the per-tensor offset is in the addresses: expert index 0 of a one-expert stack, every expert stride 0
     _quant_weight_one_block(
         w_ptr, q_ptr, s_ptr, q_ptr, s_ptr, tl.program_id(0), tl.program_id(1), i * 0, N, K, kb,

@@ -374,7 +374,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     if cfg.BLOCK_MAP:
         if block_map is not None and _check_block_map(block_map, M, E, a.device) % bm == 0:
-            _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K)
+            _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E)
             return out
         cfg = dataclasses.replace(cfg, BLOCK_MAP=False)  # no map, or tiles taller than its blocks: the same tiles
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
@@ -427,13 +427,13 @@ def _check_block_map(block_map, M: int, E: int, device) -> int:
     return block_size
 
 
-def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K):
+def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
     block_expert, m_indices, block_size = block_map
     grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     if grid[0] == 0:
         return
     _grouped_gemm_fp8_blockmap_kernel[grid](
-        a, a_scale, b, b_scale, out, block_expert, m_indices, M, N, K,
+        a, a_scale, b, b_scale, out, block_expert, m_indices, M, N, K, E,
         a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,

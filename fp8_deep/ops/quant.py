@@ -309,7 +309,10 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
     numerics = dict(FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x))
     # flat: int32 group indices, with room for the last program's BLOCK_G lanes past NG
     flat_ok = K % group_size == 0 and B * M * G < 2 ** 31 - 2 ** 16 and q3.stride(2) == 1
-    cfg = _tuned_act_config(x, B * M, K, group_size, s3, flat_ok) or _act_config(M, flat_ok=flat_ok)
+    cfg = _tuned_act_config(x, B * M, K, group_size, s3, flat_ok)
+    if cfg is not None and cfg[0] == "tile" and max(cdiv(G, cfg[2]), B) > MAX_GRID_YZ:
+        cfg = None  # a table's tile choice past the grid limit: the built-in choice (flat where it applies)
+    cfg = cfg or _act_config(M, flat_ok=flat_ok)
     if cfg[0] == "flat":
         _, block_g, warps = cfg
         kernel, grid = quant_act_flat_kernel, (cdiv(B * M * G, block_g),)
@@ -570,14 +573,18 @@ class GroupedWeightQuant:
         self._launches = []
         self._empty = w0.numel() == 0
         self._triton = use_triton(w0) and not self._empty
+        self._stream = None
         if self._triton:
             ptrs = [[t.data_ptr() for t in lst] for lst in (self.ws, qs, ss)]
+            self._align16 = all(p % 16 == 0 for row in ptrs for p in row)
             for lo in range(0, n, MAX_GRID_YZ):  # grid z: at most MAX_GRID_YZ tensors per launch
                 cols = [row[lo: lo + MAX_GRID_YZ] for row in ptrs]
                 table = torch.tensor(cols, dtype=torch.int64)
                 if dev.type == "cuda":  # pinned + non_blocking: no host synchronization (the allocator keeps it alive)
                     table = table.pin_memory().to(dev, non_blocking=True)
                 self._launches.append([table, len(cols[0]), None])
+            if dev.type == "cuda":
+                self._stream = torch.cuda.current_stream(dev)  # the tables' copies are ordered on this stream
 
     def run(self):
         """Quantize every weight of the group into its outputs; returns ``(qs, scales)``."""
@@ -590,6 +597,8 @@ class GroupedWeightQuant:
                 s.copy_(rs)
             return self.qs, self.scales
         with torch.cuda.device(self.ws[0].device) if self.ws[0].is_cuda else contextlib.nullcontext():
+            if self._stream is not None:
+                self._follow_stream()
             for entry in self._launches:
                 table, n, bound = entry
                 if bound is not None:
@@ -599,6 +608,17 @@ class GroupedWeightQuant:
         return self.qs, self.scales
 
     __call__ = run
+
+    def _follow_stream(self):
+        """A run on another stream than the tables were copied on waits for those copies once, and the tables are
+        kept alive for it (``record_stream``). Not while capturing a CUDA graph: ``torch.cuda.graph`` orders the
+        capture after the work queued before it."""
+        cur = torch.cuda.current_stream(self.ws[0].device)
+        if cur != self._stream and not torch.cuda.is_current_stream_capturing():
+            cur.wait_stream(self._stream)
+            for table, _, _ in self._launches:
+                table.record_stream(cur)
+            self._stream = cur
 
     def _launch(self, table, n):
         w0, q0, s0 = self.ws[0], self.qs[0], self.scales[0]
@@ -611,7 +631,8 @@ class GroupedWeightQuant:
         args = (table, n, N, K, kb, *w0.stride(), *q0.stride(), *s0.stride())
         kwargs = dict(FP8_MAX=FP8_MAX, AMAX_EPS=WEIGHT_AMAX_EPS, UE8M0=self.scale_fmt == "ue8m0",
                       NAN_MAX=fast["NAN_MAX"], NAN_SELECT=fast["NAN_SELECT"], LOAD_EVICT=hints["LOAD_EVICT"],
-                      STORE_EVICT=hints["STORE_EVICT"], W_DTYPE=_tl_dtype(w0.dtype), BLOCK_N=BLOCK, BLOCK_K=BLOCK,
+                      STORE_EVICT=hints["STORE_EVICT"], W_DTYPE=_tl_dtype(w0.dtype), ALIGN16=self._align16,
+                      BLOCK_N=BLOCK, BLOCK_K=BLOCK,
                       BLOCKS_K=blocks_k, num_warps=warps)
         compiled = quant_weight_table_kernel[grid](*args, **kwargs)
         if not PLANS_ENABLED or interpreter_active():
@@ -713,7 +734,7 @@ def _tuned_act_config(x, M: int, K: int, group_size: int, s3, flat_ok: bool):
     None: no table, not 128-wide groups, or a configuration pinned in the environment."""
     if group_size != BLOCK or os.environ.get(ACT_CONFIG_ENV):
         return None
-    tma = M > 1 and s3.stride(1) == 1  # column-major scales (TMA-aligned, or any M-major buffer)
+    tma = s3.shape[2] > 1 and s3.stride(2) != 1  # groups not adjacent: column-major (TMA-aligned) scales
     spec = tuned_config(act_quant_op(tma), x.device, E=1, N=1, K=K, rows=M)
     return ActQuantConfig.parse(spec).as_choice(flat_ok) if spec is not None else None
 
