@@ -131,13 +131,8 @@ def _grouped_gemm_fp8_kernel(
         cols = tn * BLOCK_N + offs_n0
         cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
 
-        b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
-        bs_base = bs_ptr + e64 * stride_bse
-        if BLOCK_N <= 128:
-            # BLOCK_N divides 128, so the tile lies in one 128-row weight block: one scalar scale per K block.
-            bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
-        else:
-            bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
+        b_ptrs, bs_ptrs = _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn,
+                                            stride_bse, stride_bsn, BLOCK_N)
         cols64 = cols.to(tl.int64)
         col_ok = cols < N
 
@@ -179,6 +174,21 @@ def _grouped_gemm_fp8_kernel(
             _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols64, col_ok, offs_k, K,
                      stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
                      BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
+
+
+@triton.jit
+def _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn, stride_bse, stride_bsn,
+                      BLOCK_N: tl.constexpr):
+    """Expert ``e64``'s weight rows ``cols_ld`` at K = 0, and their scales' pointers (per K block, add ``kb *
+    stride_bsk``): one scalar per K block when BLOCK_N divides 128 (the tile lies in one 128-row weight block), else
+    one per column."""
+    b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
+    bs_base = bs_ptr + e64 * stride_bse
+    if BLOCK_N <= 128:
+        bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
+    else:
+        bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
+    return b_ptrs, bs_ptrs
 
 
 @triton.jit
@@ -257,12 +267,8 @@ def _grouped_gemm_fp8_blockmap_kernel(
         rows_ld = rows.to(tl.int64)
         cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
-        b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
-        bs_base = bs_ptr + e64 * stride_bse
-        if BLOCK_N <= 128:
-            bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
-        else:
-            bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
+        b_ptrs, bs_ptrs = _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn,
+                                            stride_bse, stride_bsn, BLOCK_N)
         _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols.to(tl.int64), cols < N,
                  offs_k, K, stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
                  BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
