@@ -10,7 +10,7 @@ Tables (looked up by ``fp8_deep.ops._tuned``; the launchers keep their built-in 
 
 Each candidate runs through the launcher's own table path (``tuned_config`` answering with it) and must write the
 bytes of the built-in choice (``FP8_DEEP_TUNED=0``) before it is timed; the fastest such candidate is the entry, the
-built-in choice included (an entry equal to it changes nothing). Timing: ``do_bench`` (L2 flushed before each call),
+built-in choice included (its entry, ``"built-in"``, makes the launcher keep its own choice at that point). Timing: ``do_bench`` (L2 flushed before each call),
 the same method as ``bench_quant.py``, which reports the ratios to torch.compile and to a same-bytes copy with the
 tables in effect.
 
@@ -133,6 +133,10 @@ def main(argv=None) -> int:
     from fp8_deep.ops import quant
     from fp8_deep.ops._tuned import TABLE_DIR, card_key
     smoke = args.cpu_smoke
+    pins = [v for v in (quant.WEIGHT_CONFIG_ENV, quant.WEIGHT_HINTS_ENV, quant.ACT_CONFIG_ENV) if os.environ.get(v)]
+    if pins:  # a pinned configuration wins over the table path: every candidate would time the pinned kernel
+        print(f"tune_quant: unset {pins} first (they pin the kernels this script chooses between)")
+        return 2
     if not torch.cuda.is_available() and not smoke:
         print("tune_quant needs a CUDA GPU (--cpu-smoke for the plumbing)")
         return 0
@@ -185,12 +189,13 @@ def main(argv=None) -> int:
             cands = cands[:3]
         (best_ms, spec), base_ms, tried = tune_point(fn, cands, applies, args.rep, log=print)
         fn = w = x = None
-        entry = dict(**key, config=spec or "built-in", ms=round(best_ms, 5), builtin_ms=round(base_ms, 5),
+        entry = dict(**key, config=spec or quant.BUILTIN, ms=round(best_ms, 5), builtin_ms=round(base_ms, 5),
                      candidates=tried)
         rows_out.append(dict(op=op, shape=f"{E}x{NM}x{K}", best_ms=f"{best_ms:.4f}", builtin_ms=f"{base_ms:.4f}",
                              gain=f"{base_ms / best_ms:.3f}x", config=spec or "built-in"))
-        if spec is not None:  # a point where the built-in choice won needs no entry
-            tables[op]["entries"].append(entry)
+        # a point where the built-in choice won gets a "built-in" entry: it replaces an older entry of the point and
+        # keeps a neighbour's entry (the lookup takes the nearest within a factor of 2) from applying here
+        tables[op]["entries"].append(entry)
         if not smoke:
             t = tables[op]
             write_table(t["path"], card, t["old"], t["entries"], op=op)

@@ -119,8 +119,12 @@ def test_moe_fused_and_separate_quantize_permute_agree(device, monkeypatch):
         outs.append(fp8_deep.moe_forward(*args, backend="triton"))
     assert torch.equal(outs[0], outs[1])
     monkeypatch.delenv(F.FUSED_QUANT_PERMUTE_ENV)
-    assert F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS)
-    assert not F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS + 1)
+    x = args[0]
+    assert F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS, x)
+    assert not F._fuse_quantize_permute(F.FUSED_QUANT_PERMUTE_MAX_ROWS + 1, x)
+    # with vLLM's activation quantizer available (CUDA, whole groups) the forward keeps it
+    monkeypatch.setattr(F._registry, "available", lambda kind, name: True)
+    assert F._fuse_quantize_permute(4, x) == (not x.is_cuda)
     monkeypatch.setenv(F.FUSED_QUANT_PERMUTE_ENV, "yes")
     with pytest.raises(ValueError, match="expected 0 or 1"):
         fp8_deep.moe_forward(*args, backend="triton")

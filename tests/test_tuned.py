@@ -159,6 +159,9 @@ def test_weight_quantizer_takes_the_tables_config(monkeypatch, with_transpose, d
         assert asked == [(quant.weight_quant_op(with_transpose), dict(E=2, N=256, K=384, rows=2))]
     for g, b in zip(got, base):
         assert_bitwise_equal(g, b)
+    monkeypatch.setattr(quant, "tuned_config", lambda op, dev, **kw: quant.BUILTIN)  # the built-in choice won
+    for g, b in zip(ops.quantize_weight_blockwise(w, with_transpose=with_transpose), base):
+        assert_bitwise_equal(g, b)
     if with_transpose and use_triton(w):
         monkeypatch.setattr(quant, "tuned_config", lambda op, dev, **kw: "STACK=1")
         with pytest.raises(ValueError, match="weight_quant_t"):
@@ -199,3 +202,6 @@ def test_quant_tuner_plumbing(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "SUMMARY act_quant_row " in out and "SUMMARY act_quant_tma " in out and "other bytes" not in out
     assert len(quant._WEIGHT_PLANS) == 0 and len(quant._ACT_PLANS) == 0
+    monkeypatch.setenv(quant.ACT_CONFIG_ENV, "8,1,2")
+    with bench_module("tune_quant") as tuner:
+        assert tuner.main(["--cpu-smoke", "--ops", "act_quant_row"]) == 2  # a pinned kernel: refused

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
-from ..ops import quantize_activation, quantize_permute, quantize_weight_blockwise
+from ..ops import _registry, quantize_activation, quantize_permute, quantize_weight_blockwise
 from ..ops._checks import check_choice, check_tensor
 from ..ops.combine import moe_combine
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
@@ -92,14 +92,18 @@ FUSED_QUANT_PERMUTE_ENV = "FP8_DEEP_FUSED_QUANT_PERMUTE"
 FUSED_QUANT_PERMUTE_MAX_ROWS = 1024
 
 
-def _fuse_quantize_permute(routed_rows: int) -> bool:
+def _fuse_quantize_permute(routed_rows: int, x: torch.Tensor) -> bool:
     """Whether the forward fuses the activation quantization into the permutation: ``FP8_DEEP_FUSED_QUANT_PERMUTE``
-    ``1`` always, ``0`` never, unset up to ``FUSED_QUANT_PERMUTE_MAX_ROWS`` routed rows."""
+    ``1`` always, ``0`` never, unset up to ``FUSED_QUANT_PERMUTE_MAX_ROWS`` routed rows, unless vLLM's activation
+    quantizer would run (installed, CUDA input, whole 128-groups): vLLM's ops are used when vLLM is installed (the
+    same bytes for finite input; its non-finite policy differs, and a token's output must not depend on T)."""
     env = os.environ.get(FUSED_QUANT_PERMUTE_ENV)
     if env in ("0", "1"):
         return env == "1"
     if env:
         raise ValueError(f"{FUSED_QUANT_PERMUTE_ENV}={env!r}: expected 0 or 1 (unset: by size)")
+    if x.is_cuda and x.shape[-1] % 128 == 0 and _registry.available("activation_quant", "vllm"):
+        return False
     return routed_rows <= FUSED_QUANT_PERMUTE_MAX_ROWS
 
 
@@ -170,7 +174,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
 
     layout = gemm.a_scale_layout
     plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
-    if _fuse_quantize_permute(T * topk_ids.shape[1]):
+    if _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states):
         a1, sa1 = quantize_permute(hidden_states, plan, scale_fmt=scale_fmt, scale_layout=layout)
     else:
         qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)

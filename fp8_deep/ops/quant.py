@@ -653,6 +653,7 @@ def quantize_weights_grouped(ws: Sequence[torch.Tensor], *, scale_fmt: str = "fp
 # bench/tune_quant.py measures these per card (fp8_deep/configs/<op>/<card>.json, looked up by fp8_deep.ops._tuned);
 # without a table, or with a pinned configuration (the environment variables above), the built-in choices decide
 _HINT_NAMES = ("none", "el", "el_sf", "el_rf")  # WeightQuantConfig.HINTS indexes these _WEIGHT_HINTS presets
+BUILTIN = "built-in"  # a table entry where the launcher's own choice measured fastest
 
 
 @dataclass(frozen=True)
@@ -720,7 +721,7 @@ def _tuned_weight_config(w, E, N, K, block_size, with_transpose) -> Optional[Wei
     if tuple(block_size) != (BLOCK, BLOCK) or os.environ.get(WEIGHT_CONFIG_ENV) or os.environ.get(WEIGHT_HINTS_ENV):
         return None
     spec = tuned_config(weight_quant_op(with_transpose), w.device, E=E, N=N, K=K, rows=E)
-    if spec is None:
+    if spec is None or spec == BUILTIN:
         return None
     cfg = WeightQuantConfig.parse(spec)
     if with_transpose and (cfg.STACK or cfg.BLOCKS_K != 1):
@@ -736,7 +737,7 @@ def _tuned_act_config(x, M: int, K: int, group_size: int, s3, flat_ok: bool):
         return None
     tma = s3.shape[2] > 1 and s3.stride(2) != 1  # groups not adjacent: column-major (TMA-aligned) scales
     spec = tuned_config(act_quant_op(tma), x.device, E=1, N=1, K=K, rows=M)
-    return ActQuantConfig.parse(spec).as_choice(flat_ok) if spec is not None else None
+    return ActQuantConfig.parse(spec).as_choice(flat_ok) if spec not in (None, BUILTIN) else None
 
 # one-layout 128x128 quantization of contiguous stacks of at least this many scale blocks (and fewer than 2**31
 # elements, whole blocks only) runs quant_weight_stack_kernel, everything else quant_weight_block_kernel
