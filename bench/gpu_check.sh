@@ -15,7 +15,8 @@
 #                                    order); LANES=1 = serial.
 #                                    Each benchmark owns its GPU, so its timings are its own; only the host is shared.
 #   SWEEP_ARGS                       arguments for bench/moe_sweep.py (stage "sweep")
-#   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection),
+#   QUANTG_ARGS, PYTEST_SEL, PROTO   stages "quantg" (quant bench as CUDA-graph replays), "pytest" (a selection;
+#   PYTEST_K                         PYTEST_K: one -k expression, spaces allowed),
 #   QUANTC_ARGS                      stage "quantc": the quant bench in do_bench's loop with a reading L2 flush
 #                                    "proto" (a prototype script); "diag" is bench/diag/diag_host.py
 #   TRAIN_ARGS, PARITY_ARGS,         stages "train" (bench_train.py: MoE layer fwd+bwd vs BF16), "parity" (train_parity.py:
@@ -225,9 +226,11 @@ run_one_stage() {
                # tools/fetch_vllm_moe.sh): output check, then the timing table
             run_stage peer "${PEER_TIMEOUT:-450}" peer.log bash -c "$PY bench/peer_vllm.py --check && $PY \
                 bench/peer_vllm.py --bench --time-budget $(budget_for $(( ${PEER_TIMEOUT:-450} - 40 ))) ${PEER_ARGS:-}" ;;
-        pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"
+        pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"; PYTEST_K="not 32768" is passed as
+                 # one -k expression (PYTEST_SEL is split on spaces)
             # shellcheck disable=SC2086
-            run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider ${PYTEST_SEL:-tests/} ;;
+            run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider \
+                ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_SEL:-tests/} ;;
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
