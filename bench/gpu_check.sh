@@ -25,6 +25,7 @@
 #   TUNE_ARGS, TUNE_TIMEOUT          stage "tune": bench/tune_grouped_gemm.py (the grouped GEMM's per-card table)
 #   TUNEQ_ARGS, TUNEQ_TIMEOUT        stage "tuneq": bench/tune_quant.py (the quantizers' per-card tables)
 #   PEER_ARGS, PEER_TIMEOUT          stage "peer": bench/peer_vllm.py (vLLM's fused-MoE kernel; carry .vllm)
+#   MODELS_ARGS, MODELS_TIMEOUT      stage "models": bench/bench_models.py (BF16, vLLM, ours per backend, per model)
 #   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
@@ -226,6 +227,10 @@ run_one_stage() {
                # tools/fetch_vllm_moe.sh): output check, then the timing table
             run_stage peer "${PEER_TIMEOUT:-450}" peer.log bash -c "$PY bench/peer_vllm.py --check && $PY \
                 bench/peer_vllm.py --bench --time-budget $(budget_for $(( ${PEER_TIMEOUT:-450} - 40 ))) ${PEER_ARGS:-}" ;;
+        models)  # bench_models.py: every provider over the models users run (MODELS_ARGS; carry .vllm for vLLM's)
+            # shellcheck disable=SC2086
+            run_stage models "${MODELS_TIMEOUT:-450}" models.log $PY bench/bench_models.py \
+                --time-budget "$(budget_for $(( ${MODELS_TIMEOUT:-450} - 30 )))" ${MODELS_ARGS:-} ;;
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"; PYTEST_K="not 32768" is passed as
                  # one -k expression (PYTEST_SEL is split on spaces)
             # shellcheck disable=SC2086
@@ -234,7 +239,7 @@ run_one_stage() {
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
-        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune tuneq tuneb peer)" \
+        *) echo "$1: unknown stage (tests cputests quant quantg quantc gemm moe moe2 breakdown sweep main diag pytest proto train parity wgrad retile swiglub export tune tuneq tuneb peer models)" \
                >> "$LOGS/status" ;;
     esac
 }

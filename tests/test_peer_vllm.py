@@ -213,3 +213,12 @@ def test_ours_gemms_fn_reruns_the_forwards_gemms(peer):
     y = moe_combine(o, st["plan"].inv_perm, tw, out_dtype=hidden.dtype)
     ref = fp8_deep.moe_forward(hidden, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend="triton")
     assert torch.equal(y, ref)
+
+
+def test_bench_models_plumbing(capsys):
+    """bench/bench_models.py on the CPU (interpreter, a tiny layer): every provider that runs here checks against the
+    BF16 MoE and lands in the summary."""
+    with bench_module("bench_models") as bm:
+        assert bm.main(["--cpu-smoke", "--providers", "bf16", "ours_triton", "ours_auto", "--tag", "_test"]) == 0
+    out = capsys.readouterr().out
+    assert "SUMMARY bench_models  tiny  1" in out and "CHECK FAILED" not in out
