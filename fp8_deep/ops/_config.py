@@ -40,3 +40,15 @@ class TileConfig:
 
     def __str__(self) -> str:
         return ",".join(f"{f.name}={int(getattr(self, f.name))}" for f in fields(self))
+
+    # shared __post_init__ checks; messages name the class and the field
+    def _check_pow2(self, names, lo: int, hi: int) -> None:
+        for name in names:
+            v = getattr(self, name)
+            if not (lo <= v <= hi and v & (v - 1) == 0):
+                raise ValueError(f"{type(self).__name__}.{name} must be a power of two in [{lo}, {hi}], got {v}")
+
+    def _check_warps(self, most: int = 16) -> None:
+        allowed = tuple(2 ** i for i in range(most.bit_length()))
+        if self.num_warps not in allowed:
+            raise ValueError(f"{type(self).__name__}.num_warps must be one of {allowed}, got {self.num_warps}")

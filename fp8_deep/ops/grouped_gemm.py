@@ -65,14 +65,10 @@ class GemmConfig(TileConfig):
     num_stages: int = 4
 
     def __post_init__(self):
-        for name in ("BLOCK_M", "BLOCK_N"):
-            v = getattr(self, name)
-            if not (16 <= v <= 256 and is_pow2(v)):
-                raise ValueError(f"GemmConfig.{name} must be a power of two in [16, 256], got {v}")
+        self._check_pow2(("BLOCK_M", "BLOCK_N"), 16, 256)
         if self.GROUP_M < 1:
             raise ValueError(f"GemmConfig.GROUP_M must be >= 1, got {self.GROUP_M}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"GemmConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        self._check_warps()
         if self.SPLIT_M and (self.SWAP_AB or self.BLOCK_M < 32):
             raise ValueError("GemmConfig.SPLIT_M needs SWAP_AB=0 and BLOCK_M >= 32 (two halves of >= 16 rows)")
         if self.ACC_K not in (0, 32, 64):

@@ -669,14 +669,16 @@ class WeightQuantConfig(TileConfig):
     HINTS: int = 1
 
     def __post_init__(self):
-        if self.TCHUNK < 16 or not is_pow2(self.TCHUNK) or self.TCHUNK > BLOCK:
-            raise ValueError(f"WeightQuantConfig.TCHUNK must be a power of two in [16, {BLOCK}], got {self.TCHUNK}")
-        if self.num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"WeightQuantConfig.num_warps must be a power of two <= 32, got {self.num_warps}")
-        if not is_pow2(self.BLOCKS_K) or self.BLOCKS_K > 8:
-            raise ValueError(f"WeightQuantConfig.BLOCKS_K must be a power of two <= 8, got {self.BLOCKS_K}")
+        self._check_pow2(("TCHUNK",), 16, 1024)
+        self._check_pow2(("BLOCKS_K",), 1, 8)
+        self._check_warps(16)
         if not 0 <= self.HINTS < len(_HINT_NAMES):
             raise ValueError(f"WeightQuantConfig.HINTS must index {_HINT_NAMES}, got {self.HINTS}")
+
+    def check_layouts(self, with_transpose: bool) -> None:
+        """The stack kernel and several scale blocks per program write one layout only."""
+        if with_transpose and (self.STACK or self.BLOCKS_K != 1):
+            raise ValueError("STACK=1 and BLOCKS_K > 1 apply to the one-layout kernel only (with_transpose=False)")
 
 
 @dataclass(frozen=True)
@@ -691,12 +693,8 @@ class ActQuantConfig(TileConfig):
     num_warps: int = 4
 
     def __post_init__(self):
-        for name in ("BLOCK_G", "BLOCK_M", "GROUPS_PER_PROG"):
-            v = getattr(self, name)
-            if not (is_pow2(v) and 1 <= v <= 1024):
-                raise ValueError(f"ActQuantConfig.{name} must be a power of two in [1, 1024], got {v}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"ActQuantConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
+        self._check_pow2(("BLOCK_G", "BLOCK_M", "GROUPS_PER_PROG"), 1, 1024)
+        self._check_warps(16)
 
     def as_choice(self, flat_ok: bool):
         """``_act_config``'s form: ``("flat", BLOCK_G, num_warps)`` or ``("tile", BLOCK_M, GROUPS_PER_PROG, ...)``."""
@@ -724,9 +722,11 @@ def _tuned_weight_config(w, E, N, K, block_size, with_transpose) -> Optional[Wei
     if spec is None or spec == BUILTIN:
         return None
     cfg = WeightQuantConfig.parse(spec)
-    if with_transpose and (cfg.STACK or cfg.BLOCKS_K != 1):
+    try:
+        cfg.check_layouts(with_transpose)
+    except ValueError as exc:
         raise ValueError(f"the weight quantizer's table (fp8_deep/configs/weight_quant_t/) holds {spec!r} for both "
-                         f"layouts, which need the tile kernel with BLOCKS_K=1: regenerate it (bench/tune_quant.py)")
+                         f"layouts: {exc}; regenerate it (bench/tune_quant.py)") from None
     return cfg
 
 
@@ -782,14 +782,10 @@ def _weight_config(bn: int, bk: int, with_transpose: bool, n_blocks: int):
         if len(pinned) > 3:
             raise ValueError(f"{WEIGHT_CONFIG_ENV}: expected 'TCHUNK,num_warps[,BLOCKS_K]'")
         tchunk, warps, blocks_k = (pinned + [1])[:3]
-        if tchunk < 16 or not is_pow2(tchunk) or warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: TCHUNK must be a power of two >= 16, num_warps a power of two "
-                             f"<= 16")
-        if not is_pow2(blocks_k) or blocks_k > 8:
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K must be a power of two <= 8")
-        if with_transpose and blocks_k != 1:
-            raise ValueError(f"{WEIGHT_CONFIG_ENV}: BLOCKS_K > 1 applies to the one-layout kernel only "
-                             f"(with_transpose=False)")
+        try:  # the table entries' checks
+            WeightQuantConfig(TCHUNK=tchunk, num_warps=warps, BLOCKS_K=blocks_k).check_layouts(with_transpose)
+        except ValueError as exc:
+            raise ValueError(f"{WEIGHT_CONFIG_ENV}: {exc}") from None
         return tchunk, warps, blocks_k
     if bn * bk < 128 * 128:
         return 32, 4, 1

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..kernels.wgrad import _k_grouped_gemm_fp8_kernel, _k_grouped_gemm_fp8_tma_kernel
-from ..numerics import BLOCK, FP8_DTYPE, cdiv, is_pow2, sm_count, use_triton
+from ..numerics import BLOCK, FP8_DTYPE, cdiv, sm_count, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import on_input_device
@@ -54,14 +54,10 @@ class WgradConfig(TileConfig):
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("BLOCK_P", "BLOCK_Q"):
-            v = getattr(self, name)
-            if not (16 <= v <= 256 and is_pow2(v)):
-                raise ValueError(f"WgradConfig.{name} must be a power of two in [16, 256], got {v}")
+        self._check_pow2(("BLOCK_P", "BLOCK_Q"), 16, 256)
         if self.GROUP_P < 1:
             raise ValueError(f"WgradConfig.GROUP_P must be >= 1, got {self.GROUP_P}")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"WgradConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        self._check_warps()
         if self.num_stages < 1:
             raise ValueError(f"WgradConfig.num_stages must be >= 1, got {self.num_stages}")
 
