@@ -86,13 +86,16 @@ def check_outputs_disjoint(inputs: Sequence, outputs: Sequence) -> None:
         if buf.numel() > 1 and torch._debug_has_internal_overlap(buf) == 1:
             raise ValueError(f"{name} has elements that share memory (an expand()ed view?); pass a buffer with "
                              f"distinct elements")
-    spans = [(name, t.data_ptr(), t.data_ptr() + byte_span(t)) for name, t in (*inputs, *outputs) if t.numel() > 0]
-    first_out = len([t for _, t in inputs if t.numel() > 0])
-    for i in range(first_out, len(spans)):
-        n1, a0, a1 = spans[i]
-        for j in range(len(spans)):
-            n2, b0, b1 = spans[j]
-            if j != i and a0 < b1 and b0 < a1:
-                first, second = (n2, n1) if (b0, j) < (a0, i) else (n1, n2)  # in address order
-                raise ValueError(f"{first} and {second} share memory: outputs must not overlap the inputs or "
-                                 f"each other")
+    # sorted by start address, an intersecting pair is caught when its later member is reached: an output against
+    # every span before it, an input against the outputs before it (inputs may overlap each other). O(n log n): the
+    # grouped launchers pass hundreds of tensors
+    spans = sorted([(t.data_ptr(), t.data_ptr() + byte_span(t), False, name) for name, t in inputs if t.numel()]
+                   + [(t.data_ptr(), t.data_ptr() + byte_span(t), True, name) for name, t in outputs if t.numel()])
+    end_all = end_out = (-1, None)
+    for start, end, is_out, name in spans:
+        hit = end_all if is_out else end_out
+        if start < hit[0]:
+            raise ValueError(f"{hit[1]} and {name} share memory: outputs must not overlap the inputs or each other")
+        end_all = max(end_all, (end, name))
+        if is_out:
+            end_out = max(end_out, (end, name))

@@ -23,6 +23,8 @@ from ._tuned import TUNED_ENV, tuned_config
 from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
                       check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
+from .plan import RoutingPlan
+from .routing import permute_rows
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
            "quantize_permute", "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
@@ -353,9 +355,6 @@ def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_la
         ``(q_perm, scale_perm)``: float8_e4m3fn ``(num_rows, K)`` contiguous and float32 ``(num_rows, G)`` in
         ``scale_layout``; padding rows zero in both. A token routed to k experts is read k times (from L2 when
         ``x`` fits): worth it while launches, not bytes, bound the MoE (small T); ``fp8_deep.moe`` decides."""
-    from .layout import alloc_scales
-    from .plan import RoutingPlan
-    from .routing import permute_rows
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
     _check_high_precision(x, "x")
@@ -489,26 +488,6 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-def _check_group_disjoint(ws, outs) -> None:
-    """``check_outputs_disjoint`` for many tensors in O(n log n): no output may share a byte with another output or
-    with a source (sources may overlap each other). Sorted by start address, a pair that intersects is caught when
-    its later member is reached: an output against every span before it, a source against the outputs before it."""
-    spans = sorted([(t.data_ptr(), t.data_ptr() + byte_span(t), False, name) for name, t in ws if t.numel()]
-                   + [(t.data_ptr(), t.data_ptr() + byte_span(t), True, name) for name, t in outs if t.numel()])
-    end_all = end_out = (-1, None)
-    for start, end, is_out, name in spans:
-        hit = end_all if is_out else end_out
-        if start < hit[0]:
-            raise ValueError(f"{hit[1]} and {name} share memory: outputs must not overlap the inputs or each other")
-        end_all = max(end_all, (end, name))
-        if is_out:
-            end_out = max(end_out, (end, name))
-    for name, t in outs:
-        if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-            raise ValueError(f"{name} has elements that share memory (an expand()ed view?); pass a buffer with "
-                             f"distinct elements")
-
-
 class GroupedWeightQuant:
     """One-launch 128x128 block quantization of ``n`` separate weights of one shape and layout (per-expert
     parameters, same-shape linears of many layers), prepared once and run as often as the weights change.
@@ -566,9 +545,9 @@ class GroupedWeightQuant:
                 for i, o in enumerate(lst[:1] if _fresh_out else lst):
                     check_out(o, f"{what}[{i}]", shape, dt, dev, strides=lst[0].stride())
             if not _fresh_out:
-                _check_group_disjoint([(f"ws[{i}]", w) for i, w in enumerate(ws)],
-                                      [(f"out[0][{i}]", q) for i, q in enumerate(qs)]
-                                      + [(f"out[1][{i}]", s) for i, s in enumerate(ss)])
+                check_outputs_disjoint([(f"ws[{i}]", w) for i, w in enumerate(ws)],
+                                       [(f"out[0][{i}]", q) for i, q in enumerate(qs)]
+                                       + [(f"out[1][{i}]", s) for i, s in enumerate(ss)])
         self.ws, self.qs, self.scales, self.scale_fmt = list(ws), qs, ss, scale_fmt
         self._launches = []
         self._empty = w0.numel() == 0
