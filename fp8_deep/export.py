@@ -408,7 +408,6 @@ class QuantizedStateDict:
         if not self._batch or len(group) == 1 or not _stackable(group[0]):
             yield from (([it], None) for it in group)
             return
-        cap = _MAX_STACK if self.staging_bytes else 1  # staging_bytes=0: one launch per separate tensor
         loose: List[_Item] = []
         for lo, hi, step in _uniform_runs([it.t for it in group]):
             if hi - lo < _MIN_RUN:
@@ -418,8 +417,11 @@ class QuantizedStateDict:
                 run = group[lo + i: min(hi, lo + i + _MAX_STACK)]
                 t0 = run[0].t
                 yield run, t0.as_strided((len(run), *t0.shape), (step, *t0.stride()), t0.storage_offset())
-        for i in range(0, len(loose), cap):
-            yield loose[i: i + cap], None
+        if self.staging_bytes:  # one address-table launch (it splits itself at the grid limit)
+            if loose:
+                yield loose, None
+        else:  # staging_bytes=0: one launch per separate tensor
+            yield from (([it], None) for it in loose)
 
     def _quantize_stack(self, chunk: List[_Item], q3: torch.Tensor, s3: torch.Tensor, w3: torch.Tensor):
         """A zero-copy run: ``w3`` ``(n, N, K)`` over the items' sources, outputs ``q3``, ``s3`` likewise."""
