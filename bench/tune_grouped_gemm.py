@@ -81,8 +81,9 @@ def candidates():
                 *gg.EXPERIMENTAL_CONFIGS, *extra):
         variants = [cfg]
         # tiles no taller than the plan's 16-row blocks: also found through its block map (one program per tile)
+        # (one program per tile), with pointer loads or the weight tiles through a TMA descriptor
         if cfg.BLOCK_M <= TritonGroupedGemm.row_alignment and not (cfg.TMA or cfg.GLUON or cfg.SPLIT_M):
-            variants.append(dataclasses.replace(cfg, PERSISTENT=False, BLOCK_MAP=True))
+            variants += [dataclasses.replace(cfg, PERSISTENT=False, BLOCK_MAP=True, TMA_B=tma) for tma in (False, True)]
         for v in variants:
             if str(v) not in seen:
                 seen.add(str(v))
@@ -94,7 +95,7 @@ def runnable(cfg, a, b, N) -> bool:
     from fp8_deep.ops import grouped_gemm as gg
     if cfg.GLUON:
         return gg._gluon_problem(a, b, N) is None
-    if cfg.TMA:
+    if cfg.TMA or cfg.TMA_B:
         return gg._tma_problem(a, b, N) is None
     return True
 

@@ -473,6 +473,9 @@ BLOCK_MAP_CONFIGS = {
     "swap16x64": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,num_warps=4,num_stages=2",
     "plain16x256g4": "BLOCK_M=16,BLOCK_N=256,GROUP_M=4,SWAP_AB=0,BLOCK_MAP=1,num_warps=8,num_stages=2",
     "swap16x128acc32": "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,ACC_K=32,BLOCK_MAP=1,num_warps=4,num_stages=2",
+    # weight tiles through a TMA descriptor (ragged N reads the next expert's rows, ragged K the copy engine's zeros)
+    "swap16x64tma": "BLOCK_M=16,BLOCK_N=64,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,TMA_B=1,num_warps=4,num_stages=3",
+    "plain16x128tma": "BLOCK_M=16,BLOCK_N=128,GROUP_M=2,SWAP_AB=0,BLOCK_MAP=1,TMA_B=1,num_warps=4,num_stages=2",
 }
 
 
@@ -489,7 +492,7 @@ def test_block_map_tiles_same_bytes(cfg, N, K, device):
     got = poisoned((case["M"], N), torch.bfloat16, device)
     gg.grouped_gemm_fp8(*args, out=got, config=spec, block_map=block_map)
     ref = poisoned((case["M"], N), torch.bfloat16, device)
-    gg.grouped_gemm_fp8(*args, out=ref, config=spec.replace("BLOCK_MAP=1", "BLOCK_MAP=0"))
+    gg.grouped_gemm_fp8(*args, out=ref, config=spec.replace("BLOCK_MAP=1", "BLOCK_MAP=0").replace(",TMA_B=1", ""))
     assert_bitwise_equal(got, ref)
     check(case, got)
 
@@ -531,6 +534,8 @@ def test_block_map_through_the_plan_and_fallbacks(device):
         gg.grouped_gemm_fp8(*args, config=spec, block_map=(plan.expert_ids, plan.m_indices.long(), 16))
     with pytest.raises(ValueError, match="BLOCK_MAP is its own"):
         gg.GemmConfig.parse(spec + ",PERSISTENT=1")
+    with pytest.raises(ValueError, match="TMA_B is an option of the BLOCK_MAP kernel"):
+        gg.GemmConfig.parse(spec.replace("BLOCK_MAP=1", "BLOCK_MAP=0") + ",TMA_B=1")
 
 
 @pytest.mark.gpu
@@ -549,11 +554,12 @@ def test_block_map_bitwise_gpu(N, K, E, T):
     qb = (torch.randn(E, N, K, device=dev) * 0.1).to(FP8_DTYPE)
     sb = torch.rand(E, cdiv(N, BLOCK), cdiv(K, BLOCK), device=dev) + 0.01
     valid = plan.m_indices >= 0
-    cfgs = [dataclasses.replace(c, PERSISTENT=False, BLOCK_MAP=True) for c in SMALL_M_CONFIGS if c.BLOCK_M == 16]
+    cfgs = [dataclasses.replace(c, PERSISTENT=False, BLOCK_MAP=True, TMA_B=tma) for c in SMALL_M_CONFIGS
+            if c.BLOCK_M == 16 for tma in (False, True)]
     assert cfgs
     for cfg in cfgs:
         outs = []
-        for c in (cfg, dataclasses.replace(cfg, BLOCK_MAP=False)):
+        for c in (cfg, dataclasses.replace(cfg, BLOCK_MAP=False, TMA_B=False)):
             out = poisoned((plan.num_rows, N), torch.bfloat16, dev)
             TritonGroupedGemm(config=c).gemm(a, sa, qb, sb, plan, out=out)
             outs.append(out)

@@ -179,26 +179,34 @@ def _grouped_gemm_fp8_kernel(
 @triton.jit
 def _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn, stride_bse, stride_bsn,
                       BLOCK_N: tl.constexpr):
-    """Expert ``e64``'s weight rows ``cols_ld`` at K = 0, and their scales' pointers (per K block, add ``kb *
+    """Expert ``e64``'s weight rows ``cols_ld`` at K = 0, and their scales' pointers (``_weight_scale_ptrs``)."""
+    b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
+    return b_ptrs, _weight_scale_ptrs(bs_ptr, e64, tn, cols_ld, stride_bse, stride_bsn, BLOCK_N)
+
+
+@triton.jit
+def _weight_scale_ptrs(bs_ptr, e64, tn, cols_ld, stride_bse, stride_bsn, BLOCK_N: tl.constexpr):
+    """Pointers to the scales of expert ``e64``'s weight rows ``cols_ld`` at K block 0 (per K block, add ``kb *
     stride_bsk``): one scalar per K block when BLOCK_N divides 128 (the tile lies in one 128-row weight block), else
     one per column."""
-    b_ptrs = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
     bs_base = bs_ptr + e64 * stride_bse
     if BLOCK_N <= 128:
-        bs_ptrs = bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
+        return bs_base + ((tn * BLOCK_N) // 128) * stride_bsn
     else:
-        bs_ptrs = bs_base + (cols_ld // 128) * stride_bsn
-    return b_ptrs, bs_ptrs
+        return bs_base + (cols_ld // 128) * stride_bsn
 
 
 @triton.jit
 def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols64, col_ok, offs_k, K,
              stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-             EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr):
+             EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr,
+             TMA_B: tl.constexpr = False, b_row0=0):
     """One output tile of the pointer-load kernels: rows ``rows`` (read from ``rows_ld``, stored where ``row_ok``) by
     columns ``cols64`` (``b_ptrs`` / ``bs_ptrs`` at K = 0 of the tile's weight rows), K blocks in order, each promoted
-    in float32: the numerics every kernel here shares."""
+    in float32: the numerics every kernel here shares. ``TMA_B``: ``b_ptrs`` is a tensor descriptor over the
+    weights as ``(E * N, K)`` and the tile's rows start at ``b_row0`` (the copy engine zero-fills past K and past the
+    last row; rows past the expert's N feed only columns that are never stored)."""
     a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
     as_ptrs = as_ptr + rows_ld * stride_asm
     if SWAP_AB:
@@ -208,7 +216,10 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
     for k0 in range(0, K, BLOCK_K):
         kb = k0 // BLOCK_K
         a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
-        b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
+        if TMA_B:
+            b = b_ptrs.load([b_row0, k0])
+        else:
+            b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
         sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
         sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
         if SWAP_AB:
@@ -220,7 +231,8 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
         else:
             acc = _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        if not TMA_B:
+            b_ptrs += BLOCK_K
 
     rows64 = rows.to(tl.int64)
     if SWAP_AB:
@@ -242,12 +254,15 @@ def _grouped_gemm_fp8_blockmap_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr,
     MAP_BLOCK: tl.constexpr,  # the routing plan's segment alignment; BLOCK_M divides it
+    TMA_B: tl.constexpr = False,  # b_ptr is a tensor descriptor over b as (E * N, K), block (BLOCK_N, BLOCK_K)
 ):
     """``_grouped_gemm_fp8_kernel`` for tiles no taller than the segment alignment, scheduled like vLLM's fused-MoE
     kernel: program ``p`` takes a fixed ``BLOCK_M``-row block of ``a`` and finds its expert with one load from the
     routing plan's block map, instead of every program loading all E counts and scanning them (three reductions over
     E before its first weight load: latency that a short-K, few-rows GEMM cannot hide). Blocks past the used rows
-    exit at once. Same per-row arithmetic as the other kernels (``_tile_nt``): the same bytes."""
+    exit at once. Same per-row arithmetic as the other kernels (``_tile_nt``): the same bytes. ``TMA_B`` streams the
+    weight tiles through the copy engine (one descriptor load per K block, as vLLM's kernel does on Hopper) instead
+    of 128 threads' pointer loads: the weight bytes are the whole cost of a decode-sized call."""
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
     num_m = M // BLOCK_M
     num_n = tl.cdiv(N, BLOCK_N)
@@ -267,11 +282,17 @@ def _grouped_gemm_fp8_blockmap_kernel(
         rows_ld = rows.to(tl.int64)
         cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
-        b_ptrs, bs_ptrs = _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn,
-                                            stride_bse, stride_bsn, BLOCK_N)
-        _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols.to(tl.int64), cols < N,
-                 offs_k, K, stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
-                 BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
+        if TMA_B:
+            bs_ptrs = _weight_scale_ptrs(bs_ptr, e64, tn, cols_ld, stride_bse, stride_bsn, BLOCK_N)
+            _tile_nt(a_ptr, as_ptr, b_ptr, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols.to(tl.int64), cols < N,
+                     offs_k, K, stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
+                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST, True, e * N + tn * BLOCK_N)
+        else:
+            b_ptrs, bs_ptrs = _weight_tile_ptrs(b_ptr, bs_ptr, e64, tn, cols_ld, offs_k, stride_be, stride_bn,
+                                                stride_bse, stride_bsn, BLOCK_N)
+            _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, cols.to(tl.int64), cols < N,
+                     offs_k, K, stride_am, stride_asm, stride_ask, stride_bsk, stride_om, stride_on,
+                     BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, ACC_K, UPCAST)
 
 
 @triton.jit

@@ -61,6 +61,9 @@ class GemmConfig(TileConfig):
     # tiles found through the routing plan's block map (one load, vLLM's scheduling) instead of a scan of every
     # expert's count; needs the map (grouped_gemm_fp8's block_map) and BLOCK_M dividing its alignment, else ignored
     BLOCK_MAP: bool = False
+    # with BLOCK_MAP: weight tiles through a TMA descriptor (Hopper; vLLM's decode path) instead of pointer loads;
+    # where TMA cannot describe the operands, the same tiles with pointer loads (same bytes)
+    TMA_B: bool = False
     num_warps: int = 8
     num_stages: int = 4
 
@@ -83,6 +86,9 @@ class GemmConfig(TileConfig):
         if self.BLOCK_MAP and (self.PERSISTENT or self.TMA or self.GLUON or self.SPLIT_M):
             raise ValueError("GemmConfig.BLOCK_MAP is its own one-program-per-tile pointer kernel: unset PERSISTENT, "
                              "TMA, GLUON and SPLIT_M")
+        if self.TMA_B and not self.BLOCK_MAP:
+            raise ValueError("GemmConfig.TMA_B is an option of the BLOCK_MAP kernel: set BLOCK_MAP=1 (TMA=1 is the "
+                             "descriptor kernel for both operands)")
         if self.TMA and (self.SWAP_AB or self.PERSISTENT or self.BLOCK_N > 128):
             raise ValueError("GemmConfig.TMA supports the plain orientation only: SWAP_AB=0, PERSISTENT=0, "
                              "BLOCK_N <= 128")
@@ -428,12 +434,18 @@ def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
     grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     if grid[0] == 0:
         return
+    tma_b = cfg.TMA_B and _tma_problem(a, b, N, what="TMA_B=1") is None
+    if tma_b:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        b_arg = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [cfg.BLOCK_N, BLOCK])
+    else:
+        b_arg = b
     _grouped_gemm_fp8_blockmap_kernel[grid](
-        a, a_scale, b, b_scale, out, block_expert, m_indices, M, N, K, E,
+        a, a_scale, b_arg, b_scale, out, block_expert, m_indices, M, N, K, E,
         a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
-        EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size,
+        EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
