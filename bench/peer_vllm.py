@@ -763,6 +763,10 @@ def run_check(args) -> int:
     return 1 if fails else 0
 
 
+# the forward's fusions switched off (the A/B column ours_unfused_graph_ms)
+UNFUSED_ENV = {"FP8_DEEP_FUSED_QUANT_PERMUTE": "0", "FP8_DEEP_FUSED_SWIGLU": "0"}
+
+
 def ours_gemms_fn(hidden, q13, s13, q2, s2, topk_weights, topk_ids, backend: str) -> Callable[[], torch.Tensor]:
     """Our two grouped-GEMM launches alone, as ``fp8_deep.moe_forward`` makes them (same backend choice, tiles,
     routing plan and operands, prepared once here by one forward): the like-for-like peer of ``gemms_fn``. Our
@@ -849,6 +853,11 @@ def run_bench(args) -> int:
                     res[f"ours_gemms_{mode}_ms"] = C.bench(gemms_fn, rep=args.rep, graph=mode == "graph")[0]
                     res[f"ratio_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_{mode}_ms"]
                     res[f"ratio_gemms_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_gemms_{mode}_ms"]
+                if dev == "cuda":
+                    # A/B in the same process: our forward without its fusions (quantize+permute, GEMM1+SwiGLU)
+                    with C.environ(UNFUSED_ENV):
+                        res["ours_unfused_graph_ms"] = C.bench(ours_fn, rep=args.rep, graph=True)[0]
+                    res["fused_gain"] = res["ours_unfused_graph_ms"] / res["ours_graph_ms"]
                 flops = 2.0 * T * topk * 3 * inter * H
                 res["vllm_graph_tflops"] = C.tflops(flops, res.get("vllm_graph_ms", float("nan")))
                 res["ours_graph_tflops"] = C.tflops(flops, res.get("ours_graph_ms", float("nan")))
@@ -879,7 +888,7 @@ def run_bench(args) -> int:
         print(f"SUMMARY peer_vllm note: {note}")
     table = [{**r, "calc_diff": f"{r['calc_diff']:.1e}"} for r in rows]
     C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "ours_gemms_graph_ms",
-                          "ratio_gemms_graph", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
+                          "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
                           "vllm_config", "swap_ab", "tma_b", "ours_backend"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
                         f"complete, and vs our two GEMM launches alone (ratio_gemms); ratio = vLLM ms / ours ms, "

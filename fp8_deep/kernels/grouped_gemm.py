@@ -17,6 +17,10 @@ CUDA graph can capture the launch). Empty experts own no tile: their weights are
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from .quant import _quant_groups
+from .swiglu import _round_to
 
 
 @triton.jit
@@ -244,6 +248,16 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
 
 
 @triton.jit
+def _block_map_tile(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program ``tile_id`` of a one-program-per-tile grid -> (m-tile, n-tile), GROUP_M m-tiles sweeping the n-tiles
+    together (each weight tile read once per group)."""
+    tiles_per_group = GROUP_M * num_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile_id % tiles_per_group) % group_rows, (tile_id % tiles_per_group) // group_rows
+
+
+@triton.jit
 def _grouped_gemm_fp8_blockmap_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr,
     block_expert_ptr,  # int32 (M // MAP_BLOCK,): expert of each MAP_BLOCK-row block of a, -1 for unused blocks
@@ -264,14 +278,7 @@ def _grouped_gemm_fp8_blockmap_kernel(
     weight tiles through the copy engine (one descriptor load per K block, as vLLM's kernel does on Hopper) instead
     of 128 threads' pointer loads: the weight bytes are the whole cost of a decode-sized call."""
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
-    num_m = M // BLOCK_M
-    num_n = tl.cdiv(N, BLOCK_N)
-    tile_id = tl.program_id(0)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (tile_id // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    tm = first_m + (tile_id % tiles_per_group) % group_rows
-    tn = (tile_id % tiles_per_group) // group_rows
+    tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = tm * BLOCK_M
     e = tl.load(block_expert_ptr + row0 // MAP_BLOCK)
     if (e >= 0) & (e < E):  # an id past the experts (a foreign map) reads nothing, as the counts kernel would
@@ -359,3 +366,108 @@ def _grouped_gemm_fp8_tma_kernel(
         hi_ok = ((rows_hi - seg_start) < count) & (rows_hi < M)
         tl.store(out_ptr + rows_hi.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_on,
                  acc_hi.to(out_ptr.dtype.element_ty), mask=hi_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _grouped_gemm_swiglu_kernel(
+    a_ptr, as_ptr,
+    b_ptr,             # float8 (E, 2I, K) w13 ([gate | up] rows), or a tensor descriptor over it as (E * 2I, K)
+    bs_ptr,            # float32 (E, 2I / 128, cdiv(K, 128))
+    q_ptr,             # float8 (M, I): SwiGLU of the GEMM's output, requantized in 1 x 128 groups
+    s_ptr,             # float32 (M, I / 128) their dequantization scales, any strides
+    block_expert_ptr, m_idx_ptr,  # the routing plan's block map (see _grouped_gemm_fp8_blockmap_kernel)
+    M, I, K, E,
+    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_qm, stride_qk, stride_sm, stride_sg,
+    EPS: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+    FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, MAP_BLOCK: tl.constexpr,
+    TMA_B: tl.constexpr,
+):
+    """The MoE's first GEMM with SwiGLU and the 1 x 128 requantization in its epilogue: one launch instead of two,
+    and ``h`` (M, 2I) never leaves the registers.
+
+    A program owns a block-map tile (``_grouped_gemm_fp8_blockmap_kernel``'s scheduling) of BLOCK_M rows by one
+    128-column group of the intermediate dimension, and accumulates both its gate columns ``[c, c + 128)`` and its up
+    columns ``[I + c, I + c + 128)``: two 128-wide accumulators, each K block's dot promoted exactly as
+    ``_tile_nt`` promotes it. The epilogue then applies ``silu_mul_quant_kernel``'s per-element math to the values
+    the GEMM would have stored (rounded to bfloat16) and ``_quant_groups`` over the group: the bytes of
+    ``grouped_gemm_fp8`` (bf16 out) followed by ``silu_mul_quantize``. Padding rows of a live block and every row of
+    a block no expert owns get q = 0 and scale 0, as ``silu_mul_quantize`` with ``m_indices`` writes them.
+    I must be a multiple of 128 (a group's gate and up columns each lie in one weight scale block)."""
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+    tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
+    GROUP: tl.constexpr = 128
+    AXIS: tl.constexpr = 0 if SWAP_AB else 1  # the group's axis in the accumulator tile
+    tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, I // GROUP, GROUP_M)
+    row0 = tm * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    cols64 = (tn * GROUP + tl.arange(0, GROUP)).to(tl.int64)
+    if SWAP_AB:
+        q_ptrs = q_ptr + rows64[None, :] * stride_qm + cols64[:, None] * stride_qk
+    else:
+        q_ptrs = q_ptr + rows64[:, None] * stride_qm + cols64[None, :] * stride_qk
+    s_ptrs = s_ptr + rows64 * stride_sm + tn * stride_sg
+    e = tl.load(block_expert_ptr + row0 // MAP_BLOCK)
+    if (e >= 0) & (e < E):
+        e64 = e.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = tl.load(m_idx_ptr + rows) == e
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + offs_k[None, :]
+        as_ptrs = as_ptr + rows64 * stride_asm
+        bsg_ptrs = bs_ptr + e64 * stride_bse + tn * stride_bsn              # gate rows' 128-row scale block
+        bsu_ptrs = bsg_ptrs + (I // GROUP) * stride_bsn                      # up rows' block
+        g_row0 = e * (2 * I) + tn * GROUP                                    # descriptor rows (TMA_B)
+        if not TMA_B:
+            bg_ptrs = b_ptr + e64 * stride_be + cols64[:, None] * stride_bn + offs_k[None, :]
+        if SWAP_AB:
+            acc_g = tl.zeros((GROUP, BLOCK_M), dtype=tl.float32)
+            acc_u = tl.zeros((GROUP, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_g = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // BLOCK_K
+            a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
+            if TMA_B:
+                bg = b_ptr.load([g_row0, k0])
+                bu = b_ptr.load([g_row0 + I, k0])
+            else:
+                bg = _load_k(bg_ptrs, offs_k, K - k0, EVEN_K)
+                bu = _load_k(bg_ptrs + I * stride_bn, offs_k, K - k0, EVEN_K)
+            sa = tl.load(as_ptrs + kb * stride_ask)
+            sbg = tl.load(bsg_ptrs + kb * stride_bsk)
+            sbu = tl.load(bsu_ptrs + kb * stride_bsk)
+            if SWAP_AB:
+                acc_g += _dot_block(bg, tl.trans(a), ACC_K, UPCAST) * (sa * sbg)[None, :]
+                acc_u += _dot_block(bu, tl.trans(a), ACC_K, UPCAST) * (sa * sbu)[None, :]
+            else:
+                acc_g = _promote(acc_g, _dot_block(a, tl.trans(bg), ACC_K, UPCAST), sa, sbg, GROUP)
+                acc_u = _promote(acc_u, _dot_block(a, tl.trans(bu), ACC_K, UPCAST), sa, sbu, GROUP)
+            a_ptrs += BLOCK_K
+            if not TMA_B:
+                bg_ptrs += BLOCK_K
+        # h as the GEMM stores it (bf16), then silu_mul_quant_kernel's math on it
+        g32 = _round_to(acc_g, True)
+        if ACCURATE_EXP:
+            ex = libdevice.exp(-g32)
+        else:
+            ex = tl.exp(-g32)
+        silu = _round_to(tl.math.div_rn(g32, 1.0 + ex), True)
+        y = _round_to(silu * _round_to(acc_u, True), True)
+        qf, sc = _quant_groups(y, AXIS, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
+        if SWAP_AB:
+            qf = tl.where(row_ok[None, :], qf, 0.0)
+        else:
+            qf = tl.where(row_ok[:, None], qf, 0.0)
+        tl.store(q_ptrs, qf.to(q_ptr.dtype.element_ty))
+        tl.store(s_ptrs, tl.where(row_ok, sc, 0.0))
+    else:
+        # a block no expert owns: zeros, as silu_mul_quantize writes padding rows (no loads, no math)
+        if SWAP_AB:
+            tl.store(q_ptrs, tl.zeros((GROUP, BLOCK_M), tl.float32).to(q_ptr.dtype.element_ty))
+        else:
+            tl.store(q_ptrs, tl.zeros((BLOCK_M, GROUP), tl.float32).to(q_ptr.dtype.element_ty))
+        tl.store(s_ptrs, tl.zeros((BLOCK_M,), tl.float32))

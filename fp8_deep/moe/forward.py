@@ -179,8 +179,13 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
     else:
         qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
         a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
-    h = gemm.gemm(a1, sa1, q13, s13, plan)
-    a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
+    if hasattr(gemm, "gemm_swiglu") and not return_stages:
+        # GEMM1 with SwiGLU + requantization in its epilogue where the backend can (same bytes, one launch less)
+        h = None
+        a2, sa2 = gemm.gemm_swiglu(a1, sa1, q13, s13, plan, scale_fmt=scale_fmt, scale_layout=layout)
+    else:
+        h = gemm.gemm(a1, sa1, q13, s13, plan)
+        a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
     o = gemm.gemm(a2, sa2, q2, s2, plan)
     res = moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     if return_stages:

@@ -30,14 +30,18 @@ import triton
 
 from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import (_grouped_gemm_fp8_blockmap_kernel, _grouped_gemm_fp8_kernel,
-                                    _grouped_gemm_fp8_tma_kernel)
-from ..numerics import BLOCK, FP8_DTYPE, cdiv, interpreter_active, is_pow2, sm_count, use_triton
-from ._checks import check_out, check_outputs_disjoint, check_tensor
+                                    _grouped_gemm_fp8_tma_kernel, _grouped_gemm_swiglu_kernel)
+from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
+                        is_pow2, sm_count, use_triton)
+from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import on_input_device
 from ._tuned import tuned_config
+from .layout import alloc_scales, scale_strides
+from .quant import gpu_fast_paths
+from .swiglu import silu_mul_quantize
 
-__all__ = ["GemmConfig", "grouped_gemm_fp8", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "grouped_gemm_swiglu_fp8", "resolve_config", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -360,19 +364,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     if not use_triton(a):
         return _grouped_gemm_torch(a, a_scale, b, b_scale, expert_offsets, expert_counts, out)
 
-    pinned = config if config is not None else os.environ.get(CONFIG_ENV)
-    if pinned:
-        cfg = GemmConfig.parse(pinned)
-    else:
-        rows = expected_m if expected_m is not None else max(1, M // E)
-        # a card's measured table (bench/tune_grouped_gemm.py) where it has this (N, K); the heuristic otherwise
-        tuned = tuned_config("grouped_gemm", a.device, E=E, N=N, K=K, rows=rows)
-        cfg = _table_config(tuned) if tuned else pick_config(rows, K)
-        # a picked TMA / Gluon config never fails where it cannot run: the same bucket's portable tiles instead
-        if cfg.GLUON and _gluon_problem(a, b, N):
-            cfg = MEDIUM_M_CONFIGS[0] if rows < 1024 else LARGE_M_CONFIGS[0]
-        if cfg.TMA and _tma_problem(a, b, N):
-            cfg = MEDIUM_M_FALLBACK
+    cfg = resolve_config(config, a, b, expected_m)
     bm, bn = cfg.BLOCK_M, cfg.BLOCK_N
     if cfg.BLOCK_MAP:
         if block_map is not None and _check_block_map(block_map, M, E, a.device) % bm == 0:
@@ -405,6 +397,24 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def resolve_config(config, a: torch.Tensor, b: torch.Tensor, expected_m: Optional[int] = None) -> GemmConfig:
+    """The configuration ``grouped_gemm_fp8`` runs for these operands: ``config`` or ``FP8_DEEP_GEMM_CONFIG`` when
+    given, else the card's tuned table (``bench/tune_grouped_gemm.py``) where it has this (E, N, K), else
+    ``pick_config``; a picked TMA / Gluon config that cannot run here becomes the same bucket's portable tiles."""
+    pinned = config if config is not None else os.environ.get(CONFIG_ENV)
+    if pinned:
+        return GemmConfig.parse(pinned)
+    (M, K), (E, N, _) = a.shape, b.shape
+    rows = expected_m if expected_m is not None else max(1, M // max(1, E))
+    tuned = tuned_config("grouped_gemm", a.device, E=E, N=N, K=K, rows=rows)
+    cfg = _table_config(tuned) if tuned else pick_config(rows, K)
+    if cfg.GLUON and _gluon_problem(a, b, N):
+        cfg = MEDIUM_M_CONFIGS[0] if rows < 1024 else LARGE_M_CONFIGS[0]
+    if cfg.TMA and _tma_problem(a, b, N):
+        cfg = MEDIUM_M_FALLBACK
+    return cfg
 
 
 def _check_block_map(block_map, M: int, E: int, device) -> int:
@@ -448,6 +458,107 @@ def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
         EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+FUSED_SWIGLU_ENV = "FP8_DEEP_FUSED_SWIGLU"
+SWIGLU_CONFIG_ENV = "FP8_DEEP_SWIGLU_GEMM_CONFIG"
+# the fused kernel's tile when FP8_DEEP_FUSED_SWIGLU=1 forces it where the GEMM's own pick is not a block-map tile
+FUSED_SWIGLU_DEFAULT = GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, BLOCK_MAP=True, TMA_B=True,
+                                  num_warps=4, num_stages=3)
+# a stage holds two 16 KiB weight tiles (gate and up) plus the tokens: three stages leave room for two programs per SM
+FUSED_SWIGLU_MAX_STAGES = 3
+
+
+def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> Optional[GemmConfig]:
+    """The block-map tile the fused GEMM1 + SwiGLU kernel runs, or None where the two launches run instead.
+
+    ``FP8_DEEP_FUSED_SWIGLU``: ``0`` never fuses; unset fuses where the GEMM's own configuration (``resolve_config``:
+    pinned, tuned or picked) is a block-map tile, the decode-sized regime where the saved launch and the h round trip
+    are a visible share of the call; ``1`` also replaces any other pick by ``FUSED_SWIGLU_DEFAULT`` (A/B runs).
+    ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always one 128-group of
+    gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
+    env = os.environ.get(FUSED_SWIGLU_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{FUSED_SWIGLU_ENV}={env!r}: expected 0 or 1 (unset: where the GEMM picks block-map tiles)")
+    if env == "0" or I % BLOCK:
+        return None
+    pinned = os.environ.get(SWIGLU_CONFIG_ENV)
+    cfg = GemmConfig.parse(pinned) if pinned else resolve_config(config, a, b, expected_m)
+    if not cfg.BLOCK_MAP:
+        if env != "1":
+            return None
+        cfg = FUSED_SWIGLU_DEFAULT
+    if block_size % cfg.BLOCK_M:
+        return None
+    stages = cfg.num_stages if pinned else min(cfg.num_stages, FUSED_SWIGLU_MAX_STAGES)
+    return dataclasses.replace(cfg, BLOCK_N=BLOCK, num_stages=stages)
+
+
+@on_input_device
+def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            expert_offsets: torch.Tensor, expert_counts: torch.Tensor, block_map, *,
+                            scale_fmt: str = "fp32", scale_layout: str = "tma_aligned", eps: float = ACT_EPS,
+                            config=None, expected_m: Optional[int] = None, out=None):
+    """The MoE's first GEMM, SwiGLU and the 1 x 128 requantization that feeds the second GEMM:
+    ``silu_mul_quantize(grouped_gemm_fp8(a, a_scale, b, b_scale, ...), m_indices=block_map[1], ...)``, bit for bit,
+    in one launch where it can (``_fused_swiglu_config``), else those two launches.
+
+    Args:
+        a, a_scale, b, b_scale, expert_offsets, expert_counts, config, expected_m: as ``grouped_gemm_fp8``, with
+            ``b`` the ``(E, 2I, K)`` ``[gate | up]`` weights.
+        block_map: ``(block_expert, m_indices, block_size)`` of the routing plan (required: padding rows are the
+            rows with ``m_indices < 0``).
+        scale_fmt, scale_layout, eps: as ``silu_mul_quantize``.
+        out: optional caller-owned ``(q, scale)`` in the layouts below.
+
+    Returns:
+        ``(q, scale)``: float8_e4m3fn ``(M, I)`` contiguous and float32 ``(M, ceil(I/128))`` dequantization scales in
+        ``scale_layout``; rows with ``m_indices < 0`` get ``q = 0`` and scale 0.
+    """
+    M, N, K, E = _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, torch.bfloat16)
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
+    check_eps(eps)
+    if N % 2:
+        raise ValueError(f"b must be (E, 2I, K) = [gate | up] rows; its N = {N} is odd")
+    I = N // 2
+    block_size = _check_block_map(block_map, M, E, a.device)
+    G = cdiv(I, BLOCK)
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ValueError("out must be a tuple (q, scale)")
+        q, s = out
+        check_out(q, "out[0]", (M, I), FP8_DTYPE, a.device, strides=(I, 1))
+        check_out(s, "out[1]", (M, G), torch.float32, a.device, strides=scale_strides((M, G), scale_layout))
+        check_outputs_disjoint([("a", a), ("a_scale", a_scale), ("b", b), ("b_scale", b_scale)],
+                               [("out[0]", q), ("out[1]", s)])
+    cfg = _fused_swiglu_config(config, a, b, I, expected_m, block_size) if use_triton(a) and M and I and E else None
+    if cfg is None:
+        h = grouped_gemm_fp8(a, a_scale, b, b_scale, expert_offsets, expert_counts, config=config,
+                             expected_m=expected_m, block_map=block_map)
+        return silu_mul_quantize(h, m_indices=block_map[1], scale_fmt=scale_fmt, scale_layout=scale_layout, eps=eps,
+                                 out=out)
+    if out is None:
+        q = torch.empty((M, I), dtype=FP8_DTYPE, device=a.device)
+        s = alloc_scales((M, G), scale_layout, a.device)
+    block_expert, m_indices, _ = block_map
+    tma_b = cfg.TMA_B and _tma_problem(a, b, N, what="TMA_B=1") is None
+    if tma_b:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        b_arg = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [BLOCK, BLOCK])
+    else:
+        b_arg = b
+    _grouped_gemm_swiglu_kernel[((M // cfg.BLOCK_M) * G,)](
+        a, a_scale, b_arg, b_scale, q, s, block_expert, m_indices, M, I, K, E,
+        a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+        EPS=eps, FP8_MAX=FP8_MAX, UE8M0=scale_fmt == "ue8m0", ACCURATE_EXP=a.is_cuda and not interpreter_active(),
+        **gpu_fast_paths(a),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB, EVEN_K=(K % BLOCK == 0),
+        ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return q, s
 
 
 def _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E):
@@ -549,3 +660,10 @@ class TritonGroupedGemm:
         return grouped_gemm_fp8(a, a_scale, b, b_scale, plan.expert_offsets, plan.expert_counts, out=out,
                                 out_dtype=out_dtype, config=self.config, expected_m=expected,
                                 block_map=(plan.expert_ids, plan.m_indices, plan.block_size))
+
+    def gemm_swiglu(self, a, a_scale, b, b_scale, plan, scale_fmt="fp32", scale_layout="tma_aligned"):
+        """GEMM1, SwiGLU and the requantization for GEMM2 (``grouped_gemm_swiglu_fp8``): ``(q, scale)``."""
+        expected = peak_rows_per_expert(plan.num_tokens * plan.top_k, plan.num_experts)
+        return grouped_gemm_swiglu_fp8(a, a_scale, b, b_scale, plan.expert_offsets, plan.expert_counts,
+                                       (plan.expert_ids, plan.m_indices, plan.block_size), scale_fmt=scale_fmt,
+                                       scale_layout=scale_layout, config=self.config, expected_m=expected)
