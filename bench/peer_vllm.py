@@ -68,6 +68,7 @@ import importlib.util
 import json
 import math
 import os
+import time
 import re
 import sys
 import traceback
@@ -763,6 +764,18 @@ def run_check(args) -> int:
     return 1 if fails else 0
 
 
+def host_us(fn, n: int = 30) -> float:
+    """Microseconds of host time per ``fn()`` call, warm, averaged over ``n`` calls issued back to back."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return dt / n * 1e6
+
+
 # the forward's fusions switched off (the A/B column ours_unfused_graph_ms)
 UNFUSED_ENV = {"FP8_DEEP_FUSED_QUANT_PERMUTE": "0", "FP8_DEEP_FUSED_SWIGLU": "0"}
 
@@ -858,6 +871,11 @@ def run_bench(args) -> int:
                     with C.environ(UNFUSED_ENV):
                         res["ours_unfused_graph_ms"] = C.bench(ours_fn, rep=args.rep, graph=True)[0]
                     res["fused_gain"] = res["ours_unfused_graph_ms"] / res["ours_graph_ms"]
+                    # host time of one eager call (no sync inside the loop: the GPU queue absorbs the work), with
+                    # the forward's launch plan (a replay) and without (FP8_DEEP_FORWARD_PLANS=0)
+                    res["ours_host_us"] = host_us(ours_fn)
+                    with C.environ({"FP8_DEEP_FORWARD_PLANS": "0"}):
+                        res["ours_host_noplan_us"] = host_us(ours_fn)
                 flops = 2.0 * T * topk * 3 * inter * H
                 res["vllm_graph_tflops"] = C.tflops(flops, res.get("vllm_graph_ms", float("nan")))
                 res["ours_graph_tflops"] = C.tflops(flops, res.get("ours_graph_ms", float("nan")))
@@ -888,7 +906,8 @@ def run_bench(args) -> int:
         print(f"SUMMARY peer_vllm note: {note}")
     table = [{**r, "calc_diff": f"{r['calc_diff']:.1e}"} for r in rows]
     C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "ours_gemms_graph_ms",
-                          "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
+                          "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain", "ours_host_us",
+                          "ours_host_noplan_us", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
                           "vllm_config", "swap_ab", "tma_b", "ours_backend"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
                         f"complete, and vs our two GEMM launches alone (ratio_gemms); ratio = vLLM ms / ours ms, "

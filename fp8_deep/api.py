@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from .moe.autograd import MoEWeightsFP8
+from .moe import plan as _plan
+from .moe.autograd import MoEWeightsFP8, needs_grad
 from .moe.forward import moe_forward_impl
 from .ops.backend import select_grouped_gemm
 from .ops._launch import on_input_device
@@ -61,12 +62,31 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     range-checked (ValueError) on CPU always and on CUDA when ``FP8_DEEP_CHECK_ROUTING=1`` (one host sync);
     unchecked out-of-range ids are dropped (that choice contributes nothing), never read out of bounds.
     """
+    global _LAST_BACKEND
+
     def select(**shape):
         global _LAST_BACKEND
         gemm = select_grouped_gemm(backend, **shape)
         _LAST_BACKEND = gemm.name
         return gemm
 
-    return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, select_gemm=select, w13_scale=w13_scale,
-                            w2_scale=w2_scale, activation=activation, expert_map=expert_map, scale_fmt=scale_fmt,
-                            out=out, fp8_weights=fp8_weights)
+    def call():
+        return moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, select_gemm=select,
+                                w13_scale=w13_scale, w2_scale=w2_scale, activation=activation, expert_map=expert_map,
+                                scale_fmt=scale_fmt, out=out, fp8_weights=fp8_weights)
+
+    # an inference call on CUDA replays the launches its signature recorded (fp8_deep.moe.plan)
+    if (isinstance(hidden_states, torch.Tensor) and _plan.plans_usable(hidden_states) and hidden_states.shape[0]
+            and not needs_grad(hidden_states, w13, w2, topk_weights)):
+        dynamic = (hidden_states, topk_weights, topk_ids, out)
+        static = (w13, w2, w13_scale, w2_scale, expert_map, *(fp8_weights if fp8_weights is not None else ()))
+        key = _plan.forward_key(dynamic, static, (backend, activation, scale_fmt, fp8_weights is None))
+        plan = _plan.FORWARD_PLANS.get(key)
+        if isinstance(plan, _plan.ForwardPlan):
+            _LAST_BACKEND = plan.backend_name
+            return plan.replay(dynamic)
+        if plan is None:
+            res, plan = _plan.record_forward(call, dynamic, static, last_backend)
+            _plan.FORWARD_PLANS.put(key, plan if isinstance(plan, _plan.ForwardPlan) else _plan.UNPLANNABLE)
+            return res
+    return call()

@@ -20,15 +20,19 @@ debug knobs set after the first call): a replay bypasses ``JITFunction.run``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "on_input_device"]
+__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "on_input_device", "LaunchTape", "record_launches"]
 
 PLANS_ENABLED = os.environ.get("FP8_DEEP_LAUNCH_PLANS", "1") != "0"
+_LOCAL = threading.local()  # .tape: the LaunchTape this thread records into, if any
+_PATCH_LOCK = threading.Lock()
 
 
 class PlanCache:
@@ -42,6 +46,8 @@ class PlanCache:
         self.builds = 0
 
     def get(self, key: Hashable):
+        if getattr(_LOCAL, "tape", None) is not None:
+            return None  # a call being recorded takes every launcher's plain path: its launches go through Triton's
         plan = self._plans.get(key)
         if plan is not None:
             self.hits += 1
@@ -104,3 +110,88 @@ def on_input_device(fn: Callable) -> Callable:
         return fn(t, *args, **kwargs)
 
     return guarded
+
+
+class LaunchTape:
+    """The Triton launches of one call, recorded so that the call can be replayed without its Python work.
+
+    ``record_launches(tape)`` around the call collects every ``JITFunction.run`` of this thread: the compiled kernel,
+    its grid and every argument in signature order (keyword and default parameters included). Each launch's
+    arguments are then classified by ``classify``: a tensor is a *slot* (one of the caller's tensors, found by address
+    inside its extent: dynamic inputs change per call, static ones are part of the plan's key) or an *intermediate*
+    (any other allocation: replayed as an offset into one workspace); everything else is a constant. ``ok`` is False,
+    with ``why``, wherever that cannot be trusted: a launch that bypassed Triton's ``run`` (counted by a launch hook),
+    a grid that is a function, a parameter without a value, a tensor argument the classification cannot place."""
+
+    def __init__(self):
+        self.launches: list = []  # (kernel, compiled, grid, full_args)
+        self.ok = True
+        self.why = ""
+        self.hook_count = 0
+
+    def fail(self, why: str) -> None:
+        if self.ok:
+            self.ok, self.why = False, why
+
+    def add(self, kernel, compiled, grid, args, kwargs) -> None:
+        if compiled is None or not hasattr(compiled, "__getitem__"):
+            return self.fail(f"{getattr(kernel, '__name__', kernel)}: no compiled kernel (interpreter?)")
+        if callable(grid):
+            return self.fail(f"{kernel.__name__}: grid is a function")
+        full = list(args)
+        for p in kernel.params[len(args):]:
+            if p.name in kwargs:
+                full.append(kwargs[p.name])
+            elif getattr(p, "has_default", False):
+                full.append(p.default)
+            else:
+                return self.fail(f"{kernel.__name__}: parameter {p.name} has no value")
+        g = tuple(int(v) for v in grid) + (1,) * (3 - len(grid))
+        self.launches.append((kernel, compiled, g, full))
+
+    def _hook(self, metadata) -> None:
+        self.hook_count += 1
+
+
+@contextlib.contextmanager
+def record_launches(tape: LaunchTape):
+    """Record this thread's Triton launches into ``tape`` for the ``with`` block (see ``LaunchTape``). The launches
+    still run. Sub-launchers' own plans are bypassed meanwhile (``PlanCache.get`` returns None), so that every launch
+    passes through ``JITFunction.run``; a launch hook counts the launches that reach the driver, and any launch that
+    did not pass through ``run`` (a count mismatch) fails the tape."""
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    chain = getattr(knobs.runtime, "launch_enter_hook", None)
+    if not hasattr(chain, "add") or not hasattr(chain, "remove"):
+        tape.fail("this Triton has no launch hook chain to check the recording against")
+        yield tape
+        return
+    me = threading.get_ident()
+    with _PATCH_LOCK:
+        orig = JITFunction.run
+        if getattr(orig, "_fp8_deep_recorder", False):
+            tape.fail("another thread is recording")
+            yield tape
+            return
+
+        def run(self, *args, grid, warmup, **kwargs):
+            compiled = orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+            t = getattr(_LOCAL, "tape", None)
+            if t is not None and not warmup and threading.get_ident() == me:
+                t.add(self, compiled, grid, args, kwargs)
+            return compiled
+
+        run._fp8_deep_recorder = True
+        JITFunction.run = run
+    _LOCAL.tape = tape
+    chain.add(tape._hook)
+    try:
+        yield tape
+    finally:
+        _LOCAL.tape = None
+        chain.remove(tape._hook)
+        with _PATCH_LOCK:
+            JITFunction.run = orig
+    if tape.hook_count != len(tape.launches):
+        tape.fail(f"{tape.hook_count} launches reached the driver, {len(tape.launches)} passed through Triton's run")

@@ -1,0 +1,201 @@
+"""Launch plans for the whole MoE forward: an inference call replayed as its Triton launches, without its Python work.
+
+Why: eager decode is bound by the host. At T=16 a ``moe_forward`` call cost ~0.45 ms of host time for 0.15-0.20 ms
+of GPU work (H100, 2026-12-07): argument checks, the routing plan's allocations, config lookups and six trips
+through Triton's ``JITFunction.run`` (~25-30 us each: it re-derives every argument's specialization). vLLM's
+``fused_moe`` has the same problem and answers it with CUDA graphs; a plan also serves callers that run eagerly.
+
+How: the first call with a given *signature* runs normally while ``ops._launch.record_launches`` records its
+launches (compiled kernel, grid, every argument). Each tensor argument is placed (``ForwardPlan``): one of the
+call's per-call tensors (``hidden_states``, ``topk_weights``, ``topk_ids``, ``out``: their addresses change every
+call), one of its static tensors (weights, scales, ``expert_map``: their addresses are in the signature, so they
+stay constants), the result, or an intermediate (replayed at the same offset inside one fresh workspace
+allocation). Later calls with the same signature allocate the workspace and the result and relaunch the compiled
+kernels with the new addresses: no checks (the signature holds everything they checked), no Triton binder.
+
+The signature: shapes, strides, dtypes and devices of every tensor argument, the 16-byte alignment of the per-call
+tensors (Triton specializes on it), the addresses of the static ones, the options, and every environment switch the
+forward reads (``FORWARD_ENVS``). A recording is refused, and the call keeps the plain path for that signature, when
+anything in it cannot be replayed safely: a torch operation doing GPU work (``_OpGuard``: only allocations and views
+may run), a launch that bypassed ``JITFunction.run``, another backend than ours (DeepGEMM launches outside Triton),
+a tensor descriptor over an intermediate (the TMA and Gluon tiles of large batches: their host time is small next
+to their GPU time), a result that is not a fresh tensor of its own.
+
+``FP8_DEEP_FORWARD_PLANS=0`` (or ``FP8_DEEP_LAUNCH_PLANS=0``) turns plans off. Training calls (autograd) never use
+them; nor CPU tensors or the interpreter (no compiled kernels).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ..numerics import interpreter_active
+from ..ops._launch import PLANS_ENABLED, LaunchTape, PlanCache, record_launches
+
+__all__ = ["ForwardPlan", "FORWARD_PLANS_ENV", "FORWARD_ENVS", "plans_usable", "forward_key", "record_forward",
+           "FORWARD_PLANS"]
+
+FORWARD_PLANS_ENV = "FP8_DEEP_FORWARD_PLANS"
+# every environment switch the inference forward (or a launcher it calls) reads: a plan is keyed on their values.
+# tests/test_forward_plan.py checks that every FP8_DEEP_* switch of the package is here or in TRAINING_ONLY_ENVS.
+FORWARD_ENVS = (
+    "FP8_DEEP_ACT_QUANT_CONFIG", "FP8_DEEP_ACT_SCALE_EVICT", "FP8_DEEP_CHECK_ROUTING", "FP8_DEEP_FUSED_QUANT_PERMUTE",
+    "FP8_DEEP_FUSED_SWIGLU", "FP8_DEEP_GEMM_CONFIG", "FP8_DEEP_QUANT_PLAIN", "FP8_DEEP_SWIGLU_GEMM_CONFIG",
+    "FP8_DEEP_TUNED", "FP8_DEEP_WEIGHT_QUANT_CONFIG", "FP8_DEEP_WEIGHT_QUANT_HINTS", FORWARD_PLANS_ENV,
+)
+# read only by the backward's launchers (never by an inference call), or at import
+TRAINING_ONLY_ENVS = ("FP8_DEEP_RETILE_CONFIG", "FP8_DEEP_SWIGLU_BWD_CONFIG", "FP8_DEEP_WGRAD_CONFIG",
+                      "FP8_DEEP_LAUNCH_PLANS")
+
+FORWARD_PLANS = PlanCache(maxsize=64)
+UNPLANNABLE = "unplannable"  # cached for a signature whose recording was refused (why: ForwardPlan.refusals)
+_WS_ALIGN = 512  # the caching allocator's block alignment: offsets keep every address's alignment
+
+_aten = torch.ops.aten
+# allocations and views: no GPU work, nothing a replay would miss
+_ALLOWED_OPS = {
+    _aten.empty.memory_format, _aten.empty_strided.default, _aten.new_empty.default, _aten.new_empty_strided.default,
+    _aten.view.default, _aten._unsafe_view.default, _aten.as_strided.default, _aten.t.default,
+    _aten.transpose.int, _aten.permute.default, _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.default,
+    _aten.expand.default, _aten.slice.Tensor, _aten.select.int, _aten.alias.default, _aten.detach.default,
+    _aten.unbind.int, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.view.dtype,
+}
+
+
+class _OpGuard(TorchDispatchMode):
+    """Fails ``tape`` at the first torch operation other than an allocation or a view: its GPU work would not be
+    part of the recorded launches."""
+
+    def __init__(self, tape: LaunchTape):
+        super().__init__()
+        self.tape = tape
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in _ALLOWED_OPS:
+            self.tape.fail(f"torch operation {func} runs outside the recorded Triton launches")
+        return func(*args, **(kwargs or {}))
+
+
+def plans_usable(hidden_states: torch.Tensor) -> bool:
+    return (PLANS_ENABLED and hidden_states.is_cuda and not interpreter_active()
+            and os.environ.get(FORWARD_PLANS_ENV, "1") != "0")
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Bytes from ``t.data_ptr()`` to one past its last element."""
+    if t.numel() == 0:
+        return 0
+    return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def forward_key(dynamic: Sequence[Optional[torch.Tensor]], static: Sequence[Optional[torch.Tensor]], options: tuple):
+    """The signature a plan is valid for (module docstring)."""
+    key = [options, tuple(os.environ.get(n) for n in FORWARD_ENVS)]
+    for t in dynamic:
+        key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
+    for t in static:
+        key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr()))
+    return tuple(key)
+
+
+class ForwardPlan:
+    """A recorded forward call, replayable with new per-call tensors (module docstring). Build with ``build``."""
+
+    refusals: dict = {}  # why recent recordings were refused (diagnostics and tests): why -> count
+
+    def __init__(self, launches, ws_bytes, result_spec, device, backend_name):
+        self.launches = launches          # (runner, template args, [(index, base slot, byte offset)])
+        self.ws_bytes = ws_bytes
+        self.result_spec = result_spec    # (shape, stride, dtype) of a fresh result, or None (the caller's out)
+        self.device = device
+        self.backend_name = backend_name
+
+    @classmethod
+    def build(cls, tape: LaunchTape, dynamic, static, result: torch.Tensor, backend_name: str):
+        """The plan of ``tape`` (a recorded call whose per-call tensors were ``dynamic``, static ones ``static``, and
+        whose returned tensor was ``result``), or the reason it cannot be replayed (a string)."""
+        if not tape.ok:
+            return tape.why
+        if not tape.launches:
+            return "no launches recorded"
+        n_dyn = len(dynamic)
+        slots = [(i, t.data_ptr(), _extent(t)) for i, t in enumerate(dynamic) if t is not None]
+        statics = [(t.data_ptr(), _extent(t)) for t in static if t is not None]
+        out_given = dynamic[-1] is not None and result is dynamic[-1]
+        if out_given:
+            result_spec, res_base = None, None
+        else:
+            st = result.untyped_storage()
+            if result.storage_offset() or st.nbytes() != _extent(result) or st.data_ptr() != result.data_ptr():
+                return "the result is not a fresh tensor of its own"
+            result_spec, res_base = (tuple(result.shape), result.stride(), result.dtype), result.data_ptr()
+        RES, WS = n_dyn, n_dyn + 1  # base slots after the per-call tensors
+        ws_offsets: dict = {}       # storage address -> offset in the workspace
+        ws_bytes = 0
+
+        def in_static(p):
+            return any(b <= p < b + n for b, n in statics)
+
+        launches = []
+        for kernel, compiled, grid, full in tape.launches:
+            template, fills = list(full), []
+            for idx, arg in enumerate(full):
+                if isinstance(arg, torch.Tensor):
+                    if arg.device != result.device:
+                        return f"{kernel.__name__}: argument {idx} is on {arg.device}"
+                    p = arg.data_ptr()
+                    hit = next(((i, p - b) for i, b, n in slots if b <= p < b + n), None)
+                    template[idx] = 0  # an address, filled in per replay or fixed below
+                    if hit is not None:
+                        fills.append((idx, hit[0], hit[1]))
+                    elif in_static(p):
+                        template[idx] = p
+                    elif res_base is not None and res_base <= p < res_base + _extent(result):
+                        fills.append((idx, RES, p - res_base))
+                    else:
+                        st = arg.untyped_storage()
+                        sb = st.data_ptr()
+                        if sb not in ws_offsets:
+                            ws_offsets[sb] = ws_bytes
+                            ws_bytes += -(-st.nbytes() // _WS_ALIGN) * _WS_ALIGN
+                        fills.append((idx, WS, ws_offsets[sb] + p - sb))
+                elif hasattr(arg, "base") and isinstance(getattr(arg, "base"), torch.Tensor):
+                    if not in_static(arg.base.data_ptr()):
+                        return f"{kernel.__name__}: a tensor descriptor over a per-call or intermediate tensor"
+            launches.append((compiled[grid], template, fills))
+        return cls(launches, ws_bytes, result_spec, result.device, backend_name)
+
+    def replay(self, dynamic: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+        """Run the recorded launches for new per-call tensors ``dynamic`` (same signature); returns the result."""
+        ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device) if self.ws_bytes else None
+        if self.result_spec is None:
+            res = dynamic[-1]
+        else:
+            shape, stride, dtype = self.result_spec
+            res = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
+        bases = [0 if t is None else t.data_ptr() for t in dynamic]
+        bases += [res.data_ptr(), ws.data_ptr() if ws is not None else 0]
+        for runner, template, fills in self.launches:
+            args = template.copy()
+            for idx, slot, off in fills:
+                args[idx] = bases[slot] + off
+            runner(*args)
+        return res
+
+
+def record_forward(call, dynamic, static, backend_name_fn):
+    """Run ``call()`` (the plain forward) while recording it; returns ``(result, plan or the refusal reason)``."""
+    tape = LaunchTape()
+    with record_launches(tape), _OpGuard(tape):
+        res = call()
+    name = backend_name_fn()
+    if name != "triton":
+        plan = f"backend {name!r} launches outside Triton"
+    else:
+        plan = ForwardPlan.build(tape, dynamic, static, res, name)
+    if isinstance(plan, str):
+        ForwardPlan.refusals[plan] = ForwardPlan.refusals.get(plan, 0) + 1
+    return res, plan

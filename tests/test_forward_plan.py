@@ -1,0 +1,224 @@
+"""Launch plans of the MoE forward (``fp8_deep.moe.plan``): a recorded call replayed with new per-call tensors.
+
+CPU: the placement of every argument (per-call tensor, static tensor, result, workspace intermediate), the replay's
+addresses, the refusals, the torch-op guard and the list of environment switches. GPU: replays give the plain
+path's bytes (fresh inputs, ``out=``, BF16 weights, CUDA-graph capture), and refused signatures keep working.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fp8_deep
+from fp8_deep.moe import plan as P
+from fp8_deep.ops._launch import LaunchTape, PlanCache
+from fp8_deep.testing import assert_bitwise_equal
+
+
+class _Param:
+    def __init__(self, name, default=None, has_default=False):
+        self.name, self.default, self.has_default = name, default, has_default
+
+
+class _Kernel:
+    __name__ = "fake_kernel"
+    params = [_Param("x"), _Param("w"), _Param("tmp"), _Param("res"), _Param("n"), _Param("FLAG", True, True)]
+
+
+class _Compiled:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((grid, args))
+
+
+def _tape(calls, args, kwargs=None, grid=(4,)):
+    tape = LaunchTape()
+    tape.add(_Kernel(), _Compiled(calls), grid, args, kwargs or {})
+    return tape
+
+
+def test_plan_places_every_argument_and_replays_new_addresses():
+    x = torch.randn(8, 16)
+    w = torch.randn(4, 16)
+    big = torch.empty(1000, dtype=torch.uint8)
+    tmp = big[100:164]                 # an intermediate view 100 bytes into its storage
+    res = torch.empty(8, 16)
+    calls = []
+    tape = _tape(calls, (x, w, tmp, res, 7))
+    assert tape.ok and len(tape.launches) == 1 and tape.launches[0][2] == (4, 1, 1)
+    plan = P.ForwardPlan.build(tape, (x, None), (w,), res, "triton")
+    assert isinstance(plan, P.ForwardPlan), plan
+    assert plan.ws_bytes == 1024  # the storage's 1000 bytes, aligned
+    x2 = torch.randn(8, 16)
+    out = plan.replay((x2, None))
+    assert out.shape == res.shape and out.dtype == res.dtype and out.data_ptr() != res.data_ptr()
+    grid, args = calls[-1]
+    assert grid == (4, 1, 1)
+    assert args[0] == x2.data_ptr() and args[1] == w.data_ptr() and args[3] == out.data_ptr()
+    assert args[4] == 7 and args[5] is True  # a constant and a default parameter
+    assert (2, 3, 100) in plan.launches[0][2]  # the intermediate: workspace slot (after x, out, result), offset 100
+    # a per-call tensor given as a view inside it (an offset of 2 rows) is placed by its extent
+    calls.clear()
+    tape = _tape(calls, (x[2:], w, tmp, res, 7))
+    plan = P.ForwardPlan.build(tape, (x, None), (w,), res, "triton")
+    plan.replay((x2, None))
+    assert calls[-1][1][0] == x2.data_ptr() + 2 * 16 * 4
+
+
+def test_plan_with_the_callers_out_and_refusals():
+    x, w, res = torch.randn(8, 16), torch.randn(4, 16), torch.empty(8, 16)
+    calls = []
+    plan = P.ForwardPlan.build(_tape(calls, (x, w, torch.empty(4), res, 1)), (x, res), (w,), res, "triton")
+    out2 = torch.empty(8, 16)
+    assert plan.replay((x, out2)) is out2 and calls[-1][1][3] == out2.data_ptr()
+    # the result a view of a larger allocation
+    bigres = torch.empty(20, 16)
+    why = P.ForwardPlan.build(_tape(calls, (x, w, x, bigres[:8], 1)), (x, None), (w,), bigres[:8], "triton")
+    assert "fresh tensor" in why
+
+    class _Desc:  # a tensor descriptor over an intermediate
+        def __init__(self, base):
+            self.base = base
+    why = P.ForwardPlan.build(_tape(calls, (x, _Desc(torch.empty(4)), x, res, 1)), (x, None), (w,), res, "triton")
+    assert "descriptor" in why
+    ok = P.ForwardPlan.build(_tape(calls, (x, _Desc(w), x, res, 1)), (x, None), (w,), res, "triton")
+    assert isinstance(ok, P.ForwardPlan)  # ... over a static tensor is a constant
+    # a parameter with neither a value nor a default; a grid function; a failed tape
+    tape = LaunchTape()
+    tape.add(_Kernel(), _Compiled(calls), (1,), (x, w, x), {})
+    assert not tape.ok and "res has no value" in tape.why
+    tape = LaunchTape()
+    tape.add(_Kernel(), _Compiled(calls), lambda meta: (1,), (x, w, x, res, 1), {})
+    assert not tape.ok and "grid is a function" in tape.why
+    assert P.ForwardPlan.build(LaunchTape(), (x, None), (w,), res, "triton") == "no launches recorded"
+
+
+def test_op_guard_allows_allocations_and_views_only():
+    tape = LaunchTape()
+    with P._OpGuard(tape):
+        t = torch.empty(4, 8)
+        t.view(8, 4).t()[1:]
+        torch.empty_strided((2, 3), (1, 2))
+    assert tape.ok
+    with P._OpGuard(tape):
+        torch.zeros(3).add_(1)
+    assert not tape.ok and "outside the recorded" in tape.why
+
+
+def test_plan_cache_is_bypassed_while_recording():
+    """A sub-launcher's own plan must not replay inside a recording (its launch would bypass Triton's run)."""
+    from fp8_deep.ops import _launch
+    cache = PlanCache()
+    cache.put("k", "plan")
+    assert cache.get("k") == "plan"
+    _launch._LOCAL.tape = LaunchTape()
+    try:
+        assert cache.get("k") is None
+    finally:
+        _launch._LOCAL.tape = None
+
+
+def test_every_environment_switch_is_keyed():
+    """A switch the forward reads but the plan key ignores would replay a stale choice: every FP8_DEEP_* name in the
+    package is in FORWARD_ENVS or named as read only by training / at import."""
+    root = Path(fp8_deep.__file__).parent
+    names = set()
+    for f in root.rglob("*.py"):
+        names |= set(re.findall(r'"(FP8_DEEP_[A-Z0-9_]+)"', f.read_text()))
+    assert names, "no switches found: the pattern is stale"
+    missing = names - set(P.FORWARD_ENVS) - set(P.TRAINING_ONLY_ENVS)
+    assert not missing, f"add to FORWARD_ENVS (or TRAINING_ONLY_ENVS): {sorted(missing)}"
+
+
+def test_plans_are_off_on_the_cpu():
+    assert not P.plans_usable(torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+def _layer(E, H, I, T, k, dev, fp8=True, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=torch.bfloat16) * 0.05
+    w2 = torch.randn(E, H, I, device=dev, generator=g, dtype=torch.bfloat16) * 0.05
+    if fp8:
+        q13, s13 = fp8_deep.ops.quantize_weight_blockwise(w13)
+        q2, s2 = fp8_deep.ops.quantize_weight_blockwise(w2)
+        return dict(w13=q13, w2=q2, w13_scale=s13, w2_scale=s2)
+    return dict(w13=w13, w2=w2)
+
+
+def _routing(T, E, k, dev, seed):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    logits = torch.randn(T, E, device=dev, generator=g)
+    tw, ids = torch.topk(torch.softmax(logits, -1), k)
+    return tw, ids.int()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 16, 64])
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8_weights", "bf16_weights"])
+def test_replay_equals_plain_path_gpu(T, fp8, monkeypatch):
+    dev = "cuda"
+    E, H, I, k = 64, 1024, 512, 8
+    layer = _layer(E, H, I, T, k, dev, fp8=fp8)
+    P.FORWARD_PLANS.clear()
+    hits0 = P.FORWARD_PLANS.hits
+    for step in range(4):
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        tw, ids = _routing(T, E, k, dev, seed=step)
+        with torch.no_grad():
+            got = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
+            monkeypatch.setenv(P.FORWARD_PLANS_ENV, "0")
+            ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
+            monkeypatch.delenv(P.FORWARD_PLANS_ENV)
+        assert_bitwise_equal(got, ref, f"step {step}")
+    assert P.FORWARD_PLANS.hits - hits0 == 3, (P.FORWARD_PLANS.hits - hits0, P.ForwardPlan.refusals)
+    assert fp8_deep.last_backend() == "triton"
+
+
+@pytest.mark.gpu
+def test_replay_with_out_and_in_a_cuda_graph_gpu():
+    dev = "cuda"
+    E, H, I, k, T = 32, 512, 256, 4, 8
+    layer = _layer(E, H, I, T, k, dev)
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    tw, ids = _routing(T, E, k, dev, seed=1)
+    P.FORWARD_PLANS.clear()
+    out = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer).clone()  # records
+        res = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer)        # replays
+        assert res is out
+        assert_bitwise_equal(out, ref)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)  # record the out-less signature
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=s):
+                gout = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)
+        torch.cuda.current_stream().wait_stream(s)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        ref2 = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)
+    torch.cuda.synchronize()
+    assert_bitwise_equal(gout, ref2)
+
+
+@pytest.mark.gpu
+def test_refused_signature_keeps_the_plain_path_gpu():
+    """A large batch (TMA / Gluon tiles: descriptors over the activations) is refused once and runs plain."""
+    dev = "cuda"
+    E, H, I, k, T = 8, 512, 256, 2, 4096
+    layer = _layer(E, H, I, T, k, dev)
+    P.FORWARD_PLANS.clear()
+    outs = []
+    for step in range(2):
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(5))
+        tw, ids = _routing(T, E, k, dev, seed=3)
+        with torch.no_grad():
+            outs.append(fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer))
+    assert_bitwise_equal(outs[0], outs[1])
+    assert P.ForwardPlan.refusals, "expected this signature to be refused (descriptors over activations)"
