@@ -60,6 +60,13 @@ def test_plan_places_every_argument_and_replays_new_addresses():
     assert args[0] == x2.data_ptr() and args[1] == w.data_ptr() and args[3] == out.data_ptr()
     assert args[4] == 7 and args[5] is True  # a constant and a default parameter
     assert (2, 3, 100) in plan.launches[0][2]  # the intermediate: workspace slot (after x, out, result), offset 100
+    # two launches, two intermediate allocations: each its own aligned region of the workspace
+    calls.clear()
+    tape = _tape(calls, (x, w, torch.empty(10, dtype=torch.uint8), res, 7))
+    tape.add(_Kernel(), _Compiled(calls), (1,), (x, w, tmp, res, 7), {})
+    plan = P.ForwardPlan.build(tape, (x, None), (w,), res, "triton")
+    assert plan.ws_bytes == 512 + 1024
+    assert plan.launches[0][2][1] == (2, 3, 0) and plan.launches[1][2][1] == (2, 3, 512 + 100)
     # a per-call tensor given as a view inside it (an offset of 2 rows) is placed by its extent
     calls.clear()
     tape = _tape(calls, (x[2:], w, tmp, res, 7))

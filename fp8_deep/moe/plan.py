@@ -133,7 +133,15 @@ class ForwardPlan:
                 return "the result is not a fresh tensor of its own"
             result_spec, res_base = (tuple(result.shape), result.stride(), result.dtype), result.data_ptr()
         RES, WS = n_dyn, n_dyn + 1  # base slots after the per-call tensors
-        ws_offsets: dict = {}       # storage address -> offset in the workspace
+        # storage address -> bytes: the largest allocation seen there (the caching allocator may have handed one
+        # address to two buffers of the call, one after the other), then each its offset in the workspace
+        ws_sizes: dict = {}
+        for _, _, _, full in tape.launches:
+            for arg in full:
+                if isinstance(arg, torch.Tensor):
+                    st = arg.untyped_storage()
+                    ws_sizes[st.data_ptr()] = max(ws_sizes.get(st.data_ptr(), 0), st.nbytes())
+        ws_offsets: dict = {}
         ws_bytes = 0
 
         def in_static(p):
@@ -156,11 +164,10 @@ class ForwardPlan:
                     elif res_base is not None and res_base <= p < res_base + _extent(result):
                         fills.append((idx, RES, p - res_base))
                     else:
-                        st = arg.untyped_storage()
-                        sb = st.data_ptr()
+                        sb = arg.untyped_storage().data_ptr()
                         if sb not in ws_offsets:
                             ws_offsets[sb] = ws_bytes
-                            ws_bytes += -(-st.nbytes() // _WS_ALIGN) * _WS_ALIGN
+                            ws_bytes += -(-ws_sizes[sb] // _WS_ALIGN) * _WS_ALIGN
                         fills.append((idx, WS, ws_offsets[sb] + p - sb))
                 elif hasattr(arg, "base") and isinstance(getattr(arg, "base"), torch.Tensor):
                     if not in_static(arg.base.data_ptr()):
