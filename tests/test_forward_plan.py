@@ -140,6 +140,15 @@ def test_every_environment_switch_is_keyed():
     assert not missing, f"add to FORWARD_ENVS (or TRAINING_ONLY_ENVS): {sorted(missing)}"
 
 
+def test_env_values_follow_the_environment(monkeypatch):
+    i = P.FORWARD_ENVS.index("FP8_DEEP_FUSED_SWIGLU")
+    monkeypatch.delenv("FP8_DEEP_FUSED_SWIGLU", raising=False)
+    assert P._env_values()[i] is None
+    monkeypatch.setenv("FP8_DEEP_FUSED_SWIGLU", "0")
+    assert P._env_values()[i] in ("0", b"0")
+    assert P._env_values() != tuple([None] * len(P.FORWARD_ENVS))
+
+
 def test_plans_are_off_on_the_cpu():
     assert not P.plans_usable(torch.zeros(1))
 

@@ -91,13 +91,25 @@ def _extent(t: torch.Tensor) -> int:
     return (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
 
 
+# os.environ's backing dict (encoded names): one dict lookup per switch instead of os.environ.get's encode + decode
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEYS = tuple(os.environ.encodekey(n) for n in FORWARD_ENVS) if hasattr(os.environ, "encodekey") else None
+
+
+def _env_values() -> tuple:
+    if _ENV_DATA is not None and _ENV_KEYS is not None:
+        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    return tuple(os.environ.get(n) for n in FORWARD_ENVS)
+
+
 def forward_key(dynamic: Sequence[Optional[torch.Tensor]], static: Sequence[Optional[torch.Tensor]], options: tuple):
-    """The signature a plan is valid for (module docstring)."""
-    key = [options, tuple(os.environ.get(n) for n in FORWARD_ENVS)]
+    """The signature a plan is valid for (module docstring). Static tensors are keyed by address (unique across
+    devices under CUDA's unified addressing), shape, strides and dtype."""
+    key = [options, _env_values()]
     for t in dynamic:
         key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
     for t in static:
-        key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr()))
+        key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr()))
     return tuple(key)
 
 
