@@ -92,7 +92,9 @@ def test_plan_with_the_callers_out_and_refusals():
     why = P.ForwardPlan.build(_tape(calls, (x, _Desc(torch.empty(4)), x, res, 1)), (x, None), (w,), res, "triton")
     assert "descriptor" in why
     ok = P.ForwardPlan.build(_tape(calls, (x, _Desc(w), x, res, 1)), (x, None), (w,), res, "triton")
-    assert isinstance(ok, P.ForwardPlan)  # ... over a static tensor is a constant
+    assert isinstance(ok, P.ForwardPlan)  # ... over a static tensor is a constant, holding its address only
+    desc = ok.launches[0][1][1]
+    assert not isinstance(desc.base, torch.Tensor) and desc.base.data_ptr() == w.data_ptr()
     # a parameter with neither a value nor a default; a grid function; a failed tape
     tape = LaunchTape()
     tape.add(_Kernel(), _Compiled(calls), (1,), (x, w, x), {})

@@ -26,6 +26,7 @@ them; nor CPU tensors or the interpreter (no compiled kernels).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Sequence
 
@@ -63,6 +64,17 @@ _ALLOWED_OPS = {
     _aten.expand.default, _aten.slice.Tensor, _aten.select.int, _aten.alias.default, _aten.detach.default,
     _aten.unbind.int, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.view.dtype,
 }
+
+
+class _Address:
+    """A device address where Triton's launcher expects a tensor (it reads ``data_ptr()`` only)."""
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
 
 
 class _OpGuard(TorchDispatchMode):
@@ -184,6 +196,11 @@ class ForwardPlan:
                 elif hasattr(arg, "base") and isinstance(getattr(arg, "base"), torch.Tensor):
                     if not in_static(arg.base.data_ptr()):
                         return f"{kernel.__name__}: a tensor descriptor over a per-call or intermediate tensor"
+                    # the same descriptor over the address alone: a plan must not keep the weights alive (a cache
+                    # refresh allocates new ones, under a new key; the old plan only ages out)
+                    desc = copy.copy(arg)
+                    object.__setattr__(desc, "base", _Address(arg.base.data_ptr()))
+                    template[idx] = desc
             launches.append((compiled[grid], template, fills))
         return cls(launches, ws_bytes, result_spec, result.device, backend_name)
 
