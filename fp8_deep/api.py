@@ -63,10 +63,12 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
     unchecked out-of-range ids are dropped (that choice contributes nothing), never read out of bounds.
     """
     global _LAST_BACKEND
+    chosen = []  # this call's backend (the launch plan's check must not read the process-wide _LAST_BACKEND)
 
     def select(**shape):
         global _LAST_BACKEND
         gemm = select_grouped_gemm(backend, **shape)
+        chosen.append(gemm.name)
         _LAST_BACKEND = gemm.name
         return gemm
 
@@ -75,18 +77,22 @@ def moe_forward(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
                                 w13_scale=w13_scale, w2_scale=w2_scale, activation=activation, expert_map=expert_map,
                                 scale_fmt=scale_fmt, out=out, fp8_weights=fp8_weights)
 
-    # an inference call on CUDA replays the launches its signature recorded (fp8_deep.moe.plan)
-    if (isinstance(hidden_states, torch.Tensor) and _plan.plans_usable(hidden_states) and hidden_states.shape[0]
+    # an inference call on CUDA replays the launches its signature recorded (fp8_deep.moe.plan); arguments of any
+    # other type than the documented ones take the plain path, whose checks name them
+    if (type(hidden_states) is torch.Tensor and hidden_states.dim() == 2 and hidden_states.shape[0]
+            and _plan.plans_usable(hidden_states)
+            and all(type(t) is torch.Tensor for t in (w13, w2, topk_weights, topk_ids))
+            and all(t is None or type(t) is torch.Tensor for t in (w13_scale, w2_scale, expert_map, out))
+            and (fp8_weights is None or type(fp8_weights) is MoEWeightsFP8)
+            and all(type(o) is str for o in (backend, activation, scale_fmt))
             and not needs_grad(hidden_states, w13, w2, topk_weights)):
         dynamic = (hidden_states, topk_weights, topk_ids, out)
         static = (w13, w2, w13_scale, w2_scale, expert_map, *(fp8_weights if fp8_weights is not None else ()))
-        key = _plan.forward_key(dynamic, static, (backend, activation, scale_fmt, fp8_weights is None))
-        plan = _plan.FORWARD_PLANS.get(key)
-        if isinstance(plan, _plan.ForwardPlan):
-            _LAST_BACKEND = plan.backend_name
-            return plan.replay(dynamic)
-        if plan is None:
-            res, plan = _plan.record_forward(call, dynamic, static, last_backend)
-            _plan.FORWARD_PLANS.put(key, plan if isinstance(plan, _plan.ForwardPlan) else _plan.UNPLANNABLE)
-            return res
+        # an out that overlaps an input (in place, as vLLM's inplace=True) is its own signature: never replayed
+        aliased = out is not None and any(_plan.overlaps(out, t) for t in dynamic[:3])
+        key = _plan.forward_key(dynamic, static, (backend, activation, scale_fmt, fp8_weights is None, aliased))
+        res, name = _plan.forward(key, call, dynamic, static, chosen)
+        if name is not None:
+            _LAST_BACKEND = name
+        return res
     return call()

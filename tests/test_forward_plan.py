@@ -182,7 +182,6 @@ def test_replay_equals_plain_path_gpu(T, fp8, monkeypatch):
     E, H, I, k = 64, 1024, 512, 8
     layer = _layer(E, H, I, T, k, dev, fp8=fp8)
     P.FORWARD_PLANS.clear()
-    hits0 = P.FORWARD_PLANS.hits
     for step in range(4):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         tw, ids = _routing(T, E, k, dev, seed=step)
@@ -192,7 +191,8 @@ def test_replay_equals_plain_path_gpu(T, fp8, monkeypatch):
             ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
             monkeypatch.delenv(P.FORWARD_PLANS_ENV)
         assert_bitwise_equal(got, ref, f"step {step}")
-    assert P.FORWARD_PLANS.hits - hits0 == 3, (P.FORWARD_PLANS.hits - hits0, P.ForwardPlan.refusals)
+    plans = [p for p in P.FORWARD_PLANS._plans.values() if isinstance(p, P.ForwardPlan)]
+    assert len(plans) == 1 and plans[0].replays == 3, (P.FORWARD_PLANS._plans, P.ForwardPlan.refusals)
     assert fp8_deep.last_backend() == "triton"
 
 
@@ -204,12 +204,20 @@ def test_replay_with_out_and_in_a_cuda_graph_gpu():
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
     tw, ids = _routing(T, E, k, dev, seed=1)
     P.FORWARD_PLANS.clear()
+    P.ForwardPlan.refusals.clear()
     out = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer).clone()  # records
         res = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer)        # replays
         assert res is out
         assert_bitwise_equal(out, ref)
+        assert [p.replays for p in P.FORWARD_PLANS._plans.values()] == [1], P.ForwardPlan.refusals
+        # in place (out = hidden_states): its own signature, never replayed (refused: per-call tensors overlap)
+        for _ in range(3):
+            x_in = x.clone()
+            assert fp8_deep.moe_forward(x_in, topk_weights=tw, topk_ids=ids, out=x_in, **layer) is x_in
+            assert_bitwise_equal(x_in, ref)
+        assert P.MAX_REFUSALS in P.FORWARD_PLANS._plans.values() and P.ForwardPlan.refusals
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -232,6 +240,7 @@ def test_refused_signature_keeps_the_plain_path_gpu():
     E, H, I, k, T = 8, 512, 256, 2, 4096
     layer = _layer(E, H, I, T, k, dev)
     P.FORWARD_PLANS.clear()
+    P.ForwardPlan.refusals.clear()
     outs = []
     for step in range(2):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(5))
@@ -240,3 +249,8 @@ def test_refused_signature_keeps_the_plain_path_gpu():
             outs.append(fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer))
     assert_bitwise_equal(outs[0], outs[1])
     assert P.ForwardPlan.refusals, "expected this signature to be refused (descriptors over activations)"
+    assert list(P.FORWARD_PLANS._plans.values()) == [2]  # refused twice, then the plain path for good
+    with torch.no_grad():
+        again = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
+    assert_bitwise_equal(again, outs[0])
+    assert list(P.FORWARD_PLANS._plans.values()) == [2]

@@ -19,7 +19,9 @@ forward reads (``FORWARD_ENVS``). A recording is refused, and the call keeps the
 anything in it cannot be replayed safely: a torch operation doing GPU work (``_OpGuard``: only allocations and views
 may run), a launch that bypassed ``JITFunction.run``, another backend than ours (DeepGEMM launches outside Triton),
 a tensor descriptor over an intermediate (the TMA and Gluon tiles of large batches: their host time is small next
-to their GPU time), a result that is not a fresh tensor of its own.
+to their GPU time), a result that is not a fresh tensor of its own, per-call tensors that overlap (an ``out`` written
+in place over ``hidden_states`` is keyed apart, so only that signature loses its plan). A signature refused
+``MAX_REFUSALS`` times keeps the plain path; a refusal caused by another thread's launches is not counted.
 
 ``FP8_DEEP_FORWARD_PLANS=0`` (or ``FP8_DEEP_LAUNCH_PLANS=0``) turns plans off. Training calls (autograd) never use
 them; nor CPU tensors or the interpreter (no compiled kernels).
@@ -34,10 +36,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..numerics import interpreter_active
+from ..ops import _registry
 from ..ops._launch import PLANS_ENABLED, LaunchTape, PlanCache, record_launches
+from ..ops.routing import routing_check_enabled
 
-__all__ = ["ForwardPlan", "FORWARD_PLANS_ENV", "FORWARD_ENVS", "plans_usable", "forward_key", "record_forward",
-           "FORWARD_PLANS"]
+__all__ = ["ForwardPlan", "FORWARD_PLANS_ENV", "FORWARD_ENVS", "plans_usable", "forward_key", "forward",
+           "FORWARD_PLANS", "MAX_REFUSALS"]
 
 FORWARD_PLANS_ENV = "FP8_DEEP_FORWARD_PLANS"
 # every environment switch the inference forward (or a launcher it calls) reads: a plan is keyed on their values.
@@ -52,7 +56,10 @@ TRAINING_ONLY_ENVS = ("FP8_DEEP_RETILE_CONFIG", "FP8_DEEP_SWIGLU_BWD_CONFIG", "F
                       "FP8_DEEP_LAUNCH_PLANS")
 
 FORWARD_PLANS = PlanCache(maxsize=64)
-UNPLANNABLE = "unplannable"  # cached for a signature whose recording was refused (why: ForwardPlan.refusals)
+# what the cache holds for a signature whose recording was refused (why: ForwardPlan.refusals): the count of
+# refusals; after MAX_REFUSALS the signature keeps the plain path (a first call may do one-time work, e.g. a lazy
+# import's torch ops, that a second recording does not meet)
+MAX_REFUSALS = 2
 _WS_ALIGN = 512  # the caching allocator's block alignment: offsets keep every address's alignment
 
 _aten = torch.ops.aten
@@ -92,8 +99,17 @@ class _OpGuard(TorchDispatchMode):
 
 
 def plans_usable(hidden_states: torch.Tensor) -> bool:
+    """CUDA, compiled kernels, plans on, no routing check (its host sync and its ValueError belong to the plain
+    path), not under torch.compile's tracing (fake tensors have no addresses)."""
     return (PLANS_ENABLED and hidden_states.is_cuda and not interpreter_active()
-            and os.environ.get(FORWARD_PLANS_ENV, "1") != "0")
+            and os.environ.get(FORWARD_PLANS_ENV, "1") != "0" and not routing_check_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte extents of ``a`` and ``b`` intersect."""
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + _extent(b) and pb < pa + _extent(a)
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -104,20 +120,20 @@ def _extent(t: torch.Tensor) -> int:
 
 
 # os.environ's backing dict (encoded names): one dict lookup per switch instead of os.environ.get's encode + decode
-_ENV_DATA = getattr(os.environ, "_data", None)
 _ENV_KEYS = tuple(os.environ.encodekey(n) for n in FORWARD_ENVS) if hasattr(os.environ, "encodekey") else None
 
 
 def _env_values() -> tuple:
-    if _ENV_DATA is not None and _ENV_KEYS is not None:
-        return tuple(map(_ENV_DATA.get, _ENV_KEYS))
+    data = getattr(os.environ, "_data", None)  # looked up per call: os.environ may have been replaced
+    if isinstance(data, dict) and _ENV_KEYS is not None:
+        return tuple(map(data.get, _ENV_KEYS))
     return tuple(os.environ.get(n) for n in FORWARD_ENVS)
 
 
 def forward_key(dynamic: Sequence[Optional[torch.Tensor]], static: Sequence[Optional[torch.Tensor]], options: tuple):
     """The signature a plan is valid for (module docstring). Static tensors are keyed by address (unique across
     devices under CUDA's unified addressing), shape, strides and dtype."""
-    key = [options, _env_values()]
+    key = [options, _env_values(), _registry.generation]
     for t in dynamic:
         key.append(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
     for t in static:
@@ -136,6 +152,7 @@ class ForwardPlan:
         self.result_spec = result_spec    # (shape, stride, dtype) of a fresh result, or None (the caller's out)
         self.device = device
         self.backend_name = backend_name
+        self.replays = 0
 
     @classmethod
     def build(cls, tape: LaunchTape, dynamic, static, result: torch.Tensor, backend_name: str):
@@ -146,6 +163,9 @@ class ForwardPlan:
         if not tape.launches:
             return "no launches recorded"
         n_dyn = len(dynamic)
+        present = [t for t in dynamic if t is not None]
+        if any(overlaps(a, b) for i, a in enumerate(present) for b in present[i + 1:]):
+            return "per-call tensors overlap (an argument could not be placed in one of them)"
         slots = [(i, t.data_ptr(), _extent(t)) for i, t in enumerate(dynamic) if t is not None]
         statics = [(t.data_ptr(), _extent(t)) for t in static if t is not None]
         out_given = dynamic[-1] is not None and result is dynamic[-1]
@@ -206,6 +226,7 @@ class ForwardPlan:
 
     def replay(self, dynamic: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         """Run the recorded launches for new per-call tensors ``dynamic`` (same signature); returns the result."""
+        self.replays += 1
         ws = torch.empty(self.ws_bytes, dtype=torch.uint8, device=self.device) if self.ws_bytes else None
         if self.result_spec is None:
             res = dynamic[-1]
@@ -222,16 +243,27 @@ class ForwardPlan:
         return res
 
 
-def record_forward(call, dynamic, static, backend_name_fn):
-    """Run ``call()`` (the plain forward) while recording it; returns ``(result, plan or the refusal reason)``."""
+def forward(key, call, dynamic, static, chosen: list):
+    """The MoE forward for signature ``key``: a replay of its plan, or ``call()`` (the plain path), recorded into a
+    plan while the signature has fewer than MAX_REFUSALS refusals. ``chosen`` is the list the call's backend
+    selection appends the chosen backend's name to. Returns ``(result, backend name or None)``."""
+    entry = FORWARD_PLANS.get(key)
+    if isinstance(entry, ForwardPlan):
+        return entry.replay(dynamic), entry.backend_name
+    if entry is not None and entry >= MAX_REFUSALS:
+        return call(), None
     tape = LaunchTape()
     with record_launches(tape), _OpGuard(tape):
         res = call()
-    name = backend_name_fn()
+    name = chosen[-1] if chosen else None
     if name != "triton":
         plan = f"backend {name!r} launches outside Triton"
     else:
         plan = ForwardPlan.build(tape, dynamic, static, res, name)
-    if isinstance(plan, str):
+    if isinstance(plan, ForwardPlan):
+        FORWARD_PLANS.put(key, plan)
+    else:
         ForwardPlan.refusals[plan] = ForwardPlan.refusals.get(plan, 0) + 1
-    return res, plan
+        if not tape.transient:
+            FORWARD_PLANS.put(key, (entry or 0) + 1)
+    return res, None

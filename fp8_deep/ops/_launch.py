@@ -127,11 +127,13 @@ class LaunchTape:
         self.launches: list = []  # (kernel, compiled, grid, full_args)
         self.ok = True
         self.why = ""
+        self.transient = False  # the failure says nothing about the call itself (another thread's activity)
         self.hook_count = 0
+        self.thread = threading.get_ident()
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, transient: bool = False) -> None:
         if self.ok:
-            self.ok, self.why = False, why
+            self.ok, self.why, self.transient = False, why, transient
 
     def add(self, kernel, compiled, grid, args, kwargs) -> None:
         if compiled is None or not hasattr(compiled, "__getitem__"):
@@ -150,7 +152,8 @@ class LaunchTape:
         self.launches.append((kernel, compiled, g, full))
 
     def _hook(self, metadata) -> None:
-        self.hook_count += 1
+        if threading.get_ident() == self.thread:  # the driver calls the hook on the launching thread
+            self.hook_count += 1
 
 
 @contextlib.contextmanager
@@ -170,20 +173,13 @@ def record_launches(tape: LaunchTape):
     me = threading.get_ident()
     with _PATCH_LOCK:
         orig = JITFunction.run
-        if getattr(orig, "_fp8_deep_recorder", False):
-            tape.fail("another thread is recording")
-            yield tape
-            return
-
-        def run(self, *args, grid, warmup, **kwargs):
-            compiled = orig(self, *args, grid=grid, warmup=warmup, **kwargs)
-            t = getattr(_LOCAL, "tape", None)
-            if t is not None and not warmup and threading.get_ident() == me:
-                t.add(self, compiled, grid, args, kwargs)
-            return compiled
-
-        run._fp8_deep_recorder = True
-        JITFunction.run = run
+        busy = getattr(orig, "_fp8_deep_recorder", False)
+        if not busy:
+            JITFunction.run = _recording_run(orig, me)
+    if busy:
+        tape.fail("another thread is recording", transient=True)
+        yield tape
+        return
     _LOCAL.tape = tape
     chain.add(tape._hook)
     try:
@@ -195,3 +191,16 @@ def record_launches(tape: LaunchTape):
             JITFunction.run = orig
     if tape.hook_count != len(tape.launches):
         tape.fail(f"{tape.hook_count} launches reached the driver, {len(tape.launches)} passed through Triton's run")
+
+
+def _recording_run(orig, me: int):
+    """``JITFunction.run`` that also records thread ``me``'s launches into its tape."""
+    def run(self, *args, grid, warmup, **kwargs):
+        compiled = orig(self, *args, grid=grid, warmup=warmup, **kwargs)
+        t = getattr(_LOCAL, "tape", None)
+        if t is not None and not warmup and threading.get_ident() == me:
+            t.add(self, compiled, grid, args, kwargs)
+        return compiled
+
+    run._fp8_deep_recorder = True
+    return run

@@ -11,11 +11,16 @@ from typing import Callable, Dict
 
 _LOADERS: Dict[str, Dict[str, Callable[[], object]]] = {}
 _CACHE: Dict[tuple, object] = {}
+# bumped by every register(): callers that cache a decision taken from availability (the MoE forward's launch
+# plans) key on it
+generation = 0
 
 
 def register(kind: str, name: str, loader: Callable[[], object]) -> None:
+    global generation
     _LOADERS.setdefault(kind, {})[name] = loader
     _CACHE.pop((kind, name), None)
+    generation += 1
 
 
 class _Missing:

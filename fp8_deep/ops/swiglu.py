@@ -33,8 +33,6 @@ __all__ = ["silu_mul_quantize", "silu_mul_quantize_ref", "silu_mul_backward_quan
 silu_mul_quantize_ref = reference.silu_mul_quantize
 
 
-@on_input_device
-
 def _gate_up_split(t: torch.Tensor, name: str, group_size: int):
     """``(M, I, G)`` of a ``(M, 2I)`` ``[gate | up]`` tensor: rows, the intermediate size and the 1x``group_size``
     groups of each half (a group never straddles the two)."""
@@ -43,6 +41,8 @@ def _gate_up_split(t: torch.Tensor, name: str, group_size: int):
         raise ValueError(f"{name} must be (M, 2I) = [gate | up], got an odd last dimension: shape {tuple(t.shape)}")
     return M, two_i // 2, cdiv(two_i // 2, group_size)
 
+
+@on_input_device
 def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = None, group_size: int = BLOCK,
                       scale_fmt: str = "fp32", scale_layout: str = "tma_aligned", eps: float = ACT_EPS,
                       out: Optional[Tuple[torch.Tensor, ...]] = None, save_input: bool = False):
