@@ -235,11 +235,13 @@ class ForwardPlan:
             res = torch.empty_strided(shape, stride, dtype=dtype, device=self.device)
         bases = [0 if t is None else t.data_ptr() for t in dynamic]
         bases += [res.data_ptr(), ws.data_ptr() if ws is not None else 0]
+        # the current stream once for all launches (each runner would look it up again)
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         for runner, template, fills in self.launches:
             args = template.copy()
             for idx, slot, off in fills:
                 args[idx] = bases[slot] + off
-            runner(*args)
+            runner(*args, stream=stream)
         return res
 
 
