@@ -153,7 +153,11 @@ def run_model(name, m, args, log, rows, budget):
         # embedding + lm_head, a bucket (and a bucket's worth of slack), and a stacked w13's FP8 output (larger than a
         # bucket)
         fixed = 2 * 2 * m["vocab"] * m["H"] + 2 * args.bucket_mb * 2 ** 20 + m["E"] * 2 * m["inter"] * m["H"]
-        fit = int((free * args.mem_frac - fixed) // layer_bytes(m))
+        # the same-bytes copy baseline runs while the BF16 weights exist: its source and destination hold the
+        # ~1.5x BF16 bytes a sync moves (run 0bfee9a: 34 Qwen3 layers fitted the old estimate, then every provider
+        # ran out of memory)
+        per_layer = layer_bytes(m) * (2.5 if "copy_sm" in args.providers else 1.0)
+        fit = int((free * args.mem_frac - fixed) // per_layer)
         if fit < 1:
             print(f"[note] {name}: not one layer fits in {args.mem_frac:.0%} of free memory; skipped")
             return

@@ -472,15 +472,16 @@ FUSED_SWIGLU_MAX_STAGES = 3
 def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> Optional[GemmConfig]:
     """The block-map tile the fused GEMM1 + SwiGLU kernel runs, or None where the two launches run instead.
 
-    ``FP8_DEEP_FUSED_SWIGLU``: ``0`` never fuses; unset fuses where the GEMM's own configuration (``resolve_config``:
-    pinned, tuned or picked) is a block-map tile, the decode-sized regime where the saved launch and the h round trip
-    are a visible share of the call; ``1`` also replaces any other pick by ``FUSED_SWIGLU_DEFAULT`` (A/B runs).
-    ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always one 128-group of
-    gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
+    Opt-in: ``FP8_DEEP_FUSED_SWIGLU=1`` fuses where the GEMM's own configuration (``resolve_config``: pinned, tuned or
+    picked) is a block-map tile, and elsewhere runs ``FUSED_SWIGLU_DEFAULT``; ``auto`` fuses only where the GEMM's
+    configuration is a block-map tile; unset or ``0`` never fuses. Not the default: on an H100 (2026-12-07) its GPU
+    test against the two launches failed (cause not yet diagnosed) and the forward gained 0-4% at most, lost 14% on
+    one decode shape. ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always
+    one 128-group of gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
     env = os.environ.get(FUSED_SWIGLU_ENV)
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"{FUSED_SWIGLU_ENV}={env!r}: expected 0 or 1 (unset: where the GEMM picks block-map tiles)")
-    if env == "0" or I % BLOCK:
+    if env not in (None, "", "0", "1", "auto"):
+        raise ValueError(f"{FUSED_SWIGLU_ENV}={env!r}: expected 0, 1 or auto (unset: off)")
+    if env in (None, "", "0") or I % BLOCK:
         return None
     pinned = os.environ.get(SWIGLU_CONFIG_ENV)
     cfg = GemmConfig.parse(pinned) if pinned else resolve_config(config, a, b, expected_m)
