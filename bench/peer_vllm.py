@@ -811,6 +811,7 @@ def _activation_bytes(T, H, inter, topk) -> int:
 
 def run_bench(args) -> int:
     import fp8_deep
+    from fp8_deep.moe import plan as forward_plans
     from fp8_deep.testing import calc_diff
     dev = C.device()
     k = load_vllm_kernel(args.source)
@@ -853,6 +854,7 @@ def run_bench(args) -> int:
                 theirs = peer.forward(hidden)
                 ours_fn = lambda: fp8_deep.moe_forward(hidden, q13, q2, tw, tid, w13_scale=s13,  # noqa: E731
                                                        w2_scale=s2, backend=args.ours_backend)
+                seen = dict(forward_plans.ForwardPlan.refusals)  # the first calls of this signature record it
                 d = calc_diff(theirs.float(), ours_fn().float())
                 ours_backend = fp8_deep.last_backend()
                 vllm_fn = peer.gemms_fn()
@@ -866,6 +868,8 @@ def run_bench(args) -> int:
                     res[f"ours_gemms_{mode}_ms"] = C.bench(gemms_fn, rep=args.rep, graph=mode == "graph")[0]
                     res[f"ratio_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_{mode}_ms"]
                     res[f"ratio_gemms_{mode}"] = res[f"vllm_{mode}_ms"] / res[f"ours_gemms_{mode}_ms"]
+                new = [w for w, n in forward_plans.ForwardPlan.refusals.items() if n > seen.get(w, 0)]
+                res["plan"] = ("refused: " + "; ".join(new))[:160] if new else "replayed"
                 if dev == "cuda":
                     # A/B in the same process: our forward without its fusions (quantize+permute, GEMM1+SwiGLU)
                     with C.environ(UNFUSED_ENV):
@@ -907,7 +911,7 @@ def run_bench(args) -> int:
     table = [{**r, "calc_diff": f"{r['calc_diff']:.1e}"} for r in rows]
     C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "ours_gemms_graph_ms",
                           "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain", "ours_host_us",
-                          "ours_host_noplan_us", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
+                          "ours_host_noplan_us", "plan", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
                           "vllm_config", "swap_ab", "tma_b", "ours_backend"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
                         f"complete, and vs our two GEMM launches alone (ratio_gemms); ratio = vLLM ms / ours ms, "
