@@ -55,6 +55,30 @@ def _promote(acc, part, sa, sb, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _acc_block(acc, a, b, sa, sb, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr, ACC_K: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """``acc`` plus one 128-K block's product of the token rows ``a`` and the weight rows ``b``, promoted: ``acc`` is
+    (BLOCK_N, rows) with SWAP_AB (the weight rows on the MMA's M side), else (rows, BLOCK_N). The arithmetic every
+    pointer-load kernel here shares, so that their bytes agree."""
+    if SWAP_AB:
+        part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)  # (BLOCK_N, rows), fp32
+        if BLOCK_N <= 128:
+            return acc + part * (sa * sb)[None, :]
+        else:
+            return acc + part * sb[:, None] * sa[None, :]
+    else:
+        return _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
+
+
+@triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP_AB: tl.constexpr):
+    if SWAP_AB:
+        return tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
 def _locate_tile(tile_id, total_m, num_n, cum_tiles, m_tiles, counts, offs_e, offsets_ptr, GROUP_M: tl.constexpr):
     """Tile ``tile_id`` -> (expert ``e``, m-tiles of the experts before ``e``, n-tile, ``e``'s valid rows, the first row
     of ``e``'s segment, global m-tile).
@@ -213,10 +237,7 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
     last row; rows past the expert's N feed only columns that are never stored)."""
     a_ptrs = a_ptr + rows_ld[:, None] * stride_am + offs_k[None, :]
     as_ptrs = as_ptr + rows_ld * stride_asm
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, SWAP_AB)
     for k0 in range(0, K, BLOCK_K):
         kb = k0 // BLOCK_K
         a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
@@ -226,14 +247,7 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
             b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
         sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
         sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
-        if SWAP_AB:
-            part = _dot_block(b, tl.trans(a), ACC_K, UPCAST)  # (BLOCK_N, BLOCK_M), fp32
-            if BLOCK_N <= 128:
-                acc += part * (sa * sb)[None, :]
-            else:
-                acc += part * sb[:, None] * sa[None, :]
-        else:
-            acc = _promote(acc, _dot_block(a, tl.trans(b), ACC_K, UPCAST), sa, sb, BLOCK_N)
+        acc = _acc_block(acc, a, b, sa, sb, BLOCK_N, SWAP_AB, ACC_K, UPCAST)
         a_ptrs += BLOCK_K
         if not TMA_B:
             b_ptrs += BLOCK_K
@@ -422,12 +436,8 @@ def _grouped_gemm_swiglu_kernel(
         g_row0 = e * (2 * I) + tn * GROUP                                    # descriptor rows (TMA_B)
         if not TMA_B:
             bg_ptrs = b_ptr + e64 * stride_be + cols64[:, None] * stride_bn + offs_k[None, :]
-        if SWAP_AB:
-            acc_g = tl.zeros((GROUP, BLOCK_M), dtype=tl.float32)
-            acc_u = tl.zeros((GROUP, BLOCK_M), dtype=tl.float32)
-        else:
-            acc_g = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_M, GROUP), dtype=tl.float32)
+        acc_g = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
+        acc_u = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // BLOCK_K
             a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
@@ -440,12 +450,8 @@ def _grouped_gemm_swiglu_kernel(
             sa = tl.load(as_ptrs + kb * stride_ask)
             sbg = tl.load(bsg_ptrs + kb * stride_bsk)
             sbu = tl.load(bsu_ptrs + kb * stride_bsk)
-            if SWAP_AB:
-                acc_g += _dot_block(bg, tl.trans(a), ACC_K, UPCAST) * (sa * sbg)[None, :]
-                acc_u += _dot_block(bu, tl.trans(a), ACC_K, UPCAST) * (sa * sbu)[None, :]
-            else:
-                acc_g = _promote(acc_g, _dot_block(a, tl.trans(bg), ACC_K, UPCAST), sa, sbg, GROUP)
-                acc_u = _promote(acc_u, _dot_block(a, tl.trans(bu), ACC_K, UPCAST), sa, sbu, GROUP)
+            acc_g = _acc_block(acc_g, a, bg, sa, sbg, GROUP, SWAP_AB, ACC_K, UPCAST)
+            acc_u = _acc_block(acc_u, a, bu, sa, sbu, GROUP, SWAP_AB, ACC_K, UPCAST)
             a_ptrs += BLOCK_K
             if not TMA_B:
                 bg_ptrs += BLOCK_K
