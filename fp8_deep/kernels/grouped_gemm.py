@@ -32,6 +32,15 @@ def _load_k(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _load_b(b, row0, k0, offs_k, k_left, EVEN_K: tl.constexpr, TMA_B: tl.constexpr):
+    """One BLOCK_K slice of the weight tile: ``b`` is a tensor descriptor (TMA_B; its rows start at ``row0``) or the
+    tile's pointers at this K (``_load_k``)."""
+    if TMA_B:
+        return b.load([row0, k0])
+    return _load_k(b, offs_k, k_left, EVEN_K)
+
+
+@triton.jit
 def _dot_block(x, y, ACC_K: tl.constexpr, UPCAST: tl.constexpr):
     """One 128-K block's FP8 product in float32. ``ACC_K > 0`` adds the tensor cores' partial sum into a float32
     register every ACC_K elements of K (Triton's ``max_num_imprecise_acc``) instead of chaining all four k=32 wgmma
@@ -241,10 +250,7 @@ def _tile_nt(a_ptr, as_ptr, b_ptrs, bs_ptrs, out_ptr, rows, rows_ld, row_ok, col
     for k0 in range(0, K, BLOCK_K):
         kb = k0 // BLOCK_K
         a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
-        if TMA_B:
-            b = b_ptrs.load([b_row0, k0])
-        else:
-            b = _load_k(b_ptrs, offs_k, K - k0, EVEN_K)
+        b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, EVEN_K, TMA_B)
         sa = tl.load(as_ptrs + kb * stride_ask)           # (BLOCK_M,)
         sb = tl.load(bs_ptrs + kb * stride_bsk)           # scalar, or (BLOCK_N,) when BLOCK_N > 128
         acc = _acc_block(acc, a, b, sa, sb, BLOCK_N, SWAP_AB, ACC_K, UPCAST)
@@ -434,19 +440,22 @@ def _grouped_gemm_swiglu_kernel(
         bsg_ptrs = bs_ptr + e64 * stride_bse + tn * stride_bsn              # gate rows' 128-row scale block
         bsu_ptrs = bsg_ptrs + (I // GROUP) * stride_bsn                      # up rows' block
         g_row0 = e * (2 * I) + tn * GROUP                                    # descriptor rows (TMA_B)
-        if not TMA_B:
+        if TMA_B:
+            bg_ptrs = b_ptr  # the descriptor
+            up_step = I      # the up rows: I rows further, in descriptor rows or in pointer strides
+        else:
             bg_ptrs = b_ptr + e64 * stride_be + cols64[:, None] * stride_bn + offs_k[None, :]
+            up_step = I * stride_bn
         acc_g = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
         acc_u = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // BLOCK_K
             a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
+            bg = _load_b(bg_ptrs, g_row0, k0, offs_k, K - k0, EVEN_K, TMA_B)
             if TMA_B:
-                bg = b_ptr.load([g_row0, k0])
-                bu = b_ptr.load([g_row0 + I, k0])
+                bu = _load_b(bg_ptrs, g_row0 + up_step, k0, offs_k, K - k0, EVEN_K, TMA_B)
             else:
-                bg = _load_k(bg_ptrs, offs_k, K - k0, EVEN_K)
-                bu = _load_k(bg_ptrs + I * stride_bn, offs_k, K - k0, EVEN_K)
+                bu = _load_b(bg_ptrs + up_step, 0, k0, offs_k, K - k0, EVEN_K, TMA_B)
             sa = tl.load(as_ptrs + kb * stride_ask)
             sbg = tl.load(bsg_ptrs + kb * stride_bsk)
             sbu = tl.load(bsu_ptrs + kb * stride_bsk)
