@@ -62,7 +62,9 @@ run_stage() {
     local t=$(( want < rem ? want : rem ))
     echo "[gpu_check] ===== $name on GPU ${CUDA_VISIBLE_DEVICES:-0} (timeout ${t}s, $(left)s left) : $*"
     local t0=$SECONDS
-    timeout --signal=TERM --kill-after=10 "$t" "$@" > "$LOGS/$log" 2>&1
+    # STAGE_SIGNAL=INT for pytest: interrupted, it still prints the failures it has seen and its summary (a TERM
+    # left a stage's log with a row of dots and F's and no name of what failed)
+    timeout --signal="${STAGE_SIGNAL:-TERM}" --kill-after=15 "$t" "$@" > "$LOGS/$log" 2>&1
     local rc=$?
     local how="rc=$rc"
     (( rc == 124 || rc == 137 )) && how="TIMEOUT after ${t}s"
@@ -234,8 +236,8 @@ run_one_stage() {
         pytest)  # a chosen pytest selection, e.g. PYTEST_SEL="tests/test_quant.py"; PYTEST_K="not 32768" is passed as
                  # one -k expression (PYTEST_SEL is split on spaces)
             # shellcheck disable=SC2086
-            run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider \
-                ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_SEL:-tests/} ;;
+            STAGE_SIGNAL=INT run_stage pytest "${PYTEST_TIMEOUT:-300}" pytest.log $PY -m pytest -q -p no:cacheprovider \
+                --tb=short ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_SEL:-tests/} ;;
         proto)  # a prototype or diagnostic script, e.g. PROTO="bench/diag/gluon_compile_check.py"
             # shellcheck disable=SC2086
             run_stage proto "${PROTO_TIMEOUT:-240}" proto.log $PY ${PROTO:-bench/diag/diag_accum.py} ;;
