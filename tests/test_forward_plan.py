@@ -89,8 +89,14 @@ def test_plan_with_the_callers_out_and_refusals():
     class _Desc:  # a tensor descriptor over an intermediate
         def __init__(self, base):
             self.base = base
-    why = P.ForwardPlan.build(_tape(calls, (x, _Desc(torch.empty(4)), x, res, 1)), (x, None), (w,), res, "triton")
-    assert "descriptor" in why
+    # a descriptor over an intermediate: rebuilt per replay over the workspace address of that intermediate
+    inter = torch.empty(64)
+    plan = P.ForwardPlan.build(_tape(calls, (x, _Desc(inter[8:]), inter, res, 1)), (x, None), (w,), res, "triton")
+    assert isinstance(plan, P.ForwardPlan), plan
+    plan.replay((x, None))
+    args = calls[-1][1]
+    assert args[1].base.data_ptr() == args[2] + 8 * 4 and not isinstance(args[1].base, torch.Tensor)
+    assert plan.launches[0][1][1].base.data_ptr() == 0  # the template itself holds no address of that call
     ok = P.ForwardPlan.build(_tape(calls, (x, _Desc(w), x, res, 1)), (x, None), (w,), res, "triton")
     assert isinstance(ok, P.ForwardPlan)  # ... over a static tensor is a constant, holding its address only
     desc = ok.launches[0][1][1]
@@ -103,6 +109,56 @@ def test_plan_with_the_callers_out_and_refusals():
     tape.add(_Kernel(), _Compiled(calls), lambda meta: (1,), (x, w, x, res, 1), {})
     assert not tape.ok and "grid is a function" in tape.why
     assert P.ForwardPlan.build(LaunchTape(), (x, None), (w,), res, "triton") == "no launches recorded"
+
+
+class _FakePlan(P.ForwardPlan):
+    def __init__(self, result):
+        super().__init__([], 0, None, torch.device("cpu"), "triton")
+        self.result = result
+
+    def replay(self, dynamic):
+        self.replays += 1
+        if dynamic[-1] is not None:
+            dynamic[-1].copy_(self.result)
+            return dynamic[-1]
+        return self.result.clone()
+
+
+def test_first_replay_is_checked_against_the_plain_path():
+    """Only a plan whose first replay gave the plain path's bytes is replayed alone afterwards; a mismatch retires
+    the signature with a warning."""
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    ref = torch.randn(4, 8, dtype=torch.bfloat16)
+    P.FORWARD_PLANS.clear()
+    plain_calls = []
+
+    def call():
+        plain_calls.append(1)
+        return ref.clone()
+    good = _FakePlan(ref)
+    P.FORWARD_PLANS.put("k", good)
+    res, _ = P.forward("k", call, (x, None), (), ["triton"])
+    assert_bitwise_equal(res, ref)
+    assert good.verified and good.replays == 1 and len(plain_calls) == 1
+    res, name = P.forward("k", call, (x, None), (), ["triton"])
+    assert good.replays == 2 and len(plain_calls) == 1 and name == "triton"  # replayed alone now
+    bad = _FakePlan(ref + 1)
+    P.FORWARD_PLANS.put("k2", bad)
+    with pytest.warns(RuntimeWarning, match="other bytes than the plain path"):
+        res, _ = P.forward("k2", call, (x, None), (), ["triton"])
+    assert_bitwise_equal(res, ref)  # the plain path's result is what the caller gets
+    assert not bad.verified and P.FORWARD_PLANS._plans["k2"] == P.MAX_REFUSALS
+    # with the caller's out: the replay goes to a temporary of the same layout, the plain path into out
+    out_plan = _FakePlan(ref)
+    P.FORWARD_PLANS.put("k3", out_plan)
+    out = torch.empty(4, 8, dtype=torch.bfloat16)
+
+    def call_out():
+        out.copy_(ref)
+        return out
+    res, _ = P.forward("k3", call_out, (x, out), (), ["triton"])
+    assert res is out and out_plan.verified
+    P.FORWARD_PLANS.clear()
 
 
 def test_op_guard_allows_allocations_and_views_only():
@@ -174,14 +230,22 @@ def _routing(T, E, k, dev, seed):
     return tw, ids.int()
 
 
+# tiles whose weights come through a TMA descriptor (static: kept as an address in the plan)
+TMA_B_TILES = "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,TMA_B=1,num_warps=4,num_stages=3"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 16, 64])
-@pytest.mark.parametrize("fp8", [True, False], ids=["fp8_weights", "bf16_weights"])
-def test_replay_equals_plain_path_gpu(T, fp8, monkeypatch):
+@pytest.mark.parametrize("fp8,tiles", [(True, None), (False, None), (True, TMA_B_TILES)],
+                         ids=["fp8_weights", "bf16_weights", "tma_weight_tiles"])
+def test_replay_equals_plain_path_gpu(T, fp8, tiles, monkeypatch):
     dev = "cuda"
     E, H, I, k = 64, 1024, 512, 8
+    if tiles:
+        monkeypatch.setenv("FP8_DEEP_GEMM_CONFIG", tiles)
     layer = _layer(E, H, I, T, k, dev, fp8=fp8)
     P.FORWARD_PLANS.clear()
+    P.ForwardPlan.refusals.clear()
     for step in range(4):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
         tw, ids = _routing(T, E, k, dev, seed=step)
@@ -192,7 +256,9 @@ def test_replay_equals_plain_path_gpu(T, fp8, monkeypatch):
             monkeypatch.delenv(P.FORWARD_PLANS_ENV)
         assert_bitwise_equal(got, ref, f"step {step}")
     plans = [p for p in P.FORWARD_PLANS._plans.values() if isinstance(p, P.ForwardPlan)]
-    assert len(plans) == 1 and plans[0].replays == 3, (P.FORWARD_PLANS._plans, P.ForwardPlan.refusals)
+    # step 0 records, step 1 checks its first replay against the plain path, steps 2-3 replay alone
+    assert len(plans) == 1 and plans[0].replays == 3 and plans[0].verified, (P.FORWARD_PLANS._plans,
+                                                                              P.ForwardPlan.refusals)
     assert fp8_deep.last_backend() == "triton"
 
 
@@ -208,10 +274,12 @@ def test_replay_with_out_and_in_a_cuda_graph_gpu():
     out = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
     with torch.no_grad():
         ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer).clone()  # records
+        res = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer)        # checks a replay
         res = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, out=out, **layer)        # replays
         assert res is out
         assert_bitwise_equal(out, ref)
-        assert [p.replays for p in P.FORWARD_PLANS._plans.values()] == [1], P.ForwardPlan.refusals
+        assert [(p.replays, p.verified) for p in P.FORWARD_PLANS._plans.values()] == [(2, True)], \
+            P.ForwardPlan.refusals
         # in place (out = hidden_states): its own signature, never replayed (refused: per-call tensors overlap)
         for _ in range(3):
             x_in = x.clone()
@@ -221,7 +289,8 @@ def test_replay_with_out_and_in_a_cuda_graph_gpu():
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)  # record the out-less signature
+            for _ in range(2):  # record the out-less signature, check its first replay
+                fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=s):
                 gout = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)
@@ -231,26 +300,26 @@ def test_replay_with_out_and_in_a_cuda_graph_gpu():
         ref2 = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, **layer)
     torch.cuda.synchronize()
     assert_bitwise_equal(gout, ref2)
+    # out= plan: its check + one replay; out-less: its check, the captured replay, the replay giving ref2
+    assert sum(p.replays for p in P.FORWARD_PLANS._plans.values() if isinstance(p, P.ForwardPlan)) == 5
 
 
 @pytest.mark.gpu
-def test_refused_signature_keeps_the_plain_path_gpu():
-    """A large batch (TMA / Gluon tiles: descriptors over the activations) is refused once and runs plain."""
+def test_large_batch_tiles_replay_gpu():
+    """A large batch: TMA / Gluon tiles whose descriptors describe the activations (intermediates), rebuilt over each
+    replay's workspace; replays give the plain path's bytes."""
     dev = "cuda"
     E, H, I, k, T = 8, 512, 256, 2, 4096
     layer = _layer(E, H, I, T, k, dev)
     P.FORWARD_PLANS.clear()
     P.ForwardPlan.refusals.clear()
     outs = []
-    for step in range(2):
+    for step in range(4):
         x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(5))
         tw, ids = _routing(T, E, k, dev, seed=3)
         with torch.no_grad():
             outs.append(fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer))
-    assert_bitwise_equal(outs[0], outs[1])
-    assert P.ForwardPlan.refusals, "expected this signature to be refused (descriptors over activations)"
-    assert list(P.FORWARD_PLANS._plans.values()) == [2]  # refused twice, then the plain path for good
-    with torch.no_grad():
-        again = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
-    assert_bitwise_equal(again, outs[0])
-    assert list(P.FORWARD_PLANS._plans.values()) == [2]
+    for o in outs[1:]:
+        assert_bitwise_equal(o, outs[0])
+    plans = [p for p in P.FORWARD_PLANS._plans.values() if isinstance(p, P.ForwardPlan)]
+    assert len(plans) == 1 and plans[0].verified and plans[0].replays == 3, P.ForwardPlan.refusals

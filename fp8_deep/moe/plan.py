@@ -10,7 +10,8 @@ launches (compiled kernel, grid, every argument). Each tensor argument is placed
 call's per-call tensors (``hidden_states``, ``topk_weights``, ``topk_ids``, ``out``: their addresses change every
 call), one of its static tensors (weights, scales, ``expert_map``: their addresses are in the signature, so they
 stay constants), the result, or an intermediate (replayed at the same offset inside one fresh workspace
-allocation). Later calls with the same signature allocate the workspace and the result and relaunch the compiled
+allocation); a TMA descriptor is placed by the tensor it describes and rebuilt over each replay's address.
+Later calls with the same signature allocate the workspace and the result and relaunch the compiled
 kernels with the new addresses: no checks (the signature holds everything they checked), no Triton binder.
 
 The signature: shapes, strides, dtypes and devices of every tensor argument, the 16-byte alignment of the per-call
@@ -18,18 +19,20 @@ tensors (Triton specializes on it), the addresses of the static ones, the option
 forward reads (``FORWARD_ENVS``). A recording is refused, and the call keeps the plain path for that signature, when
 anything in it cannot be replayed safely: a torch operation doing GPU work (``_OpGuard``: only allocations and views
 may run), a launch that bypassed ``JITFunction.run``, another backend than ours (DeepGEMM launches outside Triton),
-a tensor descriptor over an intermediate (the TMA and Gluon tiles of large batches: their host time is small next
-to their GPU time), a result that is not a fresh tensor of its own, per-call tensors that overlap (an ``out`` written
+a result that is not a fresh tensor of its own, per-call tensors that overlap (an ``out`` written
 in place over ``hidden_states`` is keyed apart, so only that signature loses its plan). A signature refused
 ``MAX_REFUSALS`` times keeps the plain path; a refusal caused by another thread's launches is not counted.
 
-``FP8_DEEP_FORWARD_PLANS=0`` (or ``FP8_DEEP_LAUNCH_PLANS=0``) turns plans off. Training calls (autograd) never use
+A plan's first replay runs beside the plain path once and must give its bytes (``_first_replay``); only then are
+replays returned, captured in CUDA graphs included. ``FP8_DEEP_FORWARD_PLANS=0`` (or ``FP8_DEEP_LAUNCH_PLANS=0``)
+turns plans off. Training calls (autograd) never use
 them; nor CPU tensors or the interpreter (no compiled kernels).
 """
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -147,12 +150,14 @@ class ForwardPlan:
     refusals: dict = {}  # why recent recordings were refused (diagnostics and tests): why -> count
 
     def __init__(self, launches, ws_bytes, result_spec, device, backend_name):
-        self.launches = launches          # (runner, template args, [(index, base slot, byte offset)])
+        # (runner, template args, [(index, base slot, byte offset)] of addresses, [...] of descriptors' bases)
+        self.launches = launches
         self.ws_bytes = ws_bytes
         self.result_spec = result_spec    # (shape, stride, dtype) of a fresh result, or None (the caller's out)
         self.device = device
         self.backend_name = backend_name
         self.replays = 0
+        self.verified = False  # its first replay matched the plain path (_first_replay)
 
     @classmethod
     def build(cls, tape: LaunchTape, dynamic, static, result: torch.Tensor, backend_name: str):
@@ -177,51 +182,66 @@ class ForwardPlan:
                 return "the result is not a fresh tensor of its own"
             result_spec, res_base = (tuple(result.shape), result.stride(), result.dtype), result.data_ptr()
         RES, WS = n_dyn, n_dyn + 1  # base slots after the per-call tensors
+
+        def tensors_of(arg):  # a tensor argument, or the tensor a TMA descriptor describes
+            if isinstance(arg, torch.Tensor):
+                return arg
+            base = getattr(arg, "base", None)
+            return base if isinstance(base, torch.Tensor) else None
+
         # storage address -> bytes: the largest allocation seen there (the caching allocator may have handed one
         # address to two buffers of the call, one after the other), then each its offset in the workspace
         ws_sizes: dict = {}
         for _, _, _, full in tape.launches:
             for arg in full:
-                if isinstance(arg, torch.Tensor):
-                    st = arg.untyped_storage()
+                t = tensors_of(arg)
+                if t is not None:
+                    st = t.untyped_storage()
                     ws_sizes[st.data_ptr()] = max(ws_sizes.get(st.data_ptr(), 0), st.nbytes())
         ws_offsets: dict = {}
         ws_bytes = 0
 
-        def in_static(p):
-            return any(b <= p < b + n for b, n in statics)
+        def place(t):
+            """``(None, address)`` for a static tensor, else ``(base slot, byte offset)``."""
+            nonlocal ws_bytes
+            p = t.data_ptr()
+            hit = next(((i, p - b) for i, b, n in slots if b <= p < b + n), None)
+            if hit is not None:
+                return hit
+            if any(b <= p < b + n for b, n in statics):
+                return None, p
+            if res_base is not None and res_base <= p < res_base + _extent(result):
+                return RES, p - res_base
+            sb = t.untyped_storage().data_ptr()
+            if sb not in ws_offsets:
+                ws_offsets[sb] = ws_bytes
+                ws_bytes += -(-ws_sizes[sb] // _WS_ALIGN) * _WS_ALIGN
+            return WS, ws_offsets[sb] + p - sb
 
         launches = []
         for kernel, compiled, grid, full in tape.launches:
-            template, fills = list(full), []
+            template, fills, desc_fills = list(full), [], []
             for idx, arg in enumerate(full):
+                t = tensors_of(arg)
+                if t is None:
+                    continue
+                if t.device != result.device:
+                    return f"{kernel.__name__}: argument {idx} is on {t.device}"
+                slot, off = place(t)
                 if isinstance(arg, torch.Tensor):
-                    if arg.device != result.device:
-                        return f"{kernel.__name__}: argument {idx} is on {arg.device}"
-                    p = arg.data_ptr()
-                    hit = next(((i, p - b) for i, b, n in slots if b <= p < b + n), None)
-                    template[idx] = 0  # an address, filled in per replay or fixed below
-                    if hit is not None:
-                        fills.append((idx, hit[0], hit[1]))
-                    elif in_static(p):
-                        template[idx] = p
-                    elif res_base is not None and res_base <= p < res_base + _extent(result):
-                        fills.append((idx, RES, p - res_base))
-                    else:
-                        sb = arg.untyped_storage().data_ptr()
-                        if sb not in ws_offsets:
-                            ws_offsets[sb] = ws_bytes
-                            ws_bytes += -(-ws_sizes[sb] // _WS_ALIGN) * _WS_ALIGN
-                        fills.append((idx, WS, ws_offsets[sb] + p - sb))
-                elif hasattr(arg, "base") and isinstance(getattr(arg, "base"), torch.Tensor):
-                    if not in_static(arg.base.data_ptr()):
-                        return f"{kernel.__name__}: a tensor descriptor over a per-call or intermediate tensor"
-                    # the same descriptor over the address alone: a plan must not keep the weights alive (a cache
-                    # refresh allocates new ones, under a new key; the old plan only ages out)
+                    template[idx] = off if slot is None else 0  # an address: fixed, or filled in per replay
+                    if slot is not None:
+                        fills.append((idx, slot, off))
+                else:
+                    # the same descriptor over an address alone: a plan must not keep the weights alive (a cache
+                    # refresh allocates new ones, under a new key; the old plan only ages out), and a descriptor
+                    # over a per-call tensor or an intermediate gets each replay's address
                     desc = copy.copy(arg)
-                    object.__setattr__(desc, "base", _Address(arg.base.data_ptr()))
+                    object.__setattr__(desc, "base", _Address(off if slot is None else 0))
                     template[idx] = desc
-            launches.append((compiled[grid], template, fills))
+                    if slot is not None:
+                        desc_fills.append((idx, slot, off))
+            launches.append((compiled[grid], template, fills, desc_fills))
         return cls(launches, ws_bytes, result_spec, result.device, backend_name)
 
     def replay(self, dynamic: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
@@ -237,12 +257,52 @@ class ForwardPlan:
         bases += [res.data_ptr(), ws.data_ptr() if ws is not None else 0]
         # the current stream once for all launches (each runner would look it up again)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
-        for runner, template, fills in self.launches:
+        for runner, template, fills, desc_fills in self.launches:
             args = template.copy()
             for idx, slot, off in fills:
                 args[idx] = bases[slot] + off
+            for idx, slot, off in desc_fills:
+                desc = copy.copy(args[idx])
+                object.__setattr__(desc, "base", _Address(bases[slot] + off))
+                args[idx] = desc
             runner(*args, stream=stream)
         return res
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.element_size() == 2:
+        return torch.equal(a.view(torch.int16), b.view(torch.int16))
+    return torch.equal(a, b)
+
+
+def _first_replay(key, plan: "ForwardPlan", call, dynamic):
+    """A plan's first replay runs beside the plain path, once, and must give its bytes (the forward is bitwise
+    deterministic): the check that a recording placed every argument right, on this GPU and this Triton, before any
+    replay's result is returned. A mismatch retires the signature to the plain path, with a warning (a defect to
+    report). Under CUDA-graph capture (the comparison needs a host sync) an unchecked plan is not used."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return call()
+    out = dynamic[-1]
+    if out is None:
+        got = plan.replay(dynamic)
+    else:
+        got = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+        if got.data_ptr() % 16 != out.data_ptr() % 16:  # the signature's alignment: check on a later call
+            return call()
+        plan.replay((*dynamic[:-1], got))
+    ref = call()
+    if _same_bytes(got, ref):
+        plan.verified = True
+    else:
+        why = "a replay differed from the plain path"
+        ForwardPlan.refusals[why] = ForwardPlan.refusals.get(why, 0) + 1
+        FORWARD_PLANS.put(key, MAX_REFUSALS)
+        warnings.warn("fp8_deep: the launch plan of a moe_forward signature gave other bytes than the plain path; "
+                      "that signature runs the plain path from now on. Please report this (FP8_DEEP_FORWARD_PLANS=0 "
+                      "turns plans off).", RuntimeWarning, stacklevel=3)
+    return ref
 
 
 def forward(key, call, dynamic, static, chosen: list):
@@ -251,7 +311,9 @@ def forward(key, call, dynamic, static, chosen: list):
     selection appends the chosen backend's name to. Returns ``(result, backend name or None)``."""
     entry = FORWARD_PLANS.get(key)
     if isinstance(entry, ForwardPlan):
-        return entry.replay(dynamic), entry.backend_name
+        if entry.verified:
+            return entry.replay(dynamic), entry.backend_name
+        return _first_replay(key, entry, call, dynamic), None
     if entry is not None and entry >= MAX_REFUSALS:
         return call(), None
     tape = LaunchTape()
