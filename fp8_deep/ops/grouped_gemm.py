@@ -469,6 +469,14 @@ FUSED_SWIGLU_DEFAULT = GemmConfig(BLOCK_M=16, BLOCK_N=128, GROUP_M=1, SWAP_AB=Tr
 FUSED_SWIGLU_MAX_STAGES = 3
 
 
+def _fused_swiglu_mode() -> Optional[str]:
+    """``FP8_DEEP_FUSED_SWIGLU``: ``"1"``, ``"auto"``, or None (unset / ``0``: the two launches)."""
+    env = os.environ.get(FUSED_SWIGLU_ENV)
+    if env not in (None, "", "0", "1", "auto"):
+        raise ValueError(f"{FUSED_SWIGLU_ENV}={env!r}: expected 0, 1 or auto (unset: off)")
+    return env if env in ("1", "auto") else None
+
+
 def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> Optional[GemmConfig]:
     """The block-map tile the fused GEMM1 + SwiGLU kernel runs, or None where the two launches run instead.
 
@@ -478,10 +486,8 @@ def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> O
     test against the two launches failed (cause not yet diagnosed) and the forward gained 0-4% at most, lost 14% on
     one decode shape. ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always
     one 128-group of gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
-    env = os.environ.get(FUSED_SWIGLU_ENV)
-    if env not in (None, "", "0", "1", "auto"):
-        raise ValueError(f"{FUSED_SWIGLU_ENV}={env!r}: expected 0, 1 or auto (unset: off)")
-    if env in (None, "", "0") or I % BLOCK:
+    env = _fused_swiglu_mode()
+    if env is None or I % BLOCK:
         return None
     pinned = os.environ.get(SWIGLU_CONFIG_ENV)
     cfg = GemmConfig.parse(pinned) if pinned else resolve_config(config, a, b, expected_m)
@@ -516,6 +522,10 @@ def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         ``(q, scale)``: float8_e4m3fn ``(M, I)`` contiguous and float32 ``(M, ceil(I/128))`` dequantization scales in
         ``scale_layout``; rows with ``m_indices < 0`` get ``q = 0`` and scale 0.
     """
+    if _fused_swiglu_mode() is None:  # the default: the two launches, each validating its own arguments
+        _check_block_map(block_map, a.shape[0], b.shape[0], a.device)
+        return _two_launches(a, a_scale, b, b_scale, expert_offsets, expert_counts, block_map, scale_fmt,
+                             scale_layout, eps, config, expected_m, out)
     M, N, K, E = _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, torch.bfloat16)
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
@@ -535,10 +545,8 @@ def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
                                [("out[0]", q), ("out[1]", s)])
     cfg = _fused_swiglu_config(config, a, b, I, expected_m, block_size) if use_triton(a) and M and I and E else None
     if cfg is None:
-        h = grouped_gemm_fp8(a, a_scale, b, b_scale, expert_offsets, expert_counts, config=config,
-                             expected_m=expected_m, block_map=block_map)
-        return silu_mul_quantize(h, m_indices=block_map[1], scale_fmt=scale_fmt, scale_layout=scale_layout, eps=eps,
-                                 out=out)
+        return _two_launches(a, a_scale, b, b_scale, expert_offsets, expert_counts, block_map, scale_fmt,
+                             scale_layout, eps, config, expected_m, out)
     if out is None:
         q = torch.empty((M, I), dtype=FP8_DTYPE, device=a.device)
         s = alloc_scales((M, G), scale_layout, a.device)
@@ -560,6 +568,15 @@ def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return q, s
+
+
+def _two_launches(a, a_scale, b, b_scale, expert_offsets, expert_counts, block_map, scale_fmt, scale_layout, eps,
+                  config, expected_m, out):
+    """``grouped_gemm_swiglu_fp8`` as the two launches it fuses: GEMM1 (bf16 h), then ``silu_mul_quantize``."""
+    h = grouped_gemm_fp8(a, a_scale, b, b_scale, expert_offsets, expert_counts, config=config,
+                         expected_m=expected_m, block_map=block_map)
+    return silu_mul_quantize(h, m_indices=block_map[1], scale_fmt=scale_fmt, scale_layout=scale_layout, eps=eps,
+                             out=out)
 
 
 def _descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E):
