@@ -27,8 +27,10 @@ from .swiglu import _round_to
 def _load_k(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
     """One BLOCK_K slice of an FP8 operand; the K tail is masked only when K is not a multiple of BLOCK_K."""
     if EVEN_K:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+    return x
 
 
 @triton.jit
@@ -36,8 +38,10 @@ def _load_b(b, row0, k0, offs_k, k_left, EVEN_K: tl.constexpr, TMA_B: tl.constex
     """One BLOCK_K slice of the weight tile: ``b`` is a tensor descriptor (TMA_B; its rows start at ``row0``) or the
     tile's pointers at this K (``_load_k``)."""
     if TMA_B:
-        return b.load([row0, k0])
-    return _load_k(b, offs_k, k_left, EVEN_K)
+        x = b.load([row0, k0])
+    else:
+        x = _load_k(b, offs_k, k_left, EVEN_K)
+    return x
 
 
 @triton.jit
@@ -59,8 +63,10 @@ def _promote(acc, part, sa, sb, BLOCK_N: tl.constexpr):
     """FP32 promotion of one 128-K block: ``acc += part * sa[row] * sb[col]``. ``part`` is (rows, cols); ``sb`` is
     one scalar per 128-column block, so a vector only when BLOCK_N spans two of them."""
     if BLOCK_N <= 128:
-        return acc + part * (sa * sb)[:, None]
-    return acc + part * sa[:, None] * sb[None, :]
+        acc = acc + part * (sa * sb)[:, None]
+    else:
+        acc = acc + part * sa[:, None] * sb[None, :]
+    return acc
 
 
 @triton.jit

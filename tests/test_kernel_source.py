@@ -1,0 +1,77 @@
+"""Source checks of the ``@triton.jit`` functions that the CPU interpreter cannot make.
+
+A ``return`` inside an ``if`` on constexpr values, followed by more statements, runs as Python under the interpreter
+but not when compiled: Triton's code generator visits only the taken branch of a constexpr ``if`` and then goes on
+compiling the statements after it, dead code included. Triton 3.6 compiled such dead code silently where it happened
+to type-check (and failed where it did not: a tensor descriptor handed to the pointer-load path); Triton 3.9 rejects
+more of it. Every such helper is written as ``if``/``else`` assigning one value, returned once.
+"""
+import ast
+import pathlib
+
+import fp8_deep
+
+KERNELS = pathlib.Path(fp8_deep.__file__).parent / "kernels"
+
+
+def _constexpr_params(fn: ast.FunctionDef) -> set:
+    return {a.arg for a in fn.args.args if a.annotation is not None and "constexpr" in ast.unparse(a.annotation)}
+
+
+def _static_names(fn: ast.FunctionDef) -> set:
+    """Names bound to compile-time values: constexpr parameters and ``NAME: tl.constexpr = ...`` locals."""
+    names = _constexpr_params(fn)
+    for node in ast.walk(fn):
+        if isinstance(node, ast.AnnAssign) and "constexpr" in ast.unparse(node.annotation):
+            names.add(node.target.id)
+    return names
+
+
+def _is_static(test: ast.expr, static: set) -> bool:
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    return names <= static
+
+
+def _returns(stmts) -> bool:
+    return any(isinstance(n, ast.Return) for s in stmts for n in ast.walk(s))
+
+
+def _early_static_returns(body, static, where, found):
+    for i, stmt in enumerate(body):
+        if (isinstance(stmt, ast.If) and _is_static(stmt.test, static) and i + 1 < len(body)
+                and (_returns(stmt.body) or _returns(stmt.orelse))):
+            found.append(f"{where}:{stmt.lineno}")
+        for field in ("body", "orelse"):
+            sub = getattr(stmt, field, None)
+            if isinstance(sub, list):
+                _early_static_returns(sub, static, where, found)
+
+
+def _jit_functions():
+    for path in sorted(KERNELS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                yield path, node
+
+
+def test_jit_functions_found():
+    names = {fn.name for _, fn in _jit_functions()}
+    assert {"_load_b", "_promote", "_grouped_gemm_swiglu_kernel"} <= names
+
+
+def test_no_return_inside_a_constexpr_if_before_more_code():
+    found = []
+    for path, fn in _jit_functions():
+        _early_static_returns(fn.body, _static_names(fn), f"{path.name}:{fn.name}", found)
+    assert not found, ("return inside an `if` on constexpr values, followed by more statements (compiled as dead "
+                       f"code on the GPU; write if/else and one return): {found}")
+
+
+def test_checker_catches_the_pattern():
+    src = ("@triton.jit\ndef f(x, FLAG: tl.constexpr):\n    if FLAG:\n        return x\n    return x + 1\n\n"
+           "@triton.jit\ndef g(x, n):\n    if n > 0:\n        return\n    x = x + 1\n")
+    found = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.FunctionDef):
+            _early_static_returns(node.body, _static_names(node), node.name, found)
+    assert found == ["f:3"]  # g's condition is a runtime value: a top-level early exit Triton supports
