@@ -75,3 +75,16 @@ def test_checker_catches_the_pattern():
         if isinstance(node, ast.FunctionDef):
             _early_static_returns(node.body, _static_names(node), node.name, found)
     assert found == ["f:3"]  # g's condition is a runtime value: a top-level early exit Triton supports
+
+
+def test_fused_swiglu_variants_compile_for_sm90():
+    """Every fused GEMM1 + SwiGLU variant and the block-map GEMM it must match compile for sm_90 with this Triton
+    (no GPU needed: the wheel's ptxas), and each pair's K-block dot is the same MMA instruction: the interpreter
+    cannot see either."""
+    import os
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "diag" / "swiglu_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]

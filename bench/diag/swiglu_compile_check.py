@@ -94,23 +94,34 @@ def summary(ck):
 
 
 def main():
+    """Exit status 1 when a kernel fails to compile or a fused variant's dot compiles to other MMA instructions
+    than the GEMM it must match (tests/test_kernel_source.py runs this)."""
     print(f"triton {triton.__version__}")
     dump = os.environ.get("SWIGLU_DUMP")
+    status = 0
     for name, spec in VARIANTS.items():
         cfg = GemmConfig.parse(spec)
+        seen = {}
         for kind, build in (("fused", fused), ("gemm", gemm)):
             try:
                 ck = build(cfg)
             except Exception as exc:  # report and go on
-                print(f"{name:11s} {kind:5s} FAILED {type(exc).__name__}: {str(exc)[:600]}")
+                status = 1
+                print(f"{name:11s} {kind:5s} FAILED {type(exc).__name__}: {str(exc)[-1500:]}")
                 continue
-            print(f"{name:11s} {kind:5s} {summary(ck)}")
+            seen[kind] = summary(ck)
+            print(f"{name:11s} {kind:5s} {seen[kind]}")
             if dump:
                 os.makedirs(dump, exist_ok=True)
                 for ext in ("ttgir", "ptx"):
                     with open(os.path.join(dump, f"{name}_{kind}.{ext}"), "w") as f:
                         f.write(ck.asm[ext])
+        if len(seen) == 2 and (seen["fused"]["mma"], seen["fused"]["mma_enc"]) != (seen["gemm"]["mma"],
+                                                                               seen["gemm"]["mma_enc"]):
+            status = 1
+            print(f"{name:11s} MMA MISMATCH: the fused kernel's dot is not the GEMM's")
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
