@@ -777,7 +777,7 @@ def host_us(fn, n: int = 30) -> float:
 
 
 # the forward's fusions switched off (the A/B column ours_unfused_graph_ms)
-UNFUSED_ENV = {"FP8_DEEP_FUSED_QUANT_PERMUTE": "0", "FP8_DEEP_FUSED_SWIGLU": "0"}
+UNFUSED_ENV = {"FP8_DEEP_FUSED_QUANT_PERMUTE": "0", "FP8_DEEP_FUSED_SWIGLU": "0", "FP8_DEEP_FUSED_ALIGN_QUANT": "0"}
 
 
 def ours_gemms_fn(hidden, q13, s13, q2, s2, topk_weights, topk_ids, backend: str) -> Callable[[], torch.Tensor]:

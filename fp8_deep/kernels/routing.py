@@ -20,6 +20,8 @@ placement.
 import triton
 import triton.language as tl
 
+from .quant import _quant_groups
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -162,6 +164,80 @@ def align_fused_kernel(
 
     _write_block_and_meta(pid, counts, ends, offs, total, sorted_ptr, expert_ids_ptr, m_ptr, offsets_ptr, counts_ptr,
                           ntpp_ptr, numel, num_experts, num_rows, BLOCK_SIZE, E_POW2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# one launch for the plan and the quantized, permuted activations (decode-sized T * top_k)
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def align_quant_kernel(
+    # pointers: the routing (as align_fused_kernel), x (T, K) high precision, q (num_rows, K) FP8, s (num_rows, G)
+    ids_ptr, map_ptr, x_ptr,
+    sorted_ptr, expert_ids_ptr, ntpp_ptr, m_ptr, inv_ptr, offsets_ptr, counts_ptr, q_ptr, s_ptr,
+    # sizes
+    numel, top_k, num_experts, num_global, num_rows, K,
+    # strides
+    stride_t, stride_k, stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sg,
+    # numerics (quant_permute_kernel's)
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
+    # meta
+    HAS_MAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, E_POW2: tl.constexpr, CHOICES: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+):
+    """``align_fused_kernel`` then ``quant_permute_kernel``, in one launch: the same plan, the same rows.
+
+    Grid: (num_rows // BLOCK_SIZE, cdiv(G, GROUPS_PER_PROG)); every choice fits one tile (``CHOICES >= numel``).
+    Program (b, g) owns row block b: from the histogram of all choices it knows the expert owning the block, and
+    the rank of each choice among that expert's (a prefix count in flat order: the plan's stable order) tells
+    which choices land in the block. Column slice 0 writes the block's plan entries (rows, expert, inverse
+    permutation; block 0 also the per-expert meta and the -1 of dropped choices); every slice quantizes its
+    GROUPS_PER_PROG groups of the block's rows from their tokens' rows of x (padding rows: q 0, scale 0). The
+    routing is recomputed by every program: a few hundred ids from L2, no ordering between programs needed."""
+    b = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    flat = tl.arange(0, CHOICES)
+    in_range = flat < numel
+    e, keep = _local_expert(ids_ptr, map_ptr, flat, in_range, top_k, stride_t, stride_k, num_experts, num_global,
+                            HAS_MAP)
+    hist = tl.histogram(tl.where(keep, e, E_POW2 - 1), E_POW2)
+    counts, ends, offs, total = _segments(hist, num_experts, BLOCK_SIZE, E_POW2)
+    ex = tl.arange(0, E_POW2)
+    row0 = b * BLOCK_SIZE
+    used = row0 < total
+    # segments are BLOCK_SIZE-aligned, so one expert owns the block (as _write_block finds it)
+    owner = tl.sum(((ex < num_experts) & (ends <= row0)).to(tl.int32), 0)
+    own_off = tl.sum(tl.where(ex == owner, offs, 0), 0)
+    mine = keep & (e == owner) & used
+    dest = own_off + tl.cumsum(mine.to(tl.int32), 0) - 1
+    r = row0 + tl.arange(0, BLOCK_SIZE)
+    hit = mine[None, :] & (dest[None, :] == r[:, None])                    # [BLOCK_SIZE, CHOICES]
+    real = tl.sum(hit.to(tl.int32), 1) > 0
+    src = tl.sum(tl.where(hit, flat[None, :], 0), 1)
+    if pid_g == 0:
+        tl.store(expert_ids_ptr + b, tl.where(used, owner, -1))
+        tl.store(sorted_ptr + r, tl.where(real, src, numel))
+        tl.store(m_ptr + r, tl.where(real, owner, -1))
+        tl.store(inv_ptr + src, r, mask=real)
+        if b == 0:
+            tl.store(inv_ptr + flat, tl.full([CHOICES], -1, dtype=tl.int32), mask=in_range & (keep == 0))
+            _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_experts, E_POW2)
+    # quant_permute_kernel's tile on the block's rows
+    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
+    tok = (src // top_k).to(tl.int64)
+    offs_k = pid_g * WIDTH + tl.arange(0, WIDTH)
+    kmask = offs_k < K
+    k64 = offs_k.to(tl.int64)
+    x = tl.load(x_ptr + tok[:, None] * stride_xm + k64[None, :] * stride_xk, mask=real[:, None] & kmask[None, :],
+                other=0.0).to(tl.float32)
+    q, s = _quant_groups(tl.reshape(x, (BLOCK_SIZE, GROUPS_PER_PROG, GROUP)), 2, FP8_MAX, EPS, UE8M0, FMA_DIV,
+                         NAN_MAX, NAN_SELECT)
+    r64 = r.to(tl.int64)
+    tl.store(q_ptr + r64[:, None] * stride_qm + k64[None, :] * stride_qk,
+             tl.reshape(q, (BLOCK_SIZE, WIDTH)).to(q_ptr.dtype.element_ty), mask=kmask[None, :])
+    g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    tl.store(s_ptr + r64[:, None] * stride_sm + g.to(tl.int64)[None, :] * stride_sg, tl.where(real[:, None], s, 0.0),
+             mask=(g[None, :] * GROUP < K))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import os
 import torch
 
 from ..numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
-from ..ops import _registry, quantize_activation, quantize_permute, quantize_weight_blockwise
+from ..ops import _registry, align_quantize_permute, quantize_activation, quantize_permute, quantize_weight_blockwise
+from ..ops.quant import align_quantize_permute_fits
 from ..ops._checks import check_choice, check_tensor
 from ..ops.combine import moe_combine
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
@@ -107,6 +108,22 @@ def _fuse_quantize_permute(routed_rows: int, x: torch.Tensor) -> bool:
     return routed_rows <= FUSED_QUANT_PERMUTE_MAX_ROWS
 
 
+FUSED_ALIGN_ENV = "FP8_DEEP_FUSED_ALIGN_QUANT"
+
+
+def _fuse_align(routed_rows: int, block_size: int, x: torch.Tensor, expert_map) -> bool:
+    """Whether the routing plan comes out of the quantize-permute launch too (``ops.align_quantize_permute``: one
+    launch instead of two, the same plan and bytes): where the forward fuses the quantization into the permutation,
+    the choices fit its one-launch tile and our alignment kernel is the one that would run (vLLM's, when installed,
+    is preferred for CUDA ids without an expert map). ``FP8_DEEP_FUSED_ALIGN_QUANT=0`` turns it off."""
+    env = os.environ.get(FUSED_ALIGN_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{FUSED_ALIGN_ENV}={env!r}: expected 0 or 1 (unset: on where it applies)")
+    if env == "0" or not align_quantize_permute_fits(routed_rows, block_size):
+        return False
+    return not (x.is_cuda and expert_map is None and _registry.available("moe_align", "vllm"))
+
+
 def quantize_expert_weights(w13, w2, scale_fmt):
     """High-precision ``w13 (E, 2I, H)``, ``w2 (E, H, I)`` -> FP8 + 128x128 scales (one fused pass each)."""
     q13, s13 = quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
@@ -173,10 +190,15 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
 
     layout = gemm.a_scale_layout
-    plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
-    if _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states):
+    fuse_qp = _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states)
+    if fuse_qp and _fuse_align(T * topk_ids.shape[1], gemm.row_alignment, hidden_states, expert_map):
+        plan, a1, sa1 = align_quantize_permute(hidden_states, topk_ids, E, expert_map=expert_map,
+                                               block_size=gemm.row_alignment, scale_fmt=scale_fmt, scale_layout=layout)
+    elif fuse_qp:
+        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
         a1, sa1 = quantize_permute(hidden_states, plan, scale_fmt=scale_fmt, scale_layout=layout)
     else:
+        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
         qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
         a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
     if hasattr(gemm, "gemm_swiglu") and not return_stages:

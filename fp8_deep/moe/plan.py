@@ -50,8 +50,8 @@ FORWARD_PLANS_ENV = "FP8_DEEP_FORWARD_PLANS"
 # every environment switch the inference forward (or a launcher it calls) reads: a plan is keyed on their values.
 # tests/test_forward_plan.py checks that every FP8_DEEP_* switch of the package is here or in TRAINING_ONLY_ENVS.
 FORWARD_ENVS = (
-    "FP8_DEEP_ACT_QUANT_CONFIG", "FP8_DEEP_ACT_SCALE_EVICT", "FP8_DEEP_CHECK_ROUTING", "FP8_DEEP_FUSED_QUANT_PERMUTE",
-    "FP8_DEEP_FUSED_SWIGLU", "FP8_DEEP_GEMM_CONFIG", "FP8_DEEP_QUANT_PLAIN", "FP8_DEEP_SWIGLU_GEMM_CONFIG",
+    "FP8_DEEP_ACT_QUANT_CONFIG", "FP8_DEEP_ACT_SCALE_EVICT", "FP8_DEEP_CHECK_ROUTING", "FP8_DEEP_FUSED_ALIGN_QUANT",
+    "FP8_DEEP_FUSED_QUANT_PERMUTE", "FP8_DEEP_FUSED_SWIGLU", "FP8_DEEP_GEMM_CONFIG", "FP8_DEEP_QUANT_PLAIN", "FP8_DEEP_SWIGLU_GEMM_CONFIG",
     "FP8_DEEP_TUNED", "FP8_DEEP_WEIGHT_QUANT_CONFIG", "FP8_DEEP_WEIGHT_QUANT_HINTS", FORWARD_PLANS_ENV,
 )
 # read only by the backward's launchers (never by an inference call), or at import

@@ -7,7 +7,7 @@ from .combine import moe_combine
 from .grouped_gemm import GemmConfig, TritonGroupedGemm, grouped_gemm_fp8, grouped_gemm_swiglu_fp8
 from .plan import RoutingPlan, max_padded_rows
 from .layout import alloc_scales, scale_strides, tma_aligned_scale_strides
-from .quant import (GroupedWeightQuant, dequantize_blockwise, quantize_activation, quantize_permute,
+from .quant import (GroupedWeightQuant, align_quantize_permute, dequantize_blockwise, quantize_activation, quantize_permute,
                     quantize_weight_blockwise, quantize_weights_grouped, to_tma_aligned_scales)
 from .routing import align_routing, check_topk_ids, permute_rows
 from .swiglu import silu_mul_backward_quantize, silu_mul_quantize
@@ -15,7 +15,7 @@ from .transpose_quant import quantize_activation_t
 from .wgrad import k_grouped_gemm_fp8
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
-           "quantize_permute", "to_tma_aligned_scales", "tma_aligned_scale_strides",
+           "quantize_permute", "align_quantize_permute", "to_tma_aligned_scales", "tma_aligned_scale_strides",
            "alloc_scales", "scale_strides", "dequantize_blockwise", "RoutingPlan", "max_padded_rows", "align_routing", "check_topk_ids",
            "permute_rows", "grouped_gemm_fp8", "grouped_gemm_swiglu_fp8", "TritonGroupedGemm", "GemmConfig", "silu_mul_quantize",
            "moe_combine", "silu_mul_backward_quantize", "quantize_activation_t", "k_grouped_gemm_fp8"]

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .. import reference
+from ..kernels.routing import align_quant_kernel
 from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quant_permute_kernel,
                              quant_weight_block_kernel, quant_weight_stack_kernel, quant_weight_table_kernel)
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
@@ -24,10 +25,10 @@ from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int
                       check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
 from .plan import RoutingPlan
-from .routing import permute_rows
+from .routing import _alloc_plan, _check_ids, _finish, _next_pow2, align_routing, permute_rows
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
-           "quantize_permute", "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
+           "quantize_permute", "align_quantize_permute", "to_tma_aligned_scales", "dequantize_blockwise", "WeightQuantConfig", "ActQuantConfig"]
 
 
 def _check_high_precision(x, name):
@@ -384,6 +385,67 @@ def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_la
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
         GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
     return q, s
+
+
+# choices x segment alignment up to which one launch plans the routing and quantizes (every program holds a
+# [block_size, choices] tile of the placement); past it, align_routing + quantize_permute
+ALIGN_QUANT_MAX_TILE = 8192
+
+
+def align_quantize_permute_fits(num_choices: int, block_size: int) -> bool:
+    """Whether ``align_quantize_permute`` takes its one-launch path for this many (token, choice) pairs."""
+    return 0 < num_choices and block_size * max(16, 1 << (num_choices - 1).bit_length()) <= ALIGN_QUANT_MAX_TILE
+
+
+@on_input_device
+def align_quantize_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
+                           expert_map: Optional[torch.Tensor] = None, block_size: int = 128,
+                           scale_fmt: str = "fp32", scale_layout: str = "tma_aligned", eps: float = ACT_EPS):
+    """``align_routing`` then ``quantize_permute``: the routing plan and the first GEMM's FP8 operand in one launch
+    where the choices are few (decode: ``align_quantize_permute_fits``), else the two calls. The same plan and the
+    same bytes either way.
+
+    Args:
+        x: ``(T, K)`` bfloat16 / float16 / float32, ``x.stride(-1) == 1``; topk_ids, num_experts, expert_map,
+            block_size: as ``align_routing`` (triton backend); scale_fmt, scale_layout, eps: as ``quantize_permute``.
+
+    Returns:
+        ``(plan, q_perm, scale_perm)``: ``RoutingPlan``, float8_e4m3fn ``(plan.num_rows, K)`` contiguous, float32
+        ``(plan.num_rows, G)`` in ``scale_layout``; padding rows zero in both."""
+    _check_high_precision(x, "x")
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
+    check_eps(eps)
+    check_tensor(x, "x", dims=(2,), device=topk_ids.device, last_stride_one=True)
+    _check_ids(topk_ids, num_experts, expert_map)
+    T, K = x.shape
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"x has {T} rows but topk_ids has {topk_ids.shape[0]}: one row of choices per token")
+    if block_size < 16 or not is_pow2(block_size):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    k = topk_ids.shape[1]
+    if not (use_triton(x) and K and align_quantize_permute_fits(T * k, block_size)):
+        plan = align_routing(topk_ids, num_experts, expert_map=expert_map, block_size=block_size, backend="triton")
+        return (plan, *quantize_permute(x, plan, scale_fmt=scale_fmt, scale_layout=scale_layout, eps=eps))
+    bufs = _alloc_plan(topk_ids, num_experts, block_size)
+    rows, G = bufs["sorted_token_ids"].numel(), cdiv(K, BLOCK)
+    q = torch.empty((rows, K), dtype=FP8_DTYPE, device=x.device)
+    s = alloc_scales((rows, G), scale_layout, x.device)
+    has_map = expert_map is not None
+    # one [block_size, 4 groups] tile per program at a 16-row alignment (64 rows x 1 group at 64)
+    gpp = max(1, min(64 // block_size, _next_pow2(G)))
+    align_quant_kernel[(rows // block_size, cdiv(G, gpp))](
+        topk_ids, expert_map if has_map else topk_ids, x,
+        bufs["sorted_token_ids"], bufs["expert_ids"], bufs["num_tokens_post_padded"], bufs["m_indices"],
+        bufs["inv_perm"], bufs["expert_offsets"], bufs["expert_counts"], q, s,
+        T * k, k, num_experts, expert_map.numel() if has_map else num_experts, rows, K,
+        topk_ids.stride(0), topk_ids.stride(1), x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+        s.stride(0), s.stride(1),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
+        HAS_MAP=has_map, BLOCK_SIZE=block_size, E_POW2=_next_pow2(num_experts + 1),
+        CHOICES=max(16, _next_pow2(T * k)), GROUP=BLOCK, GROUPS_PER_PROG=gpp, num_warps=4,
+    )
+    return _finish(bufs, T, k, num_experts, block_size), q, s
 
 
 _ACT_PLANS = PlanCache()
