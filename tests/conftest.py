@@ -21,8 +21,32 @@ patch_interpreter_fp8_cast()
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Every kernel launch the interpreter runs in this session, described (fp8_deep.testing.compile_check): the last
+# test (tests/test_kernel_source.py) compiles each distinct one for sm_90, which the interpreter never does.
+_RECORDING = contextlib.ExitStack()
+LAUNCHES = []
+COMPILE_TEST = "test_recorded_launches_compile_for_sm90"
+
+
+def pytest_configure(config):
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+        from fp8_deep.testing.compile_check import record_launches
+        LAUNCHES.append(_RECORDING.enter_context(record_launches(execute=True)))
+
+
+def pytest_unconfigure(config):
+    _RECORDING.close()
+
+
+@pytest.fixture
+def recorded_launches():
+    """The launches recorded so far in this session (empty on a GPU machine or without the interpreter)."""
+    return list(LAUNCHES[0]) if LAUNCHES else []
+
 
 def pytest_collection_modifyitems(config, items):
+    # the compile test last: it compiles what every test before it launched
+    items.sort(key=lambda item: COMPILE_TEST in item.nodeid)
     if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine: bench/gpu_check.sh)")

@@ -88,3 +88,47 @@ def test_fused_swiglu_variants_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def _exercise_launchers():
+    """A few launchers end to end, for a run of this file alone (the full suite records every test's launches)."""
+    import torch
+
+    from fp8_deep import moe_forward
+    from fp8_deep.ops import quantize_activation, quantize_weight_blockwise
+    torch.manual_seed(0)
+    quantize_weight_blockwise(torch.randn(2, 256, 384, dtype=torch.bfloat16))
+    quantize_activation(torch.randn(8, 256, dtype=torch.bfloat16))
+    T, H, I, E, k = 4, 256, 128, 4, 2
+    tw, ids = torch.topk(torch.softmax(torch.randn(T, E), -1), k)
+    moe_forward(torch.randn(T, H, dtype=torch.bfloat16), torch.randn(E, 2 * I, H, dtype=torch.bfloat16) * 0.05,
+                torch.randn(E, H, I, dtype=torch.bfloat16) * 0.05, tw, ids.int(), backend="triton")
+
+
+def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
+    """Every distinct kernel specialization the interpreter ran in this session (every test before this one, which
+    conftest runs last) compiles for sm_90 with this Triton: branches the interpreter never type-checks, dot
+    lowering, ptxas. A run of this file alone compiles a few launchers' kernels instead."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    import pytest
+    from fp8_deep.numerics import interpreter_active
+    from fp8_deep.testing.compile_check import record_launches
+    if not interpreter_active():
+        pytest.skip("records interpreted launches: runs in the CPU suite (the GPU compiles every kernel it runs)")
+    launches = recorded_launches
+    if len({(r.module, r.name) for r in launches}) < 5:
+        with record_launches(execute=True) as launches:
+            _exercise_launchers()
+    path = tmp_path / "launches.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(launches, f)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "fp8_deep.testing.compile_check", str(path)], capture_output=True,
+                         text=True, env=env, timeout=1800)
+    print(res.stdout[-3000:])
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "distinct kernels compiled" in res.stdout
