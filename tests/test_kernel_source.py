@@ -130,5 +130,8 @@ def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
     res = subprocess.run([sys.executable, "-m", "fp8_deep.testing.compile_check", str(path)], capture_output=True,
                          text=True, env=env, timeout=1800)
     print(res.stdout[-3000:])
+    if os.environ.get("FP8_DEEP_KEEP_LAUNCHES"):  # for a look at what was compiled
+        import shutil
+        shutil.copy(path, os.environ["FP8_DEEP_KEEP_LAUNCHES"])
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     assert "distinct kernels compiled" in res.stdout
