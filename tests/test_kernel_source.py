@@ -105,6 +105,42 @@ def _exercise_launchers():
                 torch.randn(E, H, I, dtype=torch.bfloat16) * 0.05, tw, ids.int(), backend="triton")
 
 
+def _every_gemm_config():
+    """``grouped_gemm_fp8`` with each candidate of bench/tune_grouped_gemm.py (and the fused GEMM1 + SwiGLU's block-map
+    variants) on a small MoE-shaped problem; returns the configurations the launcher refused on this machine."""
+    import torch
+
+    from conftest import bench_module
+    from fp8_deep.numerics import FP8_DTYPE
+    from fp8_deep.ops import align_routing, grouped_gemm_fp8, grouped_gemm_swiglu_fp8, permute_rows, \
+        quantize_activation
+    E, N, K, T, k = 4, 256, 384, 8, 2
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+    plan = align_routing(ids, E, block_size=16)
+    a, sa = permute_rows(*quantize_activation(torch.randn(T, K, dtype=torch.bfloat16)), plan)
+    b = torch.zeros(E, N, K, dtype=FP8_DTYPE)
+    sb = torch.ones(E, N // 128, K // 128)
+    bmap = (plan.expert_ids, plan.m_indices, plan.block_size)
+    refused = []
+    with bench_module("tune_grouped_gemm") as tune:
+        for cfg in tune.candidates():
+            try:
+                grouped_gemm_fp8(a, sa, b, sb, plan.expert_offsets, plan.expert_counts, config=cfg,
+                                 block_map=bmap if cfg.BLOCK_MAP else None)
+            except (ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. Gluon without a GPU
+                refused.append(f"{cfg}: {exc}"[:200])
+    import os
+    os.environ["FP8_DEEP_FUSED_SWIGLU"] = "1"
+    try:
+        for tma in (0, 1):
+            for swap in (0, 1):
+                cfg = f"BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB={swap},BLOCK_MAP=1,TMA_B={tma},num_warps=4,num_stages=2"
+                grouped_gemm_swiglu_fp8(a, sa, b, sb, plan.expert_offsets, plan.expert_counts, bmap, config=cfg)
+    finally:
+        del os.environ["FP8_DEEP_FUSED_SWIGLU"]
+    return refused
+
+
 def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
     """Every distinct kernel specialization the interpreter ran in this session (every test before this one, which
     conftest runs last) compiles for sm_90 with this Triton: branches the interpreter never type-checks, dot
@@ -119,10 +155,15 @@ def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
     from fp8_deep.testing.compile_check import record_launches
     if not interpreter_active():
         pytest.skip("records interpreted launches: runs in the CPU suite (the GPU compiles every kernel it runs)")
-    launches = recorded_launches
+    launches = list(recorded_launches)
     if len({(r.module, r.name) for r in launches}) < 5:
-        with record_launches(execute=True) as launches:
+        with record_launches(execute=True) as more:
             _exercise_launchers()
+        launches += more
+    with record_launches(execute=False) as configs:  # every tile family the tuner may pick, launched, not run
+        refused = _every_gemm_config()
+    assert len(configs) >= 20, (len(configs), refused)
+    launches += configs
     path = tmp_path / "launches.pkl"
     with open(path, "wb") as f:
         pickle.dump(launches, f)
@@ -135,3 +176,21 @@ def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
         shutil.copy(path, os.environ["FP8_DEEP_KEEP_LAUNCHES"])
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     assert "distinct kernels compiled" in res.stdout
+
+
+def test_gluon_configs_compile_for_sm90():
+    """The Gluon grouped-GEMM configurations (the tuned tables' pick at large T on the H100), which the interpreter
+    cannot run at all, compile for sm_90 with this Triton (bench/diag/gluon_compile_check.py, no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    from fp8_deep.kernels import grouped_gemm_gluon as gk
+    if not gk.GLUON_AVAILABLE:
+        pytest.skip("this Triton has no Gluon: the launcher never picks a Gluon configuration")
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "diag" / "gluon_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert res.stdout.count(": ok ") >= 2, res.stdout[-2000:]
