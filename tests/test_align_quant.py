@@ -96,22 +96,12 @@ def test_bad_input(device):
 
 def test_moe_forward_with_and_without_the_fused_routing(device, monkeypatch):
     """The MoE forward with the plan out of the quantize launch and with the two launches: the same bytes."""
-    import fp8_deep
     from fp8_deep.moe import forward as F
-    torch.manual_seed(0)
-    T, H, I, E, k = 5, 256, 128, 6, 2
-    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
-    w13 = torch.randn(E, 2 * I, H, device=device, dtype=torch.bfloat16) * 0.05
-    w2 = torch.randn(E, H, I, device=device, dtype=torch.bfloat16) * 0.05
-    tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=device), -1), k)
-    outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv(F.FUSED_ALIGN_ENV, env)
-        outs.append(fp8_deep.moe_forward(x, w13, w2, tw, ids.int(), backend="triton"))
-    assert_bitwise_equal(outs[0], outs[1])
-    monkeypatch.setenv(F.FUSED_ALIGN_ENV, "yes")
+    from test_gemm_swiglu import moe_forward_per_env
+    fused, unfused = moe_forward_per_env(F.FUSED_ALIGN_ENV, ("1", "0"), device, monkeypatch)
+    assert_bitwise_equal(fused, unfused)
     with pytest.raises(ValueError, match="FP8_DEEP_FUSED_ALIGN_QUANT"):
-        fp8_deep.moe_forward(x, w13, w2, tw, ids.int(), backend="triton")
+        moe_forward_per_env(F.FUSED_ALIGN_ENV, ("yes",), device, monkeypatch)
 
 
 @pytest.mark.gpu

@@ -121,21 +121,26 @@ def test_fused_choice_and_fallbacks(device, monkeypatch):
                                                       torch.empty((M, 2), device=device)))
 
 
-def test_moe_forward_fused_and_unfused_same_bytes(device, monkeypatch):
-    """The MoE forward with the fused GEMM1 (forced) and without it: the same output bytes."""
+def moe_forward_per_env(env, values, device, monkeypatch):
+    """A small MoE forward (triton backend) once per value of the environment switch ``env``; the outputs."""
     import fp8_deep
     torch.manual_seed(0)
     T, H, I, E, k = 6, 256, 128, 4, 2
     x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
     w13 = torch.randn(E, 2 * I, H, device=device, dtype=torch.bfloat16) * 0.05
     w2 = torch.randn(E, H, I, device=device, dtype=torch.bfloat16) * 0.05
-    logits = torch.randn(T, E, device=device)
-    tw, ids = torch.topk(torch.softmax(logits, -1), k)
+    tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=device), -1), k)
     outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv(gg.FUSED_SWIGLU_ENV, env)
+    for value in values:
+        monkeypatch.setenv(env, value)
         outs.append(fp8_deep.moe_forward(x, w13, w2, tw, ids.int(), backend="triton"))
-    assert_bitwise_equal(outs[0], outs[1])
+    return outs
+
+
+def test_moe_forward_fused_and_unfused_same_bytes(device, monkeypatch):
+    """The MoE forward with the fused GEMM1 (forced) and without it: the same output bytes."""
+    fused, unfused = moe_forward_per_env(gg.FUSED_SWIGLU_ENV, ("1", "0"), device, monkeypatch)
+    assert_bitwise_equal(fused, unfused)
 
 
 @pytest.mark.gpu

@@ -35,11 +35,7 @@ SHAPES = ((4096, 7168, "tma_aligned"), (200, 320, "row_major"))
 
 
 def compile_sm90(cfg, N, K, E=4, rows=256, scale_layout="tma_aligned"):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
-
+    from fp8_deep.testing.compile_check import compile_kernel
     M = E * align(rows, 128)
     a = torch.zeros(M, K, dtype=FP8_DTYPE)
     G = cdiv(K, 128)
@@ -51,12 +47,7 @@ def compile_sm90(cfg, N, K, E=4, rows=256, scale_layout="tma_aligned"):
     seg = torch.zeros(E, dtype=torch.int32)
     out = torch.empty(M, N, dtype=torch.bfloat16)
     fn, _, args, kwargs = gg.gluon_launch_args(cfg, a, a_scale, b, b_scale, out, seg, seg, tiles_bound=1)
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, spec, opts = binder(*args, **kwargs)
-    opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    return triton.compile(GluonASTSource(fn, sig, constexprs, attrs), target=target, options=opts.__dict__)
+    return compile_kernel(fn, args, kwargs, gluon=True)
 
 
 def _tool(name):

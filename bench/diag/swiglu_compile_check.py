@@ -20,6 +20,7 @@ import triton  # noqa: E402
 from fp8_deep.kernels.grouped_gemm import _grouped_gemm_fp8_blockmap_kernel, _grouped_gemm_swiglu_kernel  # noqa: E402
 from fp8_deep.numerics import FP8_DTYPE, FP8_MAX  # noqa: E402
 from fp8_deep.ops.grouped_gemm import GemmConfig  # noqa: E402
+from fp8_deep.testing.compile_check import compile_kernel  # noqa: E402
 
 VARIANTS = {  # tests/test_gemm_swiglu.py FUSED_CONFIGS
     "swap16": "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,num_warps=4,num_stages=2",
@@ -27,18 +28,6 @@ VARIANTS = {  # tests/test_gemm_swiglu.py FUSED_CONFIGS
     "plain16g2": "BLOCK_M=16,BLOCK_N=128,GROUP_M=2,SWAP_AB=0,BLOCK_MAP=1,num_warps=4,num_stages=2",
     "plain16tma": "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,BLOCK_MAP=1,TMA_B=1,num_warps=4,num_stages=2",
 }
-
-
-def _compile(fn, args, kwargs):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, spec, opts = binder(*args, **kwargs)
-    opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts.__dict__)
 
 
 def _operands(cfg, E=8, I=256, K=512, M=256):
@@ -67,7 +56,7 @@ def fused(cfg):
               NAN_SELECT=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=128, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
               EVEN_K=True, ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=16, TMA_B=bool(cfg.TMA_B),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _compile(_grouped_gemm_swiglu_kernel, args, kw)
+    return compile_kernel(_grouped_gemm_swiglu_kernel, args, kw)
 
 
 def gemm(cfg):
@@ -78,7 +67,7 @@ def gemm(cfg):
     kw = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=128, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
               EVEN_K=True, ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=16, TMA_B=bool(cfg.TMA_B),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return _compile(_grouped_gemm_fp8_blockmap_kernel, args, kw)
+    return compile_kernel(_grouped_gemm_fp8_blockmap_kernel, args, kw)
 
 
 def summary(ck):

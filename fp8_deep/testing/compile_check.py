@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple
 
-__all__ = ["Launch", "record_launches", "compile_launches"]
+__all__ = ["Launch", "record_launches", "compile_launches", "compile_kernel"]
 
 
 @dataclass(frozen=True)
@@ -114,24 +114,36 @@ def _rebuild(v):
     return v
 
 
-def _compile_one(rec: Launch, target):
+def compile_kernel(fn, args, kwargs, capability: int = 90, warp_size: int = 32, gluon: bool = False):
+    """``fn`` (a ``JITFunction``, or a Gluon one with ``gluon=True``) compiled for ``cuda:capability`` as a launch
+    with ``args`` / ``kwargs`` (CPU tensors give the specialization) would compile it; no GPU or driver needed.
+    Returns the ``CompiledKernel`` (``.asm["ttgir" / "ptx" / "cubin"]``, ``.metadata``)."""
     import triton
+    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
-    fn = getattr(importlib.import_module(rec.module), rec.name)
-    args = [_rebuild(a) for a in rec.args]
-    kwargs = {n: _rebuild(v) for n, v in rec.kwargs.items()}
+    target = GPUTarget("cuda", capability, warp_size)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, opts = binder(*args, **kwargs)
     opts, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts.__dict__)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    else:
+        source = ASTSource
+    return triton.compile(source(fn, sig, constexprs, attrs), target=target, options=opts.__dict__)
+
+
+def _compile_one(rec: Launch, capability: int, warp_size: int):
+    fn = getattr(importlib.import_module(rec.module), rec.name)
+    args = [_rebuild(a) for a in rec.args]
+    kwargs = {n: _rebuild(v) for n, v in rec.kwargs.items()}
+    return compile_kernel(fn, args, kwargs, capability, warp_size)
 
 
 def _try_compile(rec: Launch, capability: int, warp_size: int):
-    from triton.backends.compiler import GPUTarget
     try:
-        _compile_one(rec, GPUTarget("cuda", capability, warp_size))
+        _compile_one(rec, capability, warp_size)
         return None
     except Exception as exc:  # report every failing kernel, not just the first
         return f"{type(exc).__name__}: {str(exc)[-1200:]}"
