@@ -28,11 +28,20 @@
 #   MODELS_ARGS, MODELS_TIMEOUT      stage "models": bench/bench_models.py (BF16, vLLM, ours per backend, per model)
 #   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
+#   PRESET=validate                  a named set of the variables above (bench/presets/<name>.env)
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
 # (tar -xzf dg_cache.tgz -C .deepgemm) and the next call skips the 90 s build and the per-shape JIT compiles.
 # Back in $OUT (at most 8 files): summary.txt (environment first, table last), logs.tgz (every stage's log),
 # results.tgz (bench/results/<card>/), dg_cache.tgz.
 set -o pipefail
+# PRESET=name: the variables of bench/presets/name.env (each one only where the caller set none)
+if [[ -n "${PRESET:-}" ]]; then
+    _preset="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/presets/$PRESET.env"
+    [[ -f "$_preset" ]] || { echo "[gpu_check] no preset $_preset"; exit 2; }
+    # shellcheck disable=SC1090
+    source "$_preset"
+    echo "[gpu_check] preset $PRESET: STAGES=\"$STAGES\""
+fi
 START=$SECONDS
 TOTAL_BUDGET=${TOTAL_BUDGET:-570}
 STAGES=${STAGES:-"tests quant gemm moe"}
