@@ -73,8 +73,10 @@ def candidates():
         gg.GemmConfig(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, SWAP_AB=True, PERSISTENT=True, num_warps=4, num_stages=6),
         # short K (Qwen3's GEMM2: K=768, six K steps a tile): fewer stages leave shared memory for 3-6 programs per SM
         # (16 KB of weight + 2 KB of tokens a stage), more tiles in flight to hide each one's load latency
+        # (4 stages: vLLM's block-FP8 MoE decode tile on the H100, M16 N64 K128 w4 s4 with a TMA weight load; its
+        # block-map / TMA_B variants follow below)
         *(gg.GemmConfig(BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, SWAP_AB=True, PERSISTENT=False, num_warps=4, num_stages=st)
-          for bn in (64, 128) for st in (2, 3)),
+          for bn in (64, 128) for st in (2, 3, 4)),
     )
     seen, out = set(), []
     for cfg in (*gg.SMALL_M_CONFIGS, *gg.MEDIUM_M_CONFIGS, *gg.LARGE_M_CONFIGS, *gg.GLUON_CONFIGS,

@@ -482,9 +482,9 @@ def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> O
 
     Opt-in: ``FP8_DEEP_FUSED_SWIGLU=1`` fuses where the GEMM's own configuration (``resolve_config``: pinned, tuned or
     picked) is a block-map tile, and elsewhere runs ``FUSED_SWIGLU_DEFAULT``; ``auto`` fuses only where the GEMM's
-    configuration is a block-map tile; unset or ``0`` never fuses. Not the default: on an H100 (2026-12-07) its GPU
-    test against the two launches failed (cause not yet diagnosed) and the forward gained 0-4% at most, lost 14% on
-    one decode shape. ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always
+    configuration is a block-map tile; unset or ``0`` never fuses. Not the default: on an H100 (2026-12-07) its TMA
+    variants did not compile (a constexpr-if early return in ``_load_b``, fixed since and compiled for sm_90 in CI;
+    its GPU bytes test has not run again), and the forward gained 0-4% at most, lost 14% on one decode shape. ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always
     one 128-group of gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
     env = _fused_swiglu_mode()
     if env is None or I % BLOCK:
