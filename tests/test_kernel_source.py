@@ -105,7 +105,7 @@ def _exercise_launchers():
                 torch.randn(E, H, I, dtype=torch.bfloat16) * 0.05, tw, ids.int(), backend="triton")
 
 
-def _every_gemm_config():
+def _every_gemm_config(monkeypatch):
     """``grouped_gemm_fp8`` with each candidate of bench/tune_grouped_gemm.py (and the fused GEMM1 + SwiGLU's block-map
     variants) on a small MoE-shaped problem; returns the configurations the launcher refused on this machine."""
     import torch
@@ -129,19 +129,16 @@ def _every_gemm_config():
                                  block_map=bmap if cfg.BLOCK_MAP else None)
             except (ValueError, RuntimeError, NotImplementedError) as exc:  # e.g. Gluon without a GPU
                 refused.append(f"{cfg}: {exc}"[:200])
-    import os
-    os.environ["FP8_DEEP_FUSED_SWIGLU"] = "1"
-    try:
-        for tma in (0, 1):
-            for swap in (0, 1):
-                cfg = f"BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB={swap},BLOCK_MAP=1,TMA_B={tma},num_warps=4,num_stages=2"
-                grouped_gemm_swiglu_fp8(a, sa, b, sb, plan.expert_offsets, plan.expert_counts, bmap, config=cfg)
-    finally:
-        del os.environ["FP8_DEEP_FUSED_SWIGLU"]
+    from fp8_deep.ops.grouped_gemm import FUSED_SWIGLU_ENV
+    monkeypatch.setenv(FUSED_SWIGLU_ENV, "1")
+    for tma in (0, 1):
+        for swap in (0, 1):
+            cfg = f"BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB={swap},BLOCK_MAP=1,TMA_B={tma},num_warps=4,num_stages=2"
+            grouped_gemm_swiglu_fp8(a, sa, b, sb, plan.expert_offsets, plan.expert_counts, bmap, config=cfg)
     return refused
 
 
-def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
+def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path, monkeypatch):
     """Every distinct kernel specialization the interpreter ran in this session (every test before this one, which
     conftest runs last) compiles for sm_90 with this Triton: branches the interpreter never type-checks, dot
     lowering, ptxas. A run of this file alone compiles a few launchers' kernels instead."""
@@ -161,7 +158,7 @@ def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path):
             _exercise_launchers()
         launches += more
     with record_launches(execute=False) as configs:  # every tile family the tuner may pick, launched, not run
-        refused = _every_gemm_config()
+        refused = _every_gemm_config(monkeypatch)
     assert len(configs) >= 20, (len(configs), refused)
     launches += configs
     path = tmp_path / "launches.pkl"
