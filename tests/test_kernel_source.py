@@ -191,3 +191,19 @@ def test_gluon_configs_compile_for_sm90():
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert res.stdout.count(": ok ") >= 2, res.stdout[-2000:]
+
+
+def test_every_launch_pins_fma_contraction():
+    """Each ``kernel[grid](...)`` of the launchers passes ``enable_fp_fusion`` (``**FP_FUSION``, or False where the
+    kernel matches torch's eager rounding): Triton 3.10 changes the default, and the bytes were verified under it on."""
+    launchers = pathlib.Path(fp8_deep.__file__).parent / "ops"
+    unpinned, count = [], 0
+    for path in sorted(launchers.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                count += 1
+                kws = {k.arg for k in node.keywords} | {ast.unparse(k.value) for k in node.keywords if k.arg is None}
+                if not ({"enable_fp_fusion", "FP_FUSION"} & kws):
+                    unpinned.append(f"{path.name}:{node.lineno} {ast.unparse(node.func)}")
+    assert count >= 15, count
+    assert not unpinned, unpinned

@@ -28,13 +28,15 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "GEMM_FP_FUSION", "on_input_device", "LaunchTape", "record_launches"]
+__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "FP_FUSION", "on_input_device", "LaunchTape", "record_launches"]
 
 PLANS_ENABLED = os.environ.get("FP8_DEEP_LAUNCH_PLANS", "1") != "0"
-# The GEMM launches pin FMA contraction on: each 128-K block's promotion ``acc + part * scale`` is then one fused
-# multiply-add, as every Triton up to 3.9 compiles it by default. Triton 3.10 turns the default off
-# (TRITON_DEFAULT_FP_FUSION), which would round the promotion twice and change every GEMM's bytes.
-GEMM_FP_FUSION = {"enable_fp_fusion": True}
+# Every launch pins FMA contraction on, the default of every Triton up to 3.9, under which the kernels' bytes were
+# verified on the GPU: a GEMM's 128-K promotion ``acc + part * scale`` is one fused multiply-add, and the PTX leaves
+# ptxas free to contract elsewhere as it did. Triton 3.10 turns the default off (TRITON_DEFAULT_FP_FUSION): unpinned,
+# the GEMMs would round their promotion twice and the other kernels' PTX would change. (The SwiGLU backward turns it
+# off on purpose: it matches torch's eager rounding.)
+FP_FUSION = {"enable_fp_fusion": True}
 _LOCAL = threading.local()  # .tape: the LaunchTape this thread records into, if any
 _PATCH_LOCK = threading.Lock()
 

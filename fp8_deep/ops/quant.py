@@ -18,7 +18,7 @@ from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quan
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
-from ._launch import PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
+from ._launch import FP_FUSION, PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
 from ._config import TileConfig
 from ._tuned import TUNED_ENV, tuned_config
 from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
@@ -143,7 +143,7 @@ def quantize_weight_blockwise(w: torch.Tensor, *, block_size: Tuple[int, int] = 
                 *w3.stride(), *q3.stride(), *s3.stride(), *qt3.stride(), *st3.stride())
         kwargs = dict(**numerics, WITH_TRANSPOSE=with_transpose, **hints,
                       BLOCK_N=bn, BLOCK_K=bk, TCHUNK=min(tchunk, bk), BLOCKS_K=blocks_k, num_warps=warps)
-    compiled = kernel[grid](*args, **kwargs)
+    compiled = kernel[grid](*args, **kwargs, **FP_FUSION)
     if plan_key is not None and not interpreter_active():
         # the 3-D views share the tensors' data pointers: the plan launches on w and the outputs themselves
         launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=n_dynamic)
@@ -332,7 +332,7 @@ def quantize_activation(x: torch.Tensor, *, group_size: int = BLOCK, scale_fmt: 
         args = (x3, q3, s3, M, K, *x3.stride(), *q3.stride(), *s3.stride())
         meta = dict(GROUP=group_size, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
     kwargs = dict(numerics, **meta)
-    compiled = kernel[grid](*args, **kwargs)
+    compiled = kernel[grid](*args, **kwargs, **FP_FUSION)
     if plan_key is not None and not interpreter_active():
         # x3, q3, s3 are views of x, q, s (same data pointers): the plan launches on the tensors themselves
         launch = bind_compiled(kernel, compiled, grid, args, kwargs, n_dynamic=3)
@@ -383,7 +383,7 @@ def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_la
         x, plan.sorted_token_ids, q, s, plan.num_tokens * plan.top_k, plan.top_k, rows, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
-        GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps)
+        GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps, **FP_FUSION)
     return q, s
 
 
@@ -443,7 +443,7 @@ def align_quantize_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts:
         s.stride(0), s.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
         HAS_MAP=has_map, BLOCK_SIZE=block_size, E_POW2=_next_pow2(num_experts + 1),
-        CHOICES=max(16, _next_pow2(T * k)), GROUP=BLOCK, GROUPS_PER_PROG=gpp, num_warps=4,
+        CHOICES=max(16, _next_pow2(T * k)), GROUP=BLOCK, GROUPS_PER_PROG=gpp, num_warps=4, **FP_FUSION,
     )
     return _finish(bufs, T, k, num_experts, block_size), q, s
 
@@ -675,7 +675,7 @@ class GroupedWeightQuant:
                       STORE_EVICT=hints["STORE_EVICT"], W_DTYPE=_tl_dtype(w0.dtype), ALIGN16=self._align16,
                       BLOCK_N=BLOCK, BLOCK_K=BLOCK,
                       BLOCKS_K=blocks_k, num_warps=warps)
-        compiled = quant_weight_table_kernel[grid](*args, **kwargs)
+        compiled = quant_weight_table_kernel[grid](*args, **kwargs, **FP_FUSION)
         if not PLANS_ENABLED or interpreter_active():
             return None
         return bind_compiled(quant_weight_table_kernel, compiled, grid, args, kwargs, n_dynamic=1)

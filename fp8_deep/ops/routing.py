@@ -20,7 +20,7 @@ from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, is_pow2, use_triton
 from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_outputs_disjoint, check_tensor
-from ._launch import on_input_device
+from ._launch import FP_FUSION, on_input_device
 from .plan import RoutingPlan, max_padded_rows
 
 __all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
@@ -189,7 +189,7 @@ def _align_triton(topk_ids, num_experts, expert_map, block_size, bufs):
             numel, k, num_experts, num_global, rows,
             topk_ids.stride(0), topk_ids.stride(1),
             HAS_MAP=has_map, BLOCK_SIZE=block_size, E_POW2=e_pow2, TILE=tile, CHUNK=chunk, SUB=min(_SUB, chunk),
-            num_warps=4,
+            num_warps=4, **FP_FUSION,
         )
         return
     chunk = _CHUNK
@@ -203,17 +203,17 @@ def _align_triton(topk_ids, num_experts, expert_map, block_size, bufs):
         topk_ids, map_arg, keys, chunk_counts,
         numel, k, num_experts, num_global,
         topk_ids.stride(0), topk_ids.stride(1),
-        HAS_MAP=has_map, E_POW2=e_pow2, CHUNK=chunk, SUB=_SUB, num_warps=4,
+        HAS_MAP=has_map, E_POW2=e_pow2, CHUNK=chunk, SUB=_SUB, num_warps=4, **FP_FUSION,
     )
     per_prog = min(32, e_pow2)
     align_scan_kernel[(e_pow2 // per_prog,)](
         chunk_counts, chunk_before, totals, n_chunks,
-        E_POW2=e_pow2, EXPERTS_PER_PROG=per_prog, CHUNK_TILE=32, num_warps=4,
+        E_POW2=e_pow2, EXPERTS_PER_PROG=per_prog, CHUNK_TILE=32, num_warps=4, **FP_FUSION,
     )
     align_place_kernel[(max(n_blocks, n_chunks),)](
         keys, chunk_before, totals, *outs,
         numel, num_experts, rows, n_chunks,
-        BLOCK_SIZE=block_size, E_POW2=e_pow2, CHUNK=chunk, num_warps=4,
+        BLOCK_SIZE=block_size, E_POW2=e_pow2, CHUNK=chunk, num_warps=4, **FP_FUSION,
     )
 
 
@@ -235,7 +235,7 @@ def _align_vllm(topk_ids, num_experts, expert_map, block_size, bufs):
         numel, k, num_experts, expert_map.numel() if has_map else num_experts, rows, v_sorted.numel(), v_eids.numel(),
         topk_ids.stride(0), topk_ids.stride(1),
         HAS_MAP=has_map, BLOCK_SIZE=block_size, CHUNK=chunk, MAX_BLOCKS_POW2=_next_pow2(max_blocks),
-        num_warps=4,
+        num_warps=4, **FP_FUSION,
     )
 
 
@@ -296,7 +296,7 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         plan.num_tokens * plan.top_k, plan.top_k, rows, K, G,
         q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         q_out.stride(0), q_out.stride(1), s_out.stride(0), s_out.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=4,
+        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=4, **FP_FUSION,
     )
     return q_out, s_out
 

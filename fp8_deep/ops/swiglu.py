@@ -21,7 +21,7 @@ from ..kernels.swiglu import row_sum_kernel, silu_mul_bwd_quant_kernel, silu_mul
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
                         is_pow2, use_triton)
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
-from ._launch import on_input_device
+from ._launch import FP_FUSION, on_input_device
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
 
@@ -137,7 +137,7 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
         IS_BF16=h.dtype == torch.bfloat16, **gpu_fast_paths(h),
         HAS_M=m_indices is not None, SAVE_INPUT=save_input, GROUP=group_size, GROUP_POW2=gp2,
         GROUPS_PER_PROG=groups_per_prog,
-        BLOCK_M=block_m, num_warps=4,
+        BLOCK_M=block_m, num_warps=4, **FP_FUSION,
     )
     return res
 
@@ -315,5 +315,6 @@ def silu_mul_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, grad_a: tor
     )
     block_r = 32
     row_sum_kernel[(cdiv(M, block_r),)](part, grw, M, NP, *part.stride(), grw.stride(0), BLOCK_R=block_r,
-                                        N_POW2=max(2, 1 << (NP - 1).bit_length()), num_warps=4)
+                                        N_POW2=max(2, 1 << (NP - 1).bit_length()), num_warps=4,
+                                        **FP_FUSION)
     return outs

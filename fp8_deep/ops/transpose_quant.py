@@ -16,7 +16,7 @@ from ..kernels.transpose_quant import quant_act_t_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS, cdiv,
                         is_pow2, use_triton)
 from ._checks import check_choice, check_eps, check_int, check_out, check_outputs_disjoint, check_tensor
-from ._launch import on_input_device
+from ._launch import FP_FUSION, on_input_device
 from .layout import alloc_scales
 from .quant import gpu_fast_paths
 
@@ -120,7 +120,7 @@ def quantize_activation_t(x: torch.Tensor, x_scale: Optional[torch.Tensor] = Non
         x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), q_t.stride(0), q_t.stride(1),
         s_t.stride(0), s_t.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x), DEQUANT=dequant,
-        GROUP=group_size, IN_GROUP=group_size, BLOCK_C=block_c, num_warps=warps)
+        GROUP=group_size, IN_GROUP=group_size, BLOCK_C=block_c, num_warps=warps, **FP_FUSION)
     return q_t, s_t
 
 

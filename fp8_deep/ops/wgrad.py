@@ -33,7 +33,7 @@ from ..kernels.wgrad import _k_grouped_gemm_fp8_kernel, _k_grouped_gemm_fp8_tma_
 from ..numerics import BLOCK, FP8_DTYPE, cdiv, sm_count, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
-from ._launch import GEMM_FP_FUSION, on_input_device
+from ._launch import FP_FUSION, on_input_device
 
 __all__ = ["WgradConfig", "k_grouped_gemm_fp8", "pick_wgrad_config", "WGRAD_CONFIGS", "CONFIG_ENV"]
 
@@ -252,7 +252,7 @@ def k_grouped_gemm_fp8(a_t: torch.Tensor, a_t_scale: torch.Tensor, b_t: torch.Te
         a_desc = TensorDescriptor(a_t, [P, M], [a_t.stride(0), 1], [bp, BLOCK])
         b_desc = TensorDescriptor(b_t, [Q, M], [b_t.stride(0), 1], [bq, BLOCK])
         _k_grouped_gemm_fp8_tma_kernel[grid](a_desc, b_desc, *args, NUM_STAGES=cfg.num_stages, **meta,
-                                             **GEMM_FP_FUSION)
+                                             **FP_FUSION)
     else:
-        _k_grouped_gemm_fp8_kernel[grid](*args, num_stages=cfg.num_stages, **meta, **GEMM_FP_FUSION)
+        _k_grouped_gemm_fp8_kernel[grid](*args, num_stages=cfg.num_stages, **meta, **FP_FUSION)
     return out
