@@ -21,7 +21,7 @@ patch_interpreter_fp8_cast()
 
 HAS_CUDA = torch.cuda.is_available()
 
-# Every kernel launch the interpreter runs in this session, described (fp8_deep.testing.compile_check): the last
+# Every kernel launch the interpreter runs in this pytest run, described (fp8_deep.testing.compile_check): the last
 # test (tests/test_kernel_source.py) compiles each distinct one for sm_90, which the interpreter never does.
 _RECORDING = contextlib.ExitStack()
 LAUNCHES = []
@@ -40,7 +40,7 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def recorded_launches():
-    """The launches recorded so far in this session (empty on a GPU machine or without the interpreter)."""
+    """The launches recorded so far in this pytest run (empty on a GPU machine or without the interpreter)."""
     return list(LAUNCHES[0]) if LAUNCHES else []
 
 

@@ -139,7 +139,7 @@ def _every_gemm_config(monkeypatch):
 
 
 def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path, monkeypatch):
-    """Every distinct kernel specialization the interpreter ran in this session (every test before this one, which
+    """Every distinct kernel specialization the interpreter ran in this pytest run (every test before this one, which
     conftest runs last) compiles for sm_90 with this Triton: branches the interpreter never type-checks, dot
     lowering, ptxas. A run of this file alone compiles a few launchers' kernels instead."""
     import os

@@ -392,14 +392,25 @@ def quant_permute_kernel(
     quantization and ``permute_rows_kernel`` in one pass (the routed rows come out quantized in their expert
     segments; a token routed to k experts is quantized k times, to the same bytes). Padding rows: q 0, scale 0, as
     ``permute_rows`` writes them."""
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
-    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < num_rows
     s_id = tl.load(sorted_ptr + r, mask=rmask, other=numel)
     real = rmask & (s_id >= 0) & (s_id < numel)
-    tok = (tl.where(real, s_id, 0) // top_k).to(tl.int64)
+    _quant_routed_rows(x_ptr, q_ptr, s_ptr, tl.where(real, s_id, 0) // top_k, real, r, rmask, tl.program_id(1), K,
+                       stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sg,
+                       FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, GROUP, GROUPS_PER_PROG, BLOCK_M)
+
+
+@triton.jit
+def _quant_routed_rows(x_ptr, q_ptr, s_ptr, tok, real, r, rmask, pid_g, K,
+                       stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sg,
+                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
+                       NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, GROUP: tl.constexpr,
+                       GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows ``r`` (stored where ``rmask``) of the permuted operand, column slice ``pid_g`` (GROUPS_PER_PROG groups):
+    each quantized from its token's row ``tok`` of x where ``real``; padding rows get q 0 and scale 0."""
+    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
+    tok = tok.to(tl.int64)
     offs_k = pid_g * WIDTH + tl.arange(0, WIDTH)
     kmask = offs_k < K
     k64 = offs_k.to(tl.int64)

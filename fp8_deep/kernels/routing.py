@@ -20,7 +20,7 @@ placement.
 import triton
 import triton.language as tl
 
-from .quant import _quant_groups
+from .quant import _quant_routed_rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -222,22 +222,10 @@ def align_quant_kernel(
         if b == 0:
             tl.store(inv_ptr + flat, tl.full([CHOICES], -1, dtype=tl.int32), mask=in_range & (keep == 0))
             _write_meta(counts, offs, total, offsets_ptr, counts_ptr, ntpp_ptr, num_experts, E_POW2)
-    # quant_permute_kernel's tile on the block's rows
-    WIDTH: tl.constexpr = GROUPS_PER_PROG * GROUP
-    tok = (src // top_k).to(tl.int64)
-    offs_k = pid_g * WIDTH + tl.arange(0, WIDTH)
-    kmask = offs_k < K
-    k64 = offs_k.to(tl.int64)
-    x = tl.load(x_ptr + tok[:, None] * stride_xm + k64[None, :] * stride_xk, mask=real[:, None] & kmask[None, :],
-                other=0.0).to(tl.float32)
-    q, s = _quant_groups(tl.reshape(x, (BLOCK_SIZE, GROUPS_PER_PROG, GROUP)), 2, FP8_MAX, EPS, UE8M0, FMA_DIV,
-                         NAN_MAX, NAN_SELECT)
-    r64 = r.to(tl.int64)
-    tl.store(q_ptr + r64[:, None] * stride_qm + k64[None, :] * stride_qk,
-             tl.reshape(q, (BLOCK_SIZE, WIDTH)).to(q_ptr.dtype.element_ty), mask=kmask[None, :])
-    g = pid_g * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
-    tl.store(s_ptr + r64[:, None] * stride_sm + g.to(tl.int64)[None, :] * stride_sg, tl.where(real[:, None], s, 0.0),
-             mask=(g[None, :] * GROUP < K))
+    # quant_permute_kernel's tile on the block's rows (every row of the grid's blocks exists)
+    _quant_routed_rows(x_ptr, q_ptr, s_ptr, src // top_k, real, r, r < num_rows, pid_g, K,
+                       stride_xm, stride_xk, stride_qm, stride_qk, stride_sm, stride_sg,
+                       FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, GROUP, GROUPS_PER_PROG, BLOCK_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

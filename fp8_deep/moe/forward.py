@@ -196,13 +196,13 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
     if fuse_qp and _fuse_align(T * topk_ids.shape[1], gemm.row_alignment, hidden_states, expert_map):
         plan, a1, sa1 = align_quantize_permute(hidden_states, topk_ids, E, expert_map=expert_map,
                                                block_size=gemm.row_alignment, scale_fmt=scale_fmt, scale_layout=layout)
-    elif fuse_qp:
-        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
-        a1, sa1 = quantize_permute(hidden_states, plan, scale_fmt=scale_fmt, scale_layout=layout)
     else:
         plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
-        qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
-        a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
+        if fuse_qp:
+            a1, sa1 = quantize_permute(hidden_states, plan, scale_fmt=scale_fmt, scale_layout=layout)
+        else:
+            qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)
+            a1, sa1 = permute_rows(qx, sx, plan, scale_layout=layout)
     if hasattr(gemm, "gemm_swiglu") and not return_stages:
         # GEMM1 with SwiGLU + requantization in its epilogue where the backend can (same bytes, one launch less)
         h = None
