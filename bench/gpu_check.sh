@@ -27,6 +27,7 @@
 #   PEER_ARGS, PEER_TIMEOUT          stage "peer": bench/peer_vllm.py (vLLM's fused-MoE kernel; carry .vllm)
 #   MODELS_ARGS, MODELS_TIMEOUT      stage "models": bench/bench_models.py (BF16, vLLM, ours per backend, per model)
 #   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
+#   MOEHOST_ARGS, MOEHOST_TIMEOUT    stage "moehost": bench/diag/diag_moe_host.py (host + GPU time per MoE stage)
 #   PROTO_TIMEOUT=240                seconds for the proto stage; QUANT_TIMEOUT=200 for quant, quantg, quantc
 #   PRESET=validate                  a named set of the variables above (bench/presets/<name>.env)
 # DeepGEMM: the compiled extension and the JIT's kernel cache come back in dg_cache.tgz; unpack it into .deepgemm/
@@ -196,6 +197,9 @@ run_one_stage() {
                 --time-budget "$(budget_for $((QT - 20)))" ${QUANTC_ARGS:-} ;;
         diag)  # host time per launcher call (launch plans vs the full path, torch.compile)
             run_stage diag 90 diag.log $PY bench/diag/diag_host.py ;;
+        moehost)  # host and GPU time per MoE stage, the forward plan's fate, a cProfile of moe_forward (MOEHOST_ARGS)
+            # shellcheck disable=SC2086
+            run_stage moehost "${MOEHOST_TIMEOUT:-60}" moehost.log $PY bench/diag/diag_moe_host.py ${MOEHOST_ARGS:-} ;;
         train)  # one MoE layer forward+backward, fp8_deep vs BF16 autograd (TRAIN_ARGS)
             # shellcheck disable=SC2086
             run_stage train "${TRAIN_TIMEOUT:-300}" train.log $PY bench/bench_train.py ${TRAIN_ARGS:-} ;;
@@ -307,7 +311,8 @@ fi
     echo "DeepGEMM: $DG_STATUS"
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
-    for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag proto wgrad retile swiglub export train parity; do
+    for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag moehost proto wgrad retile swiglub export train parity \
+               tune tuneq tuneb peer models; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then

@@ -31,7 +31,9 @@ def main():
     p.add_argument("--T", default="16,128")
     p.add_argument("--E", type=int, default=256)
     p.add_argument("--H", type=int, default=7168)
-    p.add_argument("--profile", action="store_true", help="cProfile 200 moe_forward calls (cumulative, top 40)")
+    p.add_argument("--profile", action="store_true", help="cProfile 200 moe_forward calls (cumulative)")
+    p.add_argument("--profile-top", type=int, default=40, help="entries of the profile to print")
+    p.add_argument("--topk", type=int, default=8)
     a = p.parse_args()
     E, H, I = a.E, a.H, a.I
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H ** -0.5
@@ -41,7 +43,7 @@ def main():
     gemm = select_grouped_gemm("triton", device=w13.device, rows_per_expert=1, hidden=H, inter=I)
     for T in (int(t) for t in a.T.split(",")):
         x = C.randn((T, H))
-        tw, tid = C.random_routing(T, E, 8, seed=T)
+        tw, tid = C.random_routing(T, E, a.topk, seed=T)
         moe = functools.partial(fp8_deep.moe_forward, x, q13, q2, tw, tid, w13_scale=s13, w2_scale=s2, backend="triton")
         plan = align_routing(tid, E, block_size=gemm.row_alignment)
         qx, sx = ops.quantize_activation(x)
@@ -69,8 +71,12 @@ def main():
                 gpu, name = float("nan"), f"{name} (graph: {type(exc).__name__})"
             print(f"SUMMARY host I={I} T={T} {name:36s} host {C.host_us(fn, n=200):8.1f} us   GPU {gpu:8.1f} us",
                   flush=True)
+        # the forward's launch plan for this signature: replayed, or why its recording was refused
+        from fp8_deep.moe import plan as forward_plans
+        print(f"SUMMARY host I={I} T={T} plan refusals so far: {dict(forward_plans.ForwardPlan.refusals) or 'none'}",
+              flush=True)
         if a.profile:
-            C.profile_calls(moe, 200)
+            C.profile_calls(moe, 200, top=a.profile_top)
     return 0
 
 
