@@ -875,6 +875,10 @@ def run_bench(args) -> int:
                     with C.environ(UNFUSED_ENV):
                         res["ours_unfused_graph_ms"] = C.bench(ours_fn, rep=args.rep, graph=True)[0]
                     res["fused_gain"] = res["ours_unfused_graph_ms"] / res["ours_graph_ms"]
+                    # one fusion off at a time (--ab): gain_<name> = its time without that fusion / ours
+                    for name, env in args.ab:
+                        with C.environ(env):
+                            res[f"gain_{name}"] = C.bench(ours_fn, rep=args.rep, graph=True)[0] / res["ours_graph_ms"]
                     # host time of one eager call (no sync inside the loop: the GPU queue absorbs the work), with
                     # the forward's launch plan (a replay) and without (FP8_DEEP_FORWARD_PLANS=0)
                     res["ours_host_us"] = host_us(ours_fn)
@@ -910,7 +914,8 @@ def run_bench(args) -> int:
         print(f"SUMMARY peer_vllm note: {note}")
     table = [{**r, "calc_diff": f"{r['calc_diff']:.1e}"} for r in rows]
     C.print_table(table, ["model", "T", "vllm_graph_ms", "ours_graph_ms", "ratio_graph", "ours_gemms_graph_ms",
-                          "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain", "ours_host_us",
+                          "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain",
+                          *(f"gain_{name}" for name, _ in args.ab), "ours_host_us",
                           "ours_host_noplan_us", "plan", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
                           "vllm_config", "swap_ab", "tma_b", "ours_backend"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
@@ -938,8 +943,17 @@ def main(argv=None) -> int:
     p.add_argument("--ours-backend", default="auto", choices=("auto", "triton", "deep_gemm"),
                    help="fp8_deep.moe_forward's grouped-GEMM backend (the one that ran is recorded)")
     p.add_argument("--tag", default="", help="suffix of the CSV name")
+    p.add_argument("--ab", action="append", default=[], metavar="NAME:ENV=V[,ENV=V]",
+                   help="an extra graph timing of our forward under these environment values, reported as "
+                        "gain_NAME = that time / ours (e.g. swiglu:FP8_DEEP_FUSED_SWIGLU=0: what the fused GEMM1 + "
+                        "SwiGLU gains); repeatable")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    try:
+        args.ab = [(name, dict(kv.split("=", 1) for kv in spec.split(",")))
+                   for name, spec in (a.split(":", 1) for a in args.ab)]
+    except ValueError:
+        p.error("--ab takes NAME:ENV=VALUE[,ENV=VALUE...]")
     if not (args.check or args.bench):
         p.error("give --check and/or --bench")
     gpu = torch.cuda.is_available()

@@ -484,14 +484,23 @@ def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> O
     picked) is a block-map tile, and elsewhere runs ``FUSED_SWIGLU_DEFAULT``; ``auto`` fuses only where the GEMM's
     configuration is a block-map tile; unset or ``0`` never fuses. Not the default: on an H100 (2026-12-07) its TMA
     variants did not compile (a constexpr-if early return in ``_load_b``, fixed since and compiled for sm_90 in CI;
-    its GPU bytes test has not run again), and the forward gained 0-4% at most, lost 14% on one decode shape. ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always
-    one 128-group of gate and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128."""
+    its GPU bytes test has not run again), and the forward gained 0-4% at most, lost 14% on one decode shape.
+    ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always one 128-group of gate
+    and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128.
+
+    Swap-AB tiles only (the token rows on the MMA's N side: wgmma on sm_90), the orientation decode picks: on an
+    H100 (2026-12-07, Triton 3.6) they gave the two launches' bytes, while plain-orientation 16-row tiles (mma.sync
+    on FP16-upcast operands) differed from them in 0.4% of q bytes by one FP8 step. A plain-orientation pick takes
+    the two launches (``auto``) or ``FUSED_SWIGLU_DEFAULT`` (``1``); a pinned one is refused."""
     env = _fused_swiglu_mode()
     if env is None or I % BLOCK:
         return None
     pinned = os.environ.get(SWIGLU_CONFIG_ENV)
     cfg = GemmConfig.parse(pinned) if pinned else resolve_config(config, a, b, expected_m)
-    if not cfg.BLOCK_MAP:
+    if pinned and not (cfg.BLOCK_MAP and cfg.SWAP_AB):
+        raise ValueError(f"{SWIGLU_CONFIG_ENV}={pinned!r}: the fused GEMM1 + SwiGLU kernel runs swap-AB block-map tiles "
+                         f"only (BLOCK_MAP=1,SWAP_AB=1; e.g. {FUSED_SWIGLU_DEFAULT})")
+    if not (cfg.BLOCK_MAP and cfg.SWAP_AB):
         if env != "1":
             return None
         cfg = FUSED_SWIGLU_DEFAULT
