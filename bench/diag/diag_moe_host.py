@@ -8,6 +8,7 @@ than the GPU this is the call's cost). GPU time: CUDA-graph replays of the same 
 """
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import fp8_deep  # noqa: E402
 from fp8_deep import ops  # noqa: E402
 from fp8_deep.ops.backend import select_grouped_gemm  # noqa: E402
 from fp8_deep.ops.combine import moe_combine  # noqa: E402
+from fp8_deep.ops.grouped_gemm import FUSED_SWIGLU_ENV  # noqa: E402
 from fp8_deep.ops.routing import align_routing, permute_rows  # noqa: E402
 from fp8_deep.ops.swiglu import silu_mul_quantize  # noqa: E402
 from fp8_deep.testing.baselines import bf16_moe_grouped_mm  # noqa: E402
@@ -62,6 +64,13 @@ def main():
                                                            scale_layout=gemm.a_scale_layout),
             "gemm2": lambda: gemm.gemm(a2, sa2, q2, s2, plan),
             "moe_combine": lambda: moe_combine(o, plan.inv_perm, tw, out_dtype=x.dtype),
+            # the fused forms the forward takes where they apply (FP8_DEEP_FUSED_*): one launch for two
+            "quantize_permute (quant+permute)": lambda: ops.quantize_permute(x, plan,
+                                                                              scale_layout=gemm.a_scale_layout),
+            "align_quantize_permute (3 in 1)": lambda: ops.align_quantize_permute(
+                x, tid, E, block_size=gemm.row_alignment, scale_layout=gemm.a_scale_layout),
+            f"gemm_swiglu (FUSED_SWIGLU={os.environ.get(FUSED_SWIGLU_ENV, 'unset')})": lambda: gemm.gemm_swiglu(
+                a1, sa1, q13, s13, plan, scale_layout=gemm.a_scale_layout),
         }
         print(f"E={E} H={H} I={I} T={T}: host us/call (best of 5 x 200) | GPU us (graph replay)", flush=True)
         for name, fn in stages.items():
