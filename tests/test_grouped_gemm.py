@@ -84,7 +84,17 @@ def _assert_config_errors(table):
             GemmConfig.parse(spec)
 
 
+def skip_refused(cfg, a):
+    """Skip a plain-orientation tile under 64 rows on a Hopper-class GPU: refused there (``mma_sync_refusal``; its
+    own test is test_small_plain_tiles_refused_on_hopper_gpu)."""
+    why = gg.mma_sync_refusal(GemmConfig.parse(cfg) if isinstance(cfg, str) else cfg, a)
+    if why:
+        pytest.skip(why)
+
+
 def run(case, poison=True, **kw):
+    if kw.get("config") is not None:
+        skip_refused(kw["config"], case["a"])
     out = poisoned((case["M"], case["N"]), torch.bfloat16, case["a"].device) if poison else None
     return grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
                             out=out, **kw)
@@ -488,6 +498,7 @@ def test_block_map_tiles_same_bytes(cfg, N, K, device):
                      extra_rows=48)
     block_map = (_block_expert(case, 16), case["m_indices"], 16)
     spec = BLOCK_MAP_CONFIGS[cfg]
+    skip_refused(spec, case["a"])
     args = (case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"])
     got = poisoned((case["M"], N), torch.bfloat16, device)
     gg.grouped_gemm_fp8(*args, out=got, config=spec, block_map=block_map)
@@ -582,13 +593,31 @@ def test_block_map_ids_past_the_experts_read_nothing(device):
 @pytest.mark.gpu
 def test_orientation_and_tile_height_same_bytes_gpu(device):
     """What the per-card tables rest on: a token's output must not depend on which tiles its batch size picks (RL
-    rollouts and the trainer see different batch sizes). Swap-AB tiles of 16-64 rows, plain 128-row tiles, the TMA
-    and Gluon kernels: the same bytes on every valid row."""
+    rollouts and the trainer see different batch sizes). Swap-AB tiles of 16-64 rows, plain 64- and 128-row tiles,
+    the TMA and Gluon kernels: the same bytes on every valid row (plain tiles under 64 rows are refused on the GPU:
+    test_small_plain_tiles_refused_on_hopper_gpu)."""
+
+
+@pytest.mark.gpu
+def test_small_plain_tiles_refused_on_hopper_gpu(device):
+    """Plain-orientation tiles under 64 rows per dot run mma.sync on sm_90 and gave other bytes than every other tile
+    (H100, 2026-12-07: 12638 elements of this GEMM): refused there, with the fix named; swap-AB tiles of the same
+    height run."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("wgmma-class GPUs only (sm_90+)")
+    case = make_case([40, 0, 17, 64, 3], N=1536, K=2048, device=device, seg_align=16, scale_layout="tma_aligned")
+    for cfg in ("BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,num_warps=4,num_stages=3",
+                "BLOCK_M=64,BLOCK_N=64,GROUP_M=1,SPLIT_M=1,num_warps=4,num_stages=3"):
+        with pytest.raises(ValueError, match="mma.sync.*SWAP_AB=1"):
+            grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                             config=cfg)
+    grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                     config="BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3")
     case = make_case([40, 0, 17, 64, 3], N=1536, K=2048, device=device, seg_align=16, scale_layout="tma_aligned")
     cfgs = ["BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3",
             "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=5",
             "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=4",
-            "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,num_warps=4,num_stages=3",
+            "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,num_warps=4,num_stages=3",
             "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,num_warps=8,num_stages=4",
             str(MEDIUM_M_CONFIGS[0]), str(GLUON_CONFIGS[0])]
     valid = case["m_indices"] >= 0

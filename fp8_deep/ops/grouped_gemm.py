@@ -405,7 +405,7 @@ def resolve_config(config, a: torch.Tensor, b: torch.Tensor, expected_m: Optiona
     ``pick_config``; a picked TMA / Gluon config that cannot run here becomes the same bucket's portable tiles."""
     pinned = config if config is not None else os.environ.get(CONFIG_ENV)
     if pinned:
-        return GemmConfig.parse(pinned)
+        return _check_mma_height(GemmConfig.parse(pinned), a)
     (M, K), (E, N, _) = a.shape, b.shape
     rows = expected_m if expected_m is not None else max(1, M // max(1, E))
     tuned = tuned_config("grouped_gemm", a.device, E=E, N=N, K=K, rows=rows)
@@ -414,6 +414,28 @@ def resolve_config(config, a: torch.Tensor, b: torch.Tensor, expected_m: Optiona
         cfg = MEDIUM_M_CONFIGS[0] if rows < 1024 else LARGE_M_CONFIGS[0]
     if cfg.TMA and _tma_problem(a, b, N):
         cfg = MEDIUM_M_FALLBACK
+    return _check_mma_height(cfg, a)
+
+
+def mma_sync_refusal(cfg: GemmConfig, a: torch.Tensor) -> Optional[str]:
+    """Why ``cfg`` cannot run on ``a``'s device, or None: a plain-orientation tile under 64 rows per dot
+    (``BLOCK_M``, or half of it with ``SPLIT_M``) on a Hopper-class GPU. Triton compiles those dots to mma.sync on
+    FP16-upcast operands instead of wgmma, whose accumulation rounds differently, so their output bytes differ from
+    every other tile's (H100, 2026-12-07: 12638 elements of a 1536 x 2048 GEMM, tests/test_grouped_gemm.py). A
+    token's output must not depend on which tile its batch size picks: small tiles swap A and B (``SWAP_AB=1``)."""
+    dot_rows = cfg.BLOCK_M // 2 if cfg.SPLIT_M else cfg.BLOCK_M
+    if (cfg.SWAP_AB or dot_rows >= 64 or not a.is_cuda or interpreter_active()
+            or torch.cuda.get_device_capability(a.device)[0] < 9):
+        return None
+    return (f"grouped GEMM config {cfg}: a plain-orientation tile of {dot_rows} rows per dot runs mma.sync on this "
+            f"GPU and gives other bytes than the wgmma tiles; use SWAP_AB=1 for tiles under 64 rows (e.g. "
+            f"BLOCK_M={cfg.BLOCK_M},BLOCK_N={cfg.BLOCK_N},SWAP_AB=1) or BLOCK_M >= 64")
+
+
+def _check_mma_height(cfg: GemmConfig, a: torch.Tensor) -> GemmConfig:
+    why = mma_sync_refusal(cfg, a)
+    if why:
+        raise ValueError(why)
     return cfg
 
 
