@@ -115,9 +115,9 @@ def _fuse_align(routed_rows: int, block_size: int, x: torch.Tensor, expert_map) 
     """Whether the routing plan comes out of the quantize-permute launch too (``ops.align_quantize_permute``: one
     launch instead of two, the same plan and bytes): where the forward fuses the quantization into the permutation,
     the choices fit its one-launch tile and our alignment kernel is the one that would run (vLLM's, when installed,
-    is preferred for CUDA ids without an expert map). Opt-in, ``FP8_DEEP_FUSED_ALIGN_QUANT=1``, until its GPU test
-    (tests/test_align_quant.py, ``-m gpu``) has passed: bitwise in the interpreter and compiled for sm_90 in CI, not
-    yet run on a GPU (2026-12-07)."""
+    is preferred for CUDA ids without an expert map). Opt-in, ``FP8_DEEP_FUSED_ALIGN_QUANT=1``: bitwise the two
+    launches on an H100 (tests/test_align_quant.py, 2026-12-07), but not faster there (Qwen3-30B-A3B T=1 +2%, the
+    DeepSeek-V3 TP8 shard T=16 -8%: every program counts all choices; docs/performance.md)."""
     env = os.environ.get(FUSED_ALIGN_ENV)
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{FUSED_ALIGN_ENV}={env!r}: expected 0 or 1 (unset: off)")
