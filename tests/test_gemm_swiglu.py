@@ -166,12 +166,17 @@ def test_moe_forward_fused_and_unfused_same_bytes(device, monkeypatch):
     assert_bitwise_equal(fused, unfused)
 
 
+# qwen3_t16 failed on an H100 at bec78b1 (the other three passed there); the xfail hid its message: rerun with
+# --runxfail (PRESET=followup). The fused path is opt-in (FP8_DEEP_FUSED_SWIGLU=1 / auto) and not faster anyway.
+_QWEN3_T16_XFAIL = pytest.mark.xfail(strict=False, reason="differed from the two launches on an H100 on 2026-12-07 at "
+                                     "bec78b1; cause not yet captured")
+
+
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason="failed on an H100 on 2026-12-07 at e27eaad with the plain-orientation "
-                   "variants (refused since); the swap-AB ones passed the small-shape test there. Opt-in "
-                   "(FP8_DEEP_FUSED_SWIGLU=1 / auto) until this passes")
-@pytest.mark.parametrize("E,I,H,T", [(128, 768, 2048, 1), (128, 768, 2048, 16), (256, 256, 7168, 16),
-                                     (32, 2048, 7168, 64)], ids=["qwen3_t1", "qwen3_t16", "tp8_t16", "ep8_t64"])
+@pytest.mark.parametrize("E,I,H,T", [pytest.param(128, 768, 2048, 1, id="qwen3_t1"),
+                                     pytest.param(128, 768, 2048, 16, id="qwen3_t16", marks=_QWEN3_T16_XFAIL),
+                                     pytest.param(256, 256, 7168, 16, id="tp8_t16"),
+                                     pytest.param(32, 2048, 7168, 64, id="ep8_t64")])
 def test_fused_equals_two_launches_gpu(E, I, H, T, monkeypatch):
     """Decode-sized MoE shapes on the GPU, every fused tile variant: the bytes of the two launches, with GEMM1 run on
     the same tiles (orientation, height, weight loads) and on the card's default tiles (the MoE's unfused path)."""

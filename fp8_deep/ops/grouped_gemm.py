@@ -506,8 +506,9 @@ def _fused_swiglu_config(config, a, b, I: int, expected_m, block_size: int) -> O
     picked) is a block-map tile, and elsewhere runs ``FUSED_SWIGLU_DEFAULT``; ``auto`` fuses only where the GEMM's
     configuration is a block-map tile; unset or ``0`` never fuses. Not the default because it does not pay: on an
     H100 (2026-12-07 at ``bec78b1``, docs/performance.md) the forward with it was at most 0.5% faster and 18% slower
-    on the DeepSeek-V3 TP8 shard at T=1 (its tiles span one 128-group of I, so a small I gives few programs); its
-    bytes equal the two launches' there (tests/test_gemm_swiglu.py).
+    on the DeepSeek-V3 TP8 shard at T=1 (its tiles span one 128-group of I, so a small I gives few programs). Its
+    bytes equalled the two launches' there on small shapes and three of four decode shapes, not on Qwen3-30B-A3B at
+    T=16 (tests/test_gemm_swiglu.py, xfail; cause not yet captured).
     ``FP8_DEEP_SWIGLU_GEMM_CONFIG`` pins the fused kernel's tile. The tile's columns are always one 128-group of gate
     and one of up (``BLOCK_N`` is ignored); it needs I a multiple of 128.
 
