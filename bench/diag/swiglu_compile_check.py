@@ -51,7 +51,7 @@ def fused(cfg):
     args = (a, sa, b_arg, sb, q, s, be, mi, M, I, K, E, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0),
             b.stride(1), sb.stride(0), sb.stride(1), sb.stride(2), q.stride(0), q.stride(1), s.stride(0), s.stride(1))
     kw = dict(EPS=1e-10, FP8_MAX=FP8_MAX, UE8M0=False, ACCURATE_EXP=True, FMA_DIV=True, NAN_MAX=True,
-              NAN_SELECT=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=128, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
+              NAN_SELECT=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=128, GROUP_M=cfg.GROUP_M,
               EVEN_K=True, ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=16, TMA_B=bool(cfg.TMA_B),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return compile_kernel(_grouped_gemm_swiglu_kernel, args, kw)

@@ -407,7 +407,7 @@ def _grouped_gemm_swiglu_kernel(
     stride_qm, stride_qk, stride_sm, stride_sg,
     EPS: tl.constexpr, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr, ACCURATE_EXP: tl.constexpr,
     FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP_AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, MAP_BLOCK: tl.constexpr,
     TMA_B: tl.constexpr,
 ):
@@ -424,9 +424,8 @@ def _grouped_gemm_swiglu_kernel(
     I must be a multiple of 128 (a group's gate and up columns each lie in one weight scale block)."""
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
-    # the accumulators are (128 columns, BLOCK_M rows): the orientation whose bytes the GPU showed equal to the two
-    # launches (the launcher's _fused_swiglu_config says why not the plain one)
-    tl.static_assert(SWAP_AB, "the fused GEMM1 + SwiGLU kernel runs swap-AB tiles only")
+    # swap-AB tiles only: the accumulators are (128 columns, BLOCK_M rows), the orientation whose bytes the GPU showed
+    # equal to the two launches (the launcher's _fused_swiglu_config says why not the plain one)
     GROUP: tl.constexpr = 128
     tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, I // GROUP, GROUP_M)
     row0 = tm * BLOCK_M
@@ -451,8 +450,8 @@ def _grouped_gemm_swiglu_kernel(
         else:
             bg_ptrs = b_ptr + e64 * stride_be + cols64[:, None] * stride_bn + offs_k[None, :]
             up_step = I * stride_bn
-        acc_g = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
-        acc_u = _zero_acc(BLOCK_M, GROUP, SWAP_AB)
+        acc_g = _zero_acc(BLOCK_M, GROUP, True)
+        acc_u = _zero_acc(BLOCK_M, GROUP, True)
         for k0 in range(0, K, BLOCK_K):
             kb = k0 // BLOCK_K
             a = _load_k(a_ptrs, offs_k, K - k0, EVEN_K)
@@ -464,8 +463,8 @@ def _grouped_gemm_swiglu_kernel(
             sa = tl.load(as_ptrs + kb * stride_ask)
             sbg = tl.load(bsg_ptrs + kb * stride_bsk)
             sbu = tl.load(bsu_ptrs + kb * stride_bsk)
-            acc_g = _acc_block(acc_g, a, bg, sa, sbg, GROUP, SWAP_AB, ACC_K, UPCAST)
-            acc_u = _acc_block(acc_u, a, bu, sa, sbu, GROUP, SWAP_AB, ACC_K, UPCAST)
+            acc_g = _acc_block(acc_g, a, bg, sa, sbg, GROUP, True, ACC_K, UPCAST)
+            acc_u = _acc_block(acc_u, a, bu, sa, sbu, GROUP, True, ACC_K, UPCAST)
             a_ptrs += BLOCK_K
             if not TMA_B:
                 bg_ptrs += BLOCK_K

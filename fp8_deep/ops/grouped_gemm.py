@@ -596,7 +596,7 @@ def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         EPS=eps, FP8_MAX=FP8_MAX, UE8M0=scale_fmt == "ue8m0", ACCURATE_EXP=a.is_cuda and not interpreter_active(),
         **gpu_fast_paths(a),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB, EVEN_K=(K % BLOCK == 0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, EVEN_K=(K % BLOCK == 0),
         ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
     )
