@@ -137,6 +137,21 @@ def _every_gemm_config(monkeypatch):
     return refused
 
 
+def _with_pdl(launches):
+    """The launches of kernels with a ``USE_PDL`` parameter again, as the GPU launches them on SM90+ (prologue on,
+    ``launch_pdl``): the interpreter never runs with it (``ops._launch.pdl`` is off for CPU tensors)."""
+    import dataclasses
+    import importlib
+    import inspect
+    out = []
+    for rec in launches:
+        fn = getattr(importlib.import_module(rec.module), rec.name)
+        if "USE_PDL" in inspect.signature(getattr(fn, "fn", fn)).parameters:
+            out.append(dataclasses.replace(rec, kwargs={**rec.kwargs, "USE_PDL": True, "launch_pdl": True}))
+    assert out, "no recorded launch of a PDL kernel"
+    return out
+
+
 def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path, monkeypatch):
     """Every distinct kernel specialization the interpreter ran in this pytest run (every test before this one, which
     conftest runs last) compiles for sm_90 with this Triton: branches the interpreter never type-checks, dot
@@ -160,6 +175,7 @@ def test_recorded_launches_compile_for_sm90(recorded_launches, tmp_path, monkeyp
         refused = _every_gemm_config(monkeypatch)
     assert len(configs) >= 20, (len(configs), refused)
     launches += configs
+    launches += _with_pdl(launches)
     path = tmp_path / "launches.pkl"
     with open(path, "wb") as f:
         pickle.dump(launches, f)

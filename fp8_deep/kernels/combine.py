@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .swiglu import _round_to
+from .pdl import pdl_prologue
 
 
 @triton.jit
@@ -20,8 +21,10 @@ def moe_combine_kernel(
     stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
     # meta
     TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, OUT_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """Grid: (T, cdiv(H, BLOCK_H))."""
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = h < H

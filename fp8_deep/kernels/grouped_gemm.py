@@ -21,6 +21,7 @@ from triton.language.extra import libdevice
 
 from .quant import _quant_groups
 from .swiglu import _round_to
+from .pdl import pdl_prologue
 
 
 @triton.jit
@@ -143,7 +144,9 @@ def _grouped_gemm_fp8_kernel(
     ACC_K: tl.constexpr,      # see _dot_block: 0 = one wgmma chain per 128-K block
     UPCAST: tl.constexpr,     # see _dot_block: FP16 dots
     FLATTEN: tl.constexpr = False,  # persistent tile loop flattened with the K loop (loads prefetched across tiles)
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
+    pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(not (SPLIT_M and SWAP_AB), "SPLIT_M applies to the plain orientation only")
 
@@ -295,6 +298,7 @@ def _grouped_gemm_fp8_blockmap_kernel(
     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr,
     MAP_BLOCK: tl.constexpr,  # the routing plan's segment alignment; BLOCK_M divides it
     TMA_B: tl.constexpr = False,  # b_ptr is a tensor descriptor over b as (E * N, K), block (BLOCK_N, BLOCK_K)
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """``_grouped_gemm_fp8_kernel`` for tiles no taller than the segment alignment, scheduled like vLLM's fused-MoE
     kernel: program ``p`` takes a fixed ``BLOCK_M``-row block of ``a`` and finds its expert with one load from the
@@ -303,6 +307,7 @@ def _grouped_gemm_fp8_blockmap_kernel(
     exit at once. Same per-row arithmetic as the other kernels (``_tile_nt``): the same bytes. ``TMA_B`` streams the
     weight tiles through the copy engine (one descriptor load per K block, as vLLM's kernel does on Hopper) instead
     of 128 threads' pointer loads: the weight bytes are the whole cost of a decode-sized call."""
+    pdl_prologue(USE_PDL)
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
     tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
     row0 = tm * BLOCK_M
@@ -342,12 +347,14 @@ def _grouped_gemm_fp8_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_E: tl.constexpr, SPLIT_M: tl.constexpr, WS: tl.constexpr, NUM_STAGES: tl.constexpr,
     ACC_K: tl.constexpr, UPCAST: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """The plain-orientation kernel above with TMA tensor-descriptor loads (one program per tile): the copy engine
     moves the FP8 tiles and zero-fills past K and past the tensors' ends, which frees the warps' registers and issue
     slots for the per-128-K promotion; ``WS`` asks Triton to warp-specialize the K loop (producer warps issue the
     loads, consumer warps run the dots and the promotion, DeepGEMM's structure). Rows a tile reads past its expert's
     segment belong to other segments or padding: they are computed and never stored, as in the pointer kernel."""
+    pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(BLOCK_N <= 128, "one weight scale per K block: BLOCK_N must divide 128")
     offs_e = tl.arange(0, BLOCK_E)
@@ -410,6 +417,7 @@ def _grouped_gemm_swiglu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, MAP_BLOCK: tl.constexpr,
     TMA_B: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """The MoE's first GEMM with SwiGLU and the 1 x 128 requantization in its epilogue: one launch instead of two,
     and ``h`` (M, 2I) never leaves the registers.
@@ -422,6 +430,7 @@ def _grouped_gemm_swiglu_kernel(
     ``grouped_gemm_fp8`` (bf16 out) followed by ``silu_mul_quantize``. Padding rows of a live block and every row of
     a block no expert owns get q = 0 and scale 0, as ``silu_mul_quantize`` with ``m_indices`` writes them.
     I must be a multiple of 128 (a group's gate and up columns each lie in one weight scale block)."""
+    pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
     # swap-AB tiles only: the accumulators are (128 columns, BLOCK_M rows), the orientation whose bytes the GPU showed

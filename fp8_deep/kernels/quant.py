@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ..numerics import UE8M0_ACT_SCALE_FLOOR
+from .pdl import pdl_prologue
 
 _UE8M0_ACT_SCALE_FLOOR = tl.constexpr(UE8M0_ACT_SCALE_FLOOR)
 
@@ -387,11 +388,13 @@ def quant_permute_kernel(
     NAN_SELECT: tl.constexpr,
     # meta: as quant_act_group_kernel, grid (cdiv(num_rows, BLOCK_M), cdiv(G, GROUPS_PER_PROG))
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """``quant_act_group_kernel`` reading each row of the routing plan from its token's row of ``x``: the activation
     quantization and ``permute_rows_kernel`` in one pass (the routed rows come out quantized in their expert
     segments; a token routed to k experts is quantized k times, to the same bytes). Padding rows: q 0, scale 0, as
     ``permute_rows`` writes them."""
+    pdl_prologue(USE_PDL)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < num_rows
     s_id = tl.load(sorted_ptr + r, mask=rmask, other=numel)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .quant import _quant_routed_rows
+from .pdl import pdl_prologue
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,9 +138,11 @@ def align_fused_kernel(
     # meta
     HAS_MAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, E_POW2: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr,
     SUB: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """Grid: max(row blocks, chunks). Each program histograms all choices (and those before its chunk), places its
     chunk's real rows, and writes its row block's padding rows and expert id."""
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     chunk_start = pid * CHUNK
     dump = E_POW2 - 1  # E_POW2 >= num_experts + 1: a bin no expert uses, for dropped / masked choices
@@ -184,6 +187,7 @@ def align_quant_kernel(
     # meta
     HAS_MAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, E_POW2: tl.constexpr, CHOICES: tl.constexpr,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """``align_fused_kernel`` then ``quant_permute_kernel``, in one launch: the same plan, the same rows.
 
@@ -194,6 +198,7 @@ def align_quant_kernel(
     permutation; block 0 also the per-expert meta and the -1 of dropped choices); every slice quantizes its
     GROUPS_PER_PROG groups of the block's rows from their tokens' rows of x (padding rows: q 0, scale 0). The
     routing is recomputed by every program: a few hundred ids from L2, no ordering between programs needed."""
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     pid_g = tl.program_id(1)
     flat = tl.arange(0, CHOICES)
@@ -363,8 +368,10 @@ def permute_rows_kernel(
     stride_qt, stride_qk, stride_st, stride_sg, stride_oqr, stride_oqk, stride_osr, stride_osg,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, G_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """Grid: cdiv(num_rows, BLOCK_M). Row r <- q[sorted[r] // top_k] (its scales too); padding rows get zeros."""
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < num_rows

@@ -30,6 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .quant import _amax_nan, _group_q, _group_scale, _max_nan, _quant_groups
+from .pdl import pdl_prologue
 
 
 @triton.jit
@@ -60,8 +61,10 @@ def silu_mul_quant_kernel(
     # meta
     HAS_M: tl.constexpr, SAVE_INPUT: tl.constexpr, GROUP: tl.constexpr, GROUP_POW2: tl.constexpr,
     GROUPS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """Grid: (cdiv(M, BLOCK_M), cdiv(G, GROUPS_PER_PROG)). Tile [BLOCK_M, GROUPS_PER_PROG, GROUP_POW2]."""
+    pdl_prologue(USE_PDL)
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -28,7 +28,8 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
-__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "FP_FUSION", "on_input_device", "LaunchTape", "record_launches"]
+__all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "FP_FUSION", "on_input_device", "LaunchTape", "record_launches",
+           "PDL_ENV", "pdl"]
 
 PLANS_ENABLED = os.environ.get("FP8_DEEP_LAUNCH_PLANS", "1") != "0"
 # Every launch pins FMA contraction on, the default of every Triton up to 3.9, under which the kernels' bytes were
@@ -37,6 +38,32 @@ PLANS_ENABLED = os.environ.get("FP8_DEEP_LAUNCH_PLANS", "1") != "0"
 # the GEMMs would round their promotion twice and the other kernels' PTX would change. (The SwiGLU backward turns it
 # off on purpose: it matches torch's eager rounding.)
 FP_FUSION = {"enable_fp_fusion": True}
+PDL_ENV = "FP8_DEEP_PDL"
+_PDL_CAPABLE: dict = {}  # device index -> compute capability >= 9.0
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch keywords of a kernel in the MoE forward's chain (``fp8_deep/kernels/pdl.py``): ``USE_PDL`` (its
+    constexpr: wait for the predecessor grid, then release the successor) and, when on, ``launch_pdl=True``
+    (programmatic dependent launch). On for CUDA tensors on SM90+ outside the interpreter; ``FP8_DEEP_PDL=0``
+    turns it off (A/B runs). Both keywords are always decided together: a kernel launched with PDL that did not wait
+    could read its predecessor's output before it is written."""
+    env = os.environ.get(PDL_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{PDL_ENV}={env!r}: expected 0 or 1 (unset: on where the GPU supports it)")
+    if env == "0" or not t.is_cuda:
+        return _PDL_OFF
+    idx = t.get_device()
+    cap = _PDL_CAPABLE.get(idx)
+    if cap is None:
+        from ..numerics import interpreter_active
+        cap = _PDL_CAPABLE[idx] = (not interpreter_active()
+                                   and torch.cuda.get_device_capability(idx)[0] >= 9)
+    return _PDL_ON if cap else _PDL_OFF
+
+
+_PDL_OFF = {"USE_PDL": False}
+_PDL_ON = {"USE_PDL": True, "launch_pdl": True}
 _LOCAL = threading.local()  # .tape: the LaunchTape this thread records into, if any
 _PATCH_LOCK = threading.Lock()
 

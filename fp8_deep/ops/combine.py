@@ -9,7 +9,7 @@ from .. import reference
 from ..kernels.combine import moe_combine_kernel
 from ..numerics import HIGH_PRECISION_DTYPES, cdiv, use_triton
 from ._checks import check_out, check_outputs_disjoint, check_tensor
-from ._launch import FP_FUSION, on_input_device
+from ._launch import FP_FUSION, on_input_device, pdl
 
 __all__ = ["moe_combine"]
 
@@ -58,6 +58,6 @@ def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: 
         H,
         expert_out.stride(0), expert_out.stride(1), inv_perm.stride(0), inv_perm.stride(1),
         topk_weights.stride(0), topk_weights.stride(1), out.stride(0), out.stride(1),
-        TOP_K=k, BLOCK_H=block_h, OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, **FP_FUSION,
+        TOP_K=k, BLOCK_H=block_h, OUT_BF16=out.dtype == torch.bfloat16, num_warps=4, **FP_FUSION, **pdl(expert_out),
     )
     return out

@@ -35,7 +35,7 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LA
                         is_pow2, sm_count, use_triton)
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
-from ._launch import FP_FUSION, on_input_device
+from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
@@ -394,7 +394,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         BLOCK_E=triton.next_power_of_2(E), EVEN_K=(K % BLOCK == 0), SPLIT_M=cfg.SPLIT_M,
         ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST,
         FLATTEN=_flatten(cfg, K),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a),
     )
     return out
 
@@ -478,7 +478,7 @@ def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
         EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a),
     )
 
 
@@ -598,7 +598,7 @@ def grouped_gemm_swiglu_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Ten
         **gpu_fast_paths(a),
         BLOCK_M=cfg.BLOCK_M, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, EVEN_K=(K % BLOCK == 0),
         ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a),
     )
     return q, s
 
@@ -633,7 +633,7 @@ def _launch_tma(cfg, a, a_scale, b, b_scale, out, expert_offsets, expert_counts,
         *_descriptor_kernel_args(a_desc, a_scale, b_desc, b_scale, out, expert_offsets, expert_counts, M, N, K, E),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M,
         BLOCK_E=triton.next_power_of_2(E), SPLIT_M=cfg.SPLIT_M, WS=cfg.WS, NUM_STAGES=cfg.num_stages,
-        ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps, **FP_FUSION,
+        ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, num_warps=cfg.num_warps, **FP_FUSION, **pdl(a),
     )
 
 

@@ -18,7 +18,7 @@ from ..kernels.quant import (quant_act_flat_kernel, quant_act_group_kernel, quan
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, SCALE_LAYOUTS,
                         WEIGHT_AMAX_EPS, cdiv, interpreter_active, is_pow2, use_triton)
 from . import _registry
-from ._launch import FP_FUSION, PLANS_ENABLED, PlanCache, bind_compiled, on_input_device
+from ._launch import FP_FUSION, PLANS_ENABLED, PlanCache, bind_compiled, on_input_device, pdl
 from ._config import TileConfig
 from ._tuned import TUNED_ENV, tuned_config
 from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
@@ -383,7 +383,7 @@ def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_la
         x, plan.sorted_token_ids, q, s, plan.num_tokens * plan.top_k, plan.top_k, rows, K,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
-        GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps, **FP_FUSION)
+        GROUP=BLOCK, GROUPS_PER_PROG=groups_per_prog, BLOCK_M=block_m, num_warps=warps, **FP_FUSION, **pdl(x))
     return q, s
 
 
@@ -443,7 +443,7 @@ def align_quantize_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts:
         s.stride(0), s.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
         HAS_MAP=has_map, BLOCK_SIZE=block_size, E_POW2=_next_pow2(num_experts + 1),
-        CHOICES=max(16, _next_pow2(T * k)), GROUP=BLOCK, GROUPS_PER_PROG=gpp, num_warps=4, **FP_FUSION,
+        CHOICES=max(16, _next_pow2(T * k)), GROUP=BLOCK, GROUPS_PER_PROG=gpp, num_warps=4, **FP_FUSION, **pdl(x),
     )
     return _finish(bufs, T, k, num_experts, block_size), q, s
 

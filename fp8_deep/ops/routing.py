@@ -20,7 +20,7 @@ from ..numerics import FP8_DTYPE, SCALE_LAYOUTS, cdiv, is_pow2, use_triton
 from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_outputs_disjoint, check_tensor
-from ._launch import FP_FUSION, on_input_device
+from ._launch import FP_FUSION, on_input_device, pdl
 from .plan import RoutingPlan, max_padded_rows
 
 __all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
@@ -189,7 +189,7 @@ def _align_triton(topk_ids, num_experts, expert_map, block_size, bufs):
             numel, k, num_experts, num_global, rows,
             topk_ids.stride(0), topk_ids.stride(1),
             HAS_MAP=has_map, BLOCK_SIZE=block_size, E_POW2=e_pow2, TILE=tile, CHUNK=chunk, SUB=min(_SUB, chunk),
-            num_warps=4, **FP_FUSION,
+            num_warps=4, **FP_FUSION, **pdl(topk_ids),
         )
         return
     chunk = _CHUNK
@@ -296,7 +296,7 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         plan.num_tokens * plan.top_k, plan.top_k, rows, K, G,
         q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         q_out.stride(0), q_out.stride(1), s_out.stride(0), s_out.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=4, **FP_FUSION,
+        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=4, **FP_FUSION, **pdl(q),
     )
     return q_out, s_out
 

@@ -21,7 +21,7 @@ from ..kernels.swiglu import row_sum_kernel, silu_mul_bwd_quant_kernel, silu_mul
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, SCALE_FMTS, SCALE_LAYOUTS, cdiv, interpreter_active,
                         is_pow2, use_triton)
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
-from ._launch import FP_FUSION, on_input_device
+from ._launch import FP_FUSION, on_input_device, pdl
 from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
 
@@ -137,7 +137,7 @@ def silu_mul_quantize(h: torch.Tensor, *, m_indices: Optional[torch.Tensor] = No
         IS_BF16=h.dtype == torch.bfloat16, **gpu_fast_paths(h),
         HAS_M=m_indices is not None, SAVE_INPUT=save_input, GROUP=group_size, GROUP_POW2=gp2,
         GROUPS_PER_PROG=groups_per_prog,
-        BLOCK_M=block_m, num_warps=4, **FP_FUSION,
+        BLOCK_M=block_m, num_warps=4, **FP_FUSION, **pdl(h),
     )
     return res
 
