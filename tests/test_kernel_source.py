@@ -138,15 +138,17 @@ def _every_gemm_config(monkeypatch):
 
 
 def _with_pdl(launches):
-    """The launches of kernels with a ``USE_PDL`` parameter again, as the GPU launches them on SM90+ (prologue on,
-    ``launch_pdl``): the interpreter never runs with it (``ops._launch.pdl`` is off for CPU tensors)."""
+    """One launch of each kernel with a ``USE_PDL`` parameter again, as the GPU launches it on SM90+ (prologue on,
+    ``launch_pdl``): the interpreter never runs with it (``ops._launch.pdl`` is off for CPU tensors). The prologue
+    does not depend on the rest of the specialization: one compile per kernel keeps the CPU suite's time."""
     import dataclasses
     import importlib
     import inspect
-    out = []
+    out, seen = [], set()
     for rec in launches:
         fn = getattr(importlib.import_module(rec.module), rec.name)
-        if "USE_PDL" in inspect.signature(getattr(fn, "fn", fn)).parameters:
+        if rec.name not in seen and "USE_PDL" in inspect.signature(getattr(fn, "fn", fn)).parameters:
+            seen.add(rec.name)
             out.append(dataclasses.replace(rec, kwargs={**rec.kwargs, "USE_PDL": True, "launch_pdl": True}))
     assert out, "no recorded launch of a PDL kernel"
     return out
