@@ -77,6 +77,10 @@ def candidates():
         # block-map / TMA_B variants follow below)
         *(gg.GemmConfig(BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, SWAP_AB=True, PERSISTENT=False, num_warps=4, num_stages=st)
           for bn in (64, 128) for st in (2, 3, 4)),
+        # ~100-200 rows per expert (Qwen3-30B-A3B and the DeepSeek-V3 TP8 shard at T=2048): 128-row tiles are 66% /
+        # 50% full there (an expert of 130 rows takes two), 64-row ones 80% / 68%. One warpgroup of async wgmma,
+        # 254 registers and 96 KiB of shared memory at 4 stages: two programs per SM (sm_90 compile, Triton 3.9)
+        *(gg.GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, GLUON=True, num_warps=4, num_stages=st) for st in (3, 4)),
     )
     seen, out = set(), []
     for cfg in (*gg.SMALL_M_CONFIGS, *gg.MEDIUM_M_CONFIGS, *gg.LARGE_M_CONFIGS, *gg.GLUON_CONFIGS,
@@ -176,12 +180,17 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=480, help="seconds; stops between grid points")
     p.add_argument("--out", default=None, help="table path (default fp8_deep/configs/grouped_gemm/<card>.json)")
     p.add_argument("--no-merge", action="store_true", help="drop the existing table's other entries")
+    p.add_argument("--only", nargs="*", default=[], metavar="TEXT",
+                   help="candidates whose config string holds every TEXT (e.g. GLUON=1 BLOCK_M=64), raced against "
+                        "the table's current pick for each point (a point keeps its entry unless one beats it)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the candidates; time nothing")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
     args = p.parse_args(argv)
 
     from fp8_deep.ops._tuned import TABLE_DIR, card_key
     cands = candidates()
+    if args.only:
+        cands = [c for c in cands if all(t in str(c) for t in args.only)]
     models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
     tokens = [4] if args.cpu_smoke else args.T
     grid = []
@@ -214,7 +223,13 @@ def main(argv=None) -> int:
             print(f"[note] time budget {args.time_budget:.0f} s spent: stopped before {name} {g} T={T}")
             break
         print(f"  {name} {g} E={E} N={N} K={K} T={T}", flush=True)
-        r = tune_point(E, N, K, T, top_k, cands, args.rep, log=print)
+        point_cands = cands
+        if args.only:  # the current entry races too: a restricted run never replaces it with a slower config
+            from fp8_deep.ops.grouped_gemm import _table_config
+            cur = [_table_config(e["config"]) for e in old
+                   if (e["E"], e["N"], e["K"], e["T"], e["top_k"]) == (E, N, K, T, top_k)]
+            point_cands = cur + [c for c in cands if str(c) not in {str(x) for x in cur}]
+        r = tune_point(E, N, K, T, top_k, point_cands, args.rep, log=print)
         if r is None:
             print("    no eligible candidate")
             continue
