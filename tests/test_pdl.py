@@ -21,7 +21,10 @@ PKG = pathlib.Path(fp8_deep.__file__).parent
 
 def test_pdl_is_off_on_cpu_and_validates_its_switch(monkeypatch):
     x = torch.zeros(4)
+    monkeypatch.delenv(PDL_ENV, raising=False)
     assert pdl(x) == {"USE_PDL": False}
+    monkeypatch.setenv(PDL_ENV, "1")
+    assert pdl(x) == {"USE_PDL": False}  # CPU tensors: never
     monkeypatch.setenv(PDL_ENV, "yes")
     with pytest.raises(ValueError, match="FP8_DEEP_PDL"):
         pdl(x)
@@ -93,11 +96,12 @@ def test_pdl_same_bytes_eager_and_graph_gpu(T, fusion, monkeypatch):
     x = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
     tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=dev, generator=g), -1), k)
     ids = ids.int()
+    monkeypatch.setenv(PDL_ENV, "1")
     assert pdl(x) == {"USE_PDL": True, "launch_pdl": True}
     with torch.no_grad():
         monkeypatch.setenv(PDL_ENV, "0")
         ref = fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
-        monkeypatch.delenv(PDL_ENV)
+        monkeypatch.setenv(PDL_ENV, "1")
         for _ in range(3):  # plain path, recording, first replay
             assert_bitwise_equal(fp8_deep.moe_forward(x, topk_weights=tw, topk_ids=ids, backend="triton", **layer),
                                  ref, "eager")
@@ -111,7 +115,7 @@ def test_pdl_same_bytes_eager_and_graph_gpu(T, fusion, monkeypatch):
         x2 = torch.randn(T, H, device=dev, dtype=torch.bfloat16, generator=g)
         monkeypatch.setenv(PDL_ENV, "0")
         ref2 = fp8_deep.moe_forward(x2, topk_weights=tw, topk_ids=ids, backend="triton", **layer)
-        monkeypatch.delenv(PDL_ENV)
+        monkeypatch.setenv(PDL_ENV, "1")
         x.copy_(x2)
         for _ in range(3):
             graph.replay()

@@ -45,13 +45,14 @@ _PDL_CAPABLE: dict = {}  # device index -> compute capability >= 9.0
 def pdl(t: torch.Tensor) -> dict:
     """Launch keywords of a kernel in the MoE forward's chain (``fp8_deep/kernels/pdl.py``): ``USE_PDL`` (its
     constexpr: wait for the predecessor grid, then release the successor) and, when on, ``launch_pdl=True``
-    (programmatic dependent launch). On for CUDA tensors on SM90+ outside the interpreter; ``FP8_DEEP_PDL=0``
-    turns it off (A/B runs). Both keywords are always decided together: a kernel launched with PDL that did not wait
-    could read its predecessor's output before it is written."""
+    (programmatic dependent launch). Opt-in, ``FP8_DEEP_PDL=1``, for CUDA tensors on SM90+ outside the interpreter:
+    its bytes and its speed have not been measured on a GPU yet (tests/test_pdl.py and the peer benchmark's
+    ``--ab pdl:FP8_DEEP_PDL=0`` will). Both keywords are always decided together: a kernel launched with PDL that did
+    not wait could read its predecessor's output before it is written."""
     env = os.environ.get(PDL_ENV)
     if env not in (None, "", "0", "1"):
-        raise ValueError(f"{PDL_ENV}={env!r}: expected 0 or 1 (unset: on where the GPU supports it)")
-    if env == "0" or not t.is_cuda:
+        raise ValueError(f"{PDL_ENV}={env!r}: expected 0 or 1 (unset: off)")
+    if env != "1" or not t.is_cuda:
         return _PDL_OFF
     idx = t.get_device()
     cap = _PDL_CAPABLE.get(idx)
