@@ -596,6 +596,20 @@ def test_orientation_and_tile_height_same_bytes_gpu(device):
     rollouts and the trainer see different batch sizes). Swap-AB tiles of 16-64 rows, plain 64- and 128-row tiles,
     the TMA and Gluon kernels: the same bytes on every valid row (plain tiles under 64 rows are refused on the GPU:
     test_small_plain_tiles_refused_on_hopper_gpu)."""
+    case = make_case([40, 0, 17, 64, 3], N=1536, K=2048, device=device, seg_align=16, scale_layout="tma_aligned")
+    cfgs = ["BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3",
+            "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=5",
+            "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=4",
+            "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,num_warps=4,num_stages=3",
+            "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,num_warps=8,num_stages=4",
+            str(MEDIUM_M_CONFIGS[0]), str(GLUON_CONFIGS[0])]
+    valid = case["m_indices"] >= 0
+    ref = run(case, config=cfgs[0])[valid]
+    diffs = {}
+    for cfg in cfgs[1:]:
+        out = run(case, config=cfg)[valid]
+        diffs[cfg] = int((out.view(torch.int16) != ref.view(torch.int16)).sum())
+    assert not any(diffs.values()), {c: n for c, n in diffs.items() if n}
 
 
 @pytest.mark.gpu
@@ -613,17 +627,3 @@ def test_small_plain_tiles_refused_on_hopper_gpu(device):
                              config=cfg)
     grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
                      config="BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3")
-    case = make_case([40, 0, 17, 64, 3], N=1536, K=2048, device=device, seg_align=16, scale_layout="tma_aligned")
-    cfgs = ["BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3",
-            "BLOCK_M=32,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=5",
-            "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,PERSISTENT=1,num_warps=4,num_stages=4",
-            "BLOCK_M=64,BLOCK_N=128,GROUP_M=1,SWAP_AB=0,num_warps=4,num_stages=3",
-            "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,num_warps=8,num_stages=4",
-            str(MEDIUM_M_CONFIGS[0]), str(GLUON_CONFIGS[0])]
-    valid = case["m_indices"] >= 0
-    ref = run(case, config=cfgs[0])[valid]
-    diffs = {}
-    for cfg in cfgs[1:]:
-        out = run(case, config=cfg)[valid]
-        diffs[cfg] = int((out.view(torch.int16) != ref.view(torch.int16)).sum())
-    assert not any(diffs.values()), {c: n for c, n in diffs.items() if n}
