@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from fp8_deep.ops._tuned import TABLE_DIR, card_key
+    from fp8_deep.ops.grouped_gemm import _table_config
     cands = candidates()
     if args.only:
         cands = [c for c in cands if all(t in str(c) for t in args.only)]
@@ -225,7 +226,6 @@ def main(argv=None) -> int:
         print(f"  {name} {g} E={E} N={N} K={K} T={T}", flush=True)
         point_cands = cands
         if args.only:  # the current entry races too: a restricted run never replaces it with a slower config
-            from fp8_deep.ops.grouped_gemm import _table_config
             cur = [_table_config(e["config"]) for e in old
                    if (e["E"], e["N"], e["K"], e["T"], e["top_k"]) == (E, N, K, T, top_k)]
             point_cands = cur + [c for c in cands if str(c) not in {str(x) for x in cur}]

@@ -28,6 +28,8 @@ from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 
+from ..numerics import interpreter_active
+
 __all__ = ["PlanCache", "bind_compiled", "PLANS_ENABLED", "FP_FUSION", "on_input_device", "LaunchTape", "record_launches",
            "PDL_ENV", "pdl"]
 
@@ -57,9 +59,7 @@ def pdl(t: torch.Tensor) -> dict:
     idx = t.get_device()
     cap = _PDL_CAPABLE.get(idx)
     if cap is None:
-        from ..numerics import interpreter_active
-        cap = _PDL_CAPABLE[idx] = (not interpreter_active()
-                                   and torch.cuda.get_device_capability(idx)[0] >= 9)
+        cap = _PDL_CAPABLE[idx] = not interpreter_active() and torch.cuda.get_device_capability(idx)[0] >= 9
     return _PDL_ON if cap else _PDL_OFF
 
 
