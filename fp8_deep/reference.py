@@ -40,6 +40,9 @@ __all__ = [
     "moe_combine",
     "moe_forward_bf16",
     "moe_forward_fp8_emulated",
+    "kept_local_ids",
+    "moe_decode_gemm1",
+    "moe_decode_gemm2",
     "quantize_gate_up",
     "dequantize_gate_up",
     "quantize_activation_t",
@@ -320,6 +323,48 @@ def moe_forward_fp8_emulated(hidden, w13, w2, topk_weights, topk_ids, *, w13_sca
         return block_scaled_matmul(qa, sa, w2[e], w2_scale[e], accumulate).to(dt)
 
     return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)
+
+
+def kept_local_ids(topk_ids: torch.Tensor, num_experts: int, expert_map=None) -> torch.Tensor:
+    """Local expert of each choice, -1 where the choice is dropped: the alignment kernel's rule (a global id outside
+    ``expert_map``, a map entry -1 or outside ``[0, num_experts)``, an id outside ``[0, num_experts)`` without a map).
+    int64, the shape of ``topk_ids``."""
+    ids = topk_ids.long()
+    if expert_map is not None:
+        g_ok = (ids >= 0) & (ids < expert_map.numel())
+        ids = torch.where(g_ok, expert_map.long()[ids.clamp(0, expert_map.numel() - 1)], torch.full_like(ids, -1))
+    return torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, -1))
+
+
+def _per_choice_gemm(a, a_scale, tok, ids, b, b_scale, accumulate):
+    """Row ``p`` of a ``(P, N)`` bfloat16 result: ``deq(a[tok[p]]) @ deq(b[ids[p]]).T``; rows with ``ids`` -1 zero."""
+    out = torch.zeros(ids.numel(), b.shape[1], dtype=torch.bfloat16, device=a.device)
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        rows = (ids == e).nonzero().flatten()
+        out[rows] = block_scaled_matmul(a[tok[rows]], a_scale[tok[rows]], b[e], b_scale[e], accumulate).bfloat16()
+    return out
+
+
+def moe_decode_gemm1(hidden, topk_ids, w13, w13_scale, *, expert_map=None, scale_fmt="fp32", eps=ACT_EPS,
+                     accumulate="fp32"):
+    """The decode forward's first GEMM (``fp8_deep.kernels.decode``): row ``p = t * top_k + j`` of ``h (P, 2I)``
+    bfloat16 is ``quantize_activation(hidden)[t]`` times the choice's expert ``w13[e]`` (block-scaled, float32
+    promotion), rows of dropped choices 0; and ``inv (T, top_k)`` int32, ``p`` or -1 (dropped), the combine's map."""
+    T, k = topk_ids.shape
+    ids = kept_local_ids(topk_ids, w13.shape[0], expert_map).reshape(-1)
+    qx, sx = quantize_activation(hidden, scale_fmt=scale_fmt, eps=eps)
+    flat = torch.arange(T * k, device=hidden.device)
+    h = _per_choice_gemm(qx, sx, flat // k, ids, w13, w13_scale, accumulate)
+    return h, torch.where(ids >= 0, flat, -1).view(T, k).int()
+
+
+def moe_decode_gemm2(h, topk_ids, w2, w2_scale, *, expert_map=None, scale_fmt="fp32", eps=ACT_EPS,
+                     accumulate="fp32"):
+    """The decode forward's second GEMM: row ``p`` of ``o (P, H)`` bfloat16 is ``silu_mul_quantize(h)[p]`` times
+    ``w2[e]`` of the choice's expert; rows of dropped choices 0."""
+    ids = kept_local_ids(topk_ids, w2.shape[0], expert_map).reshape(-1)
+    qa, sa = silu_mul_quantize(h, scale_fmt=scale_fmt, eps=eps)
+    return _per_choice_gemm(qa, sa, torch.arange(ids.numel(), device=h.device), ids, w2, w2_scale, accumulate)
 
 
 # ------------------------------------------------------------------------------------------------ training (backward)

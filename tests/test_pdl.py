@@ -88,6 +88,7 @@ def test_pdl_same_bytes_eager_and_graph_gpu(T, fusion, monkeypatch):
         pytest.skip("programmatic dependent launch needs SM90+ (the launchers leave it off)")
     E, H, I, k = 128, 2048, 768, 8  # Qwen3-30B-A3B-sized
     layer = _layer(E, H, I, dev)
+    monkeypatch.setenv("FP8_DEEP_DECODE", "0")  # the regular chain's fusions (tests/test_decode.py: PDL with decode)
     if fusion == "FP8_DEEP_FUSED_QUANT_PERMUTE":
         monkeypatch.setenv(fusion, "0")  # the two-launch quantize, then permute
     elif fusion:

@@ -17,10 +17,9 @@ CUDA graph can capture the launch). Empty experts own no tile: their weights are
 """
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from .quant import _quant_groups
-from .swiglu import _round_to
+from .swiglu import _round_to, _silu_mul
 from .pdl import pdl_prologue
 
 
@@ -478,13 +477,7 @@ def _grouped_gemm_swiglu_kernel(
             if not TMA_B:
                 bg_ptrs += BLOCK_K
         # h as the GEMM stores it (bf16), then silu_mul_quant_kernel's math on it
-        g32 = _round_to(acc_g, True)
-        if ACCURATE_EXP:
-            ex = libdevice.exp(-g32)
-        else:
-            ex = tl.exp(-g32)
-        silu = _round_to(tl.math.div_rn(g32, 1.0 + ex), True)
-        y = _round_to(silu * _round_to(acc_u, True), True)
+        y = _silu_mul(_round_to(acc_g, True), _round_to(acc_u, True), ACCURATE_EXP, True)
         qf, sc = _quant_groups(y, 0, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)  # a group: axis 0
         qf = tl.where(row_ok[None, :], qf, 0.0)
         tl.store(q_ptrs, qf.to(q_ptr.dtype.element_ty))

@@ -48,6 +48,18 @@ def _round_to(x, IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _silu_mul(g32, up32, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr):
+    """``silu(gate).to(h.dtype) * up`` rounded to h.dtype (float32 in and out, values of h.dtype): the module
+    docstring's first step, shared by every kernel that forms SwiGLU so that their bytes agree."""
+    if ACCURATE_EXP:
+        e = libdevice.exp(-g32)
+    else:
+        e = tl.exp(-g32)
+    silu = _round_to(tl.math.div_rn(g32, 1.0 + e), IS_BF16)
+    return _round_to(silu * up32, IS_BF16)
+
+
+@triton.jit
 def silu_mul_quant_kernel(
     # pointers
     h_ptr, m_ptr, q_ptr, s_ptr, qh_ptr, sh_ptr,
@@ -105,12 +117,7 @@ def silu_mul_quant_kernel(
         up = tl.load(h_row + (cols64[None, :, :] + I) * stride_hk, mask=ld_mask, other=0.0)
 
         g32 = gate.to(tl.float32)
-        if ACCURATE_EXP:
-            e = libdevice.exp(-g32)
-        else:
-            e = tl.exp(-g32)
-        silu = _round_to(tl.math.div_rn(g32, 1.0 + e), IS_BF16)
-        y = _round_to(silu * up.to(tl.float32), IS_BF16)  # silu(gate).to(h.dtype) * up, rounded to h.dtype as torch
+        y = _silu_mul(g32, up.to(tl.float32), ACCURATE_EXP, IS_BF16)
 
         # the activation quantizer's group math (same bytes as quantize_activation(y)); padding rows get zeros
         qf, s = _quant_groups(y, 2, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)

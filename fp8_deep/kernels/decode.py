@@ -1,0 +1,176 @@
+"""Decode-sized MoE forward: two GEMM launches that find their own rows (no routing plan, no permuted copies).
+
+With few (token, choice) pairs, launches rather than bytes bound the forward: the regular chain (quantize-permute,
+align, GEMM1, SwiGLU, GEMM2, combine) spends more in and between its four glue kernels than in its two GEMMs. Here
+the glue folds into the GEMMs:
+
+* Slots. Flat choice ``p = t * top_k + j`` is kept when its expert is local (``_local_expert``: the alignment
+  kernel's rule). Program ``(slot s, n-tile)`` takes the s-th distinct kept expert in order of first appearance, and
+  as its rows that expert's kept choices in ascending ``p``: the rows, in order, of that expert's segment in the
+  routing plan. Every program derives this from ``topk_ids`` itself (``P_POW2 x P_POW2`` compares; the launcher
+  bounds P), so nothing is computed between launches. Programs past the last slot exit.
+* GEMM1 (``moe_decode_gemm1_kernel``) quantizes each row's token of ``x`` in 1x128 groups as it loads each K block
+  (``_quant_groups``, the activation quantizer's math) and writes ``h[p] = x_q[t] @ w13[e].T`` (bf16, row p).
+* GEMM2 (``moe_decode_gemm2_kernel``) applies SwiGLU and the 1x128 requantization to each K block of ``h[p]`` as it
+  loads it (``_silu_mul`` then ``_quant_groups``: ``silu_mul_quant_kernel``'s math) and writes ``o[p] = ... @
+  w2[e].T`` (bf16); the combine kernel then sums each token's rows.
+
+Each GEMM's per-row arithmetic is ``_acc_block`` with the swap-AB orientation, the weight rows on the MMA's M side,
+K blocks in order: for finite inputs, the bytes of the regular chain (its GEMMs' swap-AB tiles, its quantizers).
+"""
+import triton
+import triton.language as tl
+
+from .grouped_gemm import _acc_block, _load_b, _weight_scale_ptrs, _zero_acc
+from .pdl import pdl_prologue
+from .quant import _quant_groups
+from .routing import _local_expert
+from .swiglu import _silu_mul
+
+
+@triton.jit
+def _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_t, stride_k, num_experts, num_global,
+                 HAS_MAP: tl.constexpr, P_POW2: tl.constexpr):
+    """-> (``e``: the slot's local expert, ``member`` (P_POW2,): its choices, ``mrank``: each member's row within the
+    slot, ``count``: its rows, ``live``: whether the slot has an expert, ``keep`` (P_POW2,): the kept choices)."""
+    offs_p = tl.arange(0, P_POW2)
+    ev, keep = _local_expert(ids_ptr, map_ptr, offs_p, offs_p < P, top_k, stride_t, stride_k, num_experts,
+                             num_global, HAS_MAP)
+    key = tl.where(keep, ev, -1)
+    # a kept choice leads its expert when no earlier choice has the same expert
+    earlier = (key[:, None] == key[None, :]) & (offs_p[None, :] < offs_p[:, None])
+    leader = keep & (tl.sum(earlier.to(tl.int32), axis=1) == 0)
+    rank = tl.cumsum(leader.to(tl.int32), 0) - 1
+    live = slot < tl.sum(leader.to(tl.int32), 0)
+    e = tl.sum(tl.where(leader & (rank == slot), ev, 0), 0)
+    member = keep & (ev == e) & live
+    mrank = tl.cumsum(member.to(tl.int32), 0) - 1
+    count = tl.sum(member.to(tl.int32), 0)
+    return e, member, mrank, count, live, keep
+
+
+@triton.jit
+def _decode_rows(member, mrank, count, m0, BLOCK_M: tl.constexpr, P_POW2: tl.constexpr):
+    """Rows ``m0 .. m0 + BLOCK_M`` of a slot -> (their choices ``p`` (BLOCK_M,), valid rows). Past ``count``: p = 0,
+    a real row of every operand, computed and never stored."""
+    offs_p = tl.arange(0, P_POW2)
+    want = m0 + tl.arange(0, BLOCK_M)
+    hit = member[None, :] & (mrank[None, :] == want[:, None])
+    pairs = tl.sum(tl.where(hit, offs_p[None, :], 0), axis=1)
+    return pairs, want < count
+
+
+@triton.jit
+def _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be, stride_bn, stride_bse, stride_bsn,
+                      BLOCK_N: tl.constexpr, TMA_B: tl.constexpr):
+    """The slot's weight tile at K = 0: (pointers or the descriptor, first descriptor row, scale pointers, columns,
+    column mask)."""
+    e64 = e.to(tl.int64)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
+    bs_ptrs = _weight_scale_ptrs(bs_ptr, e64, tn, cols_ld, stride_bse, stride_bsn, BLOCK_N)
+    if TMA_B:
+        b_tile = b_ptr
+    else:
+        b_tile = b_ptr + e64 * stride_be + cols_ld[:, None] * stride_bn + offs_k[None, :]
+    return b_tile, e * N + tn * BLOCK_N, bs_ptrs, cols.to(tl.int64), cols < N
+
+
+@triton.jit
+def moe_decode_gemm1_kernel(
+    x_ptr,            # (T, K) bf16/fp16/fp32 tokens, any strides
+    ids_ptr,          # int32/int64 (T, top_k) router choices (global ids with map_ptr), any strides
+    map_ptr,          # int32 (num_global,) global -> local expert or -1 (HAS_MAP)
+    b_ptr,            # float8 (E, N, K) w13, unit stride along K; or a descriptor over it as (E * N, K) (TMA_B)
+    bs_ptr,           # float32 (E, cdiv(N, 128), K / 128) 128x128 dequantization scales, any strides
+    h_ptr,            # (P, N) output, row p = t * top_k + j; rows of dropped choices are not written
+    inv_ptr,          # int32 (P,): p where the choice is kept, else -1 (the combine's row map), written by program 0
+    P, top_k, N, K, E, num_global,
+    stride_xt, stride_xk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_hp, stride_hn,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr,
+    HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
+):
+    """Grid: (slots * cdiv(N, BLOCK_N),), program = slot * num_n + n-tile. K must be a multiple of 128."""
+    pdl_prologue(USE_PDL)
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+    num_n = tl.cdiv(N, BLOCK_N)
+    slot = tl.program_id(0) // num_n
+    tn = tl.program_id(0) % num_n
+    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_it, stride_ik,
+                                                       E, num_global, HAS_MAP, P_POW2)
+    if tl.program_id(0) == 0:
+        offs_p = tl.arange(0, P_POW2)
+        tl.store(inv_ptr + offs_p, tl.where(keep, offs_p, -1), mask=offs_p < P)
+    if live:
+        offs_k = tl.arange(0, BLOCK_K)
+        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
+                                                                    stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
+        for m0 in range(0, count, BLOCK_M):
+            pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
+            x_ptrs = x_ptr + (pairs // top_k).to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk
+            b_ptrs = b_tile
+            acc = _zero_acc(BLOCK_M, BLOCK_N, True)
+            for k0 in range(0, K, BLOCK_K):
+                # the activation quantizer's 1x128 group of each row, formed as the block is loaded
+                xq, sa = _quant_groups(tl.load(x_ptrs).to(tl.float32), 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
+                                       NAN_SELECT)
+                b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, True, TMA_B)
+                sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
+                acc = _acc_block(acc, xq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
+                x_ptrs += BLOCK_K * stride_xk
+                if not TMA_B:
+                    b_ptrs += BLOCK_K
+            h_ptrs = h_ptr + pairs.to(tl.int64)[None, :] * stride_hp + cols64[:, None] * stride_hn
+            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def moe_decode_gemm2_kernel(
+    h_ptr,            # bf16/fp16 (P, 2I) GEMM1's output ([gate | up]), rows of kept choices
+    ids_ptr, map_ptr,  # as moe_decode_gemm1_kernel
+    b_ptr,            # float8 (E, N, I) w2, unit stride along I; or a descriptor over it as (E * N, I) (TMA_B)
+    bs_ptr,           # float32 (E, cdiv(N, 128), I / 128)
+    o_ptr,            # (P, N) output, row p; rows of dropped choices are not written
+    P, top_k, N, I, E, num_global,
+    stride_hp, stride_hk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_op, stride_on,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
+    HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
+):
+    """Grid: (slots * cdiv(N, BLOCK_N),). I must be a multiple of 128 (a K block is one SwiGLU group)."""
+    pdl_prologue(USE_PDL)
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+    num_n = tl.cdiv(N, BLOCK_N)
+    slot = tl.program_id(0) // num_n
+    tn = tl.program_id(0) % num_n
+    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_it, stride_ik,
+                                                       E, num_global, HAS_MAP, P_POW2)
+    if live:
+        offs_k = tl.arange(0, BLOCK_K)
+        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
+                                                                    stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
+        for m0 in range(0, count, BLOCK_M):
+            pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
+            g_ptrs = h_ptr + pairs.to(tl.int64)[:, None] * stride_hp + offs_k[None, :] * stride_hk
+            b_ptrs = b_tile
+            acc = _zero_acc(BLOCK_M, BLOCK_N, True)
+            for k0 in range(0, I, BLOCK_K):
+                # SwiGLU of the group's gate and up columns, requantized in 1x128 (silu_mul_quant_kernel's math)
+                y = _silu_mul(tl.load(g_ptrs).to(tl.float32), tl.load(g_ptrs + I * stride_hk).to(tl.float32),
+                              ACCURATE_EXP, IS_BF16)
+                yq, sa = _quant_groups(y, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
+                b = _load_b(b_ptrs, b_row0, k0, offs_k, I - k0, True, TMA_B)
+                sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
+                acc = _acc_block(acc, yq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
+                g_ptrs += BLOCK_K * stride_hk
+                if not TMA_B:
+                    b_ptrs += BLOCK_K
+            o_ptrs = o_ptr + pairs.to(tl.int64)[None, :] * stride_op + cols64[:, None] * stride_on
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])

@@ -1,0 +1,214 @@
+"""Launchers of the decode-sized MoE forward (``fp8_deep.kernels.decode``): two GEMMs that find their own rows.
+
+``moe_decode_gemm1(x, topk_ids, w13, w13_scale)`` -> ``(h, inv)`` and ``moe_decode_gemm2(h, topk_ids, w2, w2_scale)``
+-> ``o``; ``ops.moe_combine(o, inv, topk_weights)`` then gives the MoE output. Rows are the flat choices ``p = t *
+top_k + j`` (no routing plan, no permuted copies, no padding). For finite inputs the bytes are those of the regular
+chain (``align_routing`` -> ``quantize_permute`` -> ``grouped_gemm_fp8`` -> ``silu_mul_quantize`` ->
+``grouped_gemm_fp8``), whose GEMM tiles use the same swap-AB arithmetic; ``tests/test_decode.py`` holds both to it.
+
+Bounds: ``P = T * top_k <= DECODE_MAX_CHOICES`` (each program compares every pair of choices to find its expert's
+rows) and H, I multiples of 128 (the in-loop quantization of a K block is one whole group).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import reference
+from ..kernels.decode import moe_decode_gemm1_kernel, moe_decode_gemm2_kernel
+from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv,
+                        interpreter_active, sm_count, use_triton)
+from ._checks import check_choice, check_eps, check_tensor
+from ._config import TileConfig
+from ._launch import FP_FUSION, on_input_device, pdl
+from .quant import gpu_fast_paths
+
+__all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fits", "decode_config",
+           "moe_decode_gemm1", "moe_decode_gemm2"]
+
+# every program holds a P_POW2 x P_POW2 comparison of the choices (16K entries at 128): the bound keeps it in registers
+DECODE_MAX_CHOICES = 128
+DECODE_CONFIG_ENV = "FP8_DEEP_DECODE_CONFIG"
+
+
+@dataclass(frozen=True)
+class DecodeConfig(TileConfig):
+    """Tile of the decode GEMMs: BLOCK_M choices (the MMA's narrow side) by BLOCK_N weight rows (its M side: 64 or
+    128, one wgmma of 64 rows per warpgroup on Hopper). ``TMA_B``: weight tiles through a tensor descriptor."""
+    _WHAT = "decode config"
+    BLOCK_M: int = 16
+    BLOCK_N: int = 128
+    TMA_B: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        self._check_pow2(("BLOCK_M",), 16, 64)
+        if self.BLOCK_N not in (64, 128):
+            raise ValueError(f"DecodeConfig.BLOCK_N must be 64 or 128 (a tile lies in one 128-row weight scale "
+                             f"block), got {self.BLOCK_N}")
+        self._check_warps(8)
+        if self.num_stages < 1:
+            raise ValueError(f"DecodeConfig.num_stages must be >= 1, got {self.num_stages}")
+
+
+def decode_fits(num_choices: int, hidden: int, inter: int) -> bool:
+    """Whether the decode GEMMs take a call of ``num_choices = T * top_k`` choices with these sizes."""
+    return 0 < num_choices <= DECODE_MAX_CHOICES and hidden % BLOCK == 0 and inter % BLOCK == 0 and hidden > 0 \
+        and inter > 0
+
+
+def decode_config(slots: int, N: int, device) -> DecodeConfig:
+    """``FP8_DEEP_DECODE_CONFIG`` when set, else 128-row weight tiles when the grid of ``slots`` experts fills the
+    SMs with them, 64-row tiles when not (the weight bytes are the whole cost: every SM should stream some)."""
+    env = os.environ.get(DECODE_CONFIG_ENV)
+    if env:
+        return DecodeConfig.parse(env)
+    fill = slots * cdiv(N, 128) >= sm_count(device)
+    return DecodeConfig(BLOCK_N=128 if fill else 64)
+
+
+def _slots(num_choices: int, num_experts: int) -> int:
+    """Programs along the expert axis: at most one per distinct expert (those past the call's last exit at once)."""
+    return min(num_choices, num_experts)
+
+
+def _check_common(x, x_name, topk_ids, w, w_scale, w_name, expert_map, scale_fmt, eps, k_dim):
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_eps(eps)
+    dev = x.device
+    check_tensor(topk_ids, "topk_ids", dtypes=(torch.int32, torch.int64), dims=(2,), device=dev)
+    check_tensor(w, w_name, dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    E, N, K = w.shape
+    check_tensor(w_scale, f"{w_name}_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
+    if tuple(w_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
+        raise ValueError(f"{w_name}_scale must have shape {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))} (128x128 blocks of "
+                         f"{w_name} {tuple(w.shape)}), got {tuple(w_scale.shape)}")
+    if K != k_dim:
+        raise ValueError(f"{w_name} must be (E, N, {k_dim}) to match {x_name} {tuple(x.shape)}, got {tuple(w.shape)}")
+    if K % BLOCK or K == 0:
+        raise ValueError(f"the decode GEMMs need K = {K} to be a positive multiple of {BLOCK} (whole 1x128 groups); "
+                         f"use the regular forward (FP8_DEEP_DECODE=0)")
+    P = topk_ids.numel()
+    if P > DECODE_MAX_CHOICES:
+        raise ValueError(f"topk_ids has {P} choices; the decode GEMMs take at most {DECODE_MAX_CHOICES} (use the "
+                         f"regular forward)")
+    if expert_map is not None:
+        check_tensor(expert_map, "expert_map", dtypes=(torch.int32,), dims=(1,), device=dev)
+        if expert_map.numel() < 1 or (expert_map.numel() > 1 and expert_map.stride(0) != 1):
+            raise ValueError("expert_map must be a non-empty contiguous int32 tensor (global id -> local id or -1)")
+    return E, N, K, P
+
+
+def _ids_args(topk_ids, expert_map):
+    if expert_map is None:
+        return topk_ids, topk_ids, 1, False  # map_ptr unused: any pointer
+    return topk_ids, expert_map, expert_map.numel(), True
+
+
+@on_input_device
+def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, *,
+                     expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", eps: float = ACT_EPS,
+                     config: Optional[DecodeConfig] = None):
+    """First GEMM of the decode forward, with the activation quantization folded into its loads.
+
+    Args:
+        x: ``(T, H)`` bfloat16 / float16 / float32 tokens, ``x.stride(-1) == 1``, H a multiple of 128.
+        topk_ids: int32/int64 ``(T, top_k)`` (global ids when ``expert_map`` is given), any strides; T * top_k <=
+            ``DECODE_MAX_CHOICES``.
+        w13: float8_e4m3fn ``(E, N, H)`` (N = 2I, [gate | up] rows), unit stride along H; w13_scale: float32
+            ``(E, cdiv(N, 128), H / 128)`` dequantization scales of its 128x128 blocks, any strides.
+        expert_map: int32 ``(global_E,)`` contiguous, global -> local expert or -1 (choices of -1 are dropped).
+        scale_fmt, eps: the activation quantization's, as ``quantize_activation``.
+
+    Returns:
+        ``(h, inv)``: bfloat16 ``(T * top_k, N)``, row ``t * top_k + j`` the product for that choice (rows of dropped
+        choices are left unwritten), and int32 ``(T, top_k)``: that row, or -1 for a dropped choice.
+    """
+    check_tensor(x, "x", dtypes=HIGH_PRECISION_DTYPES, dims=(2,), last_stride_one=True)
+    T, H = x.shape
+    E, N, K, P = _check_common(x, "x", topk_ids, w13, w13_scale, "w13", expert_map, scale_fmt, eps, H)
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must have T = {T} rows (x's), got {tuple(topk_ids.shape)}")
+    if not use_triton(x):
+        return reference.moe_decode_gemm1(x, topk_ids, w13, w13_scale, expert_map=expert_map, scale_fmt=scale_fmt,
+                                          eps=eps)
+    h = torch.empty((P, N), dtype=torch.bfloat16, device=x.device)
+    inv = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
+    if P == 0:
+        return h, inv
+    slots = _slots(P, E)
+    cfg = config or decode_config(slots, N, x.device)
+    ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
+    b_arg, tma_b = _weight_arg(w13, cfg)
+    moe_decode_gemm1_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
+        x, ids, map_arg, b_arg, w13_scale, h, inv, P, topk_ids.shape[1], N, K, E, num_global,
+        x.stride(0), x.stride(1), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1),
+        w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2), h.stride(0), h.stride(1),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
+        HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
+        UPCAST=False, TMA_B=tma_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(x))
+    return h, inv
+
+
+@on_input_device
+def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *,
+                     expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", eps: float = ACT_EPS,
+                     config: Optional[DecodeConfig] = None) -> torch.Tensor:
+    """Second GEMM of the decode forward, with SwiGLU and the 1x128 requantization folded into its loads.
+
+    Args:
+        h: bfloat16 / float16 ``(T * top_k, 2I)`` (``moe_decode_gemm1``'s), unit stride along 2I, I a multiple of
+            128; only the rows of kept choices are read.
+        topk_ids, expert_map: as for ``moe_decode_gemm1``.
+        w2: float8_e4m3fn ``(E, H, I)``, unit stride along I; w2_scale: float32 ``(E, cdiv(H, 128), I / 128)``.
+        scale_fmt, eps: the requantization's, as ``silu_mul_quantize``.
+
+    Returns:
+        bfloat16 ``(T * top_k, H)``: row ``p`` the expert output of choice ``p`` (rows of dropped choices unwritten).
+    """
+    check_tensor(h, "h", dtypes=(torch.bfloat16, torch.float16), dims=(2,), last_stride_one=True)
+    P_h, two_i = h.shape
+    if two_i % 2:
+        raise ValueError(f"h must be (T * top_k, 2I) ([gate | up]), got an odd width {two_i}")
+    E, N, K, P = _check_common(h, "h", topk_ids, w2, w2_scale, "w2", expert_map, scale_fmt, eps, two_i // 2)
+    if P_h != P:
+        raise ValueError(f"h must have one row per choice, T * top_k = {P}, got {P_h}")
+    if not use_triton(h):
+        return reference.moe_decode_gemm2(h, topk_ids, w2, w2_scale, expert_map=expert_map, scale_fmt=scale_fmt,
+                                          eps=eps)
+    o = torch.empty((P, N), dtype=torch.bfloat16, device=h.device)
+    if P == 0:
+        return o
+    slots = _slots(P, E)
+    cfg = config or decode_config(slots, N, h.device)
+    ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
+    b_arg, tma_b = _weight_arg(w2, cfg)
+    moe_decode_gemm2_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
+        h, ids, map_arg, b_arg, w2_scale, o, P, topk_ids.shape[1], N, K, E, num_global,
+        h.stride(0), h.stride(1), topk_ids.stride(0), topk_ids.stride(1), w2.stride(0), w2.stride(1),
+        w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2), o.stride(0), o.stride(1),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(h),
+        ACCURATE_EXP=h.is_cuda and not interpreter_active(), IS_BF16=h.dtype == torch.bfloat16,
+        HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
+        UPCAST=False, TMA_B=tma_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(h))
+    return o
+
+
+def _p_pow2(P: int) -> int:
+    return max(16, 1 << (P - 1).bit_length())
+
+
+def _weight_arg(w: torch.Tensor, cfg: DecodeConfig):
+    """The weight operand: a TMA descriptor over ``w`` as ``(E * N, K)`` when asked for and possible (Hopper or the
+    interpreter, experts stacked without gaps, 16-byte aligned rows), else the tensor (pointer loads, same bytes)."""
+    E, N, K = w.shape
+    ok = (cfg.TMA_B and w.stride(0) == N * w.stride(1) and w.data_ptr() % 16 == 0 and w.stride(1) % 16 == 0
+          and (not w.is_cuda or torch.cuda.get_device_capability(w.device) >= (9, 0)))
+    if not ok:
+        return w, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor(w, [E * N, K], [w.stride(1), 1], [cfg.BLOCK_N, BLOCK]), True

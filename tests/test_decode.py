@@ -1,0 +1,259 @@
+"""The decode forward (``fp8_deep.ops.decode``, ``FP8_DEEP_DECODE=1``): two GEMMs that find their own rows.
+
+CPU (interpreter) and GPU: bitwise the regular chain, stage by stage (h and o per choice) and end to end, over the
+paths of the kernels (a slot with more rows than a tile, 64- and 128-row weight tiles, TMA weight loads, an expert
+map with remote experts, out-of-range ids, duplicate choices, UE8M0 scales, float16 tokens); the launchers' errors;
+when the forward takes the path. GPU: model shapes, eagerly and as a CUDA-graph replay, with and without PDL.
+"""
+import pytest
+import torch
+
+import fp8_deep
+from fp8_deep import ops, reference
+from fp8_deep.moe.forward import DECODE_ENV, _use_decode, moe_forward_impl
+from fp8_deep.ops.backend import select_grouped_gemm
+from fp8_deep.ops.decode import DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, moe_decode_gemm1, moe_decode_gemm2
+from fp8_deep.testing import assert_bitwise_equal
+
+
+def _layer(E, H, I, dev, scale_fmt="fp32", seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=torch.bfloat16) * 0.05
+    w2 = torch.randn(E, H, I, device=dev, generator=g, dtype=torch.bfloat16) * 0.05
+    q13, s13 = ops.quantize_weight_blockwise(w13, scale_fmt=scale_fmt)
+    q2, s2 = ops.quantize_weight_blockwise(w2, scale_fmt=scale_fmt)
+    return q13, s13, q2, s2
+
+
+def _regular(x, layer, tw, ids, expert_map, scale_fmt):
+    q13, s13, q2, s2 = layer
+    out, st = moe_forward_impl(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, expert_map=expert_map,
+                               scale_fmt=scale_fmt, return_stages=True,
+                               select_gemm=lambda **kw: select_grouped_gemm("triton", **kw))
+    return out, st
+
+
+def _check_against_regular(x, layer, tw, ids, *, expert_map=None, scale_fmt="fp32", config=None):
+    """Decode h / o per kept choice and the combined output, bitwise the regular chain's."""
+    q13, s13, q2, s2 = layer
+    ref_out, st = _regular(x, layer, tw, ids, expert_map, scale_fmt)
+    kw = dict(expert_map=expert_map, scale_fmt=scale_fmt, config=config)
+    h, inv = moe_decode_gemm1(x, ids, q13, s13, **kw)
+    o = moe_decode_gemm2(h, ids, q2, s2, **kw)
+    T, k = ids.shape
+    kept = st["plan"].inv_perm.reshape(-1).long()
+    flat = torch.arange(T * k, device=x.device)
+    assert_bitwise_equal(inv, torch.where(kept >= 0, flat, -1).view(T, k).int(), "inv")
+    rows, p = kept[kept >= 0], flat[kept >= 0]
+    if st["h"] is not None:
+        assert_bitwise_equal(h[p], st["h"][rows], "h")
+    assert_bitwise_equal(o[p], st["o"][rows], "o")
+    assert_bitwise_equal(ops.moe_combine(o, inv, tw, out_dtype=x.dtype), ref_out, "output")
+    return ref_out
+
+
+def _routing(T, E, k, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    tw, ids = torch.topk(torch.softmax(torch.randn(T, E, device=dev, generator=g), -1), k)
+    return tw, ids.int()
+
+
+# (T, E, H, I, k, config): the tile paths under the interpreter, small
+CASES = [
+    (1, 8, 256, 128, 2, None),
+    (3, 8, 256, 256, 3, DecodeConfig(BLOCK_N=64)),
+    (5, 4, 128, 256, 2, DecodeConfig(BLOCK_N=128, TMA_B=True)),
+]
+
+
+@pytest.mark.parametrize("T,E,H,I,k,config", CASES)
+def test_decode_matches_the_regular_chain_bitwise(T, E, H, I, k, config, device):
+    layer = _layer(E, H, I, device)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    tw, ids = _routing(T, E, k, device)
+    _check_against_regular(x, layer, tw, ids, config=config)
+
+
+def test_decode_slot_with_more_rows_than_a_tile_and_duplicates(device):
+    """18 choices of one expert (two 16-row tiles of its slot), a token choosing one expert twice, int64 ids."""
+    E, H, I = 4, 128, 128
+    layer = _layer(E, H, I, device)
+    x = torch.randn(9, H, device=device, dtype=torch.bfloat16)
+    ids = torch.full((9, 2), 2, dtype=torch.int64, device=device)
+    ids[0, 1] = 1
+    tw = torch.softmax(torch.randn(9, 2, device=device), -1)
+    _check_against_regular(x, layer, tw, ids)
+
+
+def test_decode_expert_map_remote_and_out_of_range(device):
+    """Global ids through a map with remote (-1) experts, and ids outside the map: dropped, as the alignment drops
+    them (the forward's range check is off for this call's CUDA ids, and the launchers never check ranges)."""
+    E_local, E_global, H, I = 4, 10, 128, 128
+    layer = _layer(E_local, H, I, device)
+    emap = torch.full((E_global,), -1, dtype=torch.int32, device=device)
+    emap[torch.tensor([1, 4, 6, 9])] = torch.arange(E_local, dtype=torch.int32).to(device)
+    ids = torch.tensor([[1, 4, 3], [9, 6, 1], [0, 2, 5], [4, 4, 6]], dtype=torch.int32, device=device)
+    tw = torch.softmax(torch.randn(4, 3, device=device), -1)
+    x = torch.randn(4, H, device=device, dtype=torch.bfloat16)
+    out = _check_against_regular(x, layer, tw, ids, expert_map=emap)
+    assert torch.count_nonzero(out[2]) == 0  # a token without a local expert gets zeros
+    bad = ids.clone()
+    bad[0, 0], bad[1, 2] = 12, -3
+    q13, s13, _, _ = layer
+    h, inv = moe_decode_gemm1(x, bad, q13, s13, expert_map=emap)
+    ref_h, ref_inv = reference.moe_decode_gemm1(x, bad, q13, s13, expert_map=emap)
+    assert_bitwise_equal(inv, ref_inv, "inv")
+    assert inv[0, 0] == -1 and inv[1, 2] == -1
+
+
+def test_decode_ue8m0_and_float16(device):
+    E, H, I = 4, 128, 128
+    layer = _layer(E, H, I, device, scale_fmt="ue8m0")
+    x = torch.randn(2, H, device=device, dtype=torch.float16)
+    tw, ids = _routing(2, E, 2, device)
+    _check_against_regular(x, layer, tw, ids, scale_fmt="ue8m0")
+
+
+def test_decode_stages_close_to_reference(device):
+    """Against the float32-promotion reference of each stage (the kernels' spec), elementwise."""
+    E, H, I = 4, 256, 128
+    q13, s13, q2, s2 = _layer(E, H, I, device)
+    x = torch.randn(3, H, device=device, dtype=torch.bfloat16)
+    tw, ids = _routing(3, E, 2, device)
+    h, inv = moe_decode_gemm1(x, ids, q13, s13)
+    acc = "tensor_core" if x.is_cuda else "fp32"
+    ref_h, ref_inv = reference.moe_decode_gemm1(x, ids, q13, s13, accumulate=acc)
+    assert_bitwise_equal(inv, ref_inv, "inv")
+    torch.testing.assert_close(h.float(), ref_h.float(), atol=2e-3, rtol=1e-2)
+    o = moe_decode_gemm2(h, ids, q2, s2)
+    torch.testing.assert_close(o.float(), reference.moe_decode_gemm2(h, ids, q2, s2, accumulate=acc).float(),
+                               atol=2e-3, rtol=1e-2)
+
+
+def test_decode_launcher_errors(device):
+    q13, s13, q2, s2 = _layer(2, 128, 128, device)
+    x = torch.randn(2, 128, device=device, dtype=torch.bfloat16)
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        moe_decode_gemm1(x[:, :96], ids, q13[:, :, :96], s13[:, :, :1])
+    with pytest.raises(ValueError, match="at most"):
+        big = torch.zeros(DECODE_MAX_CHOICES + 1, 1, dtype=torch.int32, device=device)
+        moe_decode_gemm1(torch.zeros(DECODE_MAX_CHOICES + 1, 128, device=device), big, q13, s13)
+    with pytest.raises(ValueError, match="w13_scale must have shape"):
+        moe_decode_gemm1(x, ids, q13, s13[:, :1])
+    with pytest.raises(TypeError, match="w13"):
+        moe_decode_gemm1(x, ids, q13.float(), s13)
+    with pytest.raises(TypeError, match="expert_map"):
+        moe_decode_gemm1(x, ids, q13, s13, expert_map=torch.zeros(2, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="T = 2 rows"):
+        moe_decode_gemm1(x, ids[:1], q13, s13)
+    h = torch.zeros(4, 256, device=device, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one row per choice"):
+        moe_decode_gemm2(h[:3], ids, q2, s2)
+    with pytest.raises(ValueError, match="BLOCK_N must be 64 or 128"):
+        DecodeConfig(BLOCK_N=32)
+
+
+def test_decode_switch(device, monkeypatch):
+    x = torch.zeros(1, 128, device=device)
+    triton_gemm = select_grouped_gemm("triton", device=device, rows_per_expert=1, hidden=128, inter=128)
+    monkeypatch.delenv(DECODE_ENV, raising=False)
+    assert not _use_decode(8, 128, 128, x, triton_gemm, False)  # opt-in
+    monkeypatch.setenv(DECODE_ENV, "1")
+    assert _use_decode(8, 128, 128, x, triton_gemm, False)
+    assert not _use_decode(8, 128, 128, x, triton_gemm, True)            # stages asked for: the regular chain
+    assert not _use_decode(DECODE_MAX_CHOICES + 1, 128, 128, x, triton_gemm, False)
+    assert not _use_decode(8, 128, 96, x, triton_gemm, False)            # I not a multiple of 128
+
+    class Other:
+        name = "deep_gemm"
+    assert not _use_decode(8, 128, 128, x, Other(), False)
+    monkeypatch.setenv(DECODE_ENV, "on")
+    with pytest.raises(ValueError, match=DECODE_ENV):
+        _use_decode(8, 128, 128, x, triton_gemm, False)
+
+
+def test_forward_takes_the_decode_path(device, monkeypatch):
+    """moe_forward with FP8_DEEP_DECODE=1: the regular output's bytes, into out= as well, with an expert map."""
+    E, H, I = 4, 128, 128
+    q13, s13, q2, s2 = _layer(E, H, I, device)
+    x = torch.randn(3, H, device=device, dtype=torch.bfloat16)
+    tw, ids = _routing(3, E, 2, device)
+    kw = dict(w13_scale=s13, w2_scale=s2, backend="triton", expert_map=torch.arange(E, device=device, dtype=torch.int32))
+    monkeypatch.setenv(DECODE_ENV, "0")
+    ref = fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+    monkeypatch.setenv(DECODE_ENV, "1")
+    calls = []
+    import fp8_deep.moe.forward as fwd
+    orig = fwd.moe_decode_gemm1
+    monkeypatch.setattr(fwd, "moe_decode_gemm1", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, "forward")
+    out = torch.empty_like(x)
+    assert fp8_deep.moe_forward(x, q13, q2, tw, ids, out=out, **kw) is out
+    assert_bitwise_equal(out, ref, "out=")
+    assert calls
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+GPU_SHAPES = {  # E, H, I, top_k
+    "qwen3_30b": (128, 2048, 768, 8),
+    "dsv3_tp8": (256, 7168, 256, 8),
+    "mixtral": (8, 4096, 14336, 2),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,T", [("qwen3_30b", 1), ("qwen3_30b", 4), ("qwen3_30b", 16), ("dsv3_tp8", 1),
+                                     ("dsv3_tp8", 16), ("mixtral", 1), ("mixtral", 16)])
+@pytest.mark.parametrize("config", [None, "BLOCK_N=64", "BLOCK_N=128,TMA_B=1"])
+def test_decode_matches_the_regular_chain_gpu(model, T, config, monkeypatch):
+    E, H, I, k = GPU_SHAPES[model]
+    layer = _layer(E, H, I, "cuda")
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    tw, ids = _routing(T, E, k, "cuda", seed=T)
+    _check_against_regular(x, layer, tw, ids, config=DecodeConfig.parse(config) if config else None)
+
+
+@pytest.mark.gpu
+def test_decode_expert_map_gpu():
+    """The DeepSeek-V3 EP8 shard: 256 global experts, 32 local."""
+    layer = _layer(32, 7168, 2048, "cuda")
+    emap = torch.full((256,), -1, dtype=torch.int32, device="cuda")
+    emap[64:96] = torch.arange(32, dtype=torch.int32, device="cuda")
+    tw, ids = _routing(16, 256, 8, "cuda", seed=3)
+    ids[:, 0] = 64 + torch.arange(16, device="cuda", dtype=torch.int32)  # every token has a local expert
+    x = torch.randn(16, 7168, device="cuda", dtype=torch.bfloat16)
+    _check_against_regular(x, layer, tw, ids, expert_map=emap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_decode_forward_eager_and_graph_gpu(T, pdl, monkeypatch):
+    """moe_forward with the decode path (launch plans, then a CUDA-graph replay on new inputs): the regular bytes."""
+    E, H, I, k = GPU_SHAPES["qwen3_30b"]
+    q13, s13, q2, s2 = _layer(E, H, I, "cuda")
+    kw = dict(w13_scale=s13, w2_scale=s2, backend="triton")
+    tw, ids = _routing(T, E, k, "cuda", seed=T)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    x2 = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setenv("FP8_DEEP_PDL", pdl)
+    with torch.no_grad():
+        monkeypatch.setenv(DECODE_ENV, "0")
+        ref = fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+        ref2 = fp8_deep.moe_forward(x2, q13, q2, tw, ids, **kw)
+        monkeypatch.setenv(DECODE_ENV, "1")
+        for _ in range(3):  # plain path, recording, first replay of the forward's launch plan
+            assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, "eager")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=s):
+                gout = fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+        torch.cuda.current_stream().wait_stream(s)
+        x.copy_(x2)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    assert_bitwise_equal(gout, ref2, "graph replay")
