@@ -12,7 +12,8 @@ import fp8_deep
 from fp8_deep import ops, reference
 from fp8_deep.moe.forward import DECODE_ENV, _use_decode, moe_forward_impl
 from fp8_deep.ops.backend import select_grouped_gemm
-from fp8_deep.ops.decode import DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, moe_decode_gemm1, moe_decode_gemm2
+from fp8_deep.ops.decode import (DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, decode_config, moe_decode_gemm1,
+                                 moe_decode_gemm2)
 from fp8_deep.testing import assert_bitwise_equal
 
 
@@ -171,6 +172,18 @@ def test_decode_switch(device, monkeypatch):
     monkeypatch.setenv(DECODE_ENV, "on")
     with pytest.raises(ValueError, match=DECODE_ENV):
         _use_decode(8, 128, 128, x, triton_gemm, False)
+
+
+def test_decode_config_pick(monkeypatch):
+    monkeypatch.delenv(DECODE_CONFIG_ENV, raising=False)
+    # 128-row weight tiles once the slots' tiles cover the SMs (2 off CUDA), 64-row ones before
+    assert decode_config(1, 128, "cpu").BLOCK_N == 64
+    assert decode_config(2, 128, "cpu").BLOCK_N == 128
+    monkeypatch.setenv(DECODE_CONFIG_ENV, "BLOCK_N=64,TMA_B=1,num_stages=4")
+    assert decode_config(8, 4096, "cpu") == DecodeConfig(BLOCK_N=64, TMA_B=True, num_stages=4)
+    monkeypatch.setenv(DECODE_CONFIG_ENV, "BLOCK_K=64")
+    with pytest.raises(ValueError, match="unknown decode config key"):
+        decode_config(8, 4096, "cpu")
 
 
 def test_forward_takes_the_decode_path(device, monkeypatch):
