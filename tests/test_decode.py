@@ -12,8 +12,10 @@ import fp8_deep
 from fp8_deep import ops, reference
 from fp8_deep.moe.forward import DECODE_ENV, _use_decode, moe_forward_impl
 from fp8_deep.ops.backend import select_grouped_gemm
-from fp8_deep.ops.decode import (DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, decode_config, moe_decode_gemm1,
-                                 moe_decode_gemm2)
+from fp8_deep.moe.forward import DECODE_COMBINE_ENV
+from fp8_deep.numerics import use_triton
+from fp8_deep.ops.decode import (DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, decode_config, decode_counters,
+                                 moe_decode_gemm1, moe_decode_gemm2)
 from fp8_deep.testing import assert_bitwise_equal
 
 
@@ -50,6 +52,15 @@ def _check_against_regular(x, layer, tw, ids, *, expert_map=None, scale_fmt="fp3
         assert_bitwise_equal(h[p], st["h"][rows], "h")
     assert_bitwise_equal(o[p], st["o"][rows], "o")
     assert_bitwise_equal(ops.moe_combine(o, inv, tw, out_dtype=x.dtype), ref_out, "output")
+    # the combine in GEMM2's tail: zeroed counters from GEMM1, the same sum
+    counters = decode_counters(x.shape[1], x.device)
+    h, inv = moe_decode_gemm1(x, ids, q13, s13, counters=counters, **kw)
+    fused = moe_decode_gemm2(h, ids, q2, s2, combine=(tw, inv, counters), out_dtype=x.dtype, **kw)
+    assert_bitwise_equal(fused, ref_out, "output, fused combine")
+    if use_triton(x):  # every program of each column tile counted itself in once
+        slots = min(T * k, q2.shape[0])
+        tiles = -(-x.shape[1] // (config or decode_config(slots, x.shape[1], x.device)).BLOCK_N)
+        assert counters[:tiles].tolist() == [slots] * tiles
     return ref_out
 
 
@@ -153,6 +164,17 @@ def test_decode_launcher_errors(device):
         moe_decode_gemm2(h[:3], ids, q2, s2)
     with pytest.raises(ValueError, match="BLOCK_N must be 64 or 128"):
         DecodeConfig(BLOCK_N=32)
+    hh, inv = moe_decode_gemm1(x, ids, q13, s13)
+    tw = torch.ones(2, 2, device=device)
+    with pytest.raises(ValueError, match="out= and out_dtype are for the fused combine"):
+        moe_decode_gemm2(hh, ids, q2, s2, out_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="combine must be"):
+        moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv))
+    with pytest.raises(ValueError, match="must be \\(T, top_k\\)"):
+        moe_decode_gemm2(hh, ids, q2, s2, combine=(tw[:1], inv, decode_counters(128, device)))
+    if use_triton(x):
+        with pytest.raises(ValueError, match="counters has 0 entries"):
+            moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv, torch.zeros(0, dtype=torch.int32, device=device)))
 
 
 def test_decode_switch(device, monkeypatch):
@@ -199,12 +221,18 @@ def test_forward_takes_the_decode_path(device, monkeypatch):
     calls = []
     import fp8_deep.moe.forward as fwd
     orig = fwd.moe_decode_gemm1
-    monkeypatch.setattr(fwd, "moe_decode_gemm1", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, "forward")
-    out = torch.empty_like(x)
-    assert fp8_deep.moe_forward(x, q13, q2, tw, ids, out=out, **kw) is out
-    assert_bitwise_equal(out, ref, "out=")
-    assert calls
+    monkeypatch.setattr(fwd, "moe_decode_gemm1", lambda *a, **k: calls.append(k["counters"] is not None) or
+                        orig(*a, **k))
+    for combine in ("1", "0"):
+        monkeypatch.setenv(DECODE_COMBINE_ENV, combine)
+        assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, f"forward, combine {combine}")
+        out = torch.empty_like(x)
+        assert fp8_deep.moe_forward(x, q13, q2, tw, ids, out=out, **kw) is out
+        assert_bitwise_equal(out, ref, "out=")
+    assert calls == [True, True, False, False]  # fused combine: GEMM1 zeroes its counters
+    monkeypatch.setenv(DECODE_COMBINE_ENV, "yes")
+    with pytest.raises(ValueError, match=DECODE_COMBINE_ENV):
+        fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

@@ -25,16 +25,26 @@ def moe_combine_kernel(
 ):
     """Grid: (T, cdiv(H, BLOCK_H))."""
     pdl_prologue(USE_PDL)
-    t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = h < H
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    combine_token(x_ptr, inv_ptr, w_ptr, out_ptr, tl.program_id(0).to(tl.int64), h.to(tl.int64), h < H,
+                  stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
+                  TOP_K, OUT_BF16, "")
+
+
+@triton.jit
+def combine_token(x_ptr, inv_ptr, w_ptr, out_ptr, t, h, hmask,
+                  stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
+                  TOP_K: tl.constexpr, OUT_BF16: tl.constexpr, X_CACHE: tl.constexpr):
+    """``out[t, h]`` of one token over columns ``h`` (int64, stored where ``hmask``): the module docstring's sum.
+    ``X_CACHE``: the cache modifier of the rows' loads (``".cg"`` where other programs wrote them moments ago)."""
+    acc = tl.zeros(h.shape, dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         row = tl.load(inv_ptr + t * stride_it + j * stride_ik)
         w = tl.load(w_ptr + t * stride_wt + j * stride_wk).to(tl.float32)
         valid = row >= 0
         vmask = hmask & ((tl.zeros_like(h) + row) >= 0)  # vector mask: dropped choices read nothing
-        x = tl.load(x_ptr + tl.where(valid, row, 0).to(tl.int64) * stride_xr + h * stride_xh, mask=vmask, other=0.0)
+        x = tl.load(x_ptr + tl.where(valid, row, 0).to(tl.int64) * stride_xr + h * stride_xh, mask=vmask, other=0.0,
+                    cache_modifier=X_CACHE)
         acc += tl.where(valid, w * x.to(tl.float32), 0.0)
     if OUT_BF16:  # round to nearest even by bits first: the CPU interpreter's float32 -> bfloat16 cast truncates
         acc = _round_to(acc, True)

@@ -21,6 +21,7 @@ K blocks in order: for finite inputs, the bytes of the regular chain (its GEMMs'
 import triton
 import triton.language as tl
 
+from .combine import combine_token
 from .grouped_gemm import _acc_block, _load_b, _weight_scale_ptrs, _zero_acc
 from .pdl import pdl_prologue
 from .quant import _quant_groups
@@ -85,7 +86,8 @@ def moe_decode_gemm1_kernel(
     bs_ptr,           # float32 (E, cdiv(N, 128), K / 128) 128x128 dequantization scales, any strides
     h_ptr,            # (P, N) output, row p = t * top_k + j; rows of dropped choices are not written
     inv_ptr,          # int32 (P,): p where the choice is kept, else -1 (the combine's row map), written by program 0
-    P, top_k, N, K, E, num_global,
+    cnt_ptr,          # int32 (num_cnt,): zeroed by program 0 (the fused combine's arrival counters of GEMM2)
+    P, top_k, N, K, E, num_global, num_cnt,
     stride_xt, stride_xk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_hp, stride_hn,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
@@ -105,6 +107,9 @@ def moe_decode_gemm1_kernel(
     if tl.program_id(0) == 0:
         offs_p = tl.arange(0, P_POW2)
         tl.store(inv_ptr + offs_p, tl.where(keep, offs_p, -1), mask=offs_p < P)
+        for c0 in range(0, num_cnt, 128):
+            offs_c = c0 + tl.arange(0, 128)
+            tl.store(cnt_ptr + offs_c, tl.zeros((128,), tl.int32), mask=offs_c < num_cnt)
     if live:
         offs_k = tl.arange(0, BLOCK_K)
         b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
@@ -135,16 +140,26 @@ def moe_decode_gemm2_kernel(
     b_ptr,            # float8 (E, N, I) w2, unit stride along I; or a descriptor over it as (E * N, I) (TMA_B)
     bs_ptr,           # float32 (E, cdiv(N, 128), I / 128)
     o_ptr,            # (P, N) output, row p; rows of dropped choices are not written
+    w_ptr,            # FUSE_COMBINE: (T, top_k) float32/bf16/fp16 combine weights, any strides
+    inv_ptr,          # FUSE_COMBINE: int32 (P,) GEMM1's row map (p or -1)
+    out_ptr,          # FUSE_COMBINE: (T, N) the MoE output, any strides
+    cnt_ptr,          # FUSE_COMBINE: int32 (cdiv(N, BLOCK_N),) arrival counters, zero at launch (GEMM1 zeroes them)
     P, top_k, N, I, E, num_global,
     stride_hp, stride_hk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
-    stride_op, stride_on,
+    stride_op, stride_on, stride_wt, stride_wk, stride_ot, stride_oh,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
     NAN_SELECT: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
     HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
+    FUSE_COMBINE: tl.constexpr, TOP_K: tl.constexpr, OUT_BF16: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
-    """Grid: (slots * cdiv(N, BLOCK_N),). I must be a multiple of 128 (a K block is one SwiGLU group)."""
+    """Grid: (slots * cdiv(N, BLOCK_N),). I must be a multiple of 128 (a K block is one SwiGLU group).
+
+    ``FUSE_COMBINE``: the last program to finish an n-tile (every slot's program counts itself in on the tile's
+    counter once its rows are stored, a release; the one that sees ``slots - 1`` acquires) sums that tile's columns
+    for every token (``combine_token``, the combine kernel's math and order, reading the rows through L2), so the
+    MoE's output comes out of this launch. Deterministic: the sum's order is fixed, only who runs it varies."""
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     num_n = tl.cdiv(N, BLOCK_N)
@@ -174,3 +189,11 @@ def moe_decode_gemm2_kernel(
                     b_ptrs += BLOCK_K
             o_ptrs = o_ptr + pairs.to(tl.int64)[None, :] * stride_op + cols64[:, None] * stride_on
             tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+    if FUSE_COMBINE:
+        tl.debug_barrier()  # every thread's rows are stored before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + tn, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) // num_n - 1:
+            cols = (tn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            for t in range(0, P // TOP_K):
+                combine_token(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, cols < N, stride_op, stride_on, TOP_K, 1,
+                              stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")

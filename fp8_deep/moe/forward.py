@@ -16,7 +16,7 @@ from ..ops import _registry, align_quantize_permute, quantize_activation, quanti
 from ..ops.quant import align_quantize_permute_fits
 from ..ops._checks import check_choice, check_tensor
 from ..ops.combine import moe_combine
-from ..ops.decode import decode_fits, moe_decode_gemm1, moe_decode_gemm2
+from ..ops.decode import decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
@@ -134,8 +134,9 @@ DECODE_ENV = "FP8_DEEP_DECODE"
 
 def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool) -> bool:
     """Whether the forward takes the decode path (``ops.decode``: two GEMMs that find their own rows, quantizing on
-    load, then the combine; three launches instead of six, the same bytes for finite input): opt-in,
-    ``FP8_DEEP_DECODE=1``, until a GPU has timed it against the regular chain. Only for our Triton backend, within
+    load, and the combine; instead of six launches, the same bytes for finite input): opt-in,
+    ``FP8_DEEP_DECODE=1``, until a GPU has timed it against the regular chain. Two launches (the combine in GEMM2's
+    tail, ``_decode_fused_combine``) or three. Only for our Triton backend, within
     ``decode_fits`` (T * top_k <= 128 choices, H and I multiples of 128), and not where vLLM's activation quantizer
     would run (see ``_fuse_quantize_permute``)."""
     env = os.environ.get(DECODE_ENV)
@@ -144,6 +145,18 @@ def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm
     if env != "1" or return_stages or gemm.name != "triton" or not decode_fits(num_choices, hidden, inter):
         return False
     return not (x.is_cuda and _registry.available("activation_quant", "vllm"))
+
+
+DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
+
+
+def _decode_fused_combine() -> bool:
+    """The decode path sums each token's rows in GEMM2's tail (two launches in all) unless
+    ``FP8_DEEP_DECODE_COMBINE=0`` (then the combine kernel runs after it: three launches, for A/B runs)."""
+    env = os.environ.get(DECODE_COMBINE_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{DECODE_COMBINE_ENV}={env!r}: expected 0 or 1 (unset: 1)")
+    return env != "0"
 
 
 def quantize_expert_weights(w13, w2, scale_fmt):
@@ -212,7 +225,13 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
 
     if _use_decode(T * topk_ids.shape[1], H, inter, hidden_states, gemm, return_stages):
-        h, inv = moe_decode_gemm1(hidden_states, topk_ids, q13, s13, expert_map=expert_map, scale_fmt=scale_fmt)
+        fused = _decode_fused_combine()
+        counters = decode_counters(H, hidden_states.device) if fused else None
+        h, inv = moe_decode_gemm1(hidden_states, topk_ids, q13, s13, expert_map=expert_map, scale_fmt=scale_fmt,
+                                  counters=counters)
+        if fused:
+            return moe_decode_gemm2(h, topk_ids, q2, s2, expert_map=expert_map, scale_fmt=scale_fmt,
+                                    combine=(topk_weights, inv, counters), out=out, out_dtype=hidden_states.dtype)
         o = moe_decode_gemm2(h, topk_ids, q2, s2, expert_map=expert_map, scale_fmt=scale_fmt)
         return moe_combine(o, inv, topk_weights, out=out, out_dtype=hidden_states.dtype)
     layout = gemm.a_scale_layout

@@ -21,13 +21,13 @@ from .. import reference
 from ..kernels.decode import moe_decode_gemm1_kernel, moe_decode_gemm2_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv,
                         interpreter_active, sm_count, use_triton)
-from ._checks import check_choice, check_eps, check_tensor
+from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from .quant import gpu_fast_paths
 
 __all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fits", "decode_config",
-           "moe_decode_gemm1", "moe_decode_gemm2"]
+           "decode_counters", "moe_decode_gemm1", "moe_decode_gemm2"]
 
 # every program holds a P_POW2 x P_POW2 comparison of the choices (16K entries at 128): the bound keeps it in registers
 DECODE_MAX_CHOICES = 128
@@ -71,6 +71,11 @@ def decode_config(slots: int, N: int, device) -> DecodeConfig:
     return DecodeConfig(BLOCK_N=128 if fill else 64)
 
 
+def decode_counters(hidden: int, device) -> torch.Tensor:
+    """The fused combine's per-call counter buffer (``moe_decode_gemm1`` zeroes it; no launch here)."""
+    return torch.empty(cdiv(hidden, 64), dtype=torch.int32, device=device)
+
+
 def _slots(num_choices: int, num_experts: int) -> int:
     """Programs along the expert axis: at most one per distinct expert (those past the call's last exit at once)."""
     return min(num_choices, num_experts)
@@ -112,7 +117,7 @@ def _ids_args(topk_ids, expert_map):
 @on_input_device
 def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, *,
                      expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", eps: float = ACT_EPS,
-                     config: Optional[DecodeConfig] = None):
+                     config: Optional[DecodeConfig] = None, counters: Optional[torch.Tensor] = None):
     """First GEMM of the decode forward, with the activation quantization folded into its loads.
 
     Args:
@@ -123,6 +128,7 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
             ``(E, cdiv(N, 128), H / 128)`` dequantization scales of its 128x128 blocks, any strides.
         expert_map: int32 ``(global_E,)`` contiguous, global -> local expert or -1 (choices of -1 are dropped).
         scale_fmt, eps: the activation quantization's, as ``quantize_activation``.
+        counters: optional int32 1-D buffer this launch zeroes (``moe_decode_gemm2``'s fused combine counts on it).
 
     Returns:
         ``(h, inv)``: bfloat16 ``(T * top_k, N)``, row ``t * top_k + j`` the product for that choice (rows of dropped
@@ -133,7 +139,13 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
     E, N, K, P = _check_common(x, "x", topk_ids, w13, w13_scale, "w13", expert_map, scale_fmt, eps, H)
     if topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids must have T = {T} rows (x's), got {tuple(topk_ids.shape)}")
+    if counters is not None:
+        check_tensor(counters, "counters", dtypes=(torch.int32,), dims=(1,), device=x.device)
+        if counters.numel() > 1 and counters.stride(0) != 1:
+            raise ValueError("counters must be contiguous")
     if not use_triton(x):
+        if counters is not None:
+            counters.zero_()
         return reference.moe_decode_gemm1(x, topk_ids, w13, w13_scale, expert_map=expert_map, scale_fmt=scale_fmt,
                                           eps=eps)
     h = torch.empty((P, N), dtype=torch.bfloat16, device=x.device)
@@ -144,8 +156,10 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
     cfg = config or decode_config(slots, N, x.device)
     ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
     b_arg, tma_b = _weight_arg(w13, cfg)
+    cnt = counters if counters is not None else inv
     moe_decode_gemm1_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
-        x, ids, map_arg, b_arg, w13_scale, h, inv, P, topk_ids.shape[1], N, K, E, num_global,
+        x, ids, map_arg, b_arg, w13_scale, h, inv, cnt, P, topk_ids.shape[1], N, K, E, num_global,
+        counters.numel() if counters is not None else 0,
         x.stride(0), x.stride(1), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1),
         w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2), h.stride(0), h.stride(1),
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
@@ -157,8 +171,10 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
 @on_input_device
 def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *,
                      expert_map: Optional[torch.Tensor] = None, scale_fmt: str = "fp32", eps: float = ACT_EPS,
-                     config: Optional[DecodeConfig] = None) -> torch.Tensor:
-    """Second GEMM of the decode forward, with SwiGLU and the 1x128 requantization folded into its loads.
+                     config: Optional[DecodeConfig] = None, combine: Optional[tuple] = None,
+                     out: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Second GEMM of the decode forward, with SwiGLU and the 1x128 requantization folded into its loads, and
+    optionally the combine in its tail.
 
     Args:
         h: bfloat16 / float16 ``(T * top_k, 2I)`` (``moe_decode_gemm1``'s), unit stride along 2I, I a multiple of
@@ -166,9 +182,15 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
         topk_ids, expert_map: as for ``moe_decode_gemm1``.
         w2: float8_e4m3fn ``(E, H, I)``, unit stride along I; w2_scale: float32 ``(E, cdiv(H, 128), I / 128)``.
         scale_fmt, eps: the requantization's, as ``silu_mul_quantize``.
+        combine: ``(topk_weights, inv, counters)`` to sum each token's rows in this launch (``ops.moe_combine``'s
+            math and order; the last program of each column tile does it): weights ``(T, top_k)`` float32 / bf16 /
+            fp16, any strides; ``inv`` and ``counters`` from ``moe_decode_gemm1`` (``counters`` zeroed by it, at least
+            ``cdiv(H, 64)`` entries). Not for concurrent launches sharing ``counters``.
+        out, out_dtype: with ``combine``, the ``(T, H)`` output buffer (any strides) or its dtype (bfloat16).
 
     Returns:
-        bfloat16 ``(T * top_k, H)``: row ``p`` the expert output of choice ``p`` (rows of dropped choices unwritten).
+        bfloat16 ``(T * top_k, H)``: row ``p`` the expert output of choice ``p`` (rows of dropped choices unwritten);
+        with ``combine``, the MoE output ``(T, H)``.
     """
     check_tensor(h, "h", dtypes=(torch.bfloat16, torch.float16), dims=(2,), last_stride_one=True)
     P_h, two_i = h.shape
@@ -177,25 +199,64 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
     E, N, K, P = _check_common(h, "h", topk_ids, w2, w2_scale, "w2", expert_map, scale_fmt, eps, two_i // 2)
     if P_h != P:
         raise ValueError(f"h must have one row per choice, T * top_k = {P}, got {P_h}")
+    T, top_k = topk_ids.shape
+    if combine is not None:
+        tw, inv, counters = _check_combine(combine, T, top_k, N, h.device)
+        if out is not None:
+            check_out(out, "out", (T, N), out_dtype or out.dtype, h.device)
+            check_outputs_disjoint([("h", h), ("topk_weights", tw)], [("out", out)])
+        else:
+            out = torch.empty((T, N), dtype=out_dtype or torch.bfloat16, device=h.device)
+    elif out is not None or out_dtype is not None:
+        raise ValueError("out= and out_dtype are for the fused combine: pass combine=(topk_weights, inv, counters)")
     if not use_triton(h):
-        return reference.moe_decode_gemm2(h, topk_ids, w2, w2_scale, expert_map=expert_map, scale_fmt=scale_fmt,
-                                          eps=eps)
+        o = reference.moe_decode_gemm2(h, topk_ids, w2, w2_scale, expert_map=expert_map, scale_fmt=scale_fmt, eps=eps)
+        if combine is None:
+            return o
+        out.copy_(reference.moe_combine(o, inv, tw, out.dtype))
+        return out
     o = torch.empty((P, N), dtype=torch.bfloat16, device=h.device)
     if P == 0:
-        return o
+        return o if combine is None else out
     slots = _slots(P, E)
     cfg = config or decode_config(slots, N, h.device)
     ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
     b_arg, tma_b = _weight_arg(w2, cfg)
+    if combine is not None:
+        if counters.numel() < cdiv(N, cfg.BLOCK_N):
+            raise ValueError(f"counters has {counters.numel()} entries; this launch needs {cdiv(N, cfg.BLOCK_N)} "
+                             f"(allocate cdiv(H, 64))")
+        cargs = (tw, inv, out, counters)
+        cstrides = (tw.stride(0), tw.stride(1), out.stride(0), out.stride(1))
+    else:
+        cargs, cstrides = (h, h, h, h), (0, 0, 0, 0)
     moe_decode_gemm2_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
-        h, ids, map_arg, b_arg, w2_scale, o, P, topk_ids.shape[1], N, K, E, num_global,
+        h, ids, map_arg, b_arg, w2_scale, o, *cargs, P, top_k, N, K, E, num_global,
         h.stride(0), h.stride(1), topk_ids.stride(0), topk_ids.stride(1), w2.stride(0), w2.stride(1),
-        w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2), o.stride(0), o.stride(1),
+        w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2), o.stride(0), o.stride(1), *cstrides,
         FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(h),
         ACCURATE_EXP=h.is_cuda and not interpreter_active(), IS_BF16=h.dtype == torch.bfloat16,
         HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
-        UPCAST=False, TMA_B=tma_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(h))
-    return o
+        UPCAST=False, TMA_B=tma_b, FUSE_COMBINE=combine is not None, TOP_K=top_k,
+        OUT_BF16=combine is not None and out.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **FP_FUSION, **pdl(h))
+    return o if combine is None else out
+
+
+def _check_combine(combine, T: int, top_k: int, N: int, device):
+    if not (isinstance(combine, (tuple, list)) and len(combine) == 3):
+        raise TypeError("combine must be (topk_weights, inv, counters): the weights, moe_decode_gemm1's inv and the "
+                        "counters it zeroed")
+    tw, inv, counters = combine
+    check_tensor(tw, "topk_weights", dtypes=HIGH_PRECISION_DTYPES, dims=(2,), device=device)
+    check_tensor(inv, "inv", dtypes=(torch.int32,), dims=(2,), device=device)
+    check_tensor(counters, "counters", dtypes=(torch.int32,), dims=(1,), device=device)
+    if tuple(tw.shape) != (T, top_k) or tuple(inv.shape) != (T, top_k):
+        raise ValueError(f"topk_weights and inv must be (T, top_k) = {(T, top_k)}, got {tuple(tw.shape)} and "
+                         f"{tuple(inv.shape)}")
+    if not inv.is_contiguous() or (counters.numel() > 1 and counters.stride(0) != 1):
+        raise ValueError("inv and counters must be contiguous (as moe_decode_gemm1 allocates them)")
+    return tw, inv, counters
 
 
 def _p_pow2(P: int) -> int:
