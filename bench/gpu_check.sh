@@ -24,6 +24,7 @@
 #   SWIGLUB_ARGS, EXPORT_ARGS        "export" (weight sync)
 #   TUNE_ARGS, TUNE_TIMEOUT          stage "tune": bench/tune_grouped_gemm.py (the grouped GEMM's per-card table)
 #   TUNEQ_ARGS, TUNEQ_TIMEOUT        stage "tuneq": bench/tune_quant.py (the quantizers' per-card tables)
+#   TUNED_ARGS, TUNED_TIMEOUT        stage "tuned": bench/tune_decode.py (the decode path's per-card table)
 #   PEER_ARGS, PEER_TIMEOUT          stage "peer": bench/peer_vllm.py (vLLM's fused-MoE kernel; carry .vllm)
 #   MODELS_ARGS, MODELS_TIMEOUT      stage "models": bench/bench_models.py (BF16, vLLM, ours per backend, per model)
 #   TUNEB_ARGS, TUNEB_TIMEOUT        stage "tuneb": bench/tune_backend.py (auto's backend table; needs DeepGEMM)
@@ -224,6 +225,13 @@ run_one_stage() {
                 --time-budget "$(budget_for $(( ${TUNE_TIMEOUT:-500} - 20 )))" ${TUNE_ARGS:-}
             for f in fp8_deep/configs/grouped_gemm/*.json; do
                 [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_grouped_gemm_table.json"
+            done ;;
+        tuned)  # the decode path's per-card table (TUNED_ARGS); writes fp8_deep/configs/decode/<card>.json,
+                # copied into results.tgz as <card>_decode_table.json (commit it under fp8_deep/configs/)
+            run_stage tuned "${TUNED_TIMEOUT:-300}" tuned.log $PY bench/tune_decode.py \
+                --time-budget "$(budget_for $(( ${TUNED_TIMEOUT:-300} - 20 )))" ${TUNED_ARGS:-}
+            for f in fp8_deep/configs/decode/*.json; do
+                [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_decode_table.json"
             done ;;
         tuneq)  # the quantizers' per-card tables (TUNEQ_ARGS); writes fp8_deep/configs/{weight,act}_quant*/<card>.json,
                 # copied into results.tgz as <card>_<op>_table.json (commit them under fp8_deep/configs/)

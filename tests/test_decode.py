@@ -57,10 +57,12 @@ def _check_against_regular(x, layer, tw, ids, *, expert_map=None, scale_fmt="fp3
     h, inv = moe_decode_gemm1(x, ids, q13, s13, counters=counters, **kw)
     fused = moe_decode_gemm2(h, ids, q2, s2, combine=(tw, inv, counters), out_dtype=x.dtype, **kw)
     assert_bitwise_equal(fused, ref_out, "output, fused combine")
-    if use_triton(x):  # every program of each column tile counted itself in once
-        slots = min(T * k, q2.shape[0])
-        tiles = -(-x.shape[1] // (config or decode_config(slots, x.shape[1], x.device)).BLOCK_N)
-        assert counters[:tiles].tolist() == [slots] * tiles
+    if use_triton(x):  # each column tile's last program ran (and set the counter back to zero)
+        tiles = -(-x.shape[1] // (config or decode_config(q2.shape[0], x.shape[1], q2.shape[2], T * k,
+                                                          x.device)).BLOCK_N)
+        assert counters[:tiles].tolist() == [0] * tiles
+        again = moe_decode_gemm2(h, ids, q2, s2, combine=(tw, inv, counters), out_dtype=x.dtype, **kw)
+        assert_bitwise_equal(again, ref_out, "output, fused combine relaunched on the same counters")
     return ref_out
 
 
@@ -199,13 +201,23 @@ def test_decode_switch(device, monkeypatch):
 def test_decode_config_pick(monkeypatch):
     monkeypatch.delenv(DECODE_CONFIG_ENV, raising=False)
     # 128-row weight tiles once the slots' tiles cover the SMs (2 off CUDA), 64-row ones before
-    assert decode_config(1, 128, "cpu").BLOCK_N == 64
-    assert decode_config(2, 128, "cpu").BLOCK_N == 128
+    assert decode_config(8, 128, 256, 1, "cpu").BLOCK_N == 64
+    assert decode_config(8, 128, 256, 2, "cpu").BLOCK_N == 128
+    assert decode_config(1, 128, 256, 4, "cpu").BLOCK_N == 64  # one expert: one slot
+    # a card's table (asked with the GEMM's sizes), unless the environment pins a config
+    import fp8_deep.ops.decode as dec
+    asked = []
+    monkeypatch.setattr(dec, "tuned_config", lambda op, dev, **kw: asked.append((op, kw)) or "BLOCK_N=128,TMA_B=1")
+    assert decode_config(8, 1536, 2048, 8, "cpu") == DecodeConfig(BLOCK_N=128, TMA_B=True)
+    assert asked == [("decode", dict(E=8, N=1536, K=2048, rows=8))]
+    monkeypatch.setattr(dec, "tuned_config", lambda op, dev, **kw: "BLOCK_N=96")
+    with pytest.raises(ValueError, match="tuned decode table"):
+        decode_config(8, 1536, 2048, 8, "cpu")
     monkeypatch.setenv(DECODE_CONFIG_ENV, "BLOCK_N=64,TMA_B=1,num_stages=4")
-    assert decode_config(8, 4096, "cpu") == DecodeConfig(BLOCK_N=64, TMA_B=True, num_stages=4)
+    assert decode_config(8, 4096, 128, 8, "cpu") == DecodeConfig(BLOCK_N=64, TMA_B=True, num_stages=4)
     monkeypatch.setenv(DECODE_CONFIG_ENV, "BLOCK_K=64")
     with pytest.raises(ValueError, match="unknown decode config key"):
-        decode_config(8, 4096, "cpu")
+        decode_config(8, 4096, 128, 8, "cpu")
 
 
 def test_forward_takes_the_decode_path(device, monkeypatch):

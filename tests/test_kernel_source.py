@@ -134,6 +134,17 @@ def _every_gemm_config(monkeypatch):
     for tma in (0, 1):  # the fused kernel runs swap-AB tiles only
         cfg = f"BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,TMA_B={tma},num_warps=4,num_stages=2"
         grouped_gemm_swiglu_fp8(a, sa, b, sb, plan.expert_offsets, plan.expert_counts, bmap, config=cfg)
+    # the decode path's GEMMs with each candidate of bench/tune_decode.py, the combine in GEMM2's tail or not
+    from fp8_deep.ops.decode import decode_counters, moe_decode_gemm1, moe_decode_gemm2
+    x = torch.randn(T, K, dtype=torch.bfloat16)
+    b2 = torch.zeros(E, K, N // 2, dtype=FP8_DTYPE)
+    sb2 = torch.ones(E, K // 128, N // 256)
+    counters = decode_counters(K, "cpu")
+    tw = torch.ones(T, k)
+    with bench_module("tune_decode") as tune:
+        for i, cfg in enumerate(tune.candidates()):
+            h, inv = moe_decode_gemm1(x, ids, b, sb, config=cfg, counters=counters)
+            moe_decode_gemm2(h, ids, b2, sb2, config=cfg, combine=(tw, inv, counters) if i % 2 else None)
     return refused
 
 

@@ -205,3 +205,19 @@ def test_quant_tuner_plumbing(monkeypatch, capsys):
     monkeypatch.setenv(quant.ACT_CONFIG_ENV, "8,1,2")
     with bench_module("tune_quant") as tuner:
         assert tuner.main(["--cpu-smoke", "--ops", "act_quant_row"]) == 2  # a pinned kernel: refused
+
+
+def test_decode_tuner_smoke(capsys):
+    """bench/tune_decode.py end to end on a tiny layer (interpreter): each candidate checked bit for bit against the
+    heuristic's pick and timed; the grid covers every model within the decode path's bound."""
+    from conftest import bench_module
+    from fp8_deep.numerics import interpreter_active
+    with bench_module("tune_decode") as tuner:
+        assert tuner.main(["--dry-run"]) == 0
+        assert "24 grid points" in capsys.readouterr().out
+        if not interpreter_active():
+            pytest.skip("the smoke run times the interpreter (a GPU run tunes for real: the tuned stage)")
+        assert tuner.main(["--cpu-smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT bitwise" not in out and "failed" not in out
+    assert out.count("SUMMARY smoke") == 2

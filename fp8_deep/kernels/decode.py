@@ -143,7 +143,8 @@ def moe_decode_gemm2_kernel(
     w_ptr,            # FUSE_COMBINE: (T, top_k) float32/bf16/fp16 combine weights, any strides
     inv_ptr,          # FUSE_COMBINE: int32 (P,) GEMM1's row map (p or -1)
     out_ptr,          # FUSE_COMBINE: (T, N) the MoE output, any strides
-    cnt_ptr,          # FUSE_COMBINE: int32 (cdiv(N, BLOCK_N),) arrival counters, zero at launch (GEMM1 zeroes them)
+    cnt_ptr,          # FUSE_COMBINE: int32 (cdiv(N, BLOCK_N),) arrival counters, zero at launch (GEMM1 zeroes them;
+                      # each tile's last program sets its counter back to zero)
     P, top_k, N, I, E, num_global,
     stride_hp, stride_hk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_op, stride_on, stride_wt, stride_wk, stride_ot, stride_oh,
@@ -197,3 +198,4 @@ def moe_decode_gemm2_kernel(
             for t in range(0, P // TOP_K):
                 combine_token(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, cols < N, stride_op, stride_on, TOP_K, 1,
                               stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")
+            tl.store(cnt_ptr + tn, 0)  # every program of the tile has arrived: back to zero for the next launch

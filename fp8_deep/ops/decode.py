@@ -24,6 +24,7 @@ from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPE
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
+from ._tuned import tuned_config
 from .quant import gpu_fast_paths
 
 __all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fits", "decode_config",
@@ -61,13 +62,23 @@ def decode_fits(num_choices: int, hidden: int, inter: int) -> bool:
         and inter > 0
 
 
-def decode_config(slots: int, N: int, device) -> DecodeConfig:
-    """``FP8_DEEP_DECODE_CONFIG`` when set, else 128-row weight tiles when the grid of ``slots`` experts fills the
-    SMs with them, 64-row tiles when not (the weight bytes are the whole cost: every SM should stream some)."""
+def decode_config(E: int, N: int, K: int, choices: int, device) -> DecodeConfig:
+    """The tile of one decode GEMM (``E`` experts of ``(N, K)`` weights, ``choices = T * top_k``):
+    ``FP8_DEEP_DECODE_CONFIG`` when set; else this card's measured table (``fp8_deep/configs/decode/<card>.json``,
+    written by ``bench/tune_decode.py``; the entry of the same ``(N, K)`` nearest in choices, then E); else the
+    heuristic: 128-row weight tiles when the grid of ``min(choices, E)`` experts fills the SMs with them, 64-row
+    tiles when not (the weight bytes are the whole cost: every SM should stream some)."""
     env = os.environ.get(DECODE_CONFIG_ENV)
     if env:
         return DecodeConfig.parse(env)
-    fill = slots * cdiv(N, 128) >= sm_count(device)
+    spec = tuned_config("decode", torch.device(device), E=E, N=N, K=K, rows=choices)
+    if spec is not None:
+        try:
+            return DecodeConfig.parse(spec)
+        except ValueError as exc:
+            raise ValueError(f"a tuned decode table (fp8_deep/configs/decode/) holds an invalid config {spec!r}: "
+                             f"{exc}; regenerate it with bench/tune_decode.py, or FP8_DEEP_TUNED=0") from None
+    fill = _slots(choices, E) * cdiv(N, 128) >= sm_count(device)
     return DecodeConfig(BLOCK_N=128 if fill else 64)
 
 
@@ -153,7 +164,7 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
     if P == 0:
         return h, inv
     slots = _slots(P, E)
-    cfg = config or decode_config(slots, N, x.device)
+    cfg = config or decode_config(E, N, K, P, x.device)
     ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
     b_arg, tma_b = _weight_arg(w13, cfg)
     cnt = counters if counters is not None else inv
@@ -185,7 +196,8 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
         combine: ``(topk_weights, inv, counters)`` to sum each token's rows in this launch (``ops.moe_combine``'s
             math and order; the last program of each column tile does it): weights ``(T, top_k)`` float32 / bf16 /
             fp16, any strides; ``inv`` and ``counters`` from ``moe_decode_gemm1`` (``counters`` zeroed by it, at least
-            ``cdiv(H, 64)`` entries). Not for concurrent launches sharing ``counters``.
+            ``cdiv(H, 64)`` entries; each launch leaves them zero again). Not for concurrent launches sharing
+            ``counters``.
         out, out_dtype: with ``combine``, the ``(T, H)`` output buffer (any strides) or its dtype (bfloat16).
 
     Returns:
@@ -219,7 +231,7 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
     if P == 0:
         return o if combine is None else out
     slots = _slots(P, E)
-    cfg = config or decode_config(slots, N, h.device)
+    cfg = config or decode_config(E, N, K, P, h.device)
     ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
     b_arg, tma_b = _weight_arg(w2, cfg)
     if combine is not None:

@@ -1,0 +1,167 @@
+"""Tune the decode path's GEMM tiles on this card; write ``fp8_deep/configs/decode/<card>.json``.
+
+The decode launchers (``fp8_deep.ops.moe_decode_gemm1`` / ``moe_decode_gemm2``, the MoE's path with
+``FP8_DEEP_DECODE=1``) read that table through ``ops.decode.decode_config``: for a GEMM's ``(N, K)`` the entry nearest
+in choices ``T * top_k`` (then in E), else the built-in heuristic. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
+
+Grid: the models of ``tune_grouped_gemm.py`` at T tokens with ``T * top_k`` within the path's bound, routed top-k at
+random; each model's GEMM1 (``w13 (E, 2I, H)``, tokens quantized on load) and GEMM2 (``w2 (E, H, I)``, SwiGLU on
+load, the combine in its tail) timed as the forward launches them. Candidates: 64- and 128-row weight tiles, pointer
+or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16- or 32-choice row tiles. A candidate's output must equal
+the heuristic's bit for bit (kept rows; GEMM2: the combined output) or it is reported and not eligible; every grid
+point's winner is written, the heuristic's own config included.
+
+    python bench/tune_decode.py                            # every model, T = 1 and 16 (where within the bound)
+    python bench/tune_decode.py --models qwen3_30b --T 1 --time-budget 60
+    python bench/tune_decode.py --dry-run                  # print the grid and candidates, time nothing
+    python bench/tune_decode.py --cpu-smoke                # plumbing on a tiny shape (interpreter), no table
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--cpu-smoke" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py when run as a script
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+from tune_grouped_gemm import MODELS, SMOKE, write_table  # noqa: E402
+
+TOKENS = (1, 16)
+
+
+def candidates():
+    from fp8_deep.ops.decode import DecodeConfig
+    out = [DecodeConfig(BLOCK_N=bn, TMA_B=tma, num_stages=stages) for bn in (64, 128) for tma in (False, True)
+           for stages in (3, 4)]
+    out += [DecodeConfig(BLOCK_N=128, TMA_B=tma, num_warps=8) for tma in (False, True)]
+    out += [DecodeConfig(BLOCK_M=32, BLOCK_N=bn) for bn in (64, 128)]
+    return out
+
+
+def operands(E, H, inter, T, top_k, seed=0):
+    """FP8 expert weights and scales, tokens, routing, and GEMM1's output for GEMM2's grid points."""
+    from fp8_deep import ops
+    dev = C.device()
+    q13, s13 = ops.quantize_weight_blockwise(C.randn((E, 2 * inter, H), std=0.05, seed=seed))
+    q2, s2 = ops.quantize_weight_blockwise(C.randn((E, H, inter), std=0.05, seed=seed + 1))
+    tw, ids = C.random_routing(T, E, top_k, seed=seed)
+    x = C.randn((T, H), seed=seed + 2)
+    return dict(q13=q13, s13=s13, q2=q2, s2=s2, tw=tw, ids=ids, x=x, dev=dev)
+
+
+def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
+    """Time every candidate at one grid point; the winner among those bitwise equal to the heuristic's pick."""
+    from fp8_deep.ops.decode import decode_config, decode_counters, moe_decode_gemm1, moe_decode_gemm2
+    o = operands(E, H, inter, T, top_k)
+    P = T * top_k
+    counters = decode_counters(H, o["x"].device)
+    h, inv = moe_decode_gemm1(o["x"], o["ids"], o["q13"], o["s13"], counters=counters)
+    if gemm == "gemm1":
+        N, K = 2 * inter, H
+        kept = (inv.reshape(-1) >= 0)
+
+        def run(cfg):
+            return moe_decode_gemm1(o["x"], o["ids"], o["q13"], o["s13"], counters=counters, config=cfg)[0][kept]
+    else:
+        N, K = H, inter
+
+        def run(cfg):
+            return moe_decode_gemm2(h, o["ids"], o["q2"], o["s2"], combine=(o["tw"], inv, counters), config=cfg)
+    with C.environ({"FP8_DEEP_TUNED": "0", "FP8_DEEP_DECODE_CONFIG": None}):
+        pick = decode_config(E, N, K, P, o["x"].device)
+    ref = run(pick)
+    pick_ms = C.bench(lambda: run(pick), rep=rep)[0]
+    results = []
+    for cfg in cands:
+        try:
+            same = torch.equal(run(cfg).view(torch.int16), ref.view(torch.int16))
+            ms = C.bench(lambda cfg=cfg: run(cfg), rep=rep)[0]
+        except Exception as exc:  # noqa: BLE001 -- a config that cannot compile or run here is not a candidate
+            log(f"    {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        results.append((ms, str(cfg), same))
+        if not same:
+            log(f"    {cfg}: {ms:.4f} ms but NOT bitwise equal to the pick: not eligible")
+    eligible = sorted(r for r in results if r[2])
+    if not eligible or pick_ms < eligible[0][0]:
+        eligible.insert(0, (pick_ms, str(pick), True))
+    o = h = inv = ref = None
+    C.free_cuda()
+    best_ms, best_cfg, _ = eligible[0]
+    return dict(E=E, N=N, K=K, rows=P, T=T, top_k=top_k, config=best_cfg, ms=round(best_ms, 5),
+                heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--T", nargs="*", type=int, default=list(TOKENS), help="tokens per call (default %(default)s)")
+    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2"], choices=["gemm1", "gemm2"])
+    p.add_argument("--rep", type=int, default=25, help="do_bench rep per candidate (ms)")
+    p.add_argument("--time-budget", type=float, default=300, help="seconds; stops between grid points")
+    p.add_argument("--out", default=None, help="table path (default fp8_deep/configs/decode/<card>.json)")
+    p.add_argument("--no-merge", action="store_true", help="drop the existing table's other entries")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and the candidates; time nothing")
+    p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
+    args = p.parse_args(argv)
+
+    from fp8_deep.ops._tuned import TABLE_DIR, card_key
+    from fp8_deep.ops.decode import DECODE_MAX_CHOICES, decode_fits
+    cands = candidates()
+    models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
+    tokens = [2] if args.cpu_smoke else args.T
+    grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for g in args.gemms
+            for T in tokens if decode_fits(T * top_k, H, inter)]
+    print(C.env_line())
+    print(f"tune_decode: {len(grid)} grid points (T * top_k <= {DECODE_MAX_CHOICES}) x {len(cands)} candidates")
+    if args.dry_run:
+        for pt in grid:
+            print("  ", pt)
+        for cfg in cands:
+            print("   candidate", cfg)
+        return 0
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("tune_decode needs a CUDA GPU (--cpu-smoke for the plumbing)")
+        return 0
+    if args.cpu_smoke:
+        cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
+    card = card_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+    path = Path(args.out) if args.out else TABLE_DIR / "decode" / f"{card}.json"
+    old = []
+    if path.is_file() and not args.no_merge and not args.cpu_smoke:
+        import json
+        old = json.loads(path.read_text())["entries"]
+    t0 = time.time()
+    entries, rows_out = [], []
+    for name, g, E, H, inter, T, top_k in grid:
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            print(f"[note] time budget {args.time_budget:.0f} s spent: stopped before {name} {g} T={T}")
+            break
+        print(f"  {name} {g} E={E} H={H} I={inter} T={T}", flush=True)
+        r = tune_point(E, H, inter, T, top_k, g, cands, args.rep, log=print)
+        entries.append(r)
+        gain = r["heuristic_ms"] / r["ms"] if r["ms"] else float("nan")
+        rows_out.append(dict(model=name, gemm=g, T=T, choices=r["rows"], best_ms=f"{r['ms']:.4f}",
+                             heuristic_ms=f"{r['heuristic_ms']:.4f}", gain=f"{gain:.3f}x", config=r["config"]))
+        if not args.cpu_smoke:  # after every point: a run cut short by its time limit keeps what it measured
+            write_table(path, card, old, entries, op="decode")
+    C.print_table(rows_out, ["model", "gemm", "T", "choices", "best_ms", "heuristic_ms", "gain", "config"],
+                  title=f"decode GEMM tuning on {card} (gain = the heuristic's time / the best's)", prefix="SUMMARY")
+    if args.cpu_smoke:
+        print("SUMMARY cpu-smoke: plumbing only; no table written")
+        return 0
+    print(f"SUMMARY {len(entries)} grid points measured; table {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
