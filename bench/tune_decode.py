@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py whe
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from tune_grouped_gemm import MODELS, SMOKE, write_table  # noqa: E402
+from tune_grouped_gemm import MODELS, SMOKE, table_target, write_table  # noqa: E402
 
 TOKENS = (1, 16)
 
@@ -114,7 +114,6 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
     args = p.parse_args(argv)
 
-    from fp8_deep.ops._tuned import TABLE_DIR, card_key
     from fp8_deep.ops.decode import DECODE_MAX_CHOICES, decode_fits
     cands = candidates()
     models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
@@ -134,12 +133,7 @@ def main(argv=None) -> int:
         return 0
     if args.cpu_smoke:
         cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
-    card = card_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
-    path = Path(args.out) if args.out else TABLE_DIR / "decode" / f"{card}.json"
-    old = []
-    if path.is_file() and not args.no_merge and not args.cpu_smoke:
-        import json
-        old = json.loads(path.read_text())["entries"]
+    card, path, old = table_target("decode", args)
     t0 = time.time()
     entries, rows_out = [], []
     for name, g, E, H, inter, T, top_k in grid:

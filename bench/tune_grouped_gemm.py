@@ -187,7 +187,6 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
     args = p.parse_args(argv)
 
-    from fp8_deep.ops._tuned import TABLE_DIR, card_key
     from fp8_deep.ops.grouped_gemm import _table_config
     cands = candidates()
     if args.only:
@@ -212,11 +211,7 @@ def main(argv=None) -> int:
         return 0
     if args.cpu_smoke:  # the interpreter: pointer-load configs only, few of them
         cands = [c for c in cands if not (c.GLUON or c.TMA)][:3]
-    card = card_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
-    path = Path(args.out) if args.out else TABLE_DIR / "grouped_gemm" / f"{card}.json"
-    old = []
-    if path.is_file() and not args.no_merge and not args.cpu_smoke:
-        old = json.loads(path.read_text())["entries"]
+    card, path, old = table_target("grouped_gemm", args)
     t0 = time.time()
     entries, rows_out = [], []
     for name, g, E, N, K, T, top_k in grid:
@@ -247,6 +242,18 @@ def main(argv=None) -> int:
         return 0
     print(f"SUMMARY {len(entries)} grid points measured; table {path}")
     return 0
+
+
+def table_target(op: str, args):
+    """(card, the table's path, the entries it holds that a run merges with): ``args.out`` or
+    ``fp8_deep/configs/<op>/<card>.json``; none to merge with ``--no-merge`` or ``--cpu-smoke``."""
+    from fp8_deep.ops._tuned import TABLE_DIR, card_key
+    card = card_key(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+    path = Path(args.out) if args.out else TABLE_DIR / op / f"{card}.json"
+    old = []
+    if path.is_file() and not args.no_merge and not args.cpu_smoke:
+        old = json.loads(path.read_text())["entries"]
+    return card, path, old
 
 
 def write_table(path: Path, card: str, old, entries, op: str = "grouped_gemm") -> None:

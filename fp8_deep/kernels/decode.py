@@ -78,6 +78,41 @@ def _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be, stride_bn, str
 
 
 @triton.jit
+def _decode_slot_tiles(a_ptr, c_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, a_div, K, up_off,
+                       stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn,
+                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
+                       NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, SWIGLU: tl.constexpr,
+                       ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr, P_POW2: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_K: tl.constexpr,
+                       UPCAST: tl.constexpr, TMA_B: tl.constexpr):
+    """A slot's rows, BLOCK_M at a time, times its weight tile: ``c[p, cols] = A(p) @ b_tile.T``, K blocks in order.
+    Row ``p``'s operand is row ``p // a_div`` of ``a``, formed as each K block is loaded: its 1x128 group quantized
+    (GEMM1: the tokens), or with ``SWIGLU`` SwiGLU of the group's gate columns and the up columns ``up_off`` further,
+    then quantized (GEMM2: ``silu_mul_quant_kernel``'s math)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for m0 in range(0, count, BLOCK_M):
+        pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
+        a_ptrs = a_ptr + (pairs // a_div).to(tl.int64)[:, None] * stride_ar + offs_k[None, :] * stride_ak
+        b_ptrs = b_tile
+        acc = _zero_acc(BLOCK_M, BLOCK_N, True)
+        for k0 in range(0, K, BLOCK_K):
+            if SWIGLU:
+                a = _silu_mul(tl.load(a_ptrs).to(tl.float32), tl.load(a_ptrs + up_off * stride_ak).to(tl.float32),
+                              ACCURATE_EXP, IS_BF16)
+            else:
+                a = tl.load(a_ptrs).to(tl.float32)
+            aq, sa = _quant_groups(a, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
+            b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, True, TMA_B)
+            sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
+            acc = _acc_block(acc, aq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
+            a_ptrs += BLOCK_K * stride_ak
+            if not TMA_B:
+                b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + pairs.to(tl.int64)[None, :] * stride_cp + cols64[:, None] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
 def moe_decode_gemm1_kernel(
     x_ptr,            # (T, K) bf16/fp16/fp32 tokens, any strides
     ids_ptr,          # int32/int64 (T, top_k) router choices (global ids with map_ptr), any strides
@@ -100,10 +135,9 @@ def moe_decode_gemm1_kernel(
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     num_n = tl.cdiv(N, BLOCK_N)
-    slot = tl.program_id(0) // num_n
     tn = tl.program_id(0) % num_n
-    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_it, stride_ik,
-                                                       E, num_global, HAS_MAP, P_POW2)
+    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, tl.program_id(0) // num_n, P, top_k,
+                                                       stride_it, stride_ik, E, num_global, HAS_MAP, P_POW2)
     if tl.program_id(0) == 0:
         offs_p = tl.arange(0, P_POW2)
         tl.store(inv_ptr + offs_p, tl.where(keep, offs_p, -1), mask=offs_p < P)
@@ -114,23 +148,10 @@ def moe_decode_gemm1_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
                                                                     stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
-        for m0 in range(0, count, BLOCK_M):
-            pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
-            x_ptrs = x_ptr + (pairs // top_k).to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk
-            b_ptrs = b_tile
-            acc = _zero_acc(BLOCK_M, BLOCK_N, True)
-            for k0 in range(0, K, BLOCK_K):
-                # the activation quantizer's 1x128 group of each row, formed as the block is loaded
-                xq, sa = _quant_groups(tl.load(x_ptrs).to(tl.float32), 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
-                                       NAN_SELECT)
-                b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, True, TMA_B)
-                sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
-                acc = _acc_block(acc, xq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
-                x_ptrs += BLOCK_K * stride_xk
-                if not TMA_B:
-                    b_ptrs += BLOCK_K
-            h_ptrs = h_ptr + pairs.to(tl.int64)[None, :] * stride_hp + cols64[:, None] * stride_hn
-            tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        _decode_slot_tiles(x_ptr, h_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, top_k, K, 0,
+                           stride_xt, stride_xk, stride_bsk, stride_hp, stride_hn,
+                           FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, False, False, False,
+                           P_POW2, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
 
 
 @triton.jit
@@ -164,32 +185,17 @@ def moe_decode_gemm2_kernel(
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     num_n = tl.cdiv(N, BLOCK_N)
-    slot = tl.program_id(0) // num_n
     tn = tl.program_id(0) % num_n
-    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_it, stride_ik,
-                                                       E, num_global, HAS_MAP, P_POW2)
+    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, tl.program_id(0) // num_n, P, top_k,
+                                                       stride_it, stride_ik, E, num_global, HAS_MAP, P_POW2)
     if live:
         offs_k = tl.arange(0, BLOCK_K)
         b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
                                                                     stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
-        for m0 in range(0, count, BLOCK_M):
-            pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
-            g_ptrs = h_ptr + pairs.to(tl.int64)[:, None] * stride_hp + offs_k[None, :] * stride_hk
-            b_ptrs = b_tile
-            acc = _zero_acc(BLOCK_M, BLOCK_N, True)
-            for k0 in range(0, I, BLOCK_K):
-                # SwiGLU of the group's gate and up columns, requantized in 1x128 (silu_mul_quant_kernel's math)
-                y = _silu_mul(tl.load(g_ptrs).to(tl.float32), tl.load(g_ptrs + I * stride_hk).to(tl.float32),
-                              ACCURATE_EXP, IS_BF16)
-                yq, sa = _quant_groups(y, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
-                b = _load_b(b_ptrs, b_row0, k0, offs_k, I - k0, True, TMA_B)
-                sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
-                acc = _acc_block(acc, yq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
-                g_ptrs += BLOCK_K * stride_hk
-                if not TMA_B:
-                    b_ptrs += BLOCK_K
-            o_ptrs = o_ptr + pairs.to(tl.int64)[None, :] * stride_op + cols64[:, None] * stride_on
-            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        _decode_slot_tiles(h_ptr, o_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, 1, I, I,
+                           stride_hp, stride_hk, stride_bsk, stride_op, stride_on,
+                           FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, True, ACCURATE_EXP, IS_BF16,
+                           P_POW2, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
     if FUSE_COMBINE:
         tl.debug_barrier()  # every thread's rows are stored before the counter's release
         arrived = tl.atomic_add(cnt_ptr + tn, 1, sem="acq_rel", scope="gpu")
