@@ -11,7 +11,13 @@ or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16- or 32-choice row 
 the heuristic's bit for bit (kept rows; GEMM2: the combined output) or it is reported and not eligible; every grid
 point's winner is written, the heuristic's own config included.
 
-    python bench/tune_decode.py                            # every model, T = 1 and 16 (where within the bound)
+Then, per (model, T), the whole forward as CUDA-graph replays with the decode path (the tiles just tuned) and with
+the regular chain, outputs compared bit for bit: ``fp8_deep/configs/moe_decode/<card>.json`` records which is faster
+(``config`` "decode" or "chain", keyed by the layer's ``(E, N = 2I, K = H)`` and choices), and the forward takes the
+decode path where this card's table says "decode" at the nearest choices (within 2x) unless ``FP8_DEEP_DECODE`` says
+otherwise (``--no-forward``: tiles only).
+
+    python bench/tune_decode.py                            # every model, T = 1, 4, 16 (within the bound)
     python bench/tune_decode.py --models qwen3_30b --T 1 --time-budget 60
     python bench/tune_decode.py --dry-run                  # print the grid and candidates, time nothing
     python bench/tune_decode.py --cpu-smoke                # plumbing on a tiny shape (interpreter), no table
@@ -34,7 +40,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from tune_grouped_gemm import MODELS, SMOKE, table_target, write_table  # noqa: E402
 
-TOKENS = (1, 16)
+TOKENS = (1, 4, 16)
 
 
 def candidates():
@@ -100,6 +106,29 @@ def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
                 heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
 
 
+def forward_point(E, H, inter, T, top_k, rep, seed=0):
+    """The whole MoE forward as CUDA-graph replays with the decode path and with the regular chain (same weights,
+    routing, tokens; the decode tables just written in effect): (decode ms, chain ms, bitwise equal)."""
+    import fp8_deep
+    from fp8_deep.ops import _tuned
+    _tuned.load_table.cache_clear()  # the table this run is writing
+    _tuned._lookup_cached.cache_clear()
+    o = operands(E, H, inter, T, top_k, seed=seed)
+
+    def fwd():
+        return fp8_deep.moe_forward(o["x"], o["q13"], o["q2"], o["tw"], o["ids"], w13_scale=o["s13"],
+                                    w2_scale=o["s2"], backend="triton")
+    ms, outs = {}, {}
+    for mode in ("1", "0"):
+        with C.environ({"FP8_DEEP_DECODE": mode}):
+            outs[mode] = fwd()
+            ms[mode] = C.bench(fwd, rep=rep, graph=torch.cuda.is_available())[0]
+    same = torch.equal(outs["1"].view(torch.int16), outs["0"].view(torch.int16))
+    o = outs = None
+    C.free_cuda()
+    return ms["1"], ms["0"], same
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=300, help="seconds; stops between grid points")
     p.add_argument("--out", default=None, help="table path (default fp8_deep/configs/decode/<card>.json)")
     p.add_argument("--no-merge", action="store_true", help="drop the existing table's other entries")
+    p.add_argument("--no-forward", action="store_true",
+                   help="tune the GEMM tiles only (no forward timing, no moe_decode table entry)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the candidates; time nothing")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
     args = p.parse_args(argv)
@@ -134,6 +165,8 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
     card, path, old = table_target("decode", args)
+    _, fwd_path, fwd_old = table_target("moe_decode", argparse.Namespace(**{**vars(args), "out": None}))
+    fwd_entries, fwd_rows = [], []
     t0 = time.time()
     entries, rows_out = [], []
     for name, g, E, H, inter, T, top_k in grid:
@@ -148,8 +181,22 @@ def main(argv=None) -> int:
                              heuristic_ms=f"{r['heuristic_ms']:.4f}", gain=f"{gain:.3f}x", config=r["config"]))
         if not args.cpu_smoke:  # after every point: a run cut short by its time limit keeps what it measured
             write_table(path, card, old, entries, op="decode")
+        if g != args.gemms[-1] or args.no_forward:
+            continue
+        # both GEMMs of this (model, T) tuned: the forward with the decode path against the regular chain
+        dec_ms, chain_ms, same = forward_point(E, H, inter, T, top_k, args.rep)
+        use = "decode" if same and dec_ms < chain_ms else "chain"
+        fwd_rows.append(dict(model=name, T=T, choices=T * top_k, decode_ms=f"{dec_ms:.4f}",
+                             chain_ms=f"{chain_ms:.4f}", gain=f"{chain_ms / dec_ms:.3f}x", bitwise=same, use=use))
+        fwd_entries.append(dict(E=E, N=2 * inter, K=H, rows=T * top_k, T=T, top_k=top_k, config=use,
+                                decode_ms=round(dec_ms, 5), chain_ms=round(chain_ms, 5), bitwise=same))
+        if not args.cpu_smoke:
+            write_table(fwd_path, card, fwd_old, fwd_entries, op="moe_decode")
     C.print_table(rows_out, ["model", "gemm", "T", "choices", "best_ms", "heuristic_ms", "gain", "config"],
                   title=f"decode GEMM tuning on {card} (gain = the heuristic's time / the best's)", prefix="SUMMARY")
+    C.print_table(fwd_rows, ["model", "T", "choices", "decode_ms", "chain_ms", "gain", "bitwise", "use"],
+                  title=f"MoE forward on {card}, decode path vs the regular chain (CUDA-graph replays; gain = chain / "
+                        f"decode; 'use' is what the forward does with FP8_DEEP_DECODE unset)", prefix="SUMMARY")
     if args.cpu_smoke:
         print("SUMMARY cpu-smoke: plumbing only; no table written")
         return 0

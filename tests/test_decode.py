@@ -183,7 +183,17 @@ def test_decode_switch(device, monkeypatch):
     x = torch.zeros(1, 128, device=device)
     triton_gemm = select_grouped_gemm("triton", device=device, rows_per_expert=1, hidden=128, inter=128)
     monkeypatch.delenv(DECODE_ENV, raising=False)
-    assert not _use_decode(8, 128, 128, x, triton_gemm, False)  # opt-in
+    assert not _use_decode(8, 128, 128, x, triton_gemm, False, 8)  # unset: the card's table (none off CUDA)
+    import fp8_deep.moe.forward as fwd
+    asked = []
+    monkeypatch.setattr(fwd, "tuned_config", lambda op, dev, **kw: asked.append((op, kw)) or "decode")
+    assert _use_decode(8, 128, 128, x, triton_gemm, False, 4)
+    assert asked == [("moe_decode", dict(E=4, N=256, K=128, rows=8))]
+    monkeypatch.setattr(fwd, "tuned_config", lambda op, dev, **kw: "chain")
+    assert not _use_decode(8, 128, 128, x, triton_gemm, False, 4)
+    monkeypatch.setenv(DECODE_ENV, "0")
+    monkeypatch.setattr(fwd, "tuned_config", lambda op, dev, **kw: "decode")
+    assert not _use_decode(8, 128, 128, x, triton_gemm, False, 4)
     monkeypatch.setenv(DECODE_ENV, "1")
     assert _use_decode(8, 128, 128, x, triton_gemm, False)
     assert not _use_decode(8, 128, 128, x, triton_gemm, True)            # stages asked for: the regular chain

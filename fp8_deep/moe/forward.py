@@ -15,6 +15,7 @@ from ..numerics import FP8_DTYPE, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv
 from ..ops import _registry, align_quantize_permute, quantize_activation, quantize_permute, quantize_weight_blockwise
 from ..ops.quant import align_quantize_permute_fits
 from ..ops._checks import check_choice, check_tensor
+from ..ops._tuned import tuned_config
 from ..ops.combine import moe_combine
 from ..ops.decode import decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
@@ -132,19 +133,26 @@ def _fuse_align(routed_rows: int, block_size: int, x: torch.Tensor, expert_map) 
 DECODE_ENV = "FP8_DEEP_DECODE"
 
 
-def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool) -> bool:
+def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool,
+                num_experts: int = 0) -> bool:
     """Whether the forward takes the decode path (``ops.decode``: two GEMMs that find their own rows, quantizing on
-    load, and the combine; instead of six launches, the same bytes for finite input): opt-in,
-    ``FP8_DEEP_DECODE=1``, until a GPU has timed it against the regular chain. Two launches (the combine in GEMM2's
-    tail, ``_decode_fused_combine``) or three. Only for our Triton backend, within
-    ``decode_fits`` (T * top_k <= 128 choices, H and I multiples of 128), and not where vLLM's activation quantizer
-    would run (see ``_fuse_quantize_permute``)."""
+    load, and the combine; two launches (the combine in GEMM2's tail, ``_decode_fused_combine``) or three instead
+    of six, the same bytes for finite input). ``FP8_DEEP_DECODE=1`` always, ``0`` never; unset, where this card's
+    measured table says it is faster than the regular chain (``fp8_deep/configs/moe_decode/<card>.json``, written by
+    ``bench/tune_decode.py``; no table or no entry near these choices: the regular chain). Only for our Triton
+    backend, within ``decode_fits`` (T * top_k <= 128 choices, H and I multiples of 128), and not where vLLM's
+    activation quantizer would run (see ``_fuse_quantize_permute``)."""
     env = os.environ.get(DECODE_ENV)
     if env not in (None, "", "0", "1"):
-        raise ValueError(f"{DECODE_ENV}={env!r}: expected 0 or 1 (unset: off)")
-    if env != "1" or return_stages or gemm.name != "triton" or not decode_fits(num_choices, hidden, inter):
+        raise ValueError(f"{DECODE_ENV}={env!r}: expected 0 or 1 (unset: the card's measured table)")
+    if env == "0" or return_stages or gemm.name != "triton" or not decode_fits(num_choices, hidden, inter):
         return False
-    return not (x.is_cuda and _registry.available("activation_quant", "vllm"))
+    if x.is_cuda and _registry.available("activation_quant", "vllm"):
+        return False
+    if env == "1":
+        return True
+    return tuned_config("moe_decode", x.device, E=max(1, num_experts), N=2 * inter, K=hidden,
+                        rows=num_choices) == "decode"
 
 
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
@@ -224,7 +232,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
     else:
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
 
-    if _use_decode(T * topk_ids.shape[1], H, inter, hidden_states, gemm, return_stages):
+    if _use_decode(T * topk_ids.shape[1], H, inter, hidden_states, gemm, return_stages, E):
         fused = _decode_fused_combine()
         counters = decode_counters(H, hidden_states.device) if fused else None
         h, inv = moe_decode_gemm1(hidden_states, topk_ids, q13, s13, expert_map=expert_map, scale_fmt=scale_fmt,
