@@ -174,6 +174,9 @@ def test_decode_launcher_errors(device):
         moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv))
     with pytest.raises(ValueError, match="must be \\(T, top_k\\)"):
         moe_decode_gemm2(hh, ids, q2, s2, combine=(tw[:1], inv, decode_counters(128, device)))
+    with pytest.raises(ValueError, match="share memory"):  # the output may not overlap an input
+        moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv, decode_counters(128, device)),
+                         out=hh.view(torch.bfloat16)[:2, :128])
     if use_triton(x):
         with pytest.raises(ValueError, match="counters has 0 entries"):
             moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv, torch.zeros(0, dtype=torch.int32, device=device)))

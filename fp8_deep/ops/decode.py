@@ -216,7 +216,8 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
         tw, inv, counters = _check_combine(combine, T, top_k, N, h.device)
         if out is not None:
             check_out(out, "out", (T, N), out_dtype or out.dtype, h.device)
-            check_outputs_disjoint([("h", h), ("topk_weights", tw)], [("out", out)])
+            check_outputs_disjoint([("h", h), ("topk_ids", topk_ids), ("topk_weights", tw), ("inv", inv),
+                                    ("counters", counters)], [("out", out)])
         else:
             out = torch.empty((T, N), dtype=out_dtype or torch.bfloat16, device=h.device)
     elif out is not None or out_dtype is not None:
