@@ -77,6 +77,7 @@ CASES = [
     (1, 8, 256, 128, 2, None),
     (3, 8, 256, 256, 3, DecodeConfig(BLOCK_N=64)),
     (5, 4, 128, 256, 2, DecodeConfig(BLOCK_N=128, TMA_B=True)),
+    (20, 4, 128, 128, 2, DecodeConfig(BLOCK_M=32, BLOCK_N=64)),  # the fused combine: two 16-token steps
 ]
 
 

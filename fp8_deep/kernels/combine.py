@@ -25,22 +25,31 @@ def moe_combine_kernel(
 ):
     """Grid: (T, cdiv(H, BLOCK_H))."""
     pdl_prologue(USE_PDL)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    combine_token(x_ptr, inv_ptr, w_ptr, out_ptr, tl.program_id(0).to(tl.int64), h.to(tl.int64), h < H,
-                  stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
-                  TOP_K, OUT_BF16, "")
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64)
+    combine_rows(x_ptr, inv_ptr, w_ptr, out_ptr, t, h, None, h < H,
+                 stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
+                 TOP_K, OUT_BF16, "")
 
 
 @triton.jit
-def combine_token(x_ptr, inv_ptr, w_ptr, out_ptr, t, h, hmask,
-                  stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
-                  TOP_K: tl.constexpr, OUT_BF16: tl.constexpr, X_CACHE: tl.constexpr):
-    """``out[t, h]`` of one token over columns ``h`` (int64, stored where ``hmask``): the module docstring's sum.
-    ``X_CACHE``: the cache modifier of the rows' loads (``".cg"`` where other programs wrote them moments ago)."""
-    acc = tl.zeros(h.shape, dtype=tl.float32)
+def combine_rows(x_ptr, inv_ptr, w_ptr, out_ptr, t, h, tmask, hmask,
+                 stride_xr, stride_xh, stride_it, stride_ik, stride_wt, stride_wk, stride_ot, stride_oh,
+                 TOP_K: tl.constexpr, OUT_BF16: tl.constexpr, X_CACHE: tl.constexpr):
+    """``out[t, h]``, the module docstring's sum, for tokens ``t`` (int64: a scalar, or (TB, 1) for a tile of
+    tokens, read where ``tmask``; None: every token is real) and columns ``h`` (int64 (BH,), or (1, BN); stored where
+    ``hmask`` and ``tmask``). Per element the same operations in the same order whatever the shapes. ``X_CACHE``: the
+    cache modifier of the rows' loads (``".cg"`` where other programs wrote them moments ago)."""
+    acc = tl.zeros_like(h + t).to(tl.float32)
+    if tmask is not None:
+        hmask = hmask & tmask
     for j in tl.static_range(TOP_K):
-        row = tl.load(inv_ptr + t * stride_it + j * stride_ik)
-        w = tl.load(w_ptr + t * stride_wt + j * stride_wk).to(tl.float32)
+        if tmask is None:
+            row = tl.load(inv_ptr + t * stride_it + j * stride_ik)
+            w = tl.load(w_ptr + t * stride_wt + j * stride_wk).to(tl.float32)
+        else:
+            row = tl.load(inv_ptr + t * stride_it + j * stride_ik, mask=tmask, other=-1)
+            w = tl.load(w_ptr + t * stride_wt + j * stride_wk, mask=tmask, other=0.0).to(tl.float32)
         valid = row >= 0
         vmask = hmask & ((tl.zeros_like(h) + row) >= 0)  # vector mask: dropped choices read nothing
         x = tl.load(x_ptr + tl.where(valid, row, 0).to(tl.int64) * stride_xr + h * stride_xh, mask=vmask, other=0.0,

@@ -21,7 +21,7 @@ K blocks in order: for finite inputs, the bytes of the regular chain (its GEMMs'
 import triton
 import triton.language as tl
 
-from .combine import combine_token
+from .combine import combine_rows
 from .grouped_gemm import _acc_block, _load_b, _weight_scale_ptrs, _zero_acc
 from .pdl import pdl_prologue
 from .quant import _quant_groups
@@ -85,31 +85,46 @@ def _decode_slot_tiles(a_ptr, c_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, me
                        ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr, P_POW2: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_K: tl.constexpr,
                        UPCAST: tl.constexpr, TMA_B: tl.constexpr):
-    """A slot's rows, BLOCK_M at a time, times its weight tile: ``c[p, cols] = A(p) @ b_tile.T``, K blocks in order.
-    Row ``p``'s operand is row ``p // a_div`` of ``a``, formed as each K block is loaded: its 1x128 group quantized
-    (GEMM1: the tokens), or with ``SWIGLU`` SwiGLU of the group's gate columns and the up columns ``up_off`` further,
-    then quantized (GEMM2: ``silu_mul_quant_kernel``'s math)."""
-    offs_k = tl.arange(0, BLOCK_K)
+    """A slot's rows, BLOCK_M at a time (``_onload_tile``): row ``p``'s operand is row ``p // a_div`` of ``a``, its
+    result row ``p`` of ``c``."""
     for m0 in range(0, count, BLOCK_M):
         pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
-        a_ptrs = a_ptr + (pairs // a_div).to(tl.int64)[:, None] * stride_ar + offs_k[None, :] * stride_ak
-        b_ptrs = b_tile
-        acc = _zero_acc(BLOCK_M, BLOCK_N, True)
-        for k0 in range(0, K, BLOCK_K):
-            if SWIGLU:
-                a = _silu_mul(tl.load(a_ptrs).to(tl.float32), tl.load(a_ptrs + up_off * stride_ak).to(tl.float32),
-                              ACCURATE_EXP, IS_BF16)
-            else:
-                a = tl.load(a_ptrs).to(tl.float32)
-            aq, sa = _quant_groups(a, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
-            b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, True, TMA_B)
-            sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
-            acc = _acc_block(acc, aq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
-            a_ptrs += BLOCK_K * stride_ak
-            if not TMA_B:
-                b_ptrs += BLOCK_K
-        c_ptrs = c_ptr + pairs.to(tl.int64)[None, :] * stride_cp + cols64[:, None] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
+        _onload_tile(a_ptr, c_ptr, pairs // a_div, pairs, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, up_off,
+                     stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
+                     NAN_SELECT, SWIGLU, ACCURATE_EXP, IS_BF16, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
+
+
+@triton.jit
+def _onload_tile(a_ptr, c_ptr, a_rows, c_rows, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, up_off,
+                 stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn,
+                 FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
+                 NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, SWIGLU: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+                 IS_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr):
+    """One BLOCK_M-row tile times the weight tile: ``c[c_rows, cols] = A @ b_tile.T`` (stored where ``row_ok``),
+    K blocks in order. Row i's operand is row ``a_rows[i]`` of ``a`` (a real row of ``a`` even where not
+    ``row_ok``), formed as each K block is loaded: its 1x128 group quantized (GEMM1: the tokens), or with ``SWIGLU``
+    SwiGLU of the group's gate columns and the up columns ``up_off`` further, then quantized (GEMM2:
+    ``silu_mul_quant_kernel``'s math)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    b_ptrs = b_tile
+    acc = _zero_acc(BLOCK_M, BLOCK_N, True)
+    for k0 in range(0, K, BLOCK_K):
+        if SWIGLU:
+            a = _silu_mul(tl.load(a_ptrs).to(tl.float32), tl.load(a_ptrs + up_off * stride_ak).to(tl.float32),
+                          ACCURATE_EXP, IS_BF16)
+        else:
+            a = tl.load(a_ptrs).to(tl.float32)
+        aq, sa = _quant_groups(a, 1, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT)
+        b = _load_b(b_ptrs, b_row0, k0, offs_k, K - k0, True, TMA_B)
+        sb = tl.load(bs_ptrs + (k0 // BLOCK_K) * stride_bsk)
+        acc = _acc_block(acc, aq.to(b.dtype), b, sa, sb, BLOCK_N, True, ACC_K, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        if not TMA_B:
+            b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + c_rows.to(tl.int64)[None, :] * stride_cp + cols64[:, None] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
 @triton.jit
@@ -173,14 +188,15 @@ def moe_decode_gemm2_kernel(
     NAN_SELECT: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
     HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
-    FUSE_COMBINE: tl.constexpr, TOP_K: tl.constexpr, OUT_BF16: tl.constexpr,
+    FUSE_COMBINE: tl.constexpr, TOP_K: tl.constexpr, OUT_BF16: tl.constexpr, COMBINE_T: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """Grid: (slots * cdiv(N, BLOCK_N),). I must be a multiple of 128 (a K block is one SwiGLU group).
 
     ``FUSE_COMBINE``: the last program to finish an n-tile (every slot's program counts itself in on the tile's
     counter once its rows are stored, a release; the one that sees ``slots - 1`` acquires) sums that tile's columns
-    for every token (``combine_token``, the combine kernel's math and order, reading the rows through L2), so the
+    for every token (``combine_rows``, the combine kernel's math and order, COMBINE_T tokens per step, reading the
+    rows through L2), so the
     MoE's output comes out of this launch. Deterministic: the sum's order is fixed, only who runs it varies."""
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
@@ -200,8 +216,10 @@ def moe_decode_gemm2_kernel(
         tl.debug_barrier()  # every thread's rows are stored before the counter's release
         arrived = tl.atomic_add(cnt_ptr + tn, 1, sem="acq_rel", scope="gpu")
         if arrived == tl.num_programs(0) // num_n - 1:
-            cols = (tn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-            for t in range(0, P // TOP_K):
-                combine_token(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, cols < N, stride_op, stride_on, TOP_K, 1,
-                              stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")
+            cols = (tn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+            T = P // TOP_K
+            for t0 in range(0, T, COMBINE_T):  # COMBINE_T tokens at a time: their rows' loads in flight together
+                t = (t0 + tl.arange(0, COMBINE_T)).to(tl.int64)[:, None]
+                combine_rows(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, t < T, cols < N, stride_op, stride_on, TOP_K,
+                             1, stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")
             tl.store(cnt_ptr + tn, 0)  # every program of the tile has arrived: back to zero for the next launch

@@ -33,6 +33,9 @@ __all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fi
 # every program holds a P_POW2 x P_POW2 comparison of the choices (16K entries at 128): the bound keeps it in registers
 DECODE_MAX_CHOICES = 128
 DECODE_CONFIG_ENV = "FP8_DEEP_DECODE_CONFIG"
+# tokens the fused combine sums per step: a (16, BLOCK_N) tile, its rows' loads in flight together (one token per
+# step would chain T round trips to L2 in the tile's last program)
+COMBINE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
         ACCURATE_EXP=h.is_cuda and not interpreter_active(), IS_BF16=h.dtype == torch.bfloat16,
         HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
         UPCAST=False, TMA_B=tma_b, FUSE_COMBINE=combine is not None, TOP_K=top_k,
-        OUT_BF16=combine is not None and out.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+        OUT_BF16=combine is not None and out.dtype == torch.bfloat16, COMBINE_T=COMBINE_TOKENS,
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **FP_FUSION, **pdl(h))
     return o if combine is None else out
 
