@@ -1,4 +1,5 @@
-"""The decode forward (``fp8_deep.ops.decode``, ``FP8_DEEP_DECODE=1``): two GEMMs that find their own rows.
+"""The decode forward (``fp8_deep.ops.decode``, ``FP8_DEEP_DECODE=1``): two GEMMs that find their own rows; and the
+routed path (``FP8_DEEP_ROUTED=1``): the routing plan's rows, the operands formed as the GEMMs load them.
 
 CPU (interpreter) and GPU: bitwise the regular chain, stage by stage (h and o per choice) and end to end, over the
 paths of the kernels (a slot with more rows than a tile, 64- and 128-row weight tiles, TMA weight loads, an expert
@@ -12,10 +13,10 @@ import fp8_deep
 from fp8_deep import ops, reference
 from fp8_deep.moe.forward import DECODE_ENV, _use_decode, moe_forward_impl
 from fp8_deep.ops.backend import select_grouped_gemm
-from fp8_deep.moe.forward import DECODE_COMBINE_ENV
+from fp8_deep.moe.forward import DECODE_COMBINE_ENV, ROUTED_ENV
 from fp8_deep.numerics import use_triton
 from fp8_deep.ops.decode import (DECODE_CONFIG_ENV, DECODE_MAX_CHOICES, DecodeConfig, decode_config, decode_counters,
-                                 moe_decode_gemm1, moe_decode_gemm2)
+                                 moe_decode_gemm1, moe_decode_gemm2, moe_routed_gemm1, moe_routed_gemm2)
 from fp8_deep.testing import assert_bitwise_equal
 
 
@@ -261,6 +262,80 @@ def test_forward_takes_the_decode_path(device, monkeypatch):
         fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
 
 
+# ------------------------------------------------------------------------------------------------- routed path
+def _check_routed(x, layer, tw, ids, *, expert_map=None, scale_fmt="fp32", config=None):
+    """Routed GEMM1 / GEMM2 rows bitwise the regular chain's (same plan), and the combined output."""
+    q13, s13, q2, s2 = layer
+    ref_out, st = _regular(x, layer, tw, ids, expert_map, scale_fmt)
+    plan = st["plan"]
+    real = plan.m_indices >= 0
+    h = moe_routed_gemm1(x, plan, q13, s13, scale_fmt=scale_fmt, config=config)
+    if st["h"] is not None:
+        assert_bitwise_equal(h[real], st["h"][real], "h")
+    o = moe_routed_gemm2(h, plan, q2, s2, scale_fmt=scale_fmt, config=config)
+    assert_bitwise_equal(o[real], st["o"][real], "o")
+    assert_bitwise_equal(ops.moe_combine(o, plan.inv_perm, tw, out_dtype=x.dtype), ref_out, "output")
+
+
+@pytest.mark.parametrize("T,E,H,I,k,config", [
+    (3, 8, 256, 256, 3, None),
+    (40, 4, 128, 128, 2, DecodeConfig(BLOCK_N=64, TMA_B=True)),  # 80 choices, 16-row tiles over 4 experts
+])
+def test_routed_matches_the_regular_chain_bitwise(T, E, H, I, k, config, device):
+    layer = _layer(E, H, I, device)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    tw, ids = _routing(T, E, k, device)
+    _check_routed(x, layer, tw, ids, config=config)
+
+
+def test_routed_expert_map_ue8m0_fp16(device):
+    E_local, E_global, H, I = 4, 10, 128, 128
+    layer = _layer(E_local, H, I, device, scale_fmt="ue8m0")
+    emap = torch.full((E_global,), -1, dtype=torch.int32, device=device)
+    emap[torch.tensor([1, 4, 6, 9])] = torch.arange(E_local, dtype=torch.int32).to(device)
+    ids = torch.tensor([[1, 4, 3], [9, 6, 1], [0, 2, 5], [4, 4, 6]], dtype=torch.int32, device=device)
+    tw = torch.softmax(torch.randn(4, 3, device=device), -1)
+    x = torch.randn(4, H, device=device, dtype=torch.float16)
+    _check_routed(x, layer, tw, ids, expert_map=emap, scale_fmt="ue8m0")
+
+
+def test_routed_errors_and_forward(device, monkeypatch):
+    E, H, I = 4, 128, 128
+    q13, s13, q2, s2 = _layer(E, H, I, device)
+    x = torch.randn(6, H, device=device, dtype=torch.bfloat16)
+    tw, ids = _routing(6, E, 2, device)
+    plan = ops.align_routing(ids, E, block_size=16)
+    with pytest.raises(TypeError, match="RoutingPlan"):
+        moe_routed_gemm1(x, (plan.sorted_token_ids,), q13, s13)
+    with pytest.raises(ValueError, match="built for 6 tokens"):
+        moe_routed_gemm1(x[:5], plan, q13, s13)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        moe_routed_gemm1(x[:, :96], plan, q13[:, :, :96], s13[:, :, :1])
+    with pytest.raises(ValueError, match="experts"):
+        moe_routed_gemm1(x, plan, q13[:2], s13[:2])
+    h = moe_routed_gemm1(x, plan, q13, s13)
+    with pytest.raises(ValueError, match="plan.num_rows"):
+        moe_routed_gemm2(h[:-16], plan, q2, s2)
+    kw = dict(w13_scale=s13, w2_scale=s2, backend="triton")
+    monkeypatch.setenv(ROUTED_ENV, "0")
+    ref = fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+    monkeypatch.setenv(ROUTED_ENV, "1")
+    import fp8_deep.moe.forward as fwd
+    calls = []
+    orig = fwd.moe_routed_gemm1
+    monkeypatch.setattr(fwd, "moe_routed_gemm1", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, "forward, routed")
+    assert calls
+    monkeypatch.setenv(DECODE_ENV, "1")  # within the decode path's bound it goes first
+    calls.clear()
+    assert_bitwise_equal(fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw), ref, "forward, decode")
+    assert not calls
+    monkeypatch.setenv(ROUTED_ENV, "yes")
+    monkeypatch.setenv(DECODE_ENV, "0")
+    with pytest.raises(ValueError, match=ROUTED_ENV):
+        fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 GPU_SHAPES = {  # E, H, I, top_k
     "qwen3_30b": (128, 2048, 768, 8),
@@ -324,3 +399,13 @@ def test_decode_forward_eager_and_graph_gpu(T, pdl, monkeypatch):
             graph.replay()
         torch.cuda.synchronize()
     assert_bitwise_equal(gout, ref2, "graph replay")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,T", [("qwen3_30b", 64), ("qwen3_30b", 256), ("dsv3_tp8", 256), ("mixtral", 256)])
+def test_routed_matches_the_regular_chain_gpu(model, T):
+    E, H, I, k = GPU_SHAPES[model]
+    layer = _layer(E, H, I, "cuda")
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    tw, ids = _routing(T, E, k, "cuda", seed=T)
+    _check_routed(x, layer, tw, ids)

@@ -1,4 +1,5 @@
-"""Decode-sized MoE forward: two GEMM launches that find their own rows (no routing plan, no permuted copies).
+"""Decode-sized MoE forward: two GEMM launches that find their own rows (no routing plan, no permuted copies); and
+the routed path's GEMMs, which take their rows from the routing plan and form their operands the same way.
 
 With few (token, choice) pairs, launches rather than bytes bound the forward: the regular chain (quantize-permute,
 align, GEMM1, SwiGLU, GEMM2, combine) spends more in and between its four glue kernels than in its two GEMMs. Here
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .combine import combine_rows
-from .grouped_gemm import _acc_block, _load_b, _weight_scale_ptrs, _zero_acc
+from .grouped_gemm import _acc_block, _block_map_tile, _load_b, _weight_scale_ptrs, _zero_acc
 from .pdl import pdl_prologue
 from .quant import _quant_groups
 from .routing import _local_expert
@@ -223,3 +224,50 @@ def moe_decode_gemm2_kernel(
                 combine_rows(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, t < T, cols < N, stride_op, stride_on, TOP_K,
                              1, stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")
             tl.store(cnt_ptr + tn, 0)  # every program of the tile has arrived: back to zero for the next launch
+
+
+@triton.jit
+def moe_routed_gemm_kernel(
+    a_ptr,            # GATHER: (T, K) tokens, any strides; else (M, 2I) GEMM1's output h in the plan's rows
+    sorted_ptr,       # int32 (M,) the plan's sorted_token_ids (read with GATHER)
+    block_expert_ptr,  # int32 (M // MAP_BLOCK,) the plan's expert of each MAP_BLOCK-row block, -1 unused
+    m_idx_ptr,        # int32 (M,) the plan's expert of each row, -1 on padding
+    b_ptr,            # float8 (E, N, K) weights, unit stride along K; or a descriptor over (E * N, K) (TMA_B)
+    bs_ptr,           # float32 (E, cdiv(N, 128), K / 128)
+    c_ptr,            # (M, N) output in the plan's rows; padding rows and unused blocks are not written
+    M, N, K, E, numel, top_k, up_off,
+    stride_ar, stride_ak, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_cp, stride_cn,
+    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
+    NAN_SELECT: tl.constexpr, SWIGLU: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
+    GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, MAP_BLOCK: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
+    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
+):
+    """The routed path's GEMMs: the routing plan's rows and tiles (``_grouped_gemm_fp8_blockmap_kernel``'s
+    scheduling, swap-AB), each operand formed as it is loaded (``_onload_tile``). GEMM1 (``GATHER``): row r's operand
+    is its token's row of ``x`` (``sorted_token_ids[r] // top_k``) quantized in 1x128 groups, so neither the
+    quantized tokens nor their permuted copy are written. GEMM2 (``SWIGLU``): row r of ``h``, SwiGLU then
+    requantized. The bytes of ``quantize_permute`` + ``grouped_gemm_fp8`` and of ``silu_mul_quantize`` +
+    ``grouped_gemm_fp8`` for the real rows. Grid: ((M // BLOCK_M) * cdiv(N, BLOCK_N),)."""
+    pdl_prologue(USE_PDL)
+    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
+    tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
+    num_n = tl.cdiv(N, BLOCK_N)
+    tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, num_n, GROUP_M)
+    row0 = tm * BLOCK_M
+    e = tl.load(block_expert_ptr + row0 // MAP_BLOCK)
+    if (e >= 0) & (e < E):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = tl.load(m_idx_ptr + rows) == e
+        if GATHER:
+            sid = tl.load(sorted_ptr + rows)
+            a_rows = tl.where(row_ok & (sid >= 0) & (sid < numel), sid, 0) // top_k
+        else:
+            # padding rows read the block's first row (real: segments pad at their end), never unwritten memory
+            a_rows = tl.where(row_ok, rows, row0)
+        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, tl.arange(0, BLOCK_K),
+                                                                    stride_be, stride_bn, stride_bse, stride_bsn,
+                                                                    BLOCK_N, TMA_B)
+        _onload_tile(a_ptr, c_ptr, a_rows, rows, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, up_off,
+                     stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
+                     NAN_SELECT, SWIGLU, ACCURATE_EXP, IS_BF16, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)

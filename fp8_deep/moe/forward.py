@@ -17,7 +17,8 @@ from ..ops.quant import align_quantize_permute_fits
 from ..ops._checks import check_choice, check_tensor
 from ..ops._tuned import tuned_config
 from ..ops.combine import moe_combine
-from ..ops.decode import decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2
+from ..ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2, moe_routed_gemm1,
+                          moe_routed_gemm2)
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
@@ -155,6 +156,24 @@ def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm
                         rows=num_choices) == "decode"
 
 
+ROUTED_ENV = "FP8_DEEP_ROUTED"
+
+
+def _use_routed(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool) -> bool:
+    """Whether the forward takes the routed path where the decode path does not apply: the routing plan as usual,
+    then ``ops.moe_routed_gemm1`` (each row's token quantized as GEMM1 loads it: no quantize and no permute launch)
+    and ``ops.moe_routed_gemm2`` (SwiGLU + requantization as GEMM2 loads h: no SwiGLU launch), then the combine:
+    four launches instead of six or seven, the same bytes. Opt-in (``FP8_DEEP_ROUTED=1``), unmeasured: its tiles are
+    the small-M swap-AB ones, meant for up to some tens of rows per expert. Same conditions as the decode path
+    (our Triton backend, H and I multiples of 128, not where vLLM's activation quantizer would run)."""
+    env = os.environ.get(ROUTED_ENV)
+    if env not in (None, "", "0", "1"):
+        raise ValueError(f"{ROUTED_ENV}={env!r}: expected 0 or 1 (unset: off)")
+    if env != "1" or return_stages or gemm.name != "triton" or hidden % 128 or inter % 128:
+        return False
+    return not (x.is_cuda and _registry.available("activation_quant", "vllm"))
+
+
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
 
 
@@ -242,6 +261,11 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
                                     combine=(topk_weights, inv, counters), out=out, out_dtype=hidden_states.dtype)
         o = moe_decode_gemm2(h, topk_ids, q2, s2, expert_map=expert_map, scale_fmt=scale_fmt)
         return moe_combine(o, inv, topk_weights, out=out, out_dtype=hidden_states.dtype)
+    if _use_routed(H, inter, hidden_states, gemm, return_stages):
+        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
+        h = moe_routed_gemm1(hidden_states, plan, q13, s13, scale_fmt=scale_fmt)
+        o = moe_routed_gemm2(h, plan, q2, s2, scale_fmt=scale_fmt)
+        return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     layout = gemm.a_scale_layout
     fuse_qp = _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states)
     if fuse_qp and _fuse_align(T * topk_ids.shape[1], gemm.row_alignment, hidden_states, expert_map):

@@ -18,17 +18,18 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..kernels.decode import moe_decode_gemm1_kernel, moe_decode_gemm2_kernel
+from ..kernels.decode import moe_decode_gemm1_kernel, moe_decode_gemm2_kernel, moe_routed_gemm_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv,
                         interpreter_active, sm_count, use_triton)
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
 from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
+from .plan import RoutingPlan
 from .quant import gpu_fast_paths
 
 __all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fits", "decode_config",
-           "decode_counters", "moe_decode_gemm1", "moe_decode_gemm2"]
+           "decode_counters", "moe_decode_gemm1", "moe_decode_gemm2", "moe_routed_gemm1", "moe_routed_gemm2"]
 
 # every program holds a P_POW2 x P_POW2 comparison of the choices (16K entries at 128): the bound keeps it in registers
 DECODE_MAX_CHOICES = 128
@@ -290,3 +291,123 @@ def _weight_arg(w: torch.Tensor, cfg: DecodeConfig):
         return w, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     return TensorDescriptor(w, [E * N, K], [w.stride(1), 1], [cfg.BLOCK_N, BLOCK]), True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The routed path: the routing plan's rows, the operands formed on load
+def _check_plan(plan, what: str):
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    if plan.block_size % 16:
+        raise ValueError(f"{what} needs the plan's block_size to be a multiple of 16 (its 16-row tiles lie in one "
+                         f"expert's segment), got {plan.block_size}")
+
+
+def _routed_weights(w, w_scale, w_name, k_dim, dev):
+    check_tensor(w, w_name, dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    E, N, K = w.shape
+    check_tensor(w_scale, f"{w_name}_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
+    if tuple(w_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
+        raise ValueError(f"{w_name}_scale must have shape {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))}, got "
+                         f"{tuple(w_scale.shape)}")
+    if K != k_dim or K % BLOCK or K == 0:
+        raise ValueError(f"{w_name} must be (E, N, K) with K = {k_dim} a positive multiple of {BLOCK} (whole 1x128 "
+                         f"groups), got {tuple(w.shape)}")
+    return E, N, K
+
+
+def _launch_routed(a, plan, w, w_scale, c, N, K, E, up_off, gather, scale_fmt, eps, config):
+    cfg = config or decode_config(E, N, K, plan.num_tokens * plan.top_k, a.device)
+    if plan.block_size % cfg.BLOCK_M:
+        cfg = DecodeConfig(BLOCK_M=16, BLOCK_N=cfg.BLOCK_N, TMA_B=cfg.TMA_B, num_warps=cfg.num_warps,
+                           num_stages=cfg.num_stages)
+    M = plan.num_rows
+    grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
+    if grid[0] == 0:
+        return
+    b_arg, tma_b = _weight_arg(w, cfg)
+    moe_routed_gemm_kernel[grid](
+        a, plan.sorted_token_ids, plan.expert_ids, plan.m_indices, b_arg, w_scale, c,
+        M, N, K, E, plan.num_tokens * plan.top_k, max(1, plan.top_k), up_off,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        w_scale.stride(2), c.stride(0), c.stride(1),
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(a), SWIGLU=not gather,
+        ACCURATE_EXP=a.is_cuda and not interpreter_active(), IS_BF16=a.dtype == torch.bfloat16, GATHER=gather,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=1, MAP_BLOCK=plan.block_size, ACC_K=0,
+        UPCAST=False, TMA_B=tma_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a))
+
+
+@on_input_device
+def moe_routed_gemm1(x: torch.Tensor, plan, w13: torch.Tensor, w13_scale: torch.Tensor, *,
+                     scale_fmt: str = "fp32", eps: float = ACT_EPS,
+                     config: Optional[DecodeConfig] = None) -> torch.Tensor:
+    """``grouped_gemm_fp8(quantize_permute(x, plan), w13)`` in one launch: each row of the plan reads its token's
+    row of ``x`` and quantizes it in 1x128 groups as it loads each K block (neither the quantized tokens nor their
+    permuted copy are written).
+
+    Args:
+        x: ``(T, H)`` bfloat16 / float16 / float32, ``x.stride(-1) == 1``, H a multiple of 128; plan: the
+            ``RoutingPlan`` of the call (``align_routing``, block_size a multiple of 16).
+        w13, w13_scale: float8_e4m3fn ``(E, N, H)`` (unit stride along H) and float32 ``(E, cdiv(N, 128), H / 128)``.
+        scale_fmt, eps: the activation quantization's.
+
+    Returns:
+        bfloat16 ``(plan.num_rows, N)`` in the plan's rows: the bytes ``grouped_gemm_fp8`` writes for the real rows
+        (padding rows and unused blocks are left unwritten).
+    """
+    _check_plan(plan, "moe_routed_gemm1")
+    check_tensor(x, "x", dtypes=HIGH_PRECISION_DTYPES, dims=(2,), device=plan.sorted_token_ids.device,
+                 last_stride_one=True)
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_eps(eps)
+    T, H = x.shape
+    if T != plan.num_tokens:
+        raise ValueError(f"x has {T} rows but the plan was built for {plan.num_tokens} tokens")
+    E, N, K = _routed_weights(w13, w13_scale, "w13", H, x.device)
+    if E != plan.num_experts:
+        raise ValueError(f"w13 has {E} experts, the plan {plan.num_experts}")
+    h = torch.empty((plan.num_rows, N), dtype=torch.bfloat16, device=x.device)
+    if not use_triton(x):
+        qx, sx = reference.quantize_activation(x, scale_fmt=scale_fmt, eps=eps)
+        a, sa = reference.permute_rows(qx, sx, plan.sorted_token_ids, plan.top_k)
+        h.copy_(reference.grouped_gemm_fp8(a, sa, w13, w13_scale, plan.m_indices))
+        return h
+    _launch_routed(x, plan, w13, w13_scale, h, N, K, E, 0, True, scale_fmt, eps, config)
+    return h
+
+
+@on_input_device
+def moe_routed_gemm2(h: torch.Tensor, plan, w2: torch.Tensor, w2_scale: torch.Tensor, *,
+                     scale_fmt: str = "fp32", eps: float = ACT_EPS,
+                     config: Optional[DecodeConfig] = None) -> torch.Tensor:
+    """``grouped_gemm_fp8(silu_mul_quantize(h), w2)`` in one launch: each row's SwiGLU and 1x128 requantization are
+    formed as its K blocks are loaded (the quantized intermediate is never written).
+
+    Args:
+        h: bfloat16 / float16 ``(plan.num_rows, 2I)`` (``moe_routed_gemm1``'s), unit stride along 2I, I a multiple
+            of 128; only the plan's real rows are read.
+        plan: the ``RoutingPlan`` ``h`` was computed with; w2, w2_scale: float8 ``(E, H, I)`` and float32
+            ``(E, cdiv(H, 128), I / 128)``.
+
+    Returns:
+        bfloat16 ``(plan.num_rows, H)`` in the plan's rows (padding rows unwritten): ``moe_combine(o,
+        plan.inv_perm, topk_weights)`` gives the MoE output.
+    """
+    _check_plan(plan, "moe_routed_gemm2")
+    check_tensor(h, "h", dtypes=(torch.bfloat16, torch.float16), dims=(2,), device=plan.sorted_token_ids.device,
+                 last_stride_one=True)
+    check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
+    check_eps(eps)
+    M, two_i = h.shape
+    if M != plan.num_rows or two_i % 2:
+        raise ValueError(f"h must be (plan.num_rows, 2I) = ({plan.num_rows}, even), got {tuple(h.shape)}")
+    E, N, K = _routed_weights(w2, w2_scale, "w2", two_i // 2, h.device)
+    if E != plan.num_experts:
+        raise ValueError(f"w2 has {E} experts, the plan {plan.num_experts}")
+    o = torch.empty((M, N), dtype=torch.bfloat16, device=h.device)
+    if not use_triton(h):
+        a, sa = reference.silu_mul_quantize(h, scale_fmt=scale_fmt, eps=eps)
+        o.copy_(reference.grouped_gemm_fp8(a, sa, w2, w2_scale, plan.m_indices))
+        return o
+    _launch_routed(h, plan, w2, w2_scale, o, N, K, E, K, False, scale_fmt, eps, config)
+    return o
