@@ -1,23 +1,24 @@
-"""Tune the decode path's GEMM tiles on this card; write ``fp8_deep/configs/decode/<card>.json``.
+"""Tune the decode and routed paths' GEMM tiles on this card; write ``fp8_deep/configs/decode/<card>.json``.
 
 The decode launchers (``fp8_deep.ops.moe_decode_gemm1`` / ``moe_decode_gemm2``, the MoE's path with
 ``FP8_DEEP_DECODE=1``) read that table through ``ops.decode.decode_config``: for a GEMM's ``(N, K)`` the entry nearest
 in choices ``T * top_k`` (then in E), else the built-in heuristic. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
 
-Grid: the models of ``tune_grouped_gemm.py`` at T tokens with ``T * top_k`` within the path's bound, routed top-k at
-random; each model's GEMM1 (``w13 (E, 2I, H)``, tokens quantized on load) and GEMM2 (``w2 (E, H, I)``, SwiGLU on
+Grid: the models of ``tune_grouped_gemm.py`` at T tokens, routed top-k at random: within the decode path's bound
+(``T * top_k <= 128``) its GEMMs, above it the routed path's (``ops.moe_routed_gemm1`` / ``2``, the routing plan's
+rows); each model's GEMM1 (``w13 (E, 2I, H)``, tokens quantized on load) and GEMM2 (``w2 (E, H, I)``, SwiGLU on
 load, the combine in its tail) timed as the forward launches them. Candidates: 64- and 128-row weight tiles, pointer
 or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16- or 32-choice row tiles. A candidate's output must equal
 the heuristic's bit for bit (kept rows; GEMM2: the combined output) or it is reported and not eligible; every grid
 point's winner is written, the heuristic's own config included.
 
-Then, per (model, T), the whole forward as CUDA-graph replays with the decode path (the tiles just tuned) and with
-the regular chain, outputs compared bit for bit: ``fp8_deep/configs/moe_decode/<card>.json`` records which is faster
-(``config`` "decode" or "chain", keyed by the layer's ``(E, N = 2I, K = H)`` and choices), and the forward takes the
-decode path where this card's table says "decode" at the nearest choices (within 2x) unless ``FP8_DEEP_DECODE`` says
-otherwise (``--no-forward``: tiles only).
+Then, per (model, T), the whole forward as CUDA-graph replays with that path (the tiles just tuned) and with the
+regular chain, outputs compared bit for bit: ``fp8_deep/configs/moe_decode/<card>.json`` records which is faster
+(``config`` "decode", "routed" or "chain", keyed by the layer's ``(E, N = 2I, K = H)`` and choices), and the forward
+takes the path where this card's table names it at the nearest choices (within 2x) unless ``FP8_DEEP_DECODE`` /
+``FP8_DEEP_ROUTED`` say otherwise (``--no-forward``: tiles only).
 
-    python bench/tune_decode.py                            # every model, T = 1, 4, 16 (within the bound)
+    python bench/tune_decode.py                            # every model, T = 1, 4, 16, 64, 256
     python bench/tune_decode.py --models qwen3_30b --T 1 --time-budget 60
     python bench/tune_decode.py --dry-run                  # print the grid and candidates, time nothing
     python bench/tune_decode.py --cpu-smoke                # plumbing on a tiny shape (interpreter), no table
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from tune_grouped_gemm import MODELS, SMOKE, table_target, write_table  # noqa: E402
 
-TOKENS = (1, 4, 16)
+TOKENS = (1, 4, 16, 64, 256)
 
 
 def candidates():
@@ -63,24 +64,35 @@ def operands(E, H, inter, T, top_k, seed=0):
     return dict(q13=q13, s13=s13, q2=q2, s2=s2, tw=tw, ids=ids, x=x, dev=dev)
 
 
+def _runners(o, H, inter, T, top_k):
+    """``{gemm: run(cfg) -> the output to compare}`` as the forward launches them: the decode GEMMs within the
+    decode path's bound (GEMM2 with the combine in its tail), else the routed GEMMs over the routing plan."""
+    from fp8_deep import ops
+    from fp8_deep.ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2,
+                                     moe_routed_gemm1, moe_routed_gemm2)
+    x, ids = o["x"], o["ids"]
+    if decode_fits(T * top_k, H, inter):
+        counters = decode_counters(H, x.device)
+        h, inv = moe_decode_gemm1(x, ids, o["q13"], o["s13"], counters=counters)
+        kept = inv.reshape(-1) >= 0
+        return {"gemm1": lambda cfg: moe_decode_gemm1(x, ids, o["q13"], o["s13"], counters=counters,
+                                                      config=cfg)[0][kept],
+                "gemm2": lambda cfg: moe_decode_gemm2(h, ids, o["q2"], o["s2"], combine=(o["tw"], inv, counters),
+                                                      config=cfg)}
+    plan = ops.align_routing(ids, o["q13"].shape[0], block_size=16)
+    real = plan.m_indices >= 0
+    h = moe_routed_gemm1(x, plan, o["q13"], o["s13"])
+    return {"gemm1": lambda cfg: moe_routed_gemm1(x, plan, o["q13"], o["s13"], config=cfg)[real],
+            "gemm2": lambda cfg: moe_routed_gemm2(h, plan, o["q2"], o["s2"], config=cfg)[real]}
+
+
 def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
     """Time every candidate at one grid point; the winner among those bitwise equal to the heuristic's pick."""
-    from fp8_deep.ops.decode import decode_config, decode_counters, moe_decode_gemm1, moe_decode_gemm2
+    from fp8_deep.ops.decode import decode_config
     o = operands(E, H, inter, T, top_k)
     P = T * top_k
-    counters = decode_counters(H, o["x"].device)
-    h, inv = moe_decode_gemm1(o["x"], o["ids"], o["q13"], o["s13"], counters=counters)
-    if gemm == "gemm1":
-        N, K = 2 * inter, H
-        kept = (inv.reshape(-1) >= 0)
-
-        def run(cfg):
-            return moe_decode_gemm1(o["x"], o["ids"], o["q13"], o["s13"], counters=counters, config=cfg)[0][kept]
-    else:
-        N, K = H, inter
-
-        def run(cfg):
-            return moe_decode_gemm2(h, o["ids"], o["q2"], o["s2"], combine=(o["tw"], inv, counters), config=cfg)
+    run = _runners(o, H, inter, T, top_k)[gemm]
+    N, K = (2 * inter, H) if gemm == "gemm1" else (H, inter)
     with C.environ({"FP8_DEEP_TUNED": "0", "FP8_DEEP_DECODE_CONFIG": None}):
         pick = decode_config(E, N, K, P, o["x"].device)
     ref = run(pick)
@@ -99,16 +111,16 @@ def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
     eligible = sorted(r for r in results if r[2])
     if not eligible or pick_ms < eligible[0][0]:
         eligible.insert(0, (pick_ms, str(pick), True))
-    o = h = inv = ref = None
+    o = run = ref = None
     C.free_cuda()
     best_ms, best_cfg, _ = eligible[0]
     return dict(E=E, N=N, K=K, rows=P, T=T, top_k=top_k, config=best_cfg, ms=round(best_ms, 5),
                 heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
 
 
-def forward_point(E, H, inter, T, top_k, rep, seed=0):
-    """The whole MoE forward as CUDA-graph replays with the decode path and with the regular chain (same weights,
-    routing, tokens; the decode tables just written in effect): (decode ms, chain ms, bitwise equal)."""
+def forward_point(E, H, inter, T, top_k, path, rep, seed=0):
+    """The whole MoE forward as CUDA-graph replays with ``path`` ("decode" or "routed") and with the regular chain
+    (same weights, routing, tokens; the tile table just written in effect): (path ms, chain ms, bitwise equal)."""
     import fp8_deep
     from fp8_deep.ops import _tuned
     _tuned.load_table.cache_clear()  # the table this run is writing
@@ -120,7 +132,9 @@ def forward_point(E, H, inter, T, top_k, rep, seed=0):
                                     w2_scale=o["s2"], backend="triton")
     ms, outs = {}, {}
     for mode in ("1", "0"):
-        with C.environ({"FP8_DEEP_DECODE": mode}):
+        on = mode == "1"
+        with C.environ({"FP8_DEEP_DECODE": "1" if on and path == "decode" else "0",
+                        "FP8_DEEP_ROUTED": "1" if on and path == "routed" else "0"}):
             outs[mode] = fwd()
             ms[mode] = C.bench(fwd, rep=rep, graph=torch.cuda.is_available())[0]
     same = torch.equal(outs["1"].view(torch.int16), outs["0"].view(torch.int16))
@@ -148,11 +162,12 @@ def main(argv=None) -> int:
     from fp8_deep.ops.decode import DECODE_MAX_CHOICES, decode_fits
     cands = candidates()
     models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
-    tokens = [2] if args.cpu_smoke else args.T
+    tokens = [2, 70] if args.cpu_smoke else args.T  # the decode GEMMs, then the routed ones (140 choices)
     grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for g in args.gemms
-            for T in tokens if decode_fits(T * top_k, H, inter)]
+            for T in tokens if H % 128 == 0 and inter % 128 == 0]
     print(C.env_line())
-    print(f"tune_decode: {len(grid)} grid points (T * top_k <= {DECODE_MAX_CHOICES}) x {len(cands)} candidates")
+    print(f"tune_decode: {len(grid)} grid points (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed "
+          f"ones above) x {len(cands)} candidates")
     if args.dry_run:
         for pt in grid:
             print("  ", pt)
@@ -183,20 +198,22 @@ def main(argv=None) -> int:
             write_table(path, card, old, entries, op="decode")
         if g != args.gemms[-1] or args.no_forward:
             continue
-        # both GEMMs of this (model, T) tuned: the forward with the decode path against the regular chain
-        dec_ms, chain_ms, same = forward_point(E, H, inter, T, top_k, args.rep)
-        use = "decode" if same and dec_ms < chain_ms else "chain"
-        fwd_rows.append(dict(model=name, T=T, choices=T * top_k, decode_ms=f"{dec_ms:.4f}",
-                             chain_ms=f"{chain_ms:.4f}", gain=f"{chain_ms / dec_ms:.3f}x", bitwise=same, use=use))
+        # both GEMMs of this (model, T) tuned: the forward with the path against the regular chain
+        path_name = "decode" if decode_fits(T * top_k, H, inter) else "routed"
+        path_ms, chain_ms, same = forward_point(E, H, inter, T, top_k, path_name, args.rep)
+        use = path_name if same and path_ms < chain_ms else "chain"
+        fwd_rows.append(dict(model=name, T=T, choices=T * top_k, path=path_name, path_ms=f"{path_ms:.4f}",
+                             chain_ms=f"{chain_ms:.4f}", gain=f"{chain_ms / path_ms:.3f}x", bitwise=same, use=use))
         fwd_entries.append(dict(E=E, N=2 * inter, K=H, rows=T * top_k, T=T, top_k=top_k, config=use,
-                                decode_ms=round(dec_ms, 5), chain_ms=round(chain_ms, 5), bitwise=same))
+                                path_ms=round(path_ms, 5), chain_ms=round(chain_ms, 5), bitwise=same))
         if not args.cpu_smoke:
             write_table(fwd_path, card, fwd_old, fwd_entries, op="moe_decode")
     C.print_table(rows_out, ["model", "gemm", "T", "choices", "best_ms", "heuristic_ms", "gain", "config"],
                   title=f"decode GEMM tuning on {card} (gain = the heuristic's time / the best's)", prefix="SUMMARY")
-    C.print_table(fwd_rows, ["model", "T", "choices", "decode_ms", "chain_ms", "gain", "bitwise", "use"],
-                  title=f"MoE forward on {card}, decode path vs the regular chain (CUDA-graph replays; gain = chain / "
-                        f"decode; 'use' is what the forward does with FP8_DEEP_DECODE unset)", prefix="SUMMARY")
+    C.print_table(fwd_rows, ["model", "T", "choices", "path", "path_ms", "chain_ms", "gain", "bitwise", "use"],
+                  title=f"MoE forward on {card}, the decode or routed path vs the regular chain (CUDA-graph replays; "
+                        f"gain = chain / path; 'use' is what the forward does with FP8_DEEP_DECODE / "
+                        f"FP8_DEEP_ROUTED unset)", prefix="SUMMARY")
     if args.cpu_smoke:
         print("SUMMARY cpu-smoke: plumbing only; no table written")
         return 0

@@ -334,6 +334,16 @@ def test_routed_errors_and_forward(device, monkeypatch):
     monkeypatch.setenv(DECODE_ENV, "0")
     with pytest.raises(ValueError, match=ROUTED_ENV):
         fp8_deep.moe_forward(x, q13, q2, tw, ids, **kw)
+    # unset: the card's table decides (asked with the layer's sizes and the call's choices)
+    monkeypatch.delenv(ROUTED_ENV)
+    gemm = select_grouped_gemm("triton", device=device, rows_per_expert=1, hidden=H, inter=I)
+    assert not fwd._use_routed(H, I, x, gemm, False, 12, E)  # no table off CUDA
+    asked = []
+    monkeypatch.setattr(fwd, "tuned_config", lambda op, dev, **k: asked.append((op, k)) or "routed")
+    assert fwd._use_routed(H, I, x, gemm, False, 12, E)
+    assert asked == [("moe_decode", dict(E=E, N=2 * I, K=H, rows=12))]
+    monkeypatch.setattr(fwd, "tuned_config", lambda op, dev, **k: "decode")
+    assert not fwd._use_routed(H, I, x, gemm, False, 12, E)
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

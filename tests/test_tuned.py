@@ -214,12 +214,14 @@ def test_decode_tuner_smoke(capsys):
     from fp8_deep.numerics import interpreter_active
     with bench_module("tune_decode") as tuner:
         assert tuner.main(["--dry-run"]) == 0
-        assert "36 grid points" in capsys.readouterr().out
+        assert "60 grid points" in capsys.readouterr().out
         if not interpreter_active():
             pytest.skip("the smoke run times the interpreter (a GPU run tunes for real: the tuned stage)")
         assert tuner.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
     assert "NOT bitwise" not in out and "failed" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("SUMMARY smoke")]
-    assert len(rows) == 3  # both GEMMs' tiles, then the forward against the regular chain
-    assert rows[2][-2:] in (["True", "decode"], ["True", "chain"])  # the two forwards' bytes agree
+    assert len(rows) == 6  # both GEMMs' tiles at T=2 (decode) and 70 (routed), then each forward against the chain
+    assert [r[4] for r in rows[4:]] == ["decode", "routed"]
+    for r in rows[4:]:  # the path's and the chain's bytes agree
+        assert r[-2] == "True" and r[-1] in (r[4], "chain")

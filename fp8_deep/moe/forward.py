@@ -159,19 +159,26 @@ def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm
 ROUTED_ENV = "FP8_DEEP_ROUTED"
 
 
-def _use_routed(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool) -> bool:
+def _use_routed(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool, num_choices: int = 0,
+                num_experts: int = 0) -> bool:
     """Whether the forward takes the routed path where the decode path does not apply: the routing plan as usual,
     then ``ops.moe_routed_gemm1`` (each row's token quantized as GEMM1 loads it: no quantize and no permute launch)
     and ``ops.moe_routed_gemm2`` (SwiGLU + requantization as GEMM2 loads h: no SwiGLU launch), then the combine:
-    four launches instead of six or seven, the same bytes. Opt-in (``FP8_DEEP_ROUTED=1``), unmeasured: its tiles are
-    the small-M swap-AB ones, meant for up to some tens of rows per expert. Same conditions as the decode path
-    (our Triton backend, H and I multiples of 128, not where vLLM's activation quantizer would run)."""
+    four launches instead of six or seven, the same bytes. ``FP8_DEEP_ROUTED=1`` always, ``0`` never; unset, where
+    this card's measured table names it (``moe_decode``, as for ``_use_decode``; none yet: off). Its tiles are the
+    small-M swap-AB ones, meant for up to some tens of rows per expert. Same conditions as the decode path (our
+    Triton backend, H and I multiples of 128, not where vLLM's activation quantizer would run)."""
     env = os.environ.get(ROUTED_ENV)
     if env not in (None, "", "0", "1"):
-        raise ValueError(f"{ROUTED_ENV}={env!r}: expected 0 or 1 (unset: off)")
-    if env != "1" or return_stages or gemm.name != "triton" or hidden % 128 or inter % 128:
+        raise ValueError(f"{ROUTED_ENV}={env!r}: expected 0 or 1 (unset: the card's measured table)")
+    if env == "0" or return_stages or gemm.name != "triton" or hidden % 128 or inter % 128:
         return False
-    return not (x.is_cuda and _registry.available("activation_quant", "vllm"))
+    if x.is_cuda and _registry.available("activation_quant", "vllm"):
+        return False
+    if env == "1":
+        return True
+    return tuned_config("moe_decode", x.device, E=max(1, num_experts), N=2 * inter, K=hidden,
+                        rows=max(1, num_choices)) == "routed"
 
 
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
@@ -261,7 +268,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
                                     combine=(topk_weights, inv, counters), out=out, out_dtype=hidden_states.dtype)
         o = moe_decode_gemm2(h, topk_ids, q2, s2, expert_map=expert_map, scale_fmt=scale_fmt)
         return moe_combine(o, inv, topk_weights, out=out, out_dtype=hidden_states.dtype)
-    if _use_routed(H, inter, hidden_states, gemm, return_stages):
+    if _use_routed(H, inter, hidden_states, gemm, return_stages, T * topk_ids.shape[1], E):
         plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
         h = moe_routed_gemm1(hidden_states, plan, q13, s13, scale_fmt=scale_fmt)
         o = moe_routed_gemm2(h, plan, q2, s2, scale_fmt=scale_fmt)
