@@ -320,7 +320,7 @@ fi
     [[ -f "$LOGS/status" ]] && sed 's/^/stage /' "$LOGS/status"
     echo "$RES"
     for log in quant quantg quantc gemm moe moe2 breakdown sweep main diag moehost proto wgrad retile swiglub export train parity \
-               tune tuneq tuneb peer models; do
+               tune tuned tuneq tuneb peer models; do
         [[ -f "$LOGS/$log.log" ]] || continue
         echo "--- $log:"
         if grep -q '^SUMMARY' "$LOGS/$log.log"; then
