@@ -1,8 +1,10 @@
 """Launchers of the decode-sized MoE forward (``fp8_deep.kernels.decode``): two GEMMs that find their own rows.
 
 ``moe_decode_gemm1(x, topk_ids, w13, w13_scale)`` -> ``(h, inv)`` and ``moe_decode_gemm2(h, topk_ids, w2, w2_scale)``
--> ``o``; ``ops.moe_combine(o, inv, topk_weights)`` then gives the MoE output. Rows are the flat choices ``p = t *
-top_k + j`` (no routing plan, no permuted copies, no padding). For finite inputs the bytes are those of the regular
+-> ``o``; ``ops.moe_combine(o, inv, topk_weights)`` then gives the MoE output, or GEMM2 sums the tokens in its tail
+(``combine=``). Rows are the flat choices ``p = t * top_k + j`` (no routing plan, no permuted copies, no padding).
+Past the bound, ``moe_routed_gemm1`` / ``moe_routed_gemm2`` take the routing plan's rows and form their operands the
+same way (GEMM1 gathers and quantizes each row's token, GEMM2 forms SwiGLU). For finite inputs the bytes are those of the regular
 chain (``align_routing`` -> ``quantize_permute`` -> ``grouped_gemm_fp8`` -> ``silu_mul_quantize`` ->
 ``grouped_gemm_fp8``), whose GEMM tiles use the same swap-AB arithmetic; ``tests/test_decode.py`` holds both to it.
 
