@@ -14,7 +14,10 @@ the glue folds into the GEMMs:
   (``_quant_groups``, the activation quantizer's math) and writes ``h[p] = x_q[t] @ w13[e].T`` (bf16, row p).
 * GEMM2 (``moe_decode_gemm2_kernel``) applies SwiGLU and the 1x128 requantization to each K block of ``h[p]`` as it
   loads it (``_silu_mul`` then ``_quant_groups``: ``silu_mul_quant_kernel``'s math) and writes ``o[p] = ... @
-  w2[e].T`` (bf16); the combine kernel then sums each token's rows.
+  w2[e].T`` (bf16); then the last program of each column tile sums each token's rows (``FUSE_COMBINE``), or the
+  combine kernel does.
+* The routed GEMMs (``moe_routed_gemm_kernel``) take the routing plan's rows and blocks instead of slots, with the
+  same on-load operands (``_onload_tile``).
 
 Each GEMM's per-row arithmetic is ``_acc_block`` with the swap-AB orientation, the weight rows on the MMA's M side,
 K blocks in order: for finite inputs, the bytes of the regular chain (its GEMMs' swap-AB tiles, its quantizers).
@@ -53,11 +56,12 @@ def _decode_slot(ids_ptr, map_ptr, slot, P, top_k, stride_t, stride_k, num_exper
 
 @triton.jit
 def _decode_rows(member, mrank, count, m0, BLOCK_M: tl.constexpr, P_POW2: tl.constexpr):
-    """Rows ``m0 .. m0 + BLOCK_M`` of a slot -> (their choices ``p`` (BLOCK_M,), valid rows). Past ``count``: p = 0,
-    a real row of every operand, computed and never stored."""
+    """Rows ``m0 .. m0 + BLOCK_M`` of a slot -> (their choices ``p`` (BLOCK_M,), valid rows). Past ``count``: the
+    slot's first choice, a row every operand has written (``h`` holds no row for a dropped choice), computed and
+    never stored."""
     offs_p = tl.arange(0, P_POW2)
     want = m0 + tl.arange(0, BLOCK_M)
-    hit = member[None, :] & (mrank[None, :] == want[:, None])
+    hit = member[None, :] & (mrank[None, :] == tl.where(want < count, want, 0)[:, None])
     pairs = tl.sum(tl.where(hit, offs_p[None, :], 0), axis=1)
     return pairs, want < count
 
