@@ -201,8 +201,8 @@ def moe_decode_gemm2_kernel(
     ``FUSE_COMBINE``: the last program to finish an n-tile (every slot's program counts itself in on the tile's
     counter once its rows are stored, a release; the one that sees ``slots - 1`` acquires) sums that tile's columns
     for every token (``combine_rows``, the combine kernel's math and order, COMBINE_T tokens per step, reading the
-    rows through L2), so the
-    MoE's output comes out of this launch. Deterministic: the sum's order is fixed, only who runs it varies."""
+    rows through L2), so the MoE's output comes out of this launch. Deterministic: the sum's order is fixed, only
+    who runs it varies."""
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     num_n = tl.cdiv(N, BLOCK_N)
