@@ -143,17 +143,26 @@ def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm
     ``bench/tune_decode.py``; no table or no entry near these choices: the regular chain). Only for our Triton
     backend, within ``decode_fits`` (T * top_k <= 128 choices, H and I multiples of 128), and not where vLLM's
     activation quantizer would run (see ``_fuse_quantize_permute``)."""
-    env = os.environ.get(DECODE_ENV)
+    return _take_path("decode", DECODE_ENV, decode_fits(num_choices, hidden, inter), num_choices, hidden, inter, x,
+                      gemm, return_stages, num_experts)
+
+
+def _take_path(path: str, env_name: str, fits: bool, num_choices: int, hidden: int, inter: int, x, gemm,
+               return_stages: bool, num_experts: int) -> bool:
+    """The rule ``_use_decode`` and ``_use_routed`` share: ``env_name`` 1 / 0 / unset (the card's ``moe_decode``
+    table names ``path`` at the nearest choices), within what the path can take (``fits``, our Triton backend, no
+    stages asked for) and not where vLLM's activation quantizer would run."""
+    env = os.environ.get(env_name)
     if env not in (None, "", "0", "1"):
-        raise ValueError(f"{DECODE_ENV}={env!r}: expected 0 or 1 (unset: the card's measured table)")
-    if env == "0" or return_stages or gemm.name != "triton" or not decode_fits(num_choices, hidden, inter):
+        raise ValueError(f"{env_name}={env!r}: expected 0 or 1 (unset: the card's measured table)")
+    if env == "0" or return_stages or gemm.name != "triton" or not fits:
         return False
     if x.is_cuda and _registry.available("activation_quant", "vllm"):
         return False
     if env == "1":
         return True
     return tuned_config("moe_decode", x.device, E=max(1, num_experts), N=2 * inter, K=hidden,
-                        rows=num_choices) == "decode"
+                        rows=max(1, num_choices)) == path
 
 
 ROUTED_ENV = "FP8_DEEP_ROUTED"
@@ -168,17 +177,8 @@ def _use_routed(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: b
     this card's measured table names it (``moe_decode``, as for ``_use_decode``; none yet: off). Its tiles are the
     small-M swap-AB ones, meant for up to some tens of rows per expert. Same conditions as the decode path (our
     Triton backend, H and I multiples of 128, not where vLLM's activation quantizer would run)."""
-    env = os.environ.get(ROUTED_ENV)
-    if env not in (None, "", "0", "1"):
-        raise ValueError(f"{ROUTED_ENV}={env!r}: expected 0 or 1 (unset: the card's measured table)")
-    if env == "0" or return_stages or gemm.name != "triton" or hidden % 128 or inter % 128:
-        return False
-    if x.is_cuda and _registry.available("activation_quant", "vllm"):
-        return False
-    if env == "1":
-        return True
-    return tuned_config("moe_decode", x.device, E=max(1, num_experts), N=2 * inter, K=hidden,
-                        rows=max(1, num_choices)) == "routed"
+    return _take_path("routed", ROUTED_ENV, hidden % 128 == 0 and inter % 128 == 0, num_choices, hidden, inter, x,
+                      gemm, return_stages, num_experts)
 
 
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"

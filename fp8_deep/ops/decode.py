@@ -103,17 +103,7 @@ def _check_common(x, x_name, topk_ids, w, w_scale, w_name, expert_map, scale_fmt
     check_eps(eps)
     dev = x.device
     check_tensor(topk_ids, "topk_ids", dtypes=(torch.int32, torch.int64), dims=(2,), device=dev)
-    check_tensor(w, w_name, dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
-    E, N, K = w.shape
-    check_tensor(w_scale, f"{w_name}_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
-    if tuple(w_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
-        raise ValueError(f"{w_name}_scale must have shape {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))} (128x128 blocks of "
-                         f"{w_name} {tuple(w.shape)}), got {tuple(w_scale.shape)}")
-    if K != k_dim:
-        raise ValueError(f"{w_name} must be (E, N, {k_dim}) to match {x_name} {tuple(x.shape)}, got {tuple(w.shape)}")
-    if K % BLOCK or K == 0:
-        raise ValueError(f"the decode GEMMs need K = {K} to be a positive multiple of {BLOCK} (whole 1x128 groups); "
-                         f"use the regular forward (FP8_DEEP_DECODE=0)")
+    E, N, K = _check_weights(w, w_scale, w_name, k_dim, x_name, x, dev)
     P = topk_ids.numel()
     if P > DECODE_MAX_CHOICES:
         raise ValueError(f"topk_ids has {P} choices; the decode GEMMs take at most {DECODE_MAX_CHOICES} (use the "
@@ -123,6 +113,22 @@ def _check_common(x, x_name, topk_ids, w, w_scale, w_name, expert_map, scale_fmt
         if expert_map.numel() < 1 or (expert_map.numel() > 1 and expert_map.stride(0) != 1):
             raise ValueError("expert_map must be a non-empty contiguous int32 tensor (global id -> local id or -1)")
     return E, N, K, P
+
+
+def _check_weights(w, w_scale, w_name, k_dim, x_name, x, dev):
+    """FP8 ``(E, N, K)`` weights with their 128x128 scales, K = ``k_dim`` (``x``'s) a positive multiple of 128."""
+    check_tensor(w, w_name, dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    E, N, K = w.shape
+    check_tensor(w_scale, f"{w_name}_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
+    if tuple(w_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
+        raise ValueError(f"{w_name}_scale must have shape {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))} (128x128 blocks of "
+                         f"{w_name} {tuple(w.shape)}), got {tuple(w_scale.shape)}")
+    if K != k_dim:
+        raise ValueError(f"{w_name} must be (E, N, {k_dim}) to match {x_name} {tuple(x.shape)}, got {tuple(w.shape)}")
+    if K % BLOCK or K == 0:
+        raise ValueError(f"the on-load GEMMs need K = {K} to be a positive multiple of {BLOCK} (whole 1x128 groups); "
+                         f"use the regular forward (FP8_DEEP_DECODE=0, FP8_DEEP_ROUTED=0)")
+    return E, N, K
 
 
 def _ids_args(topk_ids, expert_map):
@@ -305,19 +311,6 @@ def _check_plan(plan, what: str):
                          f"expert's segment), got {plan.block_size}")
 
 
-def _routed_weights(w, w_scale, w_name, k_dim, dev):
-    check_tensor(w, w_name, dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
-    E, N, K = w.shape
-    check_tensor(w_scale, f"{w_name}_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
-    if tuple(w_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
-        raise ValueError(f"{w_name}_scale must have shape {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))}, got "
-                         f"{tuple(w_scale.shape)}")
-    if K != k_dim or K % BLOCK or K == 0:
-        raise ValueError(f"{w_name} must be (E, N, K) with K = {k_dim} a positive multiple of {BLOCK} (whole 1x128 "
-                         f"groups), got {tuple(w.shape)}")
-    return E, N, K
-
-
 def _launch_routed(a, plan, w, w_scale, c, N, K, E, up_off, gather, scale_fmt, eps, config):
     cfg = config or decode_config(E, N, K, plan.num_tokens * plan.top_k, a.device)
     if plan.block_size % cfg.BLOCK_M:
@@ -365,7 +358,7 @@ def moe_routed_gemm1(x: torch.Tensor, plan, w13: torch.Tensor, w13_scale: torch.
     T, H = x.shape
     if T != plan.num_tokens:
         raise ValueError(f"x has {T} rows but the plan was built for {plan.num_tokens} tokens")
-    E, N, K = _routed_weights(w13, w13_scale, "w13", H, x.device)
+    E, N, K = _check_weights(w13, w13_scale, "w13", H, "x", x, x.device)
     if E != plan.num_experts:
         raise ValueError(f"w13 has {E} experts, the plan {plan.num_experts}")
     h = torch.empty((plan.num_rows, N), dtype=torch.bfloat16, device=x.device)
@@ -403,7 +396,7 @@ def moe_routed_gemm2(h: torch.Tensor, plan, w2: torch.Tensor, w2_scale: torch.Te
     M, two_i = h.shape
     if M != plan.num_rows or two_i % 2:
         raise ValueError(f"h must be (plan.num_rows, 2I) = ({plan.num_rows}, even), got {tuple(h.shape)}")
-    E, N, K = _routed_weights(w2, w2_scale, "w2", two_i // 2, h.device)
+    E, N, K = _check_weights(w2, w2_scale, "w2", two_i // 2, "h", h, h.device)
     if E != plan.num_experts:
         raise ValueError(f"w2 has {E} experts, the plan {plan.num_experts}")
     o = torch.empty((M, N), dtype=torch.bfloat16, device=h.device)
