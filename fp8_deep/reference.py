@@ -185,8 +185,9 @@ def block_scaled_matmul(a, a_scale, b, b_scale, accumulate: str = "fp32") -> tor
     return acc
 
 
-def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16):
-    """FP8-emulated grouped GEMM (DeepGEMM contiguous layout semantics), float32 math.
+def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16, accumulate: str = "fp32"):
+    """FP8-emulated grouped GEMM (DeepGEMM contiguous layout semantics), float32 math (``accumulate``: see
+    ``block_scaled_matmul``).
 
     a: FP8 ``(M, K)``, a_scale float32 ``(M, ceil(K/128))`` (any strides); b: FP8 ``(E, N, K)``,
     b_scale float32 ``(E, ceil(N/128), ceil(K/128))``; m_indices int ``(M,)``, expert of each row, -1 = padding.
@@ -198,7 +199,7 @@ def grouped_gemm_fp8(a, a_scale, b, b_scale, m_indices, out_dtype=torch.bfloat16
         if e < 0:
             continue
         rows = (m_indices == e).nonzero().flatten()
-        out[rows] = block_scaled_matmul(a[rows], a_scale[rows], b[e], b_scale[e])
+        out[rows] = block_scaled_matmul(a[rows], a_scale[rows], b[e], b_scale[e], accumulate)
     return out.to(out_dtype)
 
 
@@ -266,16 +267,20 @@ def moe_combine(expert_out: torch.Tensor, inv_perm: torch.Tensor, topk_weights: 
     return acc.to(out_dtype or expert_out.dtype)
 
 
-def _local_ids(topk_ids, expert_map):
+def kept_local_ids(topk_ids: torch.Tensor, num_experts: int, expert_map=None) -> torch.Tensor:
+    """Local expert of each choice, -1 where the choice is dropped: the alignment kernel's rule (a global id outside
+    ``expert_map``, a map entry -1 or outside ``[0, num_experts)``, an id outside ``[0, num_experts)`` without a map).
+    int64, the shape of ``topk_ids``."""
     ids = topk_ids.long()
     if expert_map is not None:
-        ids = torch.where(ids >= 0, expert_map.long()[ids.clamp(min=0)], ids)
-    return ids
+        g_ok = (ids >= 0) & (ids < expert_map.numel())
+        ids = torch.where(g_ok, expert_map.long()[ids.clamp(0, expert_map.numel() - 1)], torch.full_like(ids, -1))
+    return torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, -1))
 
 
 def _moe(hidden, topk_weights, topk_ids, expert_map, num_experts, expert_fn):
     T, H = hidden.shape
-    ids = _local_ids(topk_ids, expert_map)
+    ids = kept_local_ids(topk_ids, num_experts, expert_map)
     acc = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     per_choice = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=hidden.device)
     for e in range(num_experts):
@@ -325,26 +330,6 @@ def moe_forward_fp8_emulated(hidden, w13, w2, topk_weights, topk_ids, *, w13_sca
     return _moe(hidden, topk_weights, topk_ids, expert_map, w13.shape[0], expert)
 
 
-def kept_local_ids(topk_ids: torch.Tensor, num_experts: int, expert_map=None) -> torch.Tensor:
-    """Local expert of each choice, -1 where the choice is dropped: the alignment kernel's rule (a global id outside
-    ``expert_map``, a map entry -1 or outside ``[0, num_experts)``, an id outside ``[0, num_experts)`` without a map).
-    int64, the shape of ``topk_ids``."""
-    ids = topk_ids.long()
-    if expert_map is not None:
-        g_ok = (ids >= 0) & (ids < expert_map.numel())
-        ids = torch.where(g_ok, expert_map.long()[ids.clamp(0, expert_map.numel() - 1)], torch.full_like(ids, -1))
-    return torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, -1))
-
-
-def _per_choice_gemm(a, a_scale, tok, ids, b, b_scale, accumulate):
-    """Row ``p`` of a ``(P, N)`` bfloat16 result: ``deq(a[tok[p]]) @ deq(b[ids[p]]).T``; rows with ``ids`` -1 zero."""
-    out = torch.zeros(ids.numel(), b.shape[1], dtype=torch.bfloat16, device=a.device)
-    for e in torch.unique(ids[ids >= 0]).tolist():
-        rows = (ids == e).nonzero().flatten()
-        out[rows] = block_scaled_matmul(a[tok[rows]], a_scale[tok[rows]], b[e], b_scale[e], accumulate).bfloat16()
-    return out
-
-
 def moe_decode_gemm1(hidden, topk_ids, w13, w13_scale, *, expert_map=None, scale_fmt="fp32", eps=ACT_EPS,
                      accumulate="fp32"):
     """The decode forward's first GEMM (``fp8_deep.kernels.decode``): row ``p = t * top_k + j`` of ``h (P, 2I)``
@@ -354,7 +339,7 @@ def moe_decode_gemm1(hidden, topk_ids, w13, w13_scale, *, expert_map=None, scale
     ids = kept_local_ids(topk_ids, w13.shape[0], expert_map).reshape(-1)
     qx, sx = quantize_activation(hidden, scale_fmt=scale_fmt, eps=eps)
     flat = torch.arange(T * k, device=hidden.device)
-    h = _per_choice_gemm(qx, sx, flat // k, ids, w13, w13_scale, accumulate)
+    h = grouped_gemm_fp8(qx[flat // k], sx[flat // k], w13, w13_scale, ids, accumulate=accumulate)
     return h, torch.where(ids >= 0, flat, -1).view(T, k).int()
 
 
@@ -364,7 +349,7 @@ def moe_decode_gemm2(h, topk_ids, w2, w2_scale, *, expert_map=None, scale_fmt="f
     ``w2[e]`` of the choice's expert; rows of dropped choices 0."""
     ids = kept_local_ids(topk_ids, w2.shape[0], expert_map).reshape(-1)
     qa, sa = silu_mul_quantize(h, scale_fmt=scale_fmt, eps=eps)
-    return _per_choice_gemm(qa, sa, torch.arange(ids.numel(), device=h.device), ids, w2, w2_scale, accumulate)
+    return grouped_gemm_fp8(qa, sa, w2, w2_scale, ids, accumulate=accumulate)
 
 
 # ------------------------------------------------------------------------------------------------ training (backward)
@@ -449,7 +434,7 @@ def _silu_mul_exact(h):
 def moe_forward_float(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
     """The MoE in the inputs' own precision with no rounding between steps (float64 inputs: the exact function the
     FP8 recipe approximates; differentiable with autograd, for ``torch.autograd.gradcheck``)."""
-    ids = _local_ids(topk_ids, expert_map)
+    ids = kept_local_ids(topk_ids, w13.shape[0], expert_map)
     out = torch.zeros_like(hidden)
     for e in range(w13.shape[0]):
         t_idx, k_idx = (ids == e).nonzero(as_tuple=True)
@@ -480,7 +465,7 @@ def moe_backward(grad_out, hidden, w13, w2, topk_weights, topk_ids, *, expert_ma
     T, H = hidden.shape
     E, two_i, _ = w13.shape
     inter = two_i // 2
-    ids = _local_ids(topk_ids, expert_map)
+    ids = kept_local_ids(topk_ids, E, expert_map)
     f32 = torch.float32 if quantize else torch.promote_types(dt, torch.float32)
 
     if quantize:

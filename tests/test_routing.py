@@ -38,8 +38,8 @@ def _check_plan(plan, topk_ids, E, expert_map=None, block_size=128):
     assert torch.equal(cpu["expert_ids"][:nb], e[:nb])
     assert (cpu["expert_ids"][nb:] == -1).all()
     # derived fields
-    local = reference._local_ids(topk_ids.cpu(), expert_map.cpu() if expert_map is not None else None).flatten()
-    keep = (local >= 0) & (local < E)
+    local = reference.kept_local_ids(topk_ids.cpu(), E, expert_map.cpu() if expert_map is not None else None).flatten()
+    keep = local >= 0
     counts = torch.bincount(local[keep], minlength=E)[:E]
     padded = (counts + block_size - 1) // block_size * block_size
     assert torch.equal(cpu["expert_counts"].long(), counts)

@@ -161,9 +161,8 @@ def _align_torch(topk_ids, num_experts, expert_map, block_size, bufs):
     rows_idx = torch.arange(rows, dtype=torch.int32)
     inv[sorted_ids[real]] = rows_idx[real]
     bufs["inv_perm"].copy_(inv.view(T, k))
-    local = reference._local_ids(topk_ids, expert_map).flatten()
-    keep = (local >= 0) & (local < num_experts)
-    counts = torch.bincount(local[keep], minlength=num_experts)[:num_experts]
+    local = reference.kept_local_ids(topk_ids, num_experts, expert_map).flatten()
+    counts = torch.bincount(local[local >= 0], minlength=num_experts)[:num_experts]
     padded = (counts + block_size - 1) // block_size * block_size
     bufs["expert_counts"].copy_(counts)
     bufs["expert_offsets"].copy_(torch.cumsum(padded, 0) - padded)
