@@ -14,6 +14,7 @@ rows) and H, I multiples of 128 (the in-loop quantization of a K block is one wh
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +28,9 @@ from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint,
 from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
+from .grouped_gemm import _tma_problem
 from .plan import RoutingPlan
+from .routing import _next_pow2
 from .quant import gpu_fast_paths
 
 __all__ = ["DecodeConfig", "DECODE_MAX_CHOICES", "DECODE_CONFIG_ENV", "decode_fits", "decode_config",
@@ -286,16 +289,14 @@ def _check_combine(combine, T: int, top_k: int, N: int, device):
 
 
 def _p_pow2(P: int) -> int:
-    return max(16, 1 << (P - 1).bit_length())
+    return max(16, _next_pow2(P))
 
 
 def _weight_arg(w: torch.Tensor, cfg: DecodeConfig):
-    """The weight operand: a TMA descriptor over ``w`` as ``(E * N, K)`` when asked for and possible (Hopper or the
-    interpreter, experts stacked without gaps, 16-byte aligned rows), else the tensor (pointer loads, same bytes)."""
+    """The weight operand: a TMA descriptor over ``w`` as ``(E * N, K)`` when asked for and the grouped GEMM's
+    TMA rule allows it (``_tma_problem``), else the tensor (pointer loads, same bytes)."""
     E, N, K = w.shape
-    ok = (cfg.TMA_B and w.stride(0) == N * w.stride(1) and w.data_ptr() % 16 == 0 and w.stride(1) % 16 == 0
-          and (not w.is_cuda or torch.cuda.get_device_capability(w.device) >= (9, 0)))
-    if not ok:
+    if not cfg.TMA_B or _tma_problem(w, w, N, what="TMA_B=1") is not None:
         return w, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     return TensorDescriptor(w, [E * N, K], [w.stride(1), 1], [cfg.BLOCK_N, BLOCK]), True
@@ -314,8 +315,7 @@ def _check_plan(plan, what: str):
 def _launch_routed(a, plan, w, w_scale, c, N, K, E, up_off, gather, scale_fmt, eps, config):
     cfg = config or decode_config(E, N, K, plan.num_tokens * plan.top_k, a.device)
     if plan.block_size % cfg.BLOCK_M:
-        cfg = DecodeConfig(BLOCK_M=16, BLOCK_N=cfg.BLOCK_N, TMA_B=cfg.TMA_B, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages)
+        cfg = dataclasses.replace(cfg, BLOCK_M=16)
     M = plan.num_rows
     grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     if grid[0] == 0:
