@@ -10,9 +10,9 @@ the glue folds into the GEMMs:
   as its rows that expert's kept choices in ascending ``p``: the rows, in order, of that expert's segment in the
   routing plan. Every program derives this from ``topk_ids`` itself (``P_POW2 x P_POW2`` compares; the launcher
   bounds P), so nothing is computed between launches. Programs past the last slot exit.
-* GEMM1 (``moe_decode_gemm1_kernel``) quantizes each row's token of ``x`` in 1x128 groups as it loads each K block
+* GEMM1 (``moe_decode_gemm_kernel``) quantizes each row's token of ``x`` in 1x128 groups as it loads each K block
   (``_quant_groups``, the activation quantizer's math) and writes ``h[p] = x_q[t] @ w13[e].T`` (bf16, row p).
-* GEMM2 (``moe_decode_gemm2_kernel``) applies SwiGLU and the 1x128 requantization to each K block of ``h[p]`` as it
+* GEMM2 (the same kernel, ``SWIGLU``) applies SwiGLU and the 1x128 requantization to each K block of ``h[p]`` as it
   loads it (``_silu_mul`` then ``_quant_groups``: ``silu_mul_quant_kernel``'s math) and writes ``o[p] = ... @
   w2[e].T`` (bf16); then the last program of each column tile sums each token's rows (``FUSE_COMBINE``), or the
   combine kernel does.
@@ -83,23 +83,6 @@ def _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be, stride_bn, str
 
 
 @triton.jit
-def _decode_slot_tiles(a_ptr, c_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, a_div, K, up_off,
-                       stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn,
-                       FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
-                       NAN_MAX: tl.constexpr, NAN_SELECT: tl.constexpr, SWIGLU: tl.constexpr,
-                       ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr, P_POW2: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_K: tl.constexpr,
-                       UPCAST: tl.constexpr, TMA_B: tl.constexpr):
-    """A slot's rows, BLOCK_M at a time (``_onload_tile``): row ``p``'s operand is row ``p // a_div`` of ``a``, its
-    result row ``p`` of ``c``."""
-    for m0 in range(0, count, BLOCK_M):
-        pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
-        _onload_tile(a_ptr, c_ptr, pairs // a_div, pairs, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, up_off,
-                     stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn, FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX,
-                     NAN_SELECT, SWIGLU, ACCURATE_EXP, IS_BF16, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
-
-
-@triton.jit
 def _onload_tile(a_ptr, c_ptr, a_rows, c_rows, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, up_off,
                  stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn,
                  FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr,
@@ -133,90 +116,66 @@ def _onload_tile(a_ptr, c_ptr, a_rows, c_rows, row_ok, b_tile, b_row0, bs_ptrs, 
 
 
 @triton.jit
-def moe_decode_gemm1_kernel(
-    x_ptr,            # (T, K) bf16/fp16/fp32 tokens, any strides
+def moe_decode_gemm_kernel(
+    a_ptr,            # GEMM1: (T, K) bf16/fp16/fp32 tokens; SWIGLU (GEMM2): (P, 2I) GEMM1's output ([gate | up]); any
+                      # strides, unit along K
     ids_ptr,          # int32/int64 (T, top_k) router choices (global ids with map_ptr), any strides
     map_ptr,          # int32 (num_global,) global -> local expert or -1 (HAS_MAP)
-    b_ptr,            # float8 (E, N, K) w13, unit stride along K; or a descriptor over it as (E * N, K) (TMA_B)
+    b_ptr,            # float8 (E, N, K) weights, unit stride along K; or a descriptor over them as (E * N, K) (TMA_B)
     bs_ptr,           # float32 (E, cdiv(N, 128), K / 128) 128x128 dequantization scales, any strides
-    h_ptr,            # (P, N) output, row p = t * top_k + j; rows of dropped choices are not written
-    inv_ptr,          # int32 (P,): p where the choice is kept, else -1 (the combine's row map), written by program 0
-    cnt_ptr,          # int32 (num_cnt,): zeroed by program 0 (the fused combine's arrival counters of GEMM2)
-    P, top_k, N, K, E, num_global, num_cnt,
-    stride_xt, stride_xk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
-    stride_hp, stride_hn,
-    FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
-    NAN_SELECT: tl.constexpr,
-    HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
-    USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
-):
-    """Grid: (slots * cdiv(N, BLOCK_N),), program = slot * num_n + n-tile. K must be a multiple of 128."""
-    pdl_prologue(USE_PDL)
-    tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
-    num_n = tl.cdiv(N, BLOCK_N)
-    tn = tl.program_id(0) % num_n
-    e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, tl.program_id(0) // num_n, P, top_k,
-                                                       stride_it, stride_ik, E, num_global, HAS_MAP, P_POW2)
-    if tl.program_id(0) == 0:
-        offs_p = tl.arange(0, P_POW2)
-        tl.store(inv_ptr + offs_p, tl.where(keep, offs_p, -1), mask=offs_p < P)
-        for c0 in range(0, num_cnt, 128):
-            offs_c = c0 + tl.arange(0, 128)
-            tl.store(cnt_ptr + offs_c, tl.zeros((128,), tl.int32), mask=offs_c < num_cnt)
-    if live:
-        offs_k = tl.arange(0, BLOCK_K)
-        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
-                                                                    stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
-        _decode_slot_tiles(x_ptr, h_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, top_k, K, 0,
-                           stride_xt, stride_xk, stride_bsk, stride_hp, stride_hn,
-                           FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, False, False, False,
-                           P_POW2, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
-
-
-@triton.jit
-def moe_decode_gemm2_kernel(
-    h_ptr,            # bf16/fp16 (P, 2I) GEMM1's output ([gate | up]), rows of kept choices
-    ids_ptr, map_ptr,  # as moe_decode_gemm1_kernel
-    b_ptr,            # float8 (E, N, I) w2, unit stride along I; or a descriptor over it as (E * N, I) (TMA_B)
-    bs_ptr,           # float32 (E, cdiv(N, 128), I / 128)
-    o_ptr,            # (P, N) output, row p; rows of dropped choices are not written
+    c_ptr,            # (P, N) output, row p = t * top_k + j; rows of dropped choices are not written
+    inv_ptr,          # int32 (P,): p where the choice is kept, else -1 (the combine's row map). GEMM1's program 0
+                      # writes it; FUSE_COMBINE reads it
+    cnt_ptr,          # int32 (num_cnt,) arrival counters: GEMM1's program 0 zeroes them, FUSE_COMBINE counts on them
+                      # (each column tile's last program sets its counter back to zero)
     w_ptr,            # FUSE_COMBINE: (T, top_k) float32/bf16/fp16 combine weights, any strides
-    inv_ptr,          # FUSE_COMBINE: int32 (P,) GEMM1's row map (p or -1)
     out_ptr,          # FUSE_COMBINE: (T, N) the MoE output, any strides
-    cnt_ptr,          # FUSE_COMBINE: int32 (cdiv(N, BLOCK_N),) arrival counters, zero at launch (GEMM1 zeroes them;
-                      # each tile's last program sets its counter back to zero)
-    P, top_k, N, I, E, num_global,
-    stride_hp, stride_hk, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
-    stride_op, stride_on, stride_wt, stride_wk, stride_ot, stride_oh,
+    P, top_k, N, K, E, num_global, num_cnt,
+    stride_ar, stride_ak, stride_it, stride_ik, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_cp, stride_cn, stride_wt, stride_wk, stride_ot, stride_oh,
     FP8_MAX: tl.constexpr, EPS: tl.constexpr, UE8M0: tl.constexpr, FMA_DIV: tl.constexpr, NAN_MAX: tl.constexpr,
-    NAN_SELECT: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
+    NAN_SELECT: tl.constexpr, SWIGLU: tl.constexpr, ACCURATE_EXP: tl.constexpr, IS_BF16: tl.constexpr,
     HAS_MAP: tl.constexpr, P_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr, TMA_B: tl.constexpr,
     FUSE_COMBINE: tl.constexpr, TOP_K: tl.constexpr, OUT_BF16: tl.constexpr, COMBINE_T: tl.constexpr,
     USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
-    """Grid: (slots * cdiv(N, BLOCK_N),). I must be a multiple of 128 (a K block is one SwiGLU group).
+    """Both decode GEMMs. Grid: (slots * cdiv(N, BLOCK_N),), program = slot * num_n + n-tile; K a multiple of 128.
+    GEMM1 (not SWIGLU): row p's operand is its token's row of ``a``, quantized on load. GEMM2 (SWIGLU): row p of
+    ``a`` (= h), SwiGLU of each K block's gate columns and the up columns K further, requantized on load.
 
-    ``FUSE_COMBINE``: the last program to finish an n-tile (every slot's program counts itself in on the tile's
-    counter once its rows are stored, a release; the one that sees ``slots - 1`` acquires) sums that tile's columns
-    for every token (``combine_rows``, the combine kernel's math and order, COMBINE_T tokens per step, reading the
-    rows through L2), so the MoE's output comes out of this launch. Deterministic: the sum's order is fixed, only
-    who runs it varies."""
+    ``FUSE_COMBINE`` (GEMM2): the last program to finish an n-tile (every slot's program counts itself in on the
+    tile's counter once its rows are stored, a release; the one that sees ``slots - 1`` acquires) sums that tile's
+    columns for every token (``combine_rows``, the combine kernel's math and order, COMBINE_T tokens per step,
+    reading the rows through L2), so the MoE's output comes out of this launch. Deterministic: the sum's order is
+    fixed, only who runs it varies."""
     pdl_prologue(USE_PDL)
     tl.static_assert(BLOCK_K == 128, "BLOCK_K must equal the 128-wide scale block")
     num_n = tl.cdiv(N, BLOCK_N)
     tn = tl.program_id(0) % num_n
     e, member, mrank, count, live, keep = _decode_slot(ids_ptr, map_ptr, tl.program_id(0) // num_n, P, top_k,
                                                        stride_it, stride_ik, E, num_global, HAS_MAP, P_POW2)
+    if not SWIGLU:
+        if tl.program_id(0) == 0:
+            offs_p = tl.arange(0, P_POW2)
+            tl.store(inv_ptr + offs_p, tl.where(keep, offs_p, -1), mask=offs_p < P)
+            for c0 in range(0, num_cnt, 128):
+                offs_c = c0 + tl.arange(0, 128)
+                tl.store(cnt_ptr + offs_c, tl.zeros((128,), tl.int32), mask=offs_c < num_cnt)
     if live:
-        offs_k = tl.arange(0, BLOCK_K)
-        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, offs_k, stride_be,
-                                                                    stride_bn, stride_bse, stride_bsn, BLOCK_N, TMA_B)
-        _decode_slot_tiles(h_ptr, o_ptr, b_tile, b_row0, bs_ptrs, cols64, col_ok, member, mrank, count, 1, I, I,
-                           stride_hp, stride_hk, stride_bsk, stride_op, stride_on,
-                           FP8_MAX, EPS, UE8M0, FMA_DIV, NAN_MAX, NAN_SELECT, True, ACCURATE_EXP, IS_BF16,
-                           P_POW2, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST, TMA_B)
+        b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, tl.arange(0, BLOCK_K),
+                                                                    stride_be, stride_bn, stride_bse, stride_bsn,
+                                                                    BLOCK_N, TMA_B)
+        for m0 in range(0, count, BLOCK_M):
+            pairs, row_ok = _decode_rows(member, mrank, count, m0, BLOCK_M, P_POW2)
+            if SWIGLU:
+                a_rows = pairs
+            else:
+                a_rows = pairs // top_k
+            _onload_tile(a_ptr, c_ptr, a_rows, pairs, row_ok, b_tile, b_row0, bs_ptrs, cols64, col_ok, K, K,
+                         stride_ar, stride_ak, stride_bsk, stride_cp, stride_cn, FP8_MAX, EPS, UE8M0, FMA_DIV,
+                         NAN_MAX, NAN_SELECT, SWIGLU, ACCURATE_EXP, IS_BF16, BLOCK_M, BLOCK_N, BLOCK_K, ACC_K, UPCAST,
+                         TMA_B)
     if FUSE_COMBINE:
         tl.debug_barrier()  # every thread's rows are stored before the counter's release
         arrived = tl.atomic_add(cnt_ptr + tn, 1, sem="acq_rel", scope="gpu")
@@ -225,7 +184,7 @@ def moe_decode_gemm2_kernel(
             T = P // TOP_K
             for t0 in range(0, T, COMBINE_T):  # COMBINE_T tokens at a time: their rows' loads in flight together
                 t = (t0 + tl.arange(0, COMBINE_T)).to(tl.int64)[:, None]
-                combine_rows(o_ptr, inv_ptr, w_ptr, out_ptr, t, cols, t < T, cols < N, stride_op, stride_on, TOP_K,
+                combine_rows(c_ptr, inv_ptr, w_ptr, out_ptr, t, cols, t < T, cols < N, stride_cp, stride_cn, TOP_K,
                              1, stride_wt, stride_wk, stride_ot, stride_oh, TOP_K, OUT_BF16, ".cg")
             tl.store(cnt_ptr + tn, 0)  # every program of the tile has arrived: back to zero for the next launch
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..kernels.decode import moe_decode_gemm1_kernel, moe_decode_gemm2_kernel, moe_routed_gemm_kernel
+from ..kernels.decode import moe_decode_gemm_kernel, moe_routed_gemm_kernel
 from ..numerics import (ACT_EPS, BLOCK, FP8_DTYPE, FP8_MAX, HIGH_PRECISION_DTYPES, SCALE_FMTS, cdiv,
                         interpreter_active, sm_count, use_triton)
 from ._checks import check_choice, check_eps, check_out, check_outputs_disjoint, check_tensor
@@ -178,19 +178,8 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
     inv = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
     if P == 0:
         return h, inv
-    slots = _slots(P, E)
-    cfg = config or decode_config(E, N, K, P, x.device)
-    ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
-    b_arg, tma_b = _weight_arg(w13, cfg)
-    cnt = counters if counters is not None else inv
-    moe_decode_gemm1_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
-        x, ids, map_arg, b_arg, w13_scale, h, inv, cnt, P, topk_ids.shape[1], N, K, E, num_global,
-        counters.numel() if counters is not None else 0,
-        x.stride(0), x.stride(1), topk_ids.stride(0), topk_ids.stride(1), w13.stride(0), w13.stride(1),
-        w13_scale.stride(0), w13_scale.stride(1), w13_scale.stride(2), h.stride(0), h.stride(1),
-        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(x),
-        HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
-        UPCAST=False, TMA_B=tma_b, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(x))
+    _launch_decode(x, topk_ids, expert_map, w13, w13_scale, h, inv, counters, None, None, False, scale_fmt, eps,
+                   config)
     return h, inv
 
 
@@ -227,6 +216,7 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
     if P_h != P:
         raise ValueError(f"h must have one row per choice, T * top_k = {P}, got {P_h}")
     T, top_k = topk_ids.shape
+    tw = inv = counters = None
     if combine is not None:
         tw, inv, counters = _check_combine(combine, T, top_k, N, h.device)
         if out is not None:
@@ -246,30 +236,37 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
     o = torch.empty((P, N), dtype=torch.bfloat16, device=h.device)
     if P == 0:
         return o if combine is None else out
-    slots = _slots(P, E)
-    cfg = config or decode_config(E, N, K, P, h.device)
-    ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
-    b_arg, tma_b = _weight_arg(w2, cfg)
-    if combine is not None:
-        if counters.numel() < cdiv(N, cfg.BLOCK_N):
-            raise ValueError(f"counters has {counters.numel()} entries; this launch needs {cdiv(N, cfg.BLOCK_N)} "
-                             f"(allocate cdiv(H, 64))")
-        cargs = (tw, inv, out, counters)
-        cstrides = (tw.stride(0), tw.stride(1), out.stride(0), out.stride(1))
-    else:
-        cargs, cstrides = (h, h, h, h), (0, 0, 0, 0)
-    moe_decode_gemm2_kernel[(slots * cdiv(N, cfg.BLOCK_N),)](
-        h, ids, map_arg, b_arg, w2_scale, o, *cargs, P, top_k, N, K, E, num_global,
-        h.stride(0), h.stride(1), topk_ids.stride(0), topk_ids.stride(1), w2.stride(0), w2.stride(1),
-        w2_scale.stride(0), w2_scale.stride(1), w2_scale.stride(2), o.stride(0), o.stride(1), *cstrides,
-        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(h),
-        ACCURATE_EXP=h.is_cuda and not interpreter_active(), IS_BF16=h.dtype == torch.bfloat16,
-        HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
-        UPCAST=False, TMA_B=tma_b, FUSE_COMBINE=combine is not None, TOP_K=top_k,
-        OUT_BF16=combine is not None and out.dtype == torch.bfloat16, COMBINE_T=COMBINE_TOKENS,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **FP_FUSION, **pdl(h))
+    _launch_decode(h, topk_ids, expert_map, w2, w2_scale, o, inv, counters, tw, out, True, scale_fmt, eps, config)
     return o if combine is None else out
+
+
+def _launch_decode(a, topk_ids, expert_map, w, w_scale, c, inv, counters, tw, out, swiglu, scale_fmt, eps, config):
+    """One decode GEMM launch (validated by its launcher): GEMM1 (``swiglu`` False: writes ``inv`` and zeroes
+    ``counters``) or GEMM2 (the combine in its tail when ``out`` is given, with ``tw``, ``inv``, ``counters``)."""
+    E, N, K = w.shape
+    P, top_k = topk_ids.numel(), topk_ids.shape[1]
+    cfg = config or decode_config(E, N, K, P, a.device)
+    fuse = out is not None
+    if fuse and counters.numel() < cdiv(N, cfg.BLOCK_N):
+        raise ValueError(f"counters has {counters.numel()} entries; this launch needs {cdiv(N, cfg.BLOCK_N)} "
+                         f"(allocate cdiv(H, 64))")
+    ids, map_arg, num_global, has_map = _ids_args(topk_ids, expert_map)
+    b_arg, tma_b = _weight_arg(w, cfg)
+    inv_arg = inv if inv is not None else c  # unused pointers: any tensor
+    cnt_arg = counters if counters is not None else inv_arg
+    moe_decode_gemm_kernel[(_slots(P, E) * cdiv(N, cfg.BLOCK_N),)](
+        a, ids, map_arg, b_arg, w_scale, c, inv_arg, cnt_arg, tw if fuse else c, out if fuse else c,
+        P, top_k, N, K, E, num_global, counters.numel() if counters is not None and not swiglu else 0,
+        a.stride(0), a.stride(1), topk_ids.stride(0), topk_ids.stride(1), w.stride(0), w.stride(1),
+        w_scale.stride(0), w_scale.stride(1), w_scale.stride(2), c.stride(0), c.stride(1),
+        tw.stride(0) if fuse else 0, tw.stride(1) if fuse else 0, out.stride(0) if fuse else 0,
+        out.stride(1) if fuse else 0,
+        FP8_MAX=FP8_MAX, EPS=eps, UE8M0=scale_fmt == "ue8m0", **gpu_fast_paths(a), SWIGLU=swiglu,
+        ACCURATE_EXP=a.is_cuda and not interpreter_active(), IS_BF16=a.dtype == torch.bfloat16,
+        HAS_MAP=has_map, P_POW2=_p_pow2(P), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, ACC_K=0,
+        UPCAST=False, TMA_B=tma_b, FUSE_COMBINE=fuse, TOP_K=top_k,
+        OUT_BF16=fuse and out.dtype == torch.bfloat16, COMBINE_T=COMBINE_TOKENS,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a))
 
 
 def _check_combine(combine, T: int, top_k: int, N: int, device):
