@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py whe
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from tune_grouped_gemm import MODELS, SMOKE, table_target, write_table  # noqa: E402
+from tune_grouped_gemm import MODELS, SMOKE, announce, table_target, write_table  # noqa: E402
 
 TOKENS = (1, 4, 16, 64, 256)
 
@@ -165,17 +165,8 @@ def main(argv=None) -> int:
     tokens = [2, 70] if args.cpu_smoke else args.T  # the decode GEMMs, then the routed ones (140 choices)
     grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for g in args.gemms
             for T in tokens if H % 128 == 0 and inter % 128 == 0]
-    print(C.env_line())
-    print(f"tune_decode: {len(grid)} grid points (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed "
-          f"ones above) x {len(cands)} candidates")
-    if args.dry_run:
-        for pt in grid:
-            print("  ", pt)
-        for cfg in cands:
-            print("   candidate", cfg)
-        return 0
-    if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("tune_decode needs a CUDA GPU (--cpu-smoke for the plumbing)")
+    if not announce("tune_decode", grid, cands, args,
+                    f" (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed ones above)"):
         return 0
     if args.cpu_smoke:
         cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]

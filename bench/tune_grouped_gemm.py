@@ -198,16 +198,7 @@ def main(argv=None) -> int:
         for g in args.gemms:
             N, K = GEMM_SHAPES[g](H, inter)
             grid += [(name, g, E, N, K, T, top_k) for T in tokens]
-    print(C.env_line())
-    print(f"tune_grouped_gemm: {len(grid)} grid points x up to {len(cands)} candidates")
-    if args.dry_run:
-        for pt in grid:
-            print("  ", pt)
-        for cfg in cands:
-            print("   candidate", cfg)
-        return 0
-    if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("tune_grouped_gemm needs a CUDA GPU (--cpu-smoke for the plumbing)")
+    if not announce("tune_grouped_gemm", grid, cands, args):
         return 0
     if args.cpu_smoke:  # the interpreter: pointer-load configs only, few of them
         cands = [c for c in cands if not (c.GLUON or c.TMA)][:3]
@@ -242,6 +233,23 @@ def main(argv=None) -> int:
         return 0
     print(f"SUMMARY {len(entries)} grid points measured; table {path}")
     return 0
+
+
+def announce(tool: str, grid, cands, args, what: str = "") -> bool:
+    """Print the environment and the grid; False (nothing to time) on ``--dry-run`` (the grid and the candidates
+    printed) or without a GPU unless ``--cpu-smoke``."""
+    print(C.env_line())
+    print(f"{tool}: {len(grid)} grid points{what} x up to {len(cands)} candidates")
+    if args.dry_run:
+        for pt in grid:
+            print("  ", pt)
+        for cfg in cands:
+            print("   candidate", cfg)
+        return False
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print(f"{tool} needs a CUDA GPU (--cpu-smoke for the plumbing)")
+        return False
+    return True
 
 
 def table_target(op: str, args):
