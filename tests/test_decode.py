@@ -29,6 +29,23 @@ def _layer(E, H, I, dev, scale_fmt="fp32", seed=0):
     return q13, s13, q2, s2
 
 
+def _case(T, E, H, I, k, device, seed=0):
+    """A layer and a call: (FP8 weights and scales, bf16 tokens, softmax top-k weights, ids)."""
+    layer = _layer(E, H, I, device)
+    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    return (layer, x, *_routing(T, E, k, device, seed=seed))
+
+
+def _remote_map_call(H, device, dtype):
+    """4 local experts of 10 global ones (global 1, 4, 6, 9 -> local 0-3) and 4 tokens whose choices mix local and
+    remote experts, one token with none local: (expert_map, ids, weights, tokens)."""
+    emap = torch.full((10,), -1, dtype=torch.int32, device=device)
+    emap[torch.tensor([1, 4, 6, 9])] = torch.arange(4, dtype=torch.int32).to(device)
+    ids = torch.tensor([[1, 4, 3], [9, 6, 1], [0, 2, 5], [4, 4, 6]], dtype=torch.int32, device=device)
+    tw = torch.softmax(torch.randn(4, 3, device=device), -1)
+    return emap, ids, tw, torch.randn(4, H, device=device, dtype=dtype)
+
+
 def _regular(x, layer, tw, ids, expert_map, scale_fmt):
     q13, s13, q2, s2 = layer
     out, st = moe_forward_impl(x, q13, q2, tw, ids, w13_scale=s13, w2_scale=s2, expert_map=expert_map,
@@ -84,9 +101,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,E,H,I,k,config", CASES)
 def test_decode_matches_the_regular_chain_bitwise(T, E, H, I, k, config, device):
-    layer = _layer(E, H, I, device)
-    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
-    tw, ids = _routing(T, E, k, device)
+    layer, x, tw, ids = _case(T, E, H, I, k, device)
     _check_against_regular(x, layer, tw, ids, config=config)
 
 
@@ -104,13 +119,9 @@ def test_decode_slot_with_more_rows_than_a_tile_and_duplicates(device):
 def test_decode_expert_map_remote_and_out_of_range(device):
     """Global ids through a map with remote (-1) experts, and ids outside the map: dropped, as the alignment drops
     them (the forward's range check is off for this call's CUDA ids, and the launchers never check ranges)."""
-    E_local, E_global, H, I = 4, 10, 128, 128
-    layer = _layer(E_local, H, I, device)
-    emap = torch.full((E_global,), -1, dtype=torch.int32, device=device)
-    emap[torch.tensor([1, 4, 6, 9])] = torch.arange(E_local, dtype=torch.int32).to(device)
-    ids = torch.tensor([[1, 4, 3], [9, 6, 1], [0, 2, 5], [4, 4, 6]], dtype=torch.int32, device=device)
-    tw = torch.softmax(torch.randn(4, 3, device=device), -1)
-    x = torch.randn(4, H, device=device, dtype=torch.bfloat16)
+    H, I = 128, 128
+    layer = _layer(4, H, I, device)
+    emap, ids, tw, x = _remote_map_call(H, device, torch.bfloat16)
     out = _check_against_regular(x, layer, tw, ids, expert_map=emap)
     assert torch.count_nonzero(out[2]) == 0  # a token without a local expert gets zeros
     bad = ids.clone()
@@ -282,20 +293,14 @@ def _check_routed(x, layer, tw, ids, *, expert_map=None, scale_fmt="fp32", confi
     (40, 4, 128, 128, 2, DecodeConfig(BLOCK_N=64, TMA_B=True)),  # 80 choices, 16-row tiles over 4 experts
 ])
 def test_routed_matches_the_regular_chain_bitwise(T, E, H, I, k, config, device):
-    layer = _layer(E, H, I, device)
-    x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
-    tw, ids = _routing(T, E, k, device)
+    layer, x, tw, ids = _case(T, E, H, I, k, device)
     _check_routed(x, layer, tw, ids, config=config)
 
 
 def test_routed_expert_map_ue8m0_fp16(device):
-    E_local, E_global, H, I = 4, 10, 128, 128
-    layer = _layer(E_local, H, I, device, scale_fmt="ue8m0")
-    emap = torch.full((E_global,), -1, dtype=torch.int32, device=device)
-    emap[torch.tensor([1, 4, 6, 9])] = torch.arange(E_local, dtype=torch.int32).to(device)
-    ids = torch.tensor([[1, 4, 3], [9, 6, 1], [0, 2, 5], [4, 4, 6]], dtype=torch.int32, device=device)
-    tw = torch.softmax(torch.randn(4, 3, device=device), -1)
-    x = torch.randn(4, H, device=device, dtype=torch.float16)
+    H, I = 128, 128
+    layer = _layer(4, H, I, device, scale_fmt="ue8m0")
+    emap, ids, tw, x = _remote_map_call(H, device, torch.float16)
     _check_routed(x, layer, tw, ids, expert_map=emap, scale_fmt="ue8m0")
 
 
@@ -360,9 +365,7 @@ GPU_SHAPES = {  # E, H, I, top_k
 @pytest.mark.parametrize("config", [None, "BLOCK_N=128,TMA_B=1"])  # None: 64-row tiles at T=1, 128 at T=16
 def test_decode_matches_the_regular_chain_gpu(model, T, config, monkeypatch):
     E, H, I, k = GPU_SHAPES[model]
-    layer = _layer(E, H, I, "cuda")
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    tw, ids = _routing(T, E, k, "cuda", seed=T)
+    layer, x, tw, ids = _case(T, E, H, I, k, "cuda", seed=T)
     _check_against_regular(x, layer, tw, ids, config=DecodeConfig.parse(config) if config else None)
 
 
@@ -415,7 +418,5 @@ def test_decode_forward_eager_and_graph_gpu(T, pdl, monkeypatch):
 @pytest.mark.parametrize("model,T", [("qwen3_30b", 64), ("qwen3_30b", 256), ("dsv3_tp8", 256), ("mixtral", 256)])
 def test_routed_matches_the_regular_chain_gpu(model, T):
     E, H, I, k = GPU_SHAPES[model]
-    layer = _layer(E, H, I, "cuda")
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    tw, ids = _routing(T, E, k, "cuda", seed=T)
+    layer, x, tw, ids = _case(T, E, H, I, k, "cuda", seed=T)
     _check_routed(x, layer, tw, ids)
