@@ -145,6 +145,12 @@ def _every_gemm_config(monkeypatch):
         for i, cfg in enumerate(tune.candidates()):
             h, inv = moe_decode_gemm1(x, ids, b, sb, config=cfg, counters=counters)
             moe_decode_gemm2(h, ids, b2, sb2, config=cfg, combine=(tw, inv, counters) if i % 2 else None)
+        # the gathered GEMM1's tiles (each height with a plan aligned to it)
+        from fp8_deep.ops.grouped_gemm import grouped_gemm_fp8_gather
+        qx, sx = quantize_activation(x)
+        for cfg in tune.gather_candidates():
+            gplan = align_routing(ids, E, block_size=max(16, cfg.BLOCK_M))
+            grouped_gemm_fp8_gather(qx, sx, b, sb, gplan, config=cfg)
     return refused
 
 

@@ -60,8 +60,8 @@ def fused(cfg):
 def gemm(cfg):
     a, sa, b, sb, be, mi, _, b_arg, M, I, K, E = _operands(cfg)
     out = torch.empty(M, 2 * I, dtype=torch.bfloat16)
-    args = (a, sa, b_arg, sb, out, be, mi, M, 2 * I, K, E, a.stride(0), sa.stride(0), sa.stride(1), b.stride(0),
-            b.stride(1), sb.stride(0), sb.stride(1), sb.stride(2), out.stride(0), out.stride(1))
+    args = (a, sa, b_arg, sb, out, be, mi, mi, M, 2 * I, K, E, M, 1, a.stride(0), sa.stride(0), sa.stride(1),
+            b.stride(0), b.stride(1), sb.stride(0), sb.stride(1), sb.stride(2), out.stride(0), out.stride(1))
     kw = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=128, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
               EVEN_K=True, ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=16, TMA_B=bool(cfg.TMA_B),
               num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -288,15 +288,18 @@ def _block_map_tile(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _grouped_gemm_fp8_blockmap_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr,
-    block_expert_ptr,  # int32 (M // MAP_BLOCK,): expert of each MAP_BLOCK-row block of a, -1 for unused blocks
+    block_expert_ptr,  # int32 (M // MAP_BLOCK,): expert of each MAP_BLOCK-row block of out, -1 for unused blocks
     m_idx_ptr,         # int32 (M,): expert of each row, -1 on padding
+    sorted_ptr,        # GATHER: int32 (M,) the plan's sorted_token_ids (flat choice t * top_k + j of each row)
     M, N, K, E,
+    numel, top_k,      # GATHER: the plan's choices (its padding sentinel) and top_k
     stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, ACC_K: tl.constexpr, UPCAST: tl.constexpr,
     MAP_BLOCK: tl.constexpr,  # the routing plan's segment alignment; BLOCK_M divides it
     TMA_B: tl.constexpr = False,  # b_ptr is a tensor descriptor over b as (E * N, K), block (BLOCK_N, BLOCK_K)
+    GATHER: tl.constexpr = False,  # a / as_ptr hold the tokens (T, K): row r reads token sorted[r] // top_k
     USE_PDL: tl.constexpr = False,  # wait for / release the neighbouring launches (kernels/pdl.py)
 ):
     """``_grouped_gemm_fp8_kernel`` for tiles no taller than the segment alignment, scheduled like vLLM's fused-MoE
@@ -305,7 +308,12 @@ def _grouped_gemm_fp8_blockmap_kernel(
     E before its first weight load: latency that a short-K, few-rows GEMM cannot hide). Blocks past the used rows
     exit at once. Same per-row arithmetic as the other kernels (``_tile_nt``): the same bytes. ``TMA_B`` streams the
     weight tiles through the copy engine (one descriptor load per K block, as vLLM's kernel does on Hopper) instead
-    of 128 threads' pointer loads: the weight bytes are the whole cost of a decode-sized call."""
+    of 128 threads' pointer loads: the weight bytes are the whole cost of a decode-sized call.
+
+    ``GATHER``: ``a`` / ``as_ptr`` are the quantized tokens and their scales, not their permuted copy; each row of
+    the plan reads its token's row (``sorted_token_ids[r] // top_k``; padding rows read token 0 and are never
+    stored), as vLLM's fused-MoE kernel reads its A: neither the permutation's launch nor its copy (``top_k`` times
+    the tokens' bytes, written and read back) exist. The same per-row arithmetic, so the same bytes."""
     pdl_prologue(USE_PDL)
     tl.static_assert(MAP_BLOCK % BLOCK_M == 0, "a tile must not straddle two experts' segments")
     tm, tn = _block_map_tile(tl.program_id(0), M // BLOCK_M, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -316,7 +324,11 @@ def _grouped_gemm_fp8_blockmap_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = tl.load(m_idx_ptr + rows) == e  # the segment's real rows; its padding holds -1
-        rows_ld = rows.to(tl.int64)
+        if GATHER:
+            sid = tl.load(sorted_ptr + rows)
+            rows_ld = (tl.where(row_ok & (sid >= 0) & (sid < numel), sid, 0) // top_k).to(tl.int64)
+        else:
+            rows_ld = rows.to(tl.int64)
         cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ld = tl.minimum(cols, N - 1).to(tl.int64)
         if TMA_B:

@@ -19,6 +19,7 @@ from ..ops._tuned import tuned_config
 from ..ops.combine import moe_combine
 from ..ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2, moe_routed_gemm1,
                           moe_routed_gemm2)
+from ..ops.grouped_gemm import gather_config, grouped_gemm_fp8_gather
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
@@ -148,16 +149,17 @@ def _use_decode(num_choices: int, hidden: int, inter: int, x: torch.Tensor, gemm
 
 
 def _take_path(path: str, env_name: str, fits: bool, num_choices: int, hidden: int, inter: int, x, gemm,
-               return_stages: bool, num_experts: int) -> bool:
-    """The rule ``_use_decode`` and ``_use_routed`` share: ``env_name`` 1 / 0 / unset (the card's ``moe_decode``
+               return_stages: bool, num_experts: int, quantizes_in_kernel: bool = True) -> bool:
+    """The rule the decode, routed and gather paths share: ``env_name`` 1 / 0 / unset (the card's ``moe_decode``
     table names ``path`` at the nearest choices), within what the path can take (``fits``, our Triton backend, no
-    stages asked for) and not where vLLM's activation quantizer would run."""
+    stages asked for) and, for a path that quantizes the tokens inside its GEMM (``quantizes_in_kernel``), not where
+    vLLM's activation quantizer would run."""
     env = os.environ.get(env_name)
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{env_name}={env!r}: expected 0 or 1 (unset: the card's measured table)")
     if env == "0" or return_stages or gemm.name != "triton" or not fits:
         return False
-    if x.is_cuda and _registry.available("activation_quant", "vllm"):
+    if quantizes_in_kernel and x.is_cuda and _registry.available("activation_quant", "vllm"):
         return False
     if env == "1":
         return True
@@ -179,6 +181,21 @@ def _use_routed(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: b
     Triton backend, H and I multiples of 128, not where vLLM's activation quantizer would run)."""
     return _take_path("routed", ROUTED_ENV, hidden % 128 == 0 and inter % 128 == 0, num_choices, hidden, inter, x,
                       gemm, return_stages, num_experts)
+
+
+GATHER_ENV = "FP8_DEEP_GATHER"
+
+
+def _use_gather(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: bool, num_choices: int,
+                num_experts: int) -> bool:
+    """Whether the forward's GEMM1 reads the quantized tokens through the routing plan (``ops.grouped_gemm_fp8_gather``)
+    instead of a permuted copy of them: no permute launch, and the copy (``top_k`` times the tokens' FP8 bytes,
+    written then read back from DRAM) is never made; the rest is the regular chain (SwiGLU, GEMM2 by the backend's
+    pick, combine), the same bytes. ``FP8_DEEP_GATHER=1`` always, ``0`` never; unset, where this card's
+    ``moe_decode`` table names it (``bench/tune_decode.py``; none yet: off). For our Triton backend; the tokens are
+    quantized by ``quantize_activation`` (vLLM's op where installed, as the chain)."""
+    return _take_path("gather", GATHER_ENV, True, num_choices, hidden, inter, x, gemm, return_stages, num_experts,
+                      quantizes_in_kernel=False)
 
 
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
@@ -274,6 +291,14 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         o = moe_routed_gemm2(h, plan, q2, s2, scale_fmt=scale_fmt)
         return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     layout = gemm.a_scale_layout
+    if _use_gather(H, inter, hidden_states, gemm, return_stages, T * topk_ids.shape[1], E):
+        cfg = gather_config(E, q13.shape[1], H, T * topk_ids.shape[1], hidden_states.device)
+        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=max(gemm.row_alignment, cfg.BLOCK_M))
+        qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)  # row-major: a row's scales read together
+        h = grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, config=cfg)
+        a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
+        o = gemm.gemm(a2, sa2, q2, s2, plan)
+        return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     fuse_qp = _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states)
     if fuse_qp and _fuse_align(T * topk_ids.shape[1], gemm.row_alignment, hidden_states, expert_map):
         plan, a1, sa1 = align_quantize_permute(hidden_states, topk_ids, E, expert_map=expert_map,

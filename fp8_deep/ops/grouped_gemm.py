@@ -41,7 +41,7 @@ from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
 from .swiglu import silu_mul_quantize
 
-__all__ = ["GemmConfig", "grouped_gemm_fp8", "grouped_gemm_swiglu_fp8", "resolve_config", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "grouped_gemm_fp8_gather", "gather_config", "grouped_gemm_swiglu_fp8", "resolve_config", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -461,7 +461,9 @@ def _check_block_map(block_map, M: int, E: int, device) -> int:
     return block_size
 
 
-def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
+def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E, gather=None):
+    """``M``: rows of ``out`` (the plan's); ``gather``: ``(sorted_token_ids, numel, top_k)`` when ``a`` holds the
+    tokens rather than their permuted copy."""
     block_expert, m_indices, block_size = block_map
     grid = ((M // cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     if grid[0] == 0:
@@ -472,14 +474,119 @@ def _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E):
         b_arg = TensorDescriptor(b, [E * N, K], [b.stride(1), 1], [cfg.BLOCK_N, BLOCK])
     else:
         b_arg = b
+    sorted_ids, numel, top_k = gather if gather is not None else (m_indices, M, 1)
     _grouped_gemm_fp8_blockmap_kernel[grid](
-        a, a_scale, b_arg, b_scale, out, block_expert, m_indices, M, N, K, E,
+        a, a_scale, b_arg, b_scale, out, block_expert, m_indices, sorted_ids, M, N, K, E, numel, top_k,
         a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=BLOCK, GROUP_M=cfg.GROUP_M, SWAP_AB=cfg.SWAP_AB,
         EVEN_K=(K % BLOCK == 0), ACC_K=cfg.ACC_K, UPCAST=cfg.UPCAST, MAP_BLOCK=block_size, TMA_B=tma_b,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a),
+        GATHER=gather is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION, **pdl(a),
     )
+
+
+GATHER_CONFIG_ENV = "FP8_DEEP_GATHER_CONFIG"
+
+
+def gather_config(E: int, N: int, K: int, choices: int, device) -> GemmConfig:
+    """The tile of ``grouped_gemm_fp8_gather`` for ``choices = T * top_k`` routed rows over ``E`` experts of
+    ``(N, K)`` weights: ``FP8_DEEP_GATHER_CONFIG`` when set; else this card's measured table
+    (``fp8_deep/configs/gather/<card>.json``, written by ``bench/tune_decode.py``; nearest in choices); else vLLM's
+    block-FP8 default shape for the load: 64-row plain tiles from 48 rows per expert, swap-AB tiles of 32 or 16
+    token rows below (a plain tile under 64 rows would run mma.sync on Hopper, ``mma_sync_refusal``), 128 weight
+    rows, weight tiles through TMA where it can describe them. Always a ``BLOCK_MAP`` tile: the plan's block map is
+    how a gathered row finds its expert."""
+    env = os.environ.get(GATHER_CONFIG_ENV)
+    if env:
+        return _gather_checked(GemmConfig.parse(env), GATHER_CONFIG_ENV)
+    spec = tuned_config("gather", torch.device(device), E=E, N=N, K=K, rows=max(1, choices))
+    if spec is not None:
+        return _gather_checked(_table_config(spec), "a tuned gather table (fp8_deep/configs/gather/)")
+    rows = peak_rows_per_expert(choices, E)
+    if rows >= 48:
+        return GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, BLOCK_MAP=True, TMA_B=True, num_warps=4, num_stages=3)
+    return GemmConfig(BLOCK_M=32 if rows > 16 else 16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, BLOCK_MAP=True,
+                      TMA_B=True, num_warps=4, num_stages=3)
+
+
+def _gather_checked(cfg: GemmConfig, where: str) -> GemmConfig:
+    if not cfg.BLOCK_MAP:
+        raise ValueError(f"{where}: {cfg} is not a block-map tile; the gathered GEMM runs BLOCK_MAP=1 tiles only "
+                         f"(e.g. BLOCK_M=64,BLOCK_N=128,BLOCK_MAP=1,TMA_B=1)")
+    return cfg
+
+
+@on_input_device
+def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                            plan, *, out: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                            config=None) -> torch.Tensor:
+    """``grouped_gemm_fp8(permute_rows(x_q, x_scale, plan), b)`` without the permuted copy: each row of the routing
+    plan reads its token's row of ``x_q`` (vLLM's fused-MoE kernel reads its A this way). The same bytes as the
+    permute + grouped GEMM chain for the plan's real rows.
+
+    Args:
+        x_q: float8_e4m3fn ``(T, K)`` quantized tokens (``quantize_activation``), unit stride along K.
+        x_scale: float32 ``(T, ceil(K/128))`` their 1x128 dequantization scales, any strides (row-major preferred:
+            a row's scales are read together).
+        b, b_scale: float8_e4m3fn ``(E, N, K)`` (unit stride along K) and float32 ``(E, ceil(N/128), ceil(K/128))``.
+        plan: the call's ``RoutingPlan`` (``align_routing``); its ``block_size`` must be a multiple of the tile's
+            ``BLOCK_M`` (the forward aligns the plan to the tile ``gather_config`` picks).
+        out: optional ``(plan.num_rows, N)`` of ``out_dtype`` (bf16 / fp16 / fp32), any strides.
+        config: a ``BLOCK_MAP=1`` ``GemmConfig`` / string (default ``gather_config``).
+
+    Returns:
+        ``out`` ``(plan.num_rows, N)`` in the plan's rows: the real rows written, padding rows and unused blocks
+        left as they were. No host synchronisation."""
+    from .plan import RoutingPlan  # noqa: PLC0415 -- ops.plan imports nothing of ours but numerics; kept local
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    dev = plan.sorted_token_ids.device
+    check_tensor(x_q, "x_q", dtypes=(FP8_DTYPE,), dims=(2,), device=dev, last_stride_one=True)
+    T, K = x_q.shape
+    if T != plan.num_tokens:
+        raise ValueError(f"x_q has {T} rows but the plan was built for {plan.num_tokens} tokens")
+    check_tensor(x_scale, "x_scale", dtypes=(torch.float32,), dims=(2,), device=dev)
+    if tuple(x_scale.shape) != (T, cdiv(K, BLOCK)):
+        raise ValueError(f"x_scale must be (T, ceil(K/128)) = {(T, cdiv(K, BLOCK))} (1x128 groups of x_q), got "
+                         f"{tuple(x_scale.shape)}")
+    check_tensor(b, "b", dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
+    E, N, Kb = b.shape
+    if Kb != K:
+        raise ValueError(f"b must be (E, N, {K}) to match x_q {tuple(x_q.shape)}, got {tuple(b.shape)}")
+    if E != plan.num_experts:
+        raise ValueError(f"b has {E} experts, the plan {plan.num_experts}")
+    check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
+    if tuple(b_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
+        raise ValueError(f"b_scale must be {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))} (128x128 blocks of b), got "
+                         f"{tuple(b_scale.shape)}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
+    M = plan.num_rows
+    if out is None:
+        out = torch.empty(M, N, dtype=out_dtype, device=dev)
+    else:
+        check_out(out, "out", (M, N), out_dtype, dev)
+        check_outputs_disjoint([("x_q", x_q), ("x_scale", x_scale), ("b", b), ("b_scale", b_scale)], [("out", out)])
+    if config is not None:
+        cfg = _gather_checked(GemmConfig.parse(config) if not isinstance(config, GemmConfig) else config, "config")
+    else:
+        cfg = gather_config(E, N, K, plan.num_tokens * plan.top_k, dev)
+    if plan.block_size % cfg.BLOCK_M:
+        raise ValueError(f"the gathered GEMM's tile {cfg} is taller than the plan's {plan.block_size}-row blocks: "
+                         f"build the plan with align_routing(..., block_size={max(cfg.BLOCK_M, plan.block_size)}) "
+                         f"or pick BLOCK_M <= {plan.block_size}")
+    _check_mma_height(cfg, x_q)
+    if M == 0 or N == 0 or E == 0:
+        return out
+    if not use_triton(x_q):
+        from .. import reference  # noqa: PLC0415 -- the spec, for the CPU without Triton
+        a, sa = reference.permute_rows(x_q, x_scale, plan.sorted_token_ids, plan.top_k)
+        real = plan.m_indices >= 0
+        out[real] = reference.grouped_gemm_fp8(a, sa, b, b_scale, plan.m_indices, out_dtype=out_dtype)[real]
+        return out
+    _launch_block_map(cfg, x_q, x_scale, b, b_scale, out, (plan.expert_ids, plan.m_indices, plan.block_size), M, N,
+                      K, E, gather=(plan.sorted_token_ids, plan.num_tokens * plan.top_k, max(1, plan.top_k)))
+    return out
 
 
 FUSED_SWIGLU_ENV = "FP8_DEEP_FUSED_SWIGLU"
