@@ -226,11 +226,11 @@ run_one_stage() {
             for f in fp8_deep/configs/grouped_gemm/*.json; do
                 [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_grouped_gemm_table.json"
             done ;;
-        tuned)  # the decode path's per-card tables (TUNED_ARGS); writes fp8_deep/configs/{decode,moe_decode}/<card>.json,
+        tuned)  # the decode, routed and gather paths' per-card tables (TUNED_ARGS); writes fp8_deep/configs/{decode,gather,moe_decode}/<card>.json,
                 # copied into results.tgz as <card>_<op>_table.json (commit them under fp8_deep/configs/)
             run_stage tuned "${TUNED_TIMEOUT:-300}" tuned.log $PY bench/tune_decode.py \
                 --time-budget "$(budget_for $(( ${TUNED_TIMEOUT:-300} - 20 )))" ${TUNED_ARGS:-}
-            for f in fp8_deep/configs/decode/*.json fp8_deep/configs/moe_decode/*.json; do
+            for f in fp8_deep/configs/decode/*.json fp8_deep/configs/gather/*.json fp8_deep/configs/moe_decode/*.json; do
                 [[ -f "$f" ]] && cp "$f" "$REPO/bench/results/$(basename "$f" .json)_$(basename "$(dirname "$f")")_table.json"
             done ;;
         tuneq)  # the quantizers' per-card tables (TUNEQ_ARGS); writes fp8_deep/configs/{weight,act}_quant*/<card>.json,

@@ -1,24 +1,30 @@
-"""Tune the decode and routed paths' GEMM tiles on this card; write ``fp8_deep/configs/decode/<card>.json``.
+"""Tune the decode, routed and gather paths' GEMM tiles on this card; write ``fp8_deep/configs/decode/<card>.json``,
+``configs/gather/<card>.json`` and which path the forward takes, ``configs/moe_decode/<card>.json``.
 
 The decode launchers (``fp8_deep.ops.moe_decode_gemm1`` / ``moe_decode_gemm2``, the MoE's path with
-``FP8_DEEP_DECODE=1``) read that table through ``ops.decode.decode_config``: for a GEMM's ``(N, K)`` the entry nearest
-in choices ``T * top_k`` (then in E), else the built-in heuristic. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
+``FP8_DEEP_DECODE=1``) read the decode table through ``ops.decode.decode_config``: for a GEMM's ``(N, K)`` the entry
+nearest in choices ``T * top_k`` (then in E), else the built-in heuristic. The gathered GEMM1
+(``ops.grouped_gemm_fp8_gather``, ``FP8_DEEP_GATHER=1``) reads the gather table through ``gather_config`` the same
+way. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
 
 Grid: the models of ``tune_grouped_gemm.py`` at T tokens, routed top-k at random: within the decode path's bound
 (``T * top_k <= 128``) its GEMMs, above it the routed path's (``ops.moe_routed_gemm1`` / ``2``, the routing plan's
-rows); each model's GEMM1 (``w13 (E, 2I, H)``, tokens quantized on load) and GEMM2 (``w2 (E, H, I)``, SwiGLU on
-load, the combine in its tail) timed as the forward launches them. Candidates: 64- and 128-row weight tiles, pointer
-or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16- or 32-choice row tiles. A candidate's output must equal
-the heuristic's bit for bit (kept rows; GEMM2: the combined output) or it is reported and not eligible; every grid
-point's winner is written, the heuristic's own config included.
+rows) and the gathered GEMM1; each timed as the forward launches it (GEMM1 ``w13 (E, 2I, H)``, tokens quantized on
+load or gathered; GEMM2 ``w2 (E, H, I)``, SwiGLU on load, the decode path's combine in its tail). Candidates of the
+on-load GEMMs: 64- and 128-row weight tiles, pointer or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16-
+or 32-choice row tiles; of the gathered GEMM: block-map tiles of 16 to 128 token rows, both orientations, TMA or
+pointer weight loads. A candidate's output must equal the heuristic's bit for bit (kept rows; GEMM2: the combined
+output) or it is reported and not eligible; every grid point's winner is written, the heuristic's own config
+included.
 
-Then, per (model, T), the whole forward as CUDA-graph replays with that path (the tiles just tuned) and with the
-regular chain, outputs compared bit for bit: ``fp8_deep/configs/moe_decode/<card>.json`` records which is faster
-(``config`` "decode", "routed" or "chain", keyed by the layer's ``(E, N = 2I, K = H)`` and choices), and the forward
-takes the path where this card's table names it at the nearest choices (within 2x) unless ``FP8_DEEP_DECODE`` /
-``FP8_DEEP_ROUTED`` say otherwise (``--no-forward``: tiles only).
+Then, per (model, T), the whole forward as CUDA-graph replays down each path that applies (decode within its bound;
+routed and gather above it) and down the regular chain, outputs compared bit for bit: the moe_decode table records
+the fastest of those equal to the chain (``config`` "decode", "routed", "gather" or "chain", keyed by the layer's
+``(E, N = 2I, K = H)`` and choices), and the forward takes the path this card's table names at the nearest choices
+(within 2x) unless ``FP8_DEEP_DECODE`` / ``FP8_DEEP_ROUTED`` / ``FP8_DEEP_GATHER`` say otherwise (``--no-forward``:
+tiles only).
 
-    python bench/tune_decode.py                            # every model, T = 1, 4, 16, 64, 256
+    python bench/tune_decode.py                            # every model, T = 1, 4, 16, 64, 256, 2048
     python bench/tune_decode.py --models qwen3_30b --T 1 --time-budget 60
     python bench/tune_decode.py --dry-run                  # print the grid and candidates, time nothing
     python bench/tune_decode.py --cpu-smoke                # plumbing on a tiny shape (interpreter), no table
@@ -41,7 +47,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 from tune_grouped_gemm import MODELS, SMOKE, announce, table_target, write_table  # noqa: E402
 
-TOKENS = (1, 4, 16, 64, 256)
+TOKENS = (1, 4, 16, 64, 256, 2048)
 
 
 def candidates():
@@ -51,6 +57,19 @@ def candidates():
     out += [DecodeConfig(BLOCK_N=128, TMA_B=tma, num_warps=8) for tma in (False, True)]
     out += [DecodeConfig(BLOCK_M=32, BLOCK_N=bn) for bn in (64, 128)]
     return out
+
+
+def gather_candidates():
+    """Block-map tiles of the gathered GEMM1 (vLLM's fused-MoE kernel's family: its block-FP8 default is the 64-row
+    plain tile, 3 stages), both orientations; plain tiles start at 64 rows (mma.sync below, see
+    ``mma_sync_refusal``)."""
+    from fp8_deep.ops.grouped_gemm import GemmConfig
+
+    def g(bm, swap=False, tma=True, warps=4, stages=3, group=8):
+        return GemmConfig(BLOCK_M=bm, BLOCK_N=128, GROUP_M=group if not swap else 1, SWAP_AB=swap, BLOCK_MAP=True,
+                          TMA_B=tma, num_warps=warps, num_stages=stages)
+    return [g(16, swap=True), g(32, swap=True, stages=4), g(64, swap=True), g(64), g(64, stages=4),
+            g(64, tma=False, stages=4), g(64, group=32), g(128, warps=8)]
 
 
 def operands(E, H, inter, T, top_k, seed=0):
@@ -65,36 +84,63 @@ def operands(E, H, inter, T, top_k, seed=0):
 
 
 def _runners(o, H, inter, T, top_k):
-    """``{gemm: run(cfg) -> the output to compare}`` as the forward launches them: the decode GEMMs within the
-    decode path's bound (GEMM2 with the combine in its tail), else the routed GEMMs over the routing plan."""
+    """``{gemm: (run(cfg) -> the output to compare, the heuristic's pick, the candidates)}`` as the forward launches
+    them: the decode GEMMs within the decode path's bound (GEMM2 with the combine in its tail), else the routed GEMMs
+    over the routing plan and the gathered GEMM1 (rows in choice order: each tile height has its own plan)."""
     from fp8_deep import ops
-    from fp8_deep.ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2,
+    from fp8_deep.ops.decode import (decode_config, decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2,
                                      moe_routed_gemm1, moe_routed_gemm2)
+    from fp8_deep.ops.grouped_gemm import gather_config, grouped_gemm_fp8_gather
     x, ids = o["x"], o["ids"]
-    if decode_fits(T * top_k, H, inter):
+    E, P = o["q13"].shape[0], T * top_k
+    with C.environ({"FP8_DEEP_TUNED": "0", "FP8_DEEP_DECODE_CONFIG": None, "FP8_DEEP_GATHER_CONFIG": None}):
+        pick1 = decode_config(E, 2 * inter, H, P, x.device)
+        pick2 = decode_config(E, H, inter, P, x.device)
+        pick_g = gather_config(E, 2 * inter, H, P, x.device)
+    if decode_fits(P, H, inter):
         counters = decode_counters(H, x.device)
         h, inv = moe_decode_gemm1(x, ids, o["q13"], o["s13"], counters=counters)
         kept = inv.reshape(-1) >= 0
-        return {"gemm1": lambda cfg: moe_decode_gemm1(x, ids, o["q13"], o["s13"], counters=counters,
-                                                      config=cfg)[0][kept],
-                "gemm2": lambda cfg: moe_decode_gemm2(h, ids, o["q2"], o["s2"], combine=(o["tw"], inv, counters),
-                                                      config=cfg)}
-    plan = ops.align_routing(ids, o["q13"].shape[0], block_size=16)
+        return {"gemm1": (lambda cfg: moe_decode_gemm1(x, ids, o["q13"], o["s13"], counters=counters,
+                                                       config=cfg)[0][kept], pick1, candidates()),
+                "gemm2": (lambda cfg: moe_decode_gemm2(h, ids, o["q2"], o["s2"], combine=(o["tw"], inv, counters),
+                                                       config=cfg), pick2, candidates())}
+    plan = ops.align_routing(ids, E, block_size=16)
     real = plan.m_indices >= 0
     h = moe_routed_gemm1(x, plan, o["q13"], o["s13"])
-    return {"gemm1": lambda cfg: moe_routed_gemm1(x, plan, o["q13"], o["s13"], config=cfg)[real],
-            "gemm2": lambda cfg: moe_routed_gemm2(h, plan, o["q2"], o["s2"], config=cfg)[real]}
+    qx, sx = ops.quantize_activation(x)
+    plans = {}
+
+    def gathered(cfg):
+        bs = max(16, cfg.BLOCK_M)
+        if bs not in plans:
+            pl = ops.align_routing(ids, E, block_size=bs)
+            plans[bs] = (pl, pl.inv_perm.reshape(-1)[pl.inv_perm.reshape(-1) >= 0].long())
+        pl, rows = plans[bs]
+        return grouped_gemm_fp8_gather(qx, sx, o["q13"], o["s13"], pl, config=cfg)[rows]
+    return {"gemm1": (lambda cfg: moe_routed_gemm1(x, plan, o["q13"], o["s13"], config=cfg)[real], pick1,
+                      candidates()),
+            "gemm2": (lambda cfg: moe_routed_gemm2(h, plan, o["q2"], o["s2"], config=cfg)[real], pick2,
+                      candidates()),
+            "gather": (gathered, pick_g, gather_candidates())}
 
 
-def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
+def gemms_at(T, top_k, H, inter, gemms):
+    """The GEMMs tuned at this point: the decode pair within its bound, else the routed pair and the gathered GEMM1."""
+    from fp8_deep.ops.decode import decode_fits
+    if decode_fits(T * top_k, H, inter):
+        return [g for g in gemms if g != "gather"]
+    return list(gemms)
+
+
+def tune_point(E, H, inter, T, top_k, gemm, rep, log, smoke=False):
     """Time every candidate at one grid point; the winner among those bitwise equal to the heuristic's pick."""
-    from fp8_deep.ops.decode import decode_config
     o = operands(E, H, inter, T, top_k)
     P = T * top_k
-    run = _runners(o, H, inter, T, top_k)[gemm]
-    N, K = (2 * inter, H) if gemm == "gemm1" else (H, inter)
-    with C.environ({"FP8_DEEP_TUNED": "0", "FP8_DEEP_DECODE_CONFIG": None}):
-        pick = decode_config(E, N, K, P, o["x"].device)
+    run, pick, cands = _runners(o, H, inter, T, top_k)[gemm]
+    if smoke:
+        cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
+    N, K = (H, inter) if gemm == "gemm2" else (2 * inter, H)
     ref = run(pick)
     pick_ms = C.bench(lambda: run(pick), rep=rep)[0]
     results = []
@@ -118,12 +164,21 @@ def tune_point(E, H, inter, T, top_k, gemm, cands, rep, log):
                 heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
 
 
-def forward_point(E, H, inter, T, top_k, path, rep, seed=0):
-    """The whole MoE forward as CUDA-graph replays with ``path`` ("decode" or "routed") and with the regular chain
-    (same weights, routing, tokens; the tile table just written in effect): (path ms, chain ms, bitwise equal)."""
+PATH_ENVS = {"decode": "FP8_DEEP_DECODE", "routed": "FP8_DEEP_ROUTED", "gather": "FP8_DEEP_GATHER"}
+
+
+def forward_paths(T, top_k, H, inter):
+    """The paths besides the regular chain that apply at this point."""
+    from fp8_deep.ops.decode import decode_fits
+    return ["decode"] if decode_fits(T * top_k, H, inter) else ["routed", "gather"]
+
+
+def forward_point(E, H, inter, T, top_k, paths, rep, seed=0):
+    """The whole MoE forward as CUDA-graph replays down each of ``paths`` and down the regular chain (same weights,
+    routing, tokens; the tile tables just written in effect): ({path: ms}, {path: bitwise equal to the chain})."""
     import fp8_deep
     from fp8_deep.ops import _tuned
-    _tuned.load_table.cache_clear()  # the table this run is writing
+    _tuned.load_table.cache_clear()  # the tables this run is writing
     _tuned._lookup_cached.cache_clear()
     o = operands(E, H, inter, T, top_k, seed=seed)
 
@@ -131,16 +186,14 @@ def forward_point(E, H, inter, T, top_k, path, rep, seed=0):
         return fp8_deep.moe_forward(o["x"], o["q13"], o["q2"], o["tw"], o["ids"], w13_scale=o["s13"],
                                     w2_scale=o["s2"], backend="triton")
     ms, outs = {}, {}
-    for mode in ("1", "0"):
-        on = mode == "1"
-        with C.environ({"FP8_DEEP_DECODE": "1" if on and path == "decode" else "0",
-                        "FP8_DEEP_ROUTED": "1" if on and path == "routed" else "0"}):
-            outs[mode] = fwd()
-            ms[mode] = C.bench(fwd, rep=rep, graph=torch.cuda.is_available())[0]
-    same = torch.equal(outs["1"].view(torch.int16), outs["0"].view(torch.int16))
+    for path in ["chain", *paths]:
+        with C.environ({env: "1" if name == path else "0" for name, env in PATH_ENVS.items()}):
+            outs[path] = fwd()
+            ms[path] = C.bench(fwd, rep=rep, graph=torch.cuda.is_available())[0]
+    same = {p: torch.equal(outs[p].view(torch.int16), outs["chain"].view(torch.int16)) for p in paths}
     o = outs = None
     C.free_cuda()
-    return ms["1"], ms["0"], same
+    return ms, same
 
 
 def main(argv=None) -> int:
@@ -148,67 +201,73 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--T", nargs="*", type=int, default=list(TOKENS), help="tokens per call (default %(default)s)")
-    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2"], choices=["gemm1", "gemm2"])
+    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2", "gather"], choices=["gemm1", "gemm2", "gather"],
+                   help="the GEMMs tuned (gather: the gathered GEMM1, above the decode bound)")
     p.add_argument("--rep", type=int, default=25, help="do_bench rep per candidate (ms)")
     p.add_argument("--time-budget", type=float, default=300, help="seconds; stops between grid points")
-    p.add_argument("--out", default=None, help="table path (default fp8_deep/configs/decode/<card>.json)")
-    p.add_argument("--no-merge", action="store_true", help="drop the existing table's other entries")
+    p.add_argument("--out", default=None, help="the decode table's path (default fp8_deep/configs/decode/<card>.json)")
+    p.add_argument("--no-merge", action="store_true", help="drop the existing tables' other entries")
     p.add_argument("--no-forward", action="store_true",
                    help="tune the GEMM tiles only (no forward timing, no moe_decode table entry)")
     p.add_argument("--dry-run", action="store_true", help="print the grid and the candidates; time nothing")
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape through the interpreter; writes no table")
     args = p.parse_args(argv)
 
-    from fp8_deep.ops.decode import DECODE_MAX_CHOICES, decode_fits
-    cands = candidates()
+    from fp8_deep.ops.decode import DECODE_MAX_CHOICES
     models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
-    tokens = [2, 70] if args.cpu_smoke else args.T  # the decode GEMMs, then the routed ones (140 choices)
-    grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for g in args.gemms
-            for T in tokens if H % 128 == 0 and inter % 128 == 0]
-    if not announce("tune_decode", grid, cands, args,
-                    f" (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed ones above)"):
+    tokens = [2, 70] if args.cpu_smoke else args.T  # the decode GEMMs, then the routed and gathered ones
+    grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for T in tokens
+            if H % 128 == 0 and inter % 128 == 0 for g in gemms_at(T, top_k, H, inter, args.gemms)]
+    if not announce("tune_decode", grid, candidates() + gather_candidates(), args,
+                    f" (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed and gathered ones above)"):
         return 0
-    if args.cpu_smoke:
-        cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
     card, path, old = table_target("decode", args)
-    _, fwd_path, fwd_old = table_target("moe_decode", argparse.Namespace(**{**vars(args), "out": None}))
+    no_out = argparse.Namespace(**{**vars(args), "out": None})
+    _, gather_path, gather_old = table_target("gather", no_out)
+    _, fwd_path, fwd_old = table_target("moe_decode", no_out)
     fwd_entries, fwd_rows = [], []
     t0 = time.time()
-    entries, rows_out = [], []
-    for name, g, E, H, inter, T, top_k in grid:
+    entries, gather_entries, rows_out = [], [], []
+    for i, (name, g, E, H, inter, T, top_k) in enumerate(grid):
         if args.time_budget and time.time() - t0 > args.time_budget:
             print(f"[note] time budget {args.time_budget:.0f} s spent: stopped before {name} {g} T={T}")
             break
         print(f"  {name} {g} E={E} H={H} I={inter} T={T}", flush=True)
-        r = tune_point(E, H, inter, T, top_k, g, cands, args.rep, log=print)
-        entries.append(r)
+        r = tune_point(E, H, inter, T, top_k, g, args.rep, log=print, smoke=args.cpu_smoke)
+        (gather_entries if g == "gather" else entries).append(r)
         gain = r["heuristic_ms"] / r["ms"] if r["ms"] else float("nan")
         rows_out.append(dict(model=name, gemm=g, T=T, choices=r["rows"], best_ms=f"{r['ms']:.4f}",
                              heuristic_ms=f"{r['heuristic_ms']:.4f}", gain=f"{gain:.3f}x", config=r["config"]))
         if not args.cpu_smoke:  # after every point: a run cut short by its time limit keeps what it measured
             write_table(path, card, old, entries, op="decode")
-        if g != args.gemms[-1] or args.no_forward:
+            if gather_entries:
+                write_table(gather_path, card, gather_old, gather_entries, op="gather")
+        last_of_point = i + 1 == len(grid) or grid[i + 1][0] != name or grid[i + 1][5] != T
+        if not last_of_point or args.no_forward:
             continue
-        # both GEMMs of this (model, T) tuned: the forward with the path against the regular chain
-        path_name = "decode" if decode_fits(T * top_k, H, inter) else "routed"
-        path_ms, chain_ms, same = forward_point(E, H, inter, T, top_k, path_name, args.rep)
-        use = path_name if same and path_ms < chain_ms else "chain"
-        fwd_rows.append(dict(model=name, T=T, choices=T * top_k, path=path_name, path_ms=f"{path_ms:.4f}",
-                             chain_ms=f"{chain_ms:.4f}", gain=f"{chain_ms / path_ms:.3f}x", bitwise=same, use=use))
+        # every GEMM of this (model, T) tuned: the forward down each path against the regular chain
+        paths = forward_paths(T, top_k, H, inter)
+        ms, same = forward_point(E, H, inter, T, top_k, paths, args.rep)
+        use = min(["chain"] + [q for q in paths if same[q]], key=lambda q: ms[q])
+        fwd_rows.append(dict(model=name, T=T, choices=T * top_k, chain_ms=f"{ms['chain']:.4f}",
+                             paths=" ".join(f"{q} {ms[q]:.4f} ({ms['chain'] / ms[q]:.3f}x{'' if same[q] else ', NOT bitwise'})"
+                                            for q in paths), use=use))
         fwd_entries.append(dict(E=E, N=2 * inter, K=H, rows=T * top_k, T=T, top_k=top_k, config=use,
-                                path_ms=round(path_ms, 5), chain_ms=round(chain_ms, 5), bitwise=same))
+                                chain_ms=round(ms["chain"], 5), **{f"{q}_ms": round(ms[q], 5) for q in paths},
+                                bitwise={q: same[q] for q in paths}))
         if not args.cpu_smoke:
             write_table(fwd_path, card, fwd_old, fwd_entries, op="moe_decode")
     C.print_table(rows_out, ["model", "gemm", "T", "choices", "best_ms", "heuristic_ms", "gain", "config"],
-                  title=f"decode GEMM tuning on {card} (gain = the heuristic's time / the best's)", prefix="SUMMARY")
-    C.print_table(fwd_rows, ["model", "T", "choices", "path", "path_ms", "chain_ms", "gain", "bitwise", "use"],
-                  title=f"MoE forward on {card}, the decode or routed path vs the regular chain (CUDA-graph replays; "
-                        f"gain = chain / path; 'use' is what the forward does with FP8_DEEP_DECODE / "
-                        f"FP8_DEEP_ROUTED unset)", prefix="SUMMARY")
+                  title=f"decode / routed / gathered GEMM tuning on {card} (gain = the heuristic's time / the best's)",
+                  prefix="SUMMARY")
+    C.print_table(fwd_rows, ["model", "T", "choices", "chain_ms", "paths", "use"],
+                  title=f"MoE forward on {card}, each path vs the regular chain (CUDA-graph replays; (x) = chain / "
+                        f"path; 'use' is what the forward does with FP8_DEEP_DECODE / FP8_DEEP_ROUTED / "
+                        f"FP8_DEEP_GATHER unset)", prefix="SUMMARY")
     if args.cpu_smoke:
         print("SUMMARY cpu-smoke: plumbing only; no table written")
         return 0
-    print(f"SUMMARY {len(entries)} grid points measured; table {path}")
+    print(f"SUMMARY {len(entries) + len(gather_entries)} grid points measured; tables {path}, {gather_path}")
     return 0
 
 

@@ -209,19 +209,24 @@ def test_quant_tuner_plumbing(monkeypatch, capsys):
 
 def test_decode_tuner_smoke(capsys):
     """bench/tune_decode.py end to end on a tiny layer (interpreter): each candidate checked bit for bit against the
-    heuristic's pick and timed; the grid covers every model within the decode path's bound."""
+    heuristic's pick and timed; the grid covers every model, the decode pair within its bound, the routed pair and
+    the gathered GEMM1 above it; each forward path against the chain."""
     from conftest import bench_module
     from fp8_deep.numerics import interpreter_active
     with bench_module("tune_decode") as tuner:
         assert tuner.main(["--dry-run"]) == 0
-        assert "60 grid points" in capsys.readouterr().out
+        # 6 models x T = 1, 4, 16, 64, 256, 2048: 2 GEMMs within the bound (T * top_k <= 128: three T per model,
+        # four for Mixtral's top-2), 3 above
+        assert "89 grid points" in capsys.readouterr().out
         if not interpreter_active():
             pytest.skip("the smoke run times the interpreter (a GPU run tunes for real: the tuned stage)")
         assert tuner.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
     assert "NOT bitwise" not in out and "failed" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("SUMMARY smoke")]
-    assert len(rows) == 6  # both GEMMs' tiles at T=2 (decode) and 70 (routed), then each forward against the chain
-    assert [r[4] for r in rows[4:]] == ["decode", "routed"]
-    for r in rows[4:]:  # the path's and the chain's bytes agree
-        assert r[-2] == "True" and r[-1] in (r[4], "chain")
+    assert [r[2] for r in rows[:5]] == ["gemm1", "gemm2", "gemm1", "gemm2", "gather"]
+    fwd = rows[5:]
+    assert len(fwd) == 2  # T=2 (decode) and T=70 (routed, gather), each against the chain
+    assert fwd[0][5] == "decode" and fwd[1][5] == "routed" and fwd[1][8] == "gather"
+    for r in fwd:
+        assert r[-1] in r[5::3] + ["chain"]
