@@ -189,9 +189,12 @@ def test_routed_goes_before_gather(device, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("model,T", [("qwen3_30b", 64), ("qwen3_30b", 2048), ("dsv3_tp8", 256), ("dsv3_tp8", 2048),
-                                     ("mixtral", 1024)])
-@pytest.mark.parametrize("config", [None, SWAP16, "BLOCK_M=64,BLOCK_N=128,GROUP_M=8,BLOCK_MAP=1,TMA_B=0,num_stages=4"])
+@pytest.mark.parametrize("model,T,config", [  # None: gather_config's pick (16-, 32- or 64-row tiles by the load)
+    ("qwen3_30b", 64, None), ("qwen3_30b", 2048, None),
+    ("qwen3_30b", 2048, "BLOCK_M=64,BLOCK_N=128,GROUP_M=8,BLOCK_MAP=1,TMA_B=0,num_stages=4"),
+    ("dsv3_tp8", 256, None), ("dsv3_tp8", 2048, None),
+    ("dsv3_tp8", 2048, "BLOCK_M=128,BLOCK_N=128,GROUP_M=8,BLOCK_MAP=1,TMA_B=1,num_warps=8"),
+    ("mixtral", 1024, None), ("mixtral", 1024, SWAP16)])
 def test_gather_matches_permuted_gemm_gpu(model, T, config):
     E, H, I, k = GPU_SHAPES[model]
     (q13, s13, _, _), x, _, ids = _case(T, E, H, I, k, "cuda", seed=T)
