@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py whe
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from tune_grouped_gemm import MODELS, SMOKE, announce, table_target, write_table  # noqa: E402
+from tune_grouped_gemm import MODELS, SMOKE, announce, race, table_target, winner, write_table  # noqa: E402
 
 TOKENS = (1, 4, 16, 64, 256, 2048)
 
@@ -143,23 +143,10 @@ def tune_point(E, H, inter, T, top_k, gemm, rep, log, smoke=False):
     N, K = (H, inter) if gemm == "gemm2" else (2 * inter, H)
     ref = run(pick)
     pick_ms = C.bench(lambda: run(pick), rep=rep)[0]
-    results = []
-    for cfg in cands:
-        try:
-            same = torch.equal(run(cfg).view(torch.int16), ref.view(torch.int16))
-            ms = C.bench(lambda cfg=cfg: run(cfg), rep=rep)[0]
-        except Exception as exc:  # noqa: BLE001 -- a config that cannot compile or run here is not a candidate
-            log(f"    {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-            continue
-        results.append((ms, str(cfg), same))
-        if not same:
-            log(f"    {cfg}: {ms:.4f} ms but NOT bitwise equal to the pick: not eligible")
-    eligible = sorted(r for r in results if r[2])
-    if not eligible or pick_ms < eligible[0][0]:
-        eligible.insert(0, (pick_ms, str(pick), True))
+    results = race(cands, lambda cfg: (run(cfg), lambda: run(cfg)), ref, rep, log)
+    best_ms, best_cfg = winner(results, pick, pick_ms)
     o = run = ref = None
     C.free_cuda()
-    best_ms, best_cfg, _ = eligible[0]
     return dict(E=E, N=N, K=K, rows=P, T=T, top_k=top_k, config=best_cfg, ms=round(best_ms, 5),
                 heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
 

@@ -142,29 +142,17 @@ def tune_point(E, N, K, T, top_k, cands, rep, log):
     with C.environ(own):
         ref = run(None)
         pick_ms = C.bench(lambda: run(None, torch.empty_like(ref)), rep=rep)[0]
-    results = []
-    for cfg in cands:
-        if not runnable(cfg, a, b, N):
-            continue
-        try:
-            out = torch.full_like(ref, float("nan"))
-            run(cfg, out)
-            same = torch.equal(out[valid].view(torch.int16), ref[valid].view(torch.int16))
-            ms = C.bench(lambda cfg=cfg, out=out: run(cfg, out), rep=rep)[0]
-        except Exception as exc:  # noqa: BLE001 -- a config that cannot compile or run here is not a candidate
-            log(f"    {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-            continue
-        results.append((ms, str(cfg), same))
-        if not same:
-            log(f"    {cfg}: {ms:.4f} ms but NOT bitwise equal to the pick: not eligible")
-    eligible = sorted(r for r in results if r[2])
-    if runnable(pick, a, b, N) and (not eligible or pick_ms < eligible[0][0]):
-        eligible.insert(0, (pick_ms, str(pick), True))  # nothing beat the heuristic's own config
+    def attempt(cfg):
+        out = torch.full_like(ref, float("nan"))
+        run(cfg, out)
+        return out[valid], lambda: run(cfg, out)
+    results = race([c for c in cands if runnable(c, a, b, N)], attempt, ref[valid], rep, log)
+    best = winner(results, pick, pick_ms, runnable(pick, a, b, N))
     a = a_scale = b = b_scale = plan = ref = None  # the closures hold them: release before freeing the cache
     C.free_cuda()
-    if not eligible:
+    if best is None:
         return None
-    best_ms, best_cfg, _ = eligible[0]
+    best_ms, best_cfg = best
     return dict(E=E, N=N, K=K, rows=rows, T=T, top_k=top_k, config=best_cfg, ms=round(best_ms, 5),
                 heuristic=str(pick), heuristic_ms=round(pick_ms, 5), candidates=len(results))
 
@@ -233,6 +221,34 @@ def main(argv=None) -> int:
         return 0
     print(f"SUMMARY {len(entries)} grid points measured; table {path}")
     return 0
+
+
+def race(cands, attempt, ref, rep, log):
+    """Each candidate run once and compared with ``ref`` bit for bit, then timed: ``attempt(cfg)`` -> (its output,
+    a callable to time). Returns ``[(ms, config string, bitwise equal)]``; a config that cannot compile or run here
+    is reported and left out, one with other bytes is reported (and not eligible: ``winner``)."""
+    results = []
+    for cfg in cands:
+        try:
+            got, timed = attempt(cfg)
+            same = torch.equal(got.view(torch.int16), ref.view(torch.int16))
+            ms = C.bench(timed, rep=rep)[0]
+        except Exception as exc:  # noqa: BLE001 -- a config that cannot compile or run here is not a candidate
+            log(f"    {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
+        results.append((ms, str(cfg), same))
+        if not same:
+            log(f"    {cfg}: {ms:.4f} ms but NOT bitwise equal to the pick: not eligible")
+    return results
+
+
+def winner(results, pick, pick_ms, pick_runs=True):
+    """(ms, config string) of the fastest bitwise-equal candidate, or the heuristic's own pick when nothing beat it
+    (and it runs here); None when neither exists."""
+    eligible = sorted((ms, cfg) for ms, cfg, same in results if same)
+    if pick_runs and (not eligible or pick_ms < eligible[0][0]):
+        return pick_ms, str(pick)
+    return eligible[0] if eligible else None
 
 
 def announce(tool: str, grid, cands, args, what: str = "") -> bool:
