@@ -3,14 +3,17 @@
 
 The decode launchers (``fp8_deep.ops.moe_decode_gemm1`` / ``moe_decode_gemm2``, the MoE's path with
 ``FP8_DEEP_DECODE=1``) read the decode table through ``ops.decode.decode_config``: for a GEMM's ``(N, K)`` the entry
-nearest in choices ``T * top_k`` (then in E), else the built-in heuristic. The gathered GEMM1
-(``ops.grouped_gemm_fp8_gather``, ``FP8_DEEP_GATHER=1``) reads the gather table through ``gather_config`` the same
-way. ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
+nearest in choices ``T * top_k`` (then in E), else the built-in heuristic. The gather path (``FP8_DEEP_GATHER=1``)
+reads the gather table the same way: its GEMM1's tile (``ops.grouped_gemm_fp8_gather``, ``gather_config``) and, where
+one was measured, its GEMM2's on the plan aligned to that tile (``gather_gemm2_config``; else the grouped GEMM's own
+pick). ``FP8_DEEP_TUNED=0`` ignores tables (A/B).
 
 Grid: the models of ``tune_grouped_gemm.py`` at T tokens, routed top-k at random: within the decode path's bound
 (``T * top_k <= 128``) its GEMMs, above it the routed path's (``ops.moe_routed_gemm1`` / ``2``, the routing plan's
-rows) and the gathered GEMM1; each timed as the forward launches it (GEMM1 ``w13 (E, 2I, H)``, tokens quantized on
-load or gathered; GEMM2 ``w2 (E, H, I)``, SwiGLU on load, the decode path's combine in its tail). Candidates of the
+rows) and the gather path's two (``gather``: the gathered GEMM1; ``gather2``: GEMM2 on the aligned plan, vLLM's
+block-map tiles against the grouped GEMM's pick); each timed as the forward launches it (GEMM1 ``w13 (E, 2I, H)``,
+tokens quantized on load or gathered; GEMM2 ``w2 (E, H, I)``, SwiGLU on load or formed before, the decode path's
+combine in its tail). Candidates of the
 on-load GEMMs: 64- and 128-row weight tiles, pointer or TMA weight loads, 3 or 4 pipeline stages, 4 or 8 warps, 16-
 or 32-choice row tiles; of the gathered GEMM: block-map tiles of 16 to 128 token rows, both orientations, TMA or
 pointer weight loads. A candidate's output must equal the heuristic's bit for bit (kept rows; GEMM2: the combined
@@ -86,11 +89,13 @@ def operands(E, H, inter, T, top_k, seed=0):
 def _runners(o, H, inter, T, top_k):
     """``{gemm: (run(cfg) -> the output to compare, the heuristic's pick, the candidates)}`` as the forward launches
     them: the decode GEMMs within the decode path's bound (GEMM2 with the combine in its tail), else the routed GEMMs
-    over the routing plan and the gathered GEMM1 (rows in choice order: each tile height has its own plan)."""
+    over the routing plan, the gathered GEMM1 and the gather path's GEMM2 (rows in choice order: each tile height
+    has its own plan)."""
     from fp8_deep import ops
     from fp8_deep.ops.decode import (decode_config, decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2,
                                      moe_routed_gemm1, moe_routed_gemm2)
-    from fp8_deep.ops.grouped_gemm import gather_config, grouped_gemm_fp8_gather
+    from fp8_deep.ops.grouped_gemm import (gather_config, grouped_gemm_fp8_gather, peak_rows_per_expert,
+                                           resolve_config)
     x, ids = o["x"], o["ids"]
     E, P = o["q13"].shape[0], T * top_k
     with C.environ({"FP8_DEEP_TUNED": "0", "FP8_DEEP_DECODE_CONFIG": None, "FP8_DEEP_GATHER_CONFIG": None}):
@@ -112,24 +117,46 @@ def _runners(o, H, inter, T, top_k):
     plans = {}
 
     def gathered(cfg):
-        bs = max(16, cfg.BLOCK_M)
-        if bs not in plans:
-            pl = ops.align_routing(ids, E, block_size=bs)
-            plans[bs] = (pl, pl.inv_perm.reshape(-1)[pl.inv_perm.reshape(-1) >= 0].long())
-        pl, rows = plans[bs]
+        pl, rows = plans_for(ids, E, max(16, cfg.BLOCK_M), plans)
         return grouped_gemm_fp8_gather(qx, sx, o["q13"], o["s13"], pl, config=cfg)[rows]
+    # GEMM2 on the gather path's plan: each choice's SwiGLU operand, laid out in the rows of the plan of each tile
+    # height; against the grouped GEMM's own pick (its table in effect), as the forward runs it without an entry
+    kept = plan.inv_perm.reshape(-1)
+    a2c, s2c = ops.silu_mul_quantize(h[kept[kept >= 0].long()], scale_layout="row_major")
+    expected = peak_rows_per_expert(P, E)
+    pick_g2 = resolve_config(None, a2c, o["q2"], expected)
+
+    def gemm2_on_plan(cfg):
+        pl = plans_for(ids, E, max(16, cfg.BLOCK_M if cfg.BLOCK_MAP else 16), plans)[0]
+        sid = pl.sorted_token_ids.long()
+        src = torch.where(sid < a2c.shape[0], sid, 0)
+        out = ops.grouped_gemm_fp8(a2c[src], s2c[src], o["q2"], o["s2"], pl.expert_offsets, pl.expert_counts,
+                                   config=cfg, expected_m=expected,
+                                   block_map=(pl.expert_ids, pl.m_indices, pl.block_size))
+        return out[plans_for(ids, E, pl.block_size, plans)[1]]
     return {"gemm1": (lambda cfg: moe_routed_gemm1(x, plan, o["q13"], o["s13"], config=cfg)[real], pick1,
                       candidates()),
             "gemm2": (lambda cfg: moe_routed_gemm2(h, plan, o["q2"], o["s2"], config=cfg)[real], pick2,
                       candidates()),
-            "gather": (gathered, pick_g, gather_candidates())}
+            "gather": (gathered, pick_g, gather_candidates()),
+            "gather2": (gemm2_on_plan, pick_g2, gather_candidates())}
+
+
+def plans_for(ids, E, block_size, cache):
+    """The routing plan aligned to ``block_size`` and its rows in choice order (each tile height has its own)."""
+    from fp8_deep import ops
+    if block_size not in cache:
+        pl = ops.align_routing(ids, E, block_size=block_size)
+        inv = pl.inv_perm.reshape(-1)
+        cache[block_size] = (pl, inv[inv >= 0].long())
+    return cache[block_size]
 
 
 def gemms_at(T, top_k, H, inter, gemms):
     """The GEMMs tuned at this point: the decode pair within its bound, else the routed pair and the gathered GEMM1."""
     from fp8_deep.ops.decode import decode_fits
     if decode_fits(T * top_k, H, inter):
-        return [g for g in gemms if g != "gather"]
+        return [g for g in gemms if not g.startswith("gather")]
     return list(gemms)
 
 
@@ -140,7 +167,7 @@ def tune_point(E, H, inter, T, top_k, gemm, rep, log, smoke=False):
     run, pick, cands = _runners(o, H, inter, T, top_k)[gemm]
     if smoke:
         cands = [c for c in cands if c.num_warps == 4 and c.num_stages == 3][:3]
-    N, K = (H, inter) if gemm == "gemm2" else (2 * inter, H)
+    N, K = (H, inter) if gemm in ("gemm2", "gather2") else (2 * inter, H)
     ref = run(pick)
     pick_ms = C.bench(lambda: run(pick), rep=rep)[0]
     results = race(cands, lambda cfg: (run(cfg), lambda: run(cfg)), ref, rep, log)
@@ -188,8 +215,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--T", nargs="*", type=int, default=list(TOKENS), help="tokens per call (default %(default)s)")
-    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2", "gather"], choices=["gemm1", "gemm2", "gather"],
-                   help="the GEMMs tuned (gather: the gathered GEMM1, above the decode bound)")
+    p.add_argument("--gemms", nargs="*", default=["gemm1", "gemm2", "gather", "gather2"],
+                   choices=["gemm1", "gemm2", "gather", "gather2"],
+                   help="the GEMMs tuned (above the decode bound, gather / gather2: the gather path's GEMM1 / GEMM2)")
     p.add_argument("--rep", type=int, default=25, help="do_bench rep per candidate (ms)")
     p.add_argument("--time-budget", type=float, default=300, help="seconds; stops between grid points")
     p.add_argument("--out", default=None, help="the decode table's path (default fp8_deep/configs/decode/<card>.json)")
@@ -221,7 +249,7 @@ def main(argv=None) -> int:
             break
         print(f"  {name} {g} E={E} H={H} I={inter} T={T}", flush=True)
         r = tune_point(E, H, inter, T, top_k, g, args.rep, log=print, smoke=args.cpu_smoke)
-        (gather_entries if g == "gather" else entries).append(r)
+        (gather_entries if g.startswith("gather") else entries).append(r)
         gain = r["heuristic_ms"] / r["ms"] if r["ms"] else float("nan")
         rows_out.append(dict(model=name, gemm=g, T=T, choices=r["rows"], best_ms=f"{r['ms']:.4f}",
                              heuristic_ms=f"{r['heuristic_ms']:.4f}", gain=f"{gain:.3f}x", config=r["config"]))

@@ -92,6 +92,34 @@ def test_forward_gather_matches_the_chain(config, device, monkeypatch):
     assert calls and calls[0] == (GemmConfig.parse(config) if config else gather_config(4, 256, 256, 72, device))
 
 
+def test_forward_gather_gemm2_tile_from_the_table(device, monkeypatch):
+    """The gather table's GEMM2 tile (a 64-row block-map tile) runs on a plan aligned to it: the chain's bytes; a
+    pinned FP8_DEEP_GEMM_CONFIG or no entry leaves GEMM2 to the backend's own pick."""
+    import fp8_deep.moe.forward as fwd
+    from fp8_deep.ops import grouped_gemm as gg
+    layer, x, tw, ids = _case(24, 4, 256, 128, 3, device)
+    ref = _forward(x, layer, tw, ids, "0", monkeypatch)
+    asked, gemm2, plans = [], [], []
+    monkeypatch.setattr(gg, "tuned_config", lambda op, dev, **k: asked.append((op, k)) or (
+        PLAIN64 if (op, k["N"], k["K"]) == ("gather", 256, 128) else None))
+    orig_gemm, orig_align = fwd.TritonGroupedGemm.gemm, fwd.align_routing
+    monkeypatch.setattr(fwd.TritonGroupedGemm, "gemm",
+                        lambda self, *a, **k: gemm2.append(self.config) or orig_gemm(self, *a, **k))
+    monkeypatch.setattr(fwd, "align_routing", lambda *a, **k: plans.append(k["block_size"]) or orig_align(*a, **k))
+    assert_bitwise_equal(_forward(x, layer, tw, ids, "1", monkeypatch), ref, "forward, gather, GEMM2 tile")
+    assert ("gather", dict(E=4, N=256, K=128, rows=72)) in asked  # GEMM2's (N, K) = (H, I), the call's choices
+    assert gemm2 == [GemmConfig.parse(PLAIN64)] and plans == [64]
+    gemm2.clear()
+    monkeypatch.setenv("FP8_DEEP_GEMM_CONFIG", "BLOCK_M=32,BLOCK_N=128,SWAP_AB=1")
+    assert gg.gather_gemm2_config(4, 256, 128, 72, device) is None
+    monkeypatch.delenv("FP8_DEEP_GEMM_CONFIG")
+    monkeypatch.setattr(gg, "tuned_config", lambda op, dev, **k: None)
+    assert gg.gather_gemm2_config(4, 256, 128, 72, device) is None
+    plans.clear()
+    assert_bitwise_equal(_forward(x, layer, tw, ids, "1", monkeypatch), ref, "forward, gather, backend's GEMM2")
+    assert gemm2 == [None] and plans == [max(16, gather_config(4, 256, 256, 72, device).BLOCK_M)]
+
+
 def test_forward_gather_expert_map_ue8m0(device, monkeypatch):
     layer = _layer(4, 128, 128, device, scale_fmt="ue8m0")
     emap, ids, tw, x = _remote_map_call(128, device, torch.float16)

@@ -216,16 +216,16 @@ def test_decode_tuner_smoke(capsys):
     with bench_module("tune_decode") as tuner:
         assert tuner.main(["--dry-run"]) == 0
         # 6 models x T = 1, 4, 16, 64, 256, 2048: 2 GEMMs within the bound (T * top_k <= 128: three T per model,
-        # four for Mixtral's top-2), 3 above
-        assert "89 grid points" in capsys.readouterr().out
+        # four for Mixtral's top-2), 4 above (the routed pair, the gather path's pair)
+        assert "106 grid points" in capsys.readouterr().out
         if not interpreter_active():
             pytest.skip("the smoke run times the interpreter (a GPU run tunes for real: the tuned stage)")
         assert tuner.main(["--cpu-smoke"]) == 0
     out = capsys.readouterr().out
     assert "NOT bitwise" not in out and "failed" not in out
     rows = [line.split() for line in out.splitlines() if line.startswith("SUMMARY smoke")]
-    assert [r[2] for r in rows[:5]] == ["gemm1", "gemm2", "gemm1", "gemm2", "gather"]
-    fwd = rows[5:]
+    assert [r[2] for r in rows[:6]] == ["gemm1", "gemm2", "gemm1", "gemm2", "gather", "gather2"]
+    fwd = rows[6:]
     assert len(fwd) == 2  # T=2 (decode) and T=70 (routed, gather), each against the chain
     assert fwd[0][5] == "decode" and fwd[1][5] == "routed" and fwd[1][8] == "gather"
     for r in fwd:

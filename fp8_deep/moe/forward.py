@@ -19,7 +19,7 @@ from ..ops._tuned import tuned_config
 from ..ops.combine import moe_combine
 from ..ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2, moe_routed_gemm1,
                           moe_routed_gemm2)
-from ..ops.grouped_gemm import gather_config, grouped_gemm_fp8_gather
+from ..ops.grouped_gemm import TritonGroupedGemm, gather_config, gather_gemm2_config, grouped_gemm_fp8_gather
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
@@ -292,12 +292,16 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     layout = gemm.a_scale_layout
     if _use_gather(H, inter, hidden_states, gemm, return_stages, T * topk_ids.shape[1], E):
-        cfg = gather_config(E, q13.shape[1], H, T * topk_ids.shape[1], hidden_states.device)
-        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=max(gemm.row_alignment, cfg.BLOCK_M))
+        P, dev = T * topk_ids.shape[1], hidden_states.device
+        cfg = gather_config(E, q13.shape[1], H, P, dev)
+        # GEMM2's tile: the card's gather table where it measured one on this plan, else the backend's own pick
+        cfg2 = gather_gemm2_config(E, H, inter, P, dev) if getattr(gemm, "config", None) is None else None
+        align = max(gemm.row_alignment, cfg.BLOCK_M, cfg2.BLOCK_M if cfg2 is not None and cfg2.BLOCK_MAP else 1)
+        plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=align)
         qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)  # row-major: a row's scales read together
         h = grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, config=cfg)
         a2, sa2 = silu_mul_quantize(h, m_indices=plan.m_indices, scale_fmt=scale_fmt, scale_layout=layout)
-        o = gemm.gemm(a2, sa2, q2, s2, plan)
+        o = (gemm if cfg2 is None else TritonGroupedGemm(cfg2)).gemm(a2, sa2, q2, s2, plan)
         return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     fuse_qp = _fuse_quantize_permute(T * topk_ids.shape[1], hidden_states)
     if fuse_qp and _fuse_align(T * topk_ids.shape[1], gemm.row_alignment, hidden_states, expert_map):

@@ -41,7 +41,7 @@ from .layout import alloc_scales, scale_strides
 from .quant import gpu_fast_paths
 from .swiglu import silu_mul_quantize
 
-__all__ = ["GemmConfig", "grouped_gemm_fp8", "grouped_gemm_fp8_gather", "gather_config", "grouped_gemm_swiglu_fp8", "resolve_config", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
+__all__ = ["GemmConfig", "grouped_gemm_fp8", "grouped_gemm_fp8_gather", "gather_config", "gather_gemm2_config", "grouped_gemm_swiglu_fp8", "resolve_config", "pick_config", "peak_rows_per_expert", "TritonGroupedGemm",
            "SMALL_M_CONFIGS", "MEDIUM_M_CONFIGS", "LARGE_M_CONFIGS", "GLUON_CONFIGS", "EXPERIMENTAL_CONFIGS"]
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -507,6 +507,17 @@ def gather_config(E: int, N: int, K: int, choices: int, device) -> GemmConfig:
         return GemmConfig(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, BLOCK_MAP=True, TMA_B=True, num_warps=4, num_stages=3)
     return GemmConfig(BLOCK_M=32 if rows > 16 else 16, BLOCK_N=128, GROUP_M=1, SWAP_AB=True, BLOCK_MAP=True,
                       TMA_B=True, num_warps=4, num_stages=3)
+
+
+def gather_gemm2_config(E: int, N: int, K: int, choices: int, device) -> Optional[GemmConfig]:
+    """GEMM2's tile on the gather path's plan (aligned to the gathered GEMM1's tile), where this card's gather
+    table holds one for GEMM2's ``(N, K) = (H, I)`` (``bench/tune_decode.py`` races vLLM's block-map tiles there
+    against the grouped GEMM's own pick); None otherwise, and under a pinned ``FP8_DEEP_GEMM_CONFIG``: then the
+    backend's own pick runs, as in the regular chain."""
+    if os.environ.get(CONFIG_ENV):
+        return None
+    spec = tuned_config("gather", torch.device(device), E=E, N=N, K=K, rows=max(1, choices))
+    return _table_config(spec) if spec is not None else None
 
 
 def _gather_checked(cfg: GemmConfig, where: str) -> GemmConfig:
