@@ -925,6 +925,24 @@ def run_bench(args) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
+def parse_ab_env(spec: str) -> dict:
+    """``"FP8_DEEP_A=1,FP8_DEEP_B=BLOCK_N=64,num_stages=6"`` -> ``{"FP8_DEEP_A": "1", "FP8_DEEP_B":
+    "BLOCK_N=64,num_stages=6"}``: a comma starts a new variable only before an ``FP8_DEEP_`` / ``TRITON_`` name, so
+    a config string's own commas stay in its value (the first piece may name any variable). Raises ValueError on a
+    piece that assigns nothing."""
+    env = {}
+    for piece in spec.split(","):
+        key, eq, value = piece.partition("=")
+        if eq and (not env or key.startswith(("FP8_DEEP_", "TRITON_"))):
+            env[key] = value
+        elif env and eq:
+            last = next(reversed(env))
+            env[last] += "," + piece
+        else:
+            raise ValueError(f"--ab: {piece!r} in {spec!r} is not ENV=VALUE")
+    return env
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -946,12 +964,12 @@ def main(argv=None) -> int:
     p.add_argument("--ab", action="append", default=[], metavar="NAME:ENV=V[,ENV=V]",
                    help="an extra graph timing of our forward under these environment values, reported as "
                         "gain_NAME = that time / ours (e.g. swiglu:FP8_DEEP_FUSED_SWIGLU=0: what the fused GEMM1 + "
-                        "SwiGLU gains); repeatable")
+                        "SwiGLU gains); a value may hold commas (a config string: d6:FP8_DEEP_DECODE_CONFIG="
+                        "BLOCK_N=64,num_stages=6), a new variable starts at FP8_DEEP_ / TRITON_; repeatable")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
-        args.ab = [(name, dict(kv.split("=", 1) for kv in spec.split(",")))
-                   for name, spec in (a.split(":", 1) for a in args.ab)]
+        args.ab = [(name, parse_ab_env(spec)) for name, spec in (a.split(":", 1) for a in args.ab)]
     except ValueError:
         p.error("--ab takes NAME:ENV=VALUE[,ENV=VALUE...]")
     if not (args.check or args.bench):

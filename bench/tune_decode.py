@@ -59,6 +59,9 @@ def candidates():
            for stages in (3, 4)]
     out += [DecodeConfig(BLOCK_N=128, TMA_B=tma, num_warps=8) for tma in (False, True)]
     out += [DecodeConfig(BLOCK_M=32, BLOCK_N=bn) for bn in (64, 128)]
+    # where few experts leave SMs idle (T=1 on a TP8 shard: 8 experts x 8 tiles of 64 weight rows), each program's
+    # weight stream is latency bound: six 8 KB stages in flight instead of three or four
+    out += [DecodeConfig(BLOCK_N=64, TMA_B=tma, num_stages=6) for tma in (False, True)]
     return out
 
 

@@ -222,3 +222,15 @@ def test_bench_models_plumbing(capsys):
         assert bm.main(["--cpu-smoke", "--providers", "bf16", "ours_triton", "ours_auto", "--tag", "_test"]) == 0
     out = capsys.readouterr().out
     assert "SUMMARY bench_models  tiny  1" in out and "CHECK FAILED" not in out
+
+
+def test_ab_env_parsing(peer):
+    """``--ab`` values: a comma starts a new variable only before an FP8_DEEP_ / TRITON_ name, so a config string
+    keeps its commas; a piece that assigns nothing is refused."""
+    assert peer.parse_ab_env("FP8_DEEP_DECODE=0,FP8_DEEP_ROUTED=0") == {"FP8_DEEP_DECODE": "0",
+                                                                        "FP8_DEEP_ROUTED": "0"}
+    assert peer.parse_ab_env("FP8_DEEP_DECODE_CONFIG=BLOCK_N=64,TMA_B=1,num_stages=6,FP8_DEEP_PDL=0") == {
+        "FP8_DEEP_DECODE_CONFIG": "BLOCK_N=64,TMA_B=1,num_stages=6", "FP8_DEEP_PDL": "0"}
+    assert peer.parse_ab_env("CUDA_LAUNCH_BLOCKING=1") == {"CUDA_LAUNCH_BLOCKING": "1"}
+    with pytest.raises(ValueError, match="not ENV=VALUE"):
+        peer.parse_ab_env("FP8_DEEP_PDL=0,oops")
