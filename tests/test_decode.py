@@ -179,6 +179,8 @@ def test_decode_launcher_errors(device):
         moe_decode_gemm2(h[:3], ids, q2, s2)
     with pytest.raises(ValueError, match="BLOCK_N must be 64 or 128"):
         DecodeConfig(BLOCK_N=32)
+    with pytest.raises(ValueError, match="num_warps must be 4 or 8.*mma.sync"):
+        DecodeConfig(num_warps=2)
     hh, inv = moe_decode_gemm1(x, ids, q13, s13)
     tw = torch.ones(2, 2, device=device)
     with pytest.raises(ValueError, match="out= and out_dtype are for the fused combine"):
@@ -193,6 +195,23 @@ def test_decode_launcher_errors(device):
     if use_triton(x):
         with pytest.raises(ValueError, match="counters has 0 entries"):
             moe_decode_gemm2(hh, ids, q2, s2, combine=(tw, inv, torch.zeros(0, dtype=torch.int32, device=device)))
+
+
+def test_decode_no_experts_or_no_choices(device):
+    """No local experts (E = 0) or no choices (top_k = 0): no launch, every choice dropped, the combined output zero
+    and the counters zero (not whatever the buffers held)."""
+    H, I = 128, 128
+    x = torch.randn(3, H, device=device, dtype=torch.bfloat16)
+    for E, k in ((0, 2), (2, 0)):
+        q13, s13, q2, s2 = _layer(E, H, I, device)
+        ids = torch.zeros(3, k, dtype=torch.int32, device=device)
+        counters = torch.full((4,), 7, dtype=torch.int32, device=device)
+        h, inv = moe_decode_gemm1(x, ids, q13, s13, counters=counters)
+        assert inv.shape == (3, k) and bool((inv == -1).all()) and bool((counters == 0).all())
+        out = torch.full((3, H), float("nan"), device=device, dtype=torch.bfloat16)
+        tw = torch.ones(3, k, device=device)
+        res = moe_decode_gemm2(h, ids, q2, s2, combine=(tw, inv, counters), out=out)
+        assert res.data_ptr() == out.data_ptr() and bool((out == 0).all())
 
 
 def test_decode_switch(device, monkeypatch):

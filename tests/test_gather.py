@@ -13,7 +13,7 @@ import torch
 
 import fp8_deep
 from fp8_deep import ops
-from fp8_deep.moe.forward import GATHER_ENV, ROUTED_ENV
+from fp8_deep.moe.forward import DECODE_ENV, GATHER_ENV, ROUTED_ENV
 from fp8_deep.ops.backend import select_grouped_gemm
 from fp8_deep.ops.grouped_gemm import GATHER_CONFIG_ENV, GemmConfig, gather_config, grouped_gemm_fp8_gather
 from fp8_deep.testing import assert_bitwise_equal
@@ -184,6 +184,19 @@ def test_gather_switch(device, monkeypatch):
     monkeypatch.setenv(GATHER_ENV, "1")
     assert fwd._use_gather(H, I, x, gemm, False, 12, E)
     assert not fwd._use_gather(H, I, x, gemm, True, 12, E)  # stages asked for: the regular chain
+    # a chain pinned in ways the other paths do not follow: every call takes the chain
+    monkeypatch.setenv(DECODE_ENV, "1")
+    assert fwd._use_decode(12, H, I, x, gemm, False, E)
+    for var, value in (("FP8_DEEP_FUSED_SWIGLU", "auto"), ("FP8_DEEP_GEMM_CONFIG", "BLOCK_M=64,BLOCK_N=128,ACC_K=32")):
+        monkeypatch.setenv(var, value)
+        assert not fwd._use_gather(H, I, x, gemm, False, 12, E)
+        assert not fwd._use_decode(12, H, I, x, gemm, False, E)
+        monkeypatch.delenv(var)
+    monkeypatch.delenv(DECODE_ENV)
+    monkeypatch.setenv("FP8_DEEP_GEMM_CONFIG", "BLOCK_M=64,BLOCK_N=128")  # a tile pin alone changes no bytes
+    assert fwd._use_gather(H, I, x, gemm, False, 12, E)
+    monkeypatch.delenv("FP8_DEEP_GEMM_CONFIG")
+    assert not fwd._use_gather(H, I, x, ops.TritonGroupedGemm("BLOCK_M=64,BLOCK_N=128"), False, 12, E)
     monkeypatch.setenv(GATHER_ENV, "0")
     assert not fwd._use_gather(H, I, x, gemm, False, 12, E)
     monkeypatch.setenv(GATHER_ENV, "on")

@@ -625,5 +625,9 @@ def test_small_plain_tiles_refused_on_hopper_gpu(device):
         with pytest.raises(ValueError, match="mma.sync.*SWAP_AB=1"):
             grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
                              config=cfg)
+    # fewer than one warpgroup: mma.sync in either orientation (sm_90 compile, 2026-12-08)
+    with pytest.raises(ValueError, match="mma.sync.*num_warps=4 or 8"):
+        grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
+                         config="BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=2,num_stages=3")
     grouped_gemm_fp8(case["a"], case["a_scale"], case["b"], case["b_scale"], case["offsets"], case["counts"],
                      config="BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,num_warps=4,num_stages=3")

@@ -226,8 +226,9 @@ def moe_routed_gemm_kernel(
             sid = tl.load(sorted_ptr + rows)
             a_rows = tl.where(row_ok & (sid >= 0) & (sid < numel), sid, 0) // top_k
         else:
-            # padding rows read the block's first row (real: segments pad at their end), never unwritten memory
-            a_rows = tl.where(row_ok, rows, row0)
+            # padding rows read their map block's first row (real: segments pad at their end), never unwritten
+            # memory, also where a tile is shorter than the plan's blocks
+            a_rows = tl.where(row_ok, rows, (row0 // MAP_BLOCK) * MAP_BLOCK)
         b_tile, b_row0, bs_ptrs, cols64, col_ok = _decode_tile_ptrs(b_ptr, bs_ptr, e, tn, N, tl.arange(0, BLOCK_K),
                                                                     stride_be, stride_bn, stride_bse, stride_bsn,
                                                                     BLOCK_N, TMA_B)

@@ -19,7 +19,8 @@ from ..ops._tuned import tuned_config
 from ..ops.combine import moe_combine
 from ..ops.decode import (decode_counters, decode_fits, moe_decode_gemm1, moe_decode_gemm2, moe_routed_gemm1,
                           moe_routed_gemm2)
-from ..ops.grouped_gemm import TritonGroupedGemm, gather_config, gather_gemm2_config, grouped_gemm_fp8_gather
+from ..ops.grouped_gemm import (CONFIG_ENV as GEMM_CONFIG_ENV, GemmConfig, TritonGroupedGemm, _fused_swiglu_mode,
+                                gather_config, gather_gemm2_config, grouped_gemm_fp8_gather)
 from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_check_enabled
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
@@ -152,12 +153,12 @@ def _take_path(path: str, env_name: str, fits: bool, num_choices: int, hidden: i
                return_stages: bool, num_experts: int, quantizes_in_kernel: bool = True) -> bool:
     """The rule the decode, routed and gather paths share: ``env_name`` 1 / 0 / unset (the card's ``moe_decode``
     table names ``path`` at the nearest choices), within what the path can take (``fits``, our Triton backend, no
-    stages asked for) and, for a path that quantizes the tokens inside its GEMM (``quantizes_in_kernel``), not where
-    vLLM's activation quantizer would run."""
+    stages asked for, the chain not pinned: ``_chain_pinned``) and, for a path that quantizes the tokens inside its
+    GEMM (``quantizes_in_kernel``), not where vLLM's activation quantizer would run."""
     env = os.environ.get(env_name)
     if env not in (None, "", "0", "1"):
         raise ValueError(f"{env_name}={env!r}: expected 0 or 1 (unset: the card's measured table)")
-    if env == "0" or return_stages or gemm.name != "triton" or not fits:
+    if env == "0" or return_stages or gemm.name != "triton" or not fits or _chain_pinned(gemm):
         return False
     if quantizes_in_kernel and x.is_cuda and _registry.available("activation_quant", "vllm"):
         return False
@@ -165,6 +166,20 @@ def _take_path(path: str, env_name: str, fits: bool, num_choices: int, hidden: i
         return True
     return tuned_config("moe_decode", x.device, E=max(1, num_experts), N=2 * inter, K=hidden,
                         rows=max(1, num_choices)) == path
+
+
+def _chain_pinned(gemm) -> bool:
+    """Whether the caller pinned how the regular chain's GEMMs run, in ways the other paths do not follow: a backend
+    built with its own config, a pinned ``FP8_DEEP_GEMM_CONFIG`` that changes the numerics (``ACC_K`` / ``UPCAST``),
+    or the fused GEMM1 + SwiGLU (``FP8_DEEP_FUSED_SWIGLU``). Then every call takes the chain, so that a token's output
+    never depends on which path its batch size picked."""
+    if getattr(gemm, "config", None) is not None or _fused_swiglu_mode() is not None:
+        return True
+    pinned = os.environ.get(GEMM_CONFIG_ENV)
+    if not pinned:
+        return False
+    cfg = GemmConfig.parse(pinned)
+    return bool(cfg.ACC_K or cfg.UPCAST)
 
 
 ROUTED_ENV = "FP8_DEEP_ROUTED"

@@ -60,7 +60,9 @@ class DecodeConfig(TileConfig):
         if self.BLOCK_N not in (64, 128):
             raise ValueError(f"DecodeConfig.BLOCK_N must be 64 or 128 (a tile lies in one 128-row weight scale "
                              f"block), got {self.BLOCK_N}")
-        self._check_warps(8)
+        if self.num_warps not in (4, 8):  # fewer than one warpgroup: mma.sync on Hopper, other bytes than wgmma
+            raise ValueError(f"DecodeConfig.num_warps must be 4 or 8 (a warpgroup per wgmma; fewer warps compile to "
+                             f"mma.sync on Hopper, whose accumulation gives other bytes), got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"DecodeConfig.num_stages must be >= 1, got {self.num_stages}")
 
@@ -176,7 +178,10 @@ def moe_decode_gemm1(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                                           eps=eps)
     h = torch.empty((P, N), dtype=torch.bfloat16, device=x.device)
     inv = torch.empty(topk_ids.shape, dtype=torch.int32, device=x.device)
-    if P == 0:
+    if P == 0 or E == 0:  # no launch (an empty grid): every choice dropped, the counters zeroed here
+        inv.fill_(-1)
+        if counters is not None:
+            counters.zero_()
         return h, inv
     _launch_decode(x, topk_ids, expert_map, w13, w13_scale, h, inv, counters, None, None, False, scale_fmt, eps,
                    config)
@@ -234,8 +239,8 @@ def moe_decode_gemm2(h: torch.Tensor, topk_ids: torch.Tensor, w2: torch.Tensor, 
         out.copy_(reference.moe_combine(o, inv, tw, out.dtype))
         return out
     o = torch.empty((P, N), dtype=torch.bfloat16, device=h.device)
-    if P == 0:
-        return o if combine is None else out
+    if P == 0 or E == 0:  # no launch (an empty grid): no kept choice, so the combined output is zero
+        return o if combine is None else out.zero_()
     _launch_decode(h, topk_ids, expert_map, w2, w2_scale, o, inv, counters, tw, out, True, scale_fmt, eps, config)
     return o if combine is None else out
 

@@ -424,8 +424,12 @@ def mma_sync_refusal(cfg: GemmConfig, a: torch.Tensor) -> Optional[str]:
     every other tile's (H100, 2026-12-07: 12638 elements of a 1536 x 2048 GEMM, tests/test_grouped_gemm.py). A
     token's output must not depend on which tile its batch size picks: small tiles swap A and B (``SWAP_AB=1``)."""
     dot_rows = cfg.BLOCK_M // 2 if cfg.SPLIT_M else cfg.BLOCK_M
-    if (cfg.SWAP_AB or dot_rows >= 64 or not a.is_cuda or interpreter_active()
-            or torch.cuda.get_device_capability(a.device)[0] < 9):
+    if not a.is_cuda or interpreter_active() or torch.cuda.get_device_capability(a.device)[0] < 9:
+        return None
+    if cfg.num_warps < 4:
+        return (f"grouped GEMM config {cfg}: {cfg.num_warps} warps are less than one warpgroup, so the dots run "
+                f"mma.sync on this GPU and give other bytes than the wgmma tiles; use num_warps=4 or 8")
+    if cfg.SWAP_AB or dot_rows >= 64:
         return None
     return (f"grouped GEMM config {cfg}: a plain-orientation tile of {dot_rows} rows per dot runs mma.sync on this "
             f"GPU and gives other bytes than the wgmma tiles; use SWAP_AB=1 for tiles under 64 rows (e.g. "
