@@ -172,6 +172,16 @@ def test_gather_config_pick(monkeypatch):
     monkeypatch.setenv(GATHER_CONFIG_ENV, "BLOCK_M=64,BLOCK_N=128")
     with pytest.raises(ValueError, match="BLOCK_MAP"):
         gather_config(128, 1536, 2048, 8, "cpu")
+    # the card's table (asked with GEMM1's (N, K) and the call's choices), checked as the env's value is
+    from fp8_deep.ops import grouped_gemm as gg
+    monkeypatch.delenv(GATHER_CONFIG_ENV)
+    asked = []
+    monkeypatch.setattr(gg, "tuned_config", lambda op, dev, **k: asked.append((op, k)) or SWAP32_N64)
+    assert gather_config(128, 1536, 2048, 640, "cpu") == GemmConfig.parse(SWAP32_N64)
+    assert asked == [("gather", dict(E=128, N=1536, K=2048, rows=640))]
+    monkeypatch.setattr(gg, "tuned_config", lambda op, dev, **k: "BLOCK_M=64,BLOCK_N=128,GROUP_M=8")
+    with pytest.raises(ValueError, match="tuned gather table.*BLOCK_MAP"):
+        gather_config(128, 1536, 2048, 640, "cpu")
 
 
 def test_gather_switch(device, monkeypatch):
