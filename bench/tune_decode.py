@@ -155,12 +155,27 @@ def plans_for(ids, E, block_size, cache):
     return cache[block_size]
 
 
-def gemms_at(T, top_k, H, inter, gemms):
-    """The GEMMs tuned at this point: the decode pair within its bound, else the routed pair and the gathered GEMM1."""
+# the routed GEMMs' tiles are the 16-row blocks of the plan (swap-AB, each re-quantizing its rows per weight tile):
+# past this many rows per expert they are not raced (the Gluon / gathered tiles are the candidates there)
+ROUTED_MAX_ROWS = 128
+
+
+def forward_paths(E, T, top_k, H, inter):
+    """The paths besides the regular chain raced at this point: decode within its bound; above it the gather path,
+    and the routed path up to ``ROUTED_MAX_ROWS`` rows per expert."""
     from fp8_deep.ops.decode import decode_fits
+    from fp8_deep.ops.grouped_gemm import peak_rows_per_expert
     if decode_fits(T * top_k, H, inter):
-        return [g for g in gemms if not g.startswith("gather")]
-    return list(gemms)
+        return ["decode"]
+    return (["routed"] if peak_rows_per_expert(T * top_k, E) <= ROUTED_MAX_ROWS else []) + ["gather"]
+
+
+def gemms_at(E, T, top_k, H, inter, gemms):
+    """The GEMMs tuned at this point: those of the paths ``forward_paths`` races (decode and routed: gemm1 / gemm2;
+    gather: gather / gather2)."""
+    paths = forward_paths(E, T, top_k, H, inter)
+    return [g for g in gemms if ("gather" in paths) == g.startswith("gather") or
+            (g.startswith("gemm") and set(paths) & {"decode", "routed"})]
 
 
 def tune_point(E, H, inter, T, top_k, gemm, rep, log, smoke=False):
@@ -182,12 +197,6 @@ def tune_point(E, H, inter, T, top_k, gemm, rep, log, smoke=False):
 
 
 PATH_ENVS = {"decode": "FP8_DEEP_DECODE", "routed": "FP8_DEEP_ROUTED", "gather": "FP8_DEEP_GATHER"}
-
-
-def forward_paths(T, top_k, H, inter):
-    """The paths besides the regular chain that apply at this point."""
-    from fp8_deep.ops.decode import decode_fits
-    return ["decode"] if decode_fits(T * top_k, H, inter) else ["routed", "gather"]
 
 
 def forward_point(E, H, inter, T, top_k, paths, rep, seed=0):
@@ -235,7 +244,7 @@ def main(argv=None) -> int:
     models = SMOKE if args.cpu_smoke else {m: MODELS[m] for m in args.models}
     tokens = [2, 70] if args.cpu_smoke else args.T  # the decode GEMMs, then the routed and gathered ones
     grid = [(name, g, E, H, inter, T, top_k) for name, (E, H, inter, top_k) in models.items() for T in tokens
-            if H % 128 == 0 and inter % 128 == 0 for g in gemms_at(T, top_k, H, inter, args.gemms)]
+            if H % 128 == 0 and inter % 128 == 0 for g in gemms_at(E, T, top_k, H, inter, args.gemms)]
     if not announce("tune_decode", grid, candidates() + gather_candidates(), args,
                     f" (the decode GEMMs up to {DECODE_MAX_CHOICES} choices, the routed and gathered ones above)"):
         return 0
@@ -264,7 +273,7 @@ def main(argv=None) -> int:
         if not last_of_point or args.no_forward:
             continue
         # every GEMM of this (model, T) tuned: the forward down each path against the regular chain
-        paths = forward_paths(T, top_k, H, inter)
+        paths = forward_paths(E, T, top_k, H, inter)
         ms, same = forward_point(E, H, inter, T, top_k, paths, args.rep)
         use = min(["chain"] + [q for q in paths if same[q]], key=lambda q: ms[q])
         fwd_rows.append(dict(model=name, T=T, choices=T * top_k, chain_ms=f"{ms['chain']:.4f}",
