@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import triton
 
+from .. import reference
 from ..kernels import grouped_gemm_gluon as _gluon
 from ..kernels.grouped_gemm import (_grouped_gemm_fp8_blockmap_kernel, _grouped_gemm_fp8_kernel,
                                     _grouped_gemm_fp8_tma_kernel, _grouped_gemm_swiglu_kernel)
@@ -38,6 +39,7 @@ from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
 from .layout import alloc_scales, scale_strides
+from .plan import RoutingPlan
 from .quant import gpu_fast_paths
 from .swiglu import silu_mul_quantize
 
@@ -552,7 +554,6 @@ def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.T
     Returns:
         ``out`` ``(plan.num_rows, N)`` in the plan's rows: the real rows written, padding rows and unused blocks
         left as they were. No host synchronisation."""
-    from .plan import RoutingPlan  # noqa: PLC0415 -- ops.plan imports nothing of ours but numerics; kept local
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
     dev = plan.sorted_token_ids.device
@@ -594,7 +595,6 @@ def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.T
     if M == 0 or N == 0 or E == 0:
         return out
     if not use_triton(x_q):
-        from .. import reference  # noqa: PLC0415 -- the spec, for the CPU without Triton
         a, sa = reference.permute_rows(x_q, x_scale, plan.sorted_token_ids, plan.top_k)
         real = plan.m_indices >= 0
         out[real] = reference.grouped_gemm_fp8(a, sa, b, b_scale, plan.m_indices, out_dtype=out_dtype)[real]
