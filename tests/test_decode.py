@@ -96,6 +96,8 @@ CASES = [
     (3, 8, 256, 256, 3, DecodeConfig(BLOCK_N=64)),
     (5, 4, 128, 256, 2, DecodeConfig(BLOCK_N=128, TMA_B=True)),
     (20, 4, 128, 128, 2, DecodeConfig(BLOCK_M=32, BLOCK_N=64)),  # the fused combine: two 16-token steps
+    # the bound: 128 choices (P_POW2 = 128 comparisons in every program), 8 warps (compiled for sm_90 by the CPU suite)
+    (16, 16, 128, 128, 8, DecodeConfig(BLOCK_N=128, num_warps=8)),
 ]
 
 
