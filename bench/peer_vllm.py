@@ -857,6 +857,7 @@ def run_bench(args) -> int:
                 seen = dict(forward_plans.ForwardPlan.refusals)  # the first calls of this signature record it
                 d = calc_diff(theirs.float(), ours_fn().float())
                 ours_backend = fp8_deep.last_backend()
+                ours_path = forward_path_of(hidden, tid, E, H, inter, args.ours_backend)
                 vllm_fn = peer.gemms_fn()
                 gemms_fn = ours_gemms_fn(hidden, q13, s13, q2, s2, tw, tid, args.ours_backend)
                 res = dict(calc_diff=d)
@@ -889,13 +890,14 @@ def run_bench(args) -> int:
                 res["ours_graph_tflops"] = C.tflops(flops, res.get("ours_graph_ms", float("nan")))
                 status = "ok" if d < 1e-3 else f"CHECK FAILED (calc_diff {d:.2e})"
                 row = log.add(**base, **res, **peer.describe(), config_card=peer.device_name,
-                              ours_backend=ours_backend, vllm_origin=k.origin, status=status)
+                              ours_backend=ours_backend, ours_path=ours_path, vllm_origin=k.origin, status=status)
                 rows.append(row)
                 print(f"  {model:14s} T={T:5d} vllm {res.get('vllm_graph_ms', res['vllm_eager_ms']):8.3f} ms  "
                       f"ours {res.get('ours_graph_ms', res['ours_eager_ms']):8.3f} ms (GEMMs "
                       f"{res.get('ours_gemms_graph_ms', res['ours_gemms_eager_ms']):.3f})  ratio(graph) "
                       f"{res.get('ratio_graph', float('nan')):.2f}  eager {res['ratio_eager']:.2f}  "
-                      f"calc_diff {d:.1e}  [{row['vllm_config']} {row['config_source']} swap_ab={row['swap_ab']} "
+                      f"calc_diff {d:.1e}  path {ours_path}  [{row['vllm_config']} {row['config_source']} "
+                      f"swap_ab={row['swap_ab']} "
                       f"tma_b={row['tma_b']} naive={row['naive']}]", flush=True)
                 del peer, theirs, vllm_fn, gemms_fn
             except torch.cuda.OutOfMemoryError as exc:
@@ -917,12 +919,23 @@ def run_bench(args) -> int:
                           "ratio_gemms_graph", "ours_unfused_graph_ms", "fused_gain",
                           *(f"gain_{name}" for name, _ in args.ab), "ours_host_us",
                           "ours_host_noplan_us", "plan", "vllm_eager_ms", "ours_eager_ms", "ratio_eager", "calc_diff",
-                          "vllm_config", "swap_ab", "tma_b", "ours_backend"],
+                          "vllm_config", "swap_ab", "tma_b", "ours_backend", "ours_path"],
                   title=f"peer_vllm ({C.card_name()}; vLLM {k.version} two GEMM launches vs fp8_deep.moe_forward "
                         f"complete, and vs our two GEMM launches alone (ratio_gemms); ratio = vLLM ms / ours ms, "
                         f"> 1: ours faster)", prefix="SUMMARY peer_vllm")
     print(f"[done] {len(rows)} points in {budget.elapsed():.0f} s -> {log.path}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def forward_path_of(hidden, topk_ids, E, H, inter, backend) -> str:
+    """Which way our forward computes this call (``fp8_deep.moe.forward.forward_path``: decode, routed, gather or
+    the regular chain), with the backend ``moe_forward`` would select."""
+    from fp8_deep.moe.forward import forward_path
+    from fp8_deep.ops.backend import select_grouped_gemm
+    P = topk_ids.numel()
+    gemm = select_grouped_gemm(backend, device=hidden.device, rows_per_expert=P / E, hidden=H, inter=inter,
+                               num_experts=E)
+    return forward_path(P, E, H, inter, hidden, gemm)
 
 
 def parse_ab_env(spec: str) -> dict:

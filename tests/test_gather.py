@@ -278,3 +278,21 @@ def test_forward_gather_eager_and_graph_gpu(model, T, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
     assert_bitwise_equal(gout, ref2, "graph replay")
+
+
+def test_forward_path_order(device, monkeypatch):
+    """``forward_path`` names the way an inference call goes, in the forward's order: decode (within its bound),
+    routed, gather, else the chain; stages asked for always take the chain."""
+    from fp8_deep.moe.forward import DECODE_ENV, forward_path
+    E, H, I = 4, 128, 128
+    x = torch.randn(6, H, device=device, dtype=torch.bfloat16)
+    gemm = select_grouped_gemm("triton", device=device, rows_per_expert=1, hidden=H, inter=I)
+    for var in (DECODE_ENV, ROUTED_ENV, GATHER_ENV):
+        monkeypatch.setenv(var, "1")
+    assert forward_path(12, E, H, I, x, gemm) == "decode"
+    assert forward_path(12, E, H, I, x, gemm, return_stages=True) == "chain"
+    assert forward_path(200, E, H, I, x, gemm) == "routed"  # past the decode bound
+    monkeypatch.setenv(ROUTED_ENV, "0")
+    assert forward_path(200, E, H, I, x, gemm) == "gather"
+    monkeypatch.setenv(GATHER_ENV, "0")
+    assert forward_path(200, E, H, I, x, gemm) == "chain"

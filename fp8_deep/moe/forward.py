@@ -25,7 +25,7 @@ from ..ops.routing import align_routing, check_topk_ids, permute_rows, routing_c
 from ..ops.swiglu import silu_mul_quantize
 from .autograd import MoEWeightsFP8, check_moe_weights_fp8, moe_forward_train, needs_grad, quantize_moe_weights
 
-__all__ = ["moe_forward_impl", "validate_moe_inputs", "quantize_expert_weights"]
+__all__ = ["moe_forward_impl", "validate_moe_inputs", "quantize_expert_weights", "forward_path"]
 
 
 def _routing_checks_enabled(t: torch.Tensor) -> bool:
@@ -213,6 +213,20 @@ def _use_gather(hidden: int, inter: int, x: torch.Tensor, gemm, return_stages: b
                       quantizes_in_kernel=False)
 
 
+def forward_path(num_choices: int, num_experts: int, hidden: int, inter: int, x: torch.Tensor, gemm,
+                 return_stages: bool = False) -> str:
+    """How ``moe_forward_impl`` computes an inference call of ``num_choices = T * top_k`` routed choices with the
+    grouped-GEMM backend ``gemm``: ``"decode"`` (``_use_decode``), ``"routed"``, ``"gather"`` or ``"chain"`` (the
+    regular one), checked in that order. Benchmarks report it next to their timings."""
+    if _use_decode(num_choices, hidden, inter, x, gemm, return_stages, num_experts):
+        return "decode"
+    if _use_routed(hidden, inter, x, gemm, return_stages, num_choices, num_experts):
+        return "routed"
+    if _use_gather(hidden, inter, x, gemm, return_stages, num_choices, num_experts):
+        return "gather"
+    return "chain"
+
+
 DECODE_COMBINE_ENV = "FP8_DEEP_DECODE_COMBINE"
 
 
@@ -290,7 +304,8 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
     else:
         q13, s13, q2, s2 = quantize_expert_weights(w13, w2, scale_fmt)
 
-    if _use_decode(T * topk_ids.shape[1], H, inter, hidden_states, gemm, return_stages, E):
+    path = forward_path(T * topk_ids.shape[1], E, H, inter, hidden_states, gemm, return_stages)
+    if path == "decode":
         fused = _decode_fused_combine()
         counters = decode_counters(H, hidden_states.device) if fused else None
         h, inv = moe_decode_gemm1(hidden_states, topk_ids, q13, s13, expert_map=expert_map, scale_fmt=scale_fmt,
@@ -300,13 +315,13 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
                                     combine=(topk_weights, inv, counters), out=out, out_dtype=hidden_states.dtype)
         o = moe_decode_gemm2(h, topk_ids, q2, s2, expert_map=expert_map, scale_fmt=scale_fmt)
         return moe_combine(o, inv, topk_weights, out=out, out_dtype=hidden_states.dtype)
-    if _use_routed(H, inter, hidden_states, gemm, return_stages, T * topk_ids.shape[1], E):
+    if path == "routed":
         plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=gemm.row_alignment)
         h = moe_routed_gemm1(hidden_states, plan, q13, s13, scale_fmt=scale_fmt)
         o = moe_routed_gemm2(h, plan, q2, s2, scale_fmt=scale_fmt)
         return moe_combine(o, plan.inv_perm, topk_weights, out=out, out_dtype=hidden_states.dtype)
     layout = gemm.a_scale_layout
-    if _use_gather(H, inter, hidden_states, gemm, return_stages, T * topk_ids.shape[1], E):
+    if path == "gather":
         P, dev = T * topk_ids.shape[1], hidden_states.device
         cfg = gather_config(E, q13.shape[1], H, P, dev)
         # GEMM2's tile: the card's gather table where it measured one on this plan, else the backend's own pick
