@@ -94,6 +94,7 @@ def run_point(model, E, H, inter, k, T, weights, kernel, args, log):
     if ours is not None:
         out = ours().float()
         row["auto_backend"] = fp8_deep.last_backend()
+        row["auto_path"] = P.forward_path_of(hidden, tid, E, H, inter, "auto" if "ours_auto" in fns else "triton")
         if "bf16" in fns:
             row["calc_diff_bf16"] = calc_diff(out, fns["bf16"]().float())
         if "_vllm_full" in fns:
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
         C.free_cuda()
     table = []
     for r in rows:
-        t = dict(model=r["model"], T=r["T"], backend=r.get("auto_backend", ""), status=r["status"])
+        t = dict(model=r["model"], T=r["T"], backend=r.get("auto_backend", ""), path=r.get("auto_path", ""),
+                 status=r["status"])
         for mode in ("graph", "eager"):
             base = r.get(f"ours_auto_{mode}_ms")
             for pr in ("bf16", "vllm", "ours_triton", "ours_deep_gemm"):
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
             t[f"auto_{mode}_ms"] = f"{base:.3f}" if base else "-"
         table.append(t)
     cols = ["model", "T", "auto_graph_ms", "bf16/auto_graph", "vllm/auto_graph", "ours_triton/auto_graph",
-            "ours_deep_gemm/auto_graph", "auto_eager_ms", "vllm/auto_eager", "backend", "status"]
+            "ours_deep_gemm/auto_graph", "auto_eager_ms", "vllm/auto_eager", "backend", "path", "status"]
     C.print_table(table, cols, title=f"bench_models ({C.card_name()}): each provider's time over ours_auto's "
                                      f"(> 1: ours_auto faster)", prefix="SUMMARY bench_models")
     print(f"[done] {len(rows)} points -> {log.path}")
