@@ -325,7 +325,7 @@ def moe_forward_impl(hidden_states, w13, w2, topk_weights, topk_ids, *, select_g
         P, dev = T * topk_ids.shape[1], hidden_states.device
         cfg = gather_config(E, q13.shape[1], H, P, dev)
         # GEMM2's tile: the card's gather table where it measured one on this plan, else the backend's own pick
-        cfg2 = gather_gemm2_config(E, H, inter, P, dev) if getattr(gemm, "config", None) is None else None
+        cfg2 = gather_gemm2_config(E, H, inter, P, dev)
         align = max(gemm.row_alignment, cfg.BLOCK_M, cfg2.BLOCK_M if cfg2 is not None and cfg2.BLOCK_MAP else 1)
         plan = align_routing(topk_ids, E, expert_map=expert_map, block_size=align)
         qx, sx = quantize_activation(hidden_states, scale_fmt=scale_fmt)  # row-major: a row's scales read together
