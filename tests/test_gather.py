@@ -128,7 +128,7 @@ def test_forward_gather_expert_map_ue8m0(device, monkeypatch):
                          "forward, gather, expert map")
 
 
-def test_gather_errors(device):
+def test_gather_errors(device, monkeypatch):
     E, H, I = 4, 128, 128
     q13, s13, _, _ = _layer(E, H, I, device)
     x = torch.randn(6, H, device=device, dtype=torch.bfloat16)
@@ -151,6 +151,12 @@ def test_gather_errors(device):
         grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, config="BLOCK_M=16,BLOCK_N=128,SWAP_AB=1")
     with pytest.raises(ValueError, match=r"align_routing\(\.\.\., block_size=64\)"):
         grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, config=PLAIN64)
+    # the default tile (64 rows here, pinned through the env) is cut to the plan's 16-row blocks: the same bytes
+    monkeypatch.setenv(GATHER_CONFIG_ENV, PLAIN64)
+    cut = grouped_gemm_fp8_gather(qx, sx, q13, s13, plan)
+    monkeypatch.delenv(GATHER_CONFIG_ENV)
+    real = plan.m_indices >= 0
+    assert_bitwise_equal(cut[real], grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, config=SWAP16)[real], "cut tile")
     with pytest.raises(TypeError, match="out_dtype"):
         grouped_gemm_fp8_gather(qx, sx, q13, s13, plan, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="out must have shape"):

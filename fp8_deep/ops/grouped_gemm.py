@@ -546,8 +546,9 @@ def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.T
         x_scale: float32 ``(T, ceil(K/128))`` their 1x128 dequantization scales, any strides (row-major preferred:
             a row's scales are read together).
         b, b_scale: float8_e4m3fn ``(E, N, K)`` (unit stride along K) and float32 ``(E, ceil(N/128), ceil(K/128))``.
-        plan: the call's ``RoutingPlan`` (``align_routing``); its ``block_size`` must be a multiple of the tile's
-            ``BLOCK_M`` (the forward aligns the plan to the tile ``gather_config`` picks).
+        plan: the call's ``RoutingPlan`` (``align_routing``); its ``block_size`` must be a multiple of a given
+            ``config``'s ``BLOCK_M`` (the default tile is cut to the plan's blocks; the forward aligns the plan to
+            the tile ``gather_config`` picks).
         out: optional ``(plan.num_rows, N)`` of ``out_dtype`` (bf16 / fp16 / fp32), any strides.
         config: a ``BLOCK_MAP=1`` ``GemmConfig`` / string (default ``gather_config``).
 
@@ -587,6 +588,10 @@ def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.T
         cfg = _gather_checked(GemmConfig.parse(config) if not isinstance(config, GemmConfig) else config, "config")
     else:
         cfg = gather_config(E, N, K, plan.num_tokens * plan.top_k, dev)
+    if plan.block_size % cfg.BLOCK_M and config is None:
+        # the default tile, cut to the plan's blocks (swap-AB under 64 rows: mma_sync_refusal); the same bytes
+        cfg = dataclasses.replace(cfg, BLOCK_M=plan.block_size, SWAP_AB=cfg.SWAP_AB or plan.block_size < 64,
+                                  GROUP_M=1 if plan.block_size < 64 else cfg.GROUP_M)
     if plan.block_size % cfg.BLOCK_M:
         raise ValueError(f"the gathered GEMM's tile {cfg} is taller than the plan's {plan.block_size}-row blocks: "
                          f"build the plan with align_routing(..., block_size={max(cfg.BLOCK_M, plan.block_size)}) "
