@@ -231,3 +231,31 @@ def test_decode_tuner_smoke(capsys):
     assert fwd[0][5] == "decode" and fwd[1][5] == "routed" and fwd[1][8] == "gather"
     for r in fwd:
         assert r[-1] in r[5::3] + ["chain"]
+
+def test_apply_tables(tmp_path, capsys):
+    """tools/apply_tables.py puts a returned ``<card>_<op>_table.json`` at ``configs/<op>/<card>.json`` (where the
+    launchers read it), says what changed, and refuses a file that is not a table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from fp8_deep.ops import _tuned
+    spec = importlib.util.spec_from_file_location(
+        "apply_tables", Path(__file__).resolve().parent.parent / "tools" / "apply_tables.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    results, configs = tmp_path / "results", tmp_path / "configs"
+    results.mkdir()
+    entry = dict(E=128, N=1536, K=2048, rows=16384, config="gather", chain_ms=0.47)
+    table = dict(op="moe_decode", card="NVIDIA_H100_80GB_HBM3", entries=[entry])
+    (results / "NVIDIA_H100_80GB_HBM3_moe_decode_table.json").write_text(json.dumps(table))
+    (results / "broken_table.json").write_text(json.dumps(dict(op="x", card="y", entries=[dict(E=0)])))
+    assert tool.apply([results], configs, dry_run=True) == 1
+    assert not (configs / "moe_decode").exists()
+    assert tool.apply([results], configs) == 1
+    out = capsys.readouterr().out
+    assert "refused" in out and "broken_table.json" in out and "1 new or changed" in out
+    written = json.loads((configs / "moe_decode" / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    assert _tuned.lookup(written, E=128, N=1536, K=2048, rows=16000) == "gather"
+    assert tool.apply([results / "NVIDIA_H100_80GB_HBM3_moe_decode_table.json"], configs) == 0
+    assert "0 new or changed" in capsys.readouterr().out
