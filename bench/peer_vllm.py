@@ -941,14 +941,14 @@ def forward_path_of(hidden, topk_ids, E, H, inter, backend) -> str:
 def parse_ab_env(spec: str) -> dict:
     """``"FP8_DEEP_A=1,FP8_DEEP_B=BLOCK_N=64,num_stages=6"`` -> ``{"FP8_DEEP_A": "1", "FP8_DEEP_B":
     "BLOCK_N=64,num_stages=6"}``: a comma starts a new variable only before an ``FP8_DEEP_`` / ``TRITON_`` name, so
-    a config string's own commas stay in its value (the first piece may name any variable). Raises ValueError on a
-    piece that assigns nothing."""
+    a config string's or an integer list's own commas stay in its value (the first piece may name any variable).
+    Raises ValueError when the first piece assigns nothing."""
     env = {}
     for piece in spec.split(","):
         key, eq, value = piece.partition("=")
         if eq and (not env or key.startswith(("FP8_DEEP_", "TRITON_"))):
             env[key] = value
-        elif env and eq:
+        elif env:  # the previous value's own comma (a config string, a list of integers)
             last = next(reversed(env))
             env[last] += "," + piece
         else:

@@ -226,11 +226,12 @@ def test_bench_models_plumbing(capsys):
 
 def test_ab_env_parsing(peer):
     """``--ab`` values: a comma starts a new variable only before an FP8_DEEP_ / TRITON_ name, so a config string
-    keeps its commas; a piece that assigns nothing is refused."""
+    or an integer list keeps its commas; a first piece that assigns nothing is refused."""
     assert peer.parse_ab_env("FP8_DEEP_DECODE=0,FP8_DEEP_ROUTED=0") == {"FP8_DEEP_DECODE": "0",
                                                                         "FP8_DEEP_ROUTED": "0"}
     assert peer.parse_ab_env("FP8_DEEP_DECODE_CONFIG=BLOCK_N=64,TMA_B=1,num_stages=6,FP8_DEEP_PDL=0") == {
         "FP8_DEEP_DECODE_CONFIG": "BLOCK_N=64,TMA_B=1,num_stages=6", "FP8_DEEP_PDL": "0"}
     assert peer.parse_ab_env("CUDA_LAUNCH_BLOCKING=1") == {"CUDA_LAUNCH_BLOCKING": "1"}
+    assert peer.parse_ab_env("FP8_DEEP_PERMUTE_CONFIG=16,512") == {"FP8_DEEP_PERMUTE_CONFIG": "16,512"}
     with pytest.raises(ValueError, match="not ENV=VALUE"):
-        peer.parse_ab_env("FP8_DEEP_PDL=0,oops")
+        peer.parse_ab_env("oops,FP8_DEEP_PDL=0")

@@ -215,6 +215,20 @@ def test_permute_rows_strided_inputs(device):
     _check_permute(qp, sp, q, s, plan, "tma_aligned")
 
 
+@pytest.mark.parametrize("pinned", ["16,512", "2,4096,8", "1,64,1"])
+def test_permute_rows_pinned_tiles(device, monkeypatch, pinned):
+    """``FP8_DEEP_PERMUTE_CONFIG`` (A/B runs) moves the same bytes with other tiles; a bad value names the variable."""
+    T, k, E, K = 13, 3, 6, 320
+    plan = R.align_routing(_ids(T, k, E, device), E, block_size=16)
+    q, s = _quantized(T, K, device)
+    monkeypatch.setenv(R.PERMUTE_CONFIG_ENV, pinned)
+    qp, sp = R.permute_rows(q, s, plan)
+    _check_permute(qp, sp, q, s, plan, "tma_aligned")
+    monkeypatch.setenv(R.PERMUTE_CONFIG_ENV, "16,500")
+    with pytest.raises(ValueError, match=R.PERMUTE_CONFIG_ENV):
+        R.permute_rows(q, s, plan)
+
+
 def test_permute_rows_errors(device):
     ids = _ids(4, 2, 4, device)
     plan = R.align_routing(ids, 4)

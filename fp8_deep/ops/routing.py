@@ -288,16 +288,37 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         q_out.view(torch.uint8).copy_(torch.where(real[:, None], q.view(torch.uint8)[tok], 0))
         s_out.copy_(torch.where(real[:, None], scale[tok], 0.0))
         return q_out, s_out
-    block_k = min(2048, max(16, _next_pow2(K)))
-    block_m = max(1, min(16, 8192 // block_k))
+    block_m, block_k, warps = _permute_config(K)
     permute_rows_kernel[(cdiv(rows, block_m),)](
         q, scale, plan.sorted_token_ids, q_out, s_out,
         plan.num_tokens * plan.top_k, plan.top_k, rows, K, G,
         q.stride(0), q.stride(1), scale.stride(0), scale.stride(1),
         q_out.stride(0), q_out.stride(1), s_out.stride(0), s_out.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=4, **FP_FUSION, **pdl(q),
+        BLOCK_M=block_m, BLOCK_K=block_k, G_POW2=max(1, _next_pow2(G)), num_warps=warps, **FP_FUSION, **pdl(q),
     )
     return q_out, s_out
+
+
+PERMUTE_CONFIG_ENV = "FP8_DEEP_PERMUTE_CONFIG"
+
+
+def _permute_config(K: int) -> Tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_K, num_warps)`` of ``permute_rows_kernel``: rows per program and the K step, about 8 KB
+    moved per step (BLOCK_K up to 2048 bytes of a row), 4 warps; ``FP8_DEEP_PERMUTE_CONFIG="BLOCK_M,BLOCK_K[,
+    num_warps]"`` pins one (A/B runs; the default was never raced against other tiles; every tile writes the same
+    bytes)."""
+    val = os.environ.get(PERMUTE_CONFIG_ENV)
+    if val:
+        try:
+            parts = [int(v) for v in val.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (2, 3) or not all(is_pow2(v) for v in parts) or (len(parts) == 3 and parts[2] > 16):
+            raise ValueError(f"{PERMUTE_CONFIG_ENV}={val!r}: expected 'BLOCK_M,BLOCK_K[,num_warps]', powers of two "
+                             f"(num_warps <= 16)")
+        return parts[0], parts[1], parts[2] if len(parts) == 3 else 4
+    block_k = min(2048, max(16, _next_pow2(K)))
+    return max(1, min(16, 8192 // block_k)), block_k, 4
 
 
 def routing_check_enabled() -> bool:
