@@ -166,15 +166,9 @@ def test_moe_forward_fused_and_unfused_same_bytes(device, monkeypatch):
     assert_bitwise_equal(fused, unfused)
 
 
-# qwen3_t16 failed on an H100 at bec78b1 (the other three passed there); the xfail hid its message: rerun with
-# --runxfail (PRESET=followup). The fused path is opt-in (FP8_DEEP_FUSED_SWIGLU=1 / auto) and not faster anyway.
-_QWEN3_T16_XFAIL = pytest.mark.xfail(strict=False, reason="differed from the two launches on an H100 on 2026-12-07 at "
-                                     "bec78b1; cause not yet captured")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("E,I,H,T", [pytest.param(128, 768, 2048, 1, id="qwen3_t1"),
-                                     pytest.param(128, 768, 2048, 16, id="qwen3_t16", marks=_QWEN3_T16_XFAIL),
+                                     pytest.param(128, 768, 2048, 16, id="qwen3_t16"),
                                      pytest.param(256, 256, 7168, 16, id="tp8_t16"),
                                      pytest.param(32, 2048, 7168, 64, id="ep8_t64")])
 def test_fused_equals_two_launches_gpu(E, I, H, T, monkeypatch):

@@ -372,7 +372,9 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         if block_map is not None and _check_block_map(block_map, M, E, a.device) % bm == 0:
             _launch_block_map(cfg, a, a_scale, b, b_scale, out, block_map, M, N, K, E)
             return out
-        cfg = dataclasses.replace(cfg, BLOCK_MAP=False)  # no map, or tiles taller than its blocks: the same tiles
+        # no map, or tiles taller than its blocks: the same tiles through the segment kernel (pointer weight loads:
+        # TMA_B is an option of the block-map kernel only), the same bytes
+        cfg = dataclasses.replace(cfg, BLOCK_MAP=False, TMA_B=False)
     # Upper bound of sum_e cdiv(count_e, BM) for disjoint segments inside [0, M): at most min(E, M) experts are
     # non-empty and each wastes at most BM - 1 rows of its last tile.
     m_tiles_bound = (M + min(E, M) * (bm - 1)) // bm
