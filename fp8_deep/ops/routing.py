@@ -303,12 +303,11 @@ PERMUTE_CONFIG_ENV = "FP8_DEEP_PERMUTE_CONFIG"
 
 
 def _permute_config(K: int) -> Tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_K, num_warps)`` of ``permute_rows_kernel``: rows per program and the K step, 8 KB moved per
-    step as 16 rows x 512 bytes (a scale column's stores 64 contiguous bytes), 4 warps. H100, 2026-12-08 at
-    ``ee14246`` (peer_vllm ``--ab``, whole forward at T=2048, where the chain permutes 16K rows): 16 x 512 took
-    0.974 / 0.967 / 0.977x the time of the former 4 x 2048 on Qwen3-30B-A3B / the DeepSeek-V3 TP8 shard /
-    Mixtral-8x7B. ``FP8_DEEP_PERMUTE_CONFIG="BLOCK_M,BLOCK_K[,num_warps]"`` pins one (A/B runs; every tile writes
-    the same bytes)."""
+    """``(BLOCK_M, BLOCK_K, num_warps)`` of ``permute_rows_kernel``: rows per program and the K step, about 8 KB
+    moved per step (BLOCK_K up to 2048 bytes of a row), 4 warps. ``FP8_DEEP_PERMUTE_CONFIG="BLOCK_M,BLOCK_K[,
+    num_warps]"`` pins one (A/B runs; every tile writes the same bytes). H100, 2026-12-08 at ``ee14246`` (peer_vllm
+    ``--ab``, the whole forward at T=2048, where the chain permutes 16K rows): 16 x 512-byte steps took 0.967-0.977x
+    the time of these, inside the 0.975-1.003x that the same run's no-op switches gave there: no default change."""
     val = os.environ.get(PERMUTE_CONFIG_ENV)
     if val:
         try:
@@ -319,7 +318,7 @@ def _permute_config(K: int) -> Tuple[int, int, int]:
             raise ValueError(f"{PERMUTE_CONFIG_ENV}={val!r}: expected 'BLOCK_M,BLOCK_K[,num_warps]', powers of two "
                              f"(num_warps <= 16)")
         return parts[0], parts[1], parts[2] if len(parts) == 3 else 4
-    block_k = min(512, max(16, _next_pow2(K)))
+    block_k = min(2048, max(16, _next_pow2(K)))
     return max(1, min(16, 8192 // block_k)), block_k, 4
 
 
