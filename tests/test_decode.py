@@ -325,12 +325,17 @@ def test_routed_expert_map_ue8m0_fp16(device):
     _check_routed(x, layer, tw, ids, expert_map=emap, scale_fmt="ue8m0")
 
 
-def test_routed_errors_and_forward(device, monkeypatch):
+def _error_call(device):
+    """A small layer and call for the launchers' error tests: ((E, H, I), FP8 weights and scales, 6 bf16 tokens,
+    top-2 weights and ids, their 16-row routing plan)."""
     E, H, I = 4, 128, 128
-    q13, s13, q2, s2 = _layer(E, H, I, device)
     x = torch.randn(6, H, device=device, dtype=torch.bfloat16)
     tw, ids = _routing(6, E, 2, device)
-    plan = ops.align_routing(ids, E, block_size=16)
+    return (E, H, I), _layer(E, H, I, device), x, tw, ids, ops.align_routing(ids, E, block_size=16)
+
+
+def test_routed_errors_and_forward(device, monkeypatch):
+    (E, H, I), (q13, s13, q2, s2), x, tw, ids, plan = _error_call(device)
     with pytest.raises(TypeError, match="RoutingPlan"):
         moe_routed_gemm1(x, (plan.sorted_token_ids,), q13, s13)
     with pytest.raises(ValueError, match="built for 6 tokens"):

@@ -18,7 +18,7 @@ from fp8_deep.ops.backend import select_grouped_gemm
 from fp8_deep.ops.grouped_gemm import GATHER_CONFIG_ENV, GemmConfig, gather_config, grouped_gemm_fp8_gather
 from fp8_deep.testing import assert_bitwise_equal
 
-from test_decode import GPU_SHAPES, _case, _layer, _remote_map_call, _routing
+from test_decode import GPU_SHAPES, _case, _error_call, _layer, _remote_map_call, _routing
 
 PLAIN64 = "BLOCK_M=64,BLOCK_N=128,GROUP_M=8,BLOCK_MAP=1,TMA_B=1"
 SWAP16 = "BLOCK_M=16,BLOCK_N=128,GROUP_M=1,SWAP_AB=1,BLOCK_MAP=1,TMA_B=1"
@@ -129,11 +129,7 @@ def test_forward_gather_expert_map_ue8m0(device, monkeypatch):
 
 
 def test_gather_errors(device, monkeypatch):
-    E, H, I = 4, 128, 128
-    q13, s13, _, _ = _layer(E, H, I, device)
-    x = torch.randn(6, H, device=device, dtype=torch.bfloat16)
-    _, ids = _routing(6, E, 2, device)
-    plan = ops.align_routing(ids, E, block_size=16)
+    (E, H, I), (q13, s13, _, _), x, _, ids, plan = _error_call(device)
     qx, sx = ops.quantize_activation(x)
     with pytest.raises(TypeError, match="RoutingPlan"):
         grouped_gemm_fp8_gather(qx, sx, q13, s13, (plan.sorted_token_ids,))

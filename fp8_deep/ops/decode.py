@@ -29,7 +29,7 @@ from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
 from .grouped_gemm import _tma_problem
-from .plan import RoutingPlan
+from .plan import check_plan
 from .routing import _next_pow2
 from .quant import gpu_fast_paths
 
@@ -307,8 +307,7 @@ def _weight_arg(w: torch.Tensor, cfg: DecodeConfig):
 # ---------------------------------------------------------------------------------------------------------------------
 # The routed path: the routing plan's rows, the operands formed on load
 def _check_plan(plan, what: str):
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    check_plan(plan)
     if plan.block_size % 16:
         raise ValueError(f"{what} needs the plan's block_size to be a multiple of 16 (its 16-row tiles lie in one "
                          f"expert's segment), got {plan.block_size}")

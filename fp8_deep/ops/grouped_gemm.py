@@ -39,7 +39,7 @@ from ._config import TileConfig
 from ._launch import FP_FUSION, on_input_device, pdl
 from ._tuned import tuned_config
 from .layout import alloc_scales, scale_strides
-from .plan import RoutingPlan
+from .plan import check_plan
 from .quant import gpu_fast_paths
 from .swiglu import silu_mul_quantize
 
@@ -282,18 +282,23 @@ def _num_programs_cap(device: torch.device) -> int:
     return 4 * sm_count(device)
 
 
-def _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, out_dtype):
-    check_tensor(a, "a", dtypes=(FP8_DTYPE,), dims=(2,), last_stride_one=True)
+def _validate(a, a_scale, b, b_scale, expert_offsets, expert_counts, out_dtype, names=("a", "a_scale"), device=None):
+    """The grouped GEMM's operands (``names``: what the caller calls ``a`` and ``a_scale``; ``device``: where they
+    must be, default ``a``'s) -> ``(M, N, K, E)``."""
+    an, sn = names
+    check_tensor(a, an, dtypes=(FP8_DTYPE,), dims=(2,), device=device, last_stride_one=True)
     dev = a.device
     M, K = a.shape
     kb = cdiv(K, BLOCK)
     check_tensor(b, "b", dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
     E, N, Kb = b.shape
     if Kb != K:
-        raise ValueError(f"b must be (E, N, K) with K = a.shape[1] = {K} (out = a @ b[e].T), got shape {tuple(b.shape)}")
-    check_tensor(a_scale, "a_scale", dtypes=(torch.float32,), dims=(2,), device=dev)
+        raise ValueError(f"b must be (E, N, K) with K = {an}.shape[1] = {K} (out = {an} @ b[e].T), got shape "
+                         f"{tuple(b.shape)}")
+    check_tensor(a_scale, sn, dtypes=(torch.float32,), dims=(2,), device=dev)
     if tuple(a_scale.shape) != (M, kb):
-        raise ValueError(f"a_scale must be (M, ceil(K/128)) = {(M, kb)} (1x128 groups of a), got {tuple(a_scale.shape)}")
+        raise ValueError(f"{sn} must be (M, ceil(K/128)) = {(M, kb)} (1x128 groups of {an}), got "
+                         f"{tuple(a_scale.shape)}")
     check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
     if tuple(b_scale.shape) != (E, cdiv(N, BLOCK), kb):
         raise ValueError(f"b_scale must be (E, ceil(N/128), ceil(K/128)) = {(E, cdiv(N, BLOCK), kb)} (128x128 blocks "
@@ -557,29 +562,14 @@ def grouped_gemm_fp8_gather(x_q: torch.Tensor, x_scale: torch.Tensor, b: torch.T
     Returns:
         ``out`` ``(plan.num_rows, N)`` in the plan's rows: the real rows written, padding rows and unused blocks
         left as they were. No host synchronisation."""
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    check_plan(plan)
     dev = plan.sorted_token_ids.device
-    check_tensor(x_q, "x_q", dtypes=(FP8_DTYPE,), dims=(2,), device=dev, last_stride_one=True)
-    T, K = x_q.shape
+    if isinstance(b, torch.Tensor) and b.dim() == 3 and b.shape[0] != plan.num_experts:
+        raise ValueError(f"b has {b.shape[0]} experts, the plan {plan.num_experts}")
+    T, N, K, E = _validate(x_q, x_scale, b, b_scale, plan.expert_offsets, plan.expert_counts, out_dtype,
+                           names=("x_q", "x_scale"), device=dev)
     if T != plan.num_tokens:
         raise ValueError(f"x_q has {T} rows but the plan was built for {plan.num_tokens} tokens")
-    check_tensor(x_scale, "x_scale", dtypes=(torch.float32,), dims=(2,), device=dev)
-    if tuple(x_scale.shape) != (T, cdiv(K, BLOCK)):
-        raise ValueError(f"x_scale must be (T, ceil(K/128)) = {(T, cdiv(K, BLOCK))} (1x128 groups of x_q), got "
-                         f"{tuple(x_scale.shape)}")
-    check_tensor(b, "b", dtypes=(FP8_DTYPE,), dims=(3,), device=dev, last_stride_one=True)
-    E, N, Kb = b.shape
-    if Kb != K:
-        raise ValueError(f"b must be (E, N, {K}) to match x_q {tuple(x_q.shape)}, got {tuple(b.shape)}")
-    if E != plan.num_experts:
-        raise ValueError(f"b has {E} experts, the plan {plan.num_experts}")
-    check_tensor(b_scale, "b_scale", dtypes=(torch.float32,), dims=(3,), device=dev)
-    if tuple(b_scale.shape) != (E, cdiv(N, BLOCK), cdiv(K, BLOCK)):
-        raise ValueError(f"b_scale must be {(E, cdiv(N, BLOCK), cdiv(K, BLOCK))} (128x128 blocks of b), got "
-                         f"{tuple(b_scale.shape)}")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
     M = plan.num_rows
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype, device=dev)

@@ -42,6 +42,12 @@ class RoutingPlan(NamedTuple):
         return self.sorted_token_ids.shape[0]
 
 
+def check_plan(plan) -> None:
+    """``plan`` must be a ``RoutingPlan`` (from ``align_routing``): the launchers that take one say so the same way."""
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+
+
 def max_padded_rows(num_tokens: int, top_k: int, num_experts: int, block_size: int = 128) -> int:
     """Worst-case rows of the permuted buffers: every non-empty expert wastes at most ``block_size - 1`` rows,
     and at most ``min(num_experts, num_tokens * top_k)`` experts are non-empty."""

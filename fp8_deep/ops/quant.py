@@ -24,7 +24,7 @@ from ._tuned import TUNED_ENV, tuned_config
 from ._checks import (any_overlap, byte_span, check_choice, check_eps, check_int, check_out,
                       check_outputs_disjoint, check_tensor, is_int_pair)
 from .layout import alloc_scales, tma_aligned_scale_strides
-from .plan import RoutingPlan
+from .plan import check_plan
 from .routing import _alloc_plan, _check_ids, _finish, _next_pow2, align_routing, permute_rows
 
 __all__ = ["quantize_weight_blockwise", "quantize_weights_grouped", "GroupedWeightQuant", "quantize_activation",
@@ -356,8 +356,7 @@ def quantize_permute(x: torch.Tensor, plan, *, scale_fmt: str = "fp32", scale_la
         ``(q_perm, scale_perm)``: float8_e4m3fn ``(num_rows, K)`` contiguous and float32 ``(num_rows, G)`` in
         ``scale_layout``; padding rows zero in both. A token routed to k experts is read k times (from L2 when
         ``x`` fits): worth it while launches, not bytes, bound the MoE (small T); ``fp8_deep.moe`` decides."""
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    check_plan(plan)
     _check_high_precision(x, "x")
     check_choice(scale_fmt, "scale_fmt", SCALE_FMTS)
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)

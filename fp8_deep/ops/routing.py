@@ -21,7 +21,7 @@ from . import _registry
 from .layout import alloc_scales, scale_strides
 from ._checks import check_choice, check_out, check_outputs_disjoint, check_tensor
 from ._launch import FP_FUSION, on_input_device, pdl
-from .plan import RoutingPlan, max_padded_rows
+from .plan import RoutingPlan, check_plan, max_padded_rows
 
 __all__ = ["align_routing", "permute_rows", "check_topk_ids", "ROUTING_CHECK_ENV"]
 
@@ -256,8 +256,7 @@ def permute_rows(q: torch.Tensor, scale: torch.Tensor, plan: RoutingPlan, *, sca
         the tail past ``num_tokens_post_padded`` included) are zero in both. One launch.
     """
     check_choice(scale_layout, "scale_layout", SCALE_LAYOUTS)
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan (from align_routing), got {type(plan).__name__}")
+    check_plan(plan)
     dev = plan.sorted_token_ids.device
     check_tensor(q, "q", dtypes=(FP8_DTYPE,), dims=(2,), device=dev)
     check_tensor(scale, "scale", dtypes=(torch.float32,), dims=(2,), device=dev)
